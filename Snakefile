@@ -1,0 +1,26 @@
+# D2LoRA reproduction: data -> model -> warm-up -> adaptation fan-out -> evaluation -> figures,
+# tables and the HTML report. Read the rule files in order to see the DAG.
+from snakemake.utils import min_version
+
+min_version("9.0")
+
+
+configfile: "config/config.yaml"
+
+
+report: "report/workflow.rst"
+
+
+include: "workflow/rules/common.smk"
+include: "workflow/rules/data.smk"
+include: "workflow/rules/model.smk"
+include: "workflow/rules/warmup.smk"
+include: "workflow/rules/adapt.smk"
+include: "workflow/rules/evaluate.smk"
+include: "workflow/rules/figures.smk"
+
+
+rule all:
+    input:
+        get_final_output(),
+    default_target: True

@@ -1,0 +1,1 @@
+"""D2LoRA reproduction pipeline: the logic behind the Snakemake workflow."""

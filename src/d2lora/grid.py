@@ -1,0 +1,112 @@
+"""The experiment grid, derived from config: which cells to train and which to evaluate.
+
+Each artifact in `experiments` names a task, a metric, methods, inits and sample sizes; the
+training grid is the union of their cells times `seeds`. A cell with n = 0 trains nothing and is
+shared by every method (method "none"): the base model (lora) or base + warm-up adapter (d2lora).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+TASKS = ("math", "titles")
+BENCHMARK_OF_METRIC = {
+    "gsm8k_accuracy": "gsm8k",
+    "arc_easy_accuracy": "arc_easy",
+    "rouge1": "titles",
+    "rouge2": "titles",
+    "rougeL": "titles",
+}
+TASK_OF_BENCHMARK = {"gsm8k": "math", "arc_easy": "math", "titles": "titles"}
+PREFERENCE_METHODS = ("dpo", "orpo")
+BASE_METHOD = "none"
+
+
+class ConfigError(ValueError):
+    """A configuration that passes the schema but cannot be run; the message names the key."""
+
+
+@dataclass(frozen=True, order=True)
+class Cell:
+    task: str
+    method: str
+    init: str
+    n: int
+    seed: int
+
+    @property
+    def wildcards(self) -> dict:
+        return {"task": self.task, "method": self.method, "init": self.init, "n": self.n, "seed": self.seed}
+
+
+def _cells_of(name: str, experiment: dict, seeds: list[int]) -> list[Cell]:
+    cells = []
+    for n in experiment["n"]:
+        for init in experiment["inits"]:
+            if n == 0:
+                cells.append(Cell(experiment["task"], BASE_METHOD, init, 0, seeds[0]))
+                continue
+            for method in experiment["methods"]:
+                for seed in seeds:
+                    cells.append(Cell(experiment["task"], method, init, n, seed))
+    return cells
+
+
+def evaluation_jobs(config: dict) -> list[tuple[str, Cell]]:
+    """(benchmark, cell) pairs to evaluate, unique and sorted."""
+    jobs = set()
+    for name, experiment in config["experiments"].items():
+        benchmark = BENCHMARK_OF_METRIC[experiment["metric"]]
+        for cell in _cells_of(name, experiment, config["seeds"]):
+            jobs.add((benchmark, cell))
+    return sorted(jobs)
+
+
+def training_cells(config: dict) -> list[Cell]:
+    return sorted({cell for _, cell in evaluation_jobs(config) if cell.n > 0})
+
+
+def max_n(config: dict, task: str) -> int:
+    return max((cell.n for cell in training_cells(config) if cell.task == task), default=0)
+
+
+def needs_warmup(config: dict) -> bool:
+    return any(cell.init == "d2lora" for _, cell in evaluation_jobs(config))
+
+
+def check(config: dict) -> None:
+    """Cross-field rules the JSON schema cannot express. Raises ConfigError naming the key."""
+    adapt = config["training"]["adapt"]
+    for name, experiment in config["experiments"].items():
+        key = f"experiments.{name}"
+        benchmark = BENCHMARK_OF_METRIC[experiment["metric"]]
+        if TASK_OF_BENCHMARK[benchmark] != experiment["task"]:
+            raise ConfigError(
+                f"{key}.metric: '{experiment['metric']}' is measured on task "
+                f"'{TASK_OF_BENCHMARK[benchmark]}', not '{experiment['task']}'"
+            )
+        for method in experiment["methods"]:
+            if method not in adapt:
+                raise ConfigError(f"{key}.methods: '{method}' has no hyperparameters under training.adapt.{method}")
+            if method in PREFERENCE_METHODS and "beta" not in adapt[method]:
+                raise ConfigError(f"training.adapt.{method}.beta: required for a preference method")
+            if method in PREFERENCE_METHODS and experiment["task"] == "titles":
+                raise ConfigError(f"{key}.methods: '{method}' needs rejected answers, and the titles task has none")
+    for task in TASKS:
+        if task not in config["datasets"] or "train" not in config["datasets"][task]:
+            if max_n(config, task) > 0:
+                raise ConfigError(f"datasets.{task}.train: the grid trains on task '{task}' but no training source is set")
+            continue
+        source = config["datasets"][task]["train"]
+        available = source.get("rows") if source["source"] == "synthetic" else source.get("limit")
+        wanted = max_n(config, task)
+        if available is not None and wanted > available:
+            raise ConfigError(
+                f"datasets.{task}.train: the grid asks for n={wanted} but this source provides only {available} rows"
+            )
+    needed_eval = {"gsm8k": "math", "titles": "titles", "arc_easy": "forgetting"}
+    for benchmark, _ in evaluation_jobs(config):
+        role = needed_eval[benchmark]
+        if "eval" not in config["datasets"].get(role, {}):
+            raise ConfigError(f"datasets.{role}.eval: benchmark '{benchmark}' is in the grid but has no evaluation source")
+    if needs_warmup(config) and "train" not in config["datasets"]["warmup"]:
+        raise ConfigError("datasets.warmup.train: d2lora cells need a warm-up training source")

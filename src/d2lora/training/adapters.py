@@ -1,0 +1,48 @@
+"""LoRA adapters: a fresh one (vanilla LoRA) or the warm-up adapter, loaded trainable (D2LoRA)."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+
+class AdapterError(ValueError):
+    """A saved adapter that does not fit the configured LoRA shape or the base model."""
+
+
+def lora_config(lora: dict):
+    from peft import LoraConfig
+
+    return LoraConfig(
+        r=int(lora["rank"]),
+        lora_alpha=float(lora["alpha"]),
+        lora_dropout=float(lora.get("dropout", 0.0)),
+        target_modules=lora.get("target_modules", "all-linear"),
+        task_type="CAUSAL_LM",
+        bias="none",
+    )
+
+
+def fresh_adapter(base_model, lora: dict):
+    from peft import get_peft_model
+
+    return get_peft_model(base_model, lora_config(lora))
+
+
+def check_adapter_matches(adapter_dir: str | Path, lora: dict, base_model_dir: str | Path) -> None:
+    """Refuse a warm-up adapter of another rank/alpha, or one trained on another base model."""
+    adapter_cfg = json.loads((Path(adapter_dir) / "adapter_config.json").read_text())
+    if int(adapter_cfg["r"]) != int(lora["rank"]) or float(adapter_cfg["lora_alpha"]) != float(lora["alpha"]):
+        raise AdapterError(
+            f"{adapter_dir}: adapter has rank {adapter_cfg['r']}, alpha {adapter_cfg['lora_alpha']}; "
+            f"training.lora asks for rank {lora['rank']}, alpha {lora['alpha']}"
+        )
+    trained_on = adapter_cfg.get("base_model_name_or_path")
+    if trained_on and Path(trained_on).resolve() != Path(base_model_dir).resolve():
+        raise AdapterError(f"{adapter_dir}: adapter was trained on base model {trained_on}, not {base_model_dir}")
+
+
+def warm_started_adapter(base_model, adapter_dir: str | Path, lora: dict, base_model_dir: str | Path):
+    from peft import PeftModel
+
+    check_adapter_matches(adapter_dir, lora, base_model_dir)
+    return PeftModel.from_pretrained(base_model, str(adapter_dir), is_trainable=True)

@@ -1,0 +1,82 @@
+"""The one place that touches TRL's trainer API, so a TRL upgrade is one file to fix.
+
+TRL 1.16: SFTTrainer/DPOTrainer live at top level, ORPO moved to `trl.experimental.orpo`.
+Given a PeftModel that already carries an adapter, DPOTrainer copies it into a frozen adapter
+named "ref" and uses that as the reference policy (the policy as adaptation starts).
+"""
+from __future__ import annotations
+
+from typing import Any
+
+REF_ADAPTER = "ref"
+
+
+def _orpo_classes():
+    try:
+        from trl.experimental.orpo import ORPOConfig, ORPOTrainer
+    except ImportError:  # older TRL kept ORPO at top level
+        from trl import ORPOConfig, ORPOTrainer
+    return ORPOConfig, ORPOTrainer
+
+
+def _common_args(hp: dict, output_dir: str, seed: int, use_cpu: bool) -> dict[str, Any]:
+    return dict(
+        output_dir=output_dir,
+        per_device_train_batch_size=int(hp["batch_size"]),
+        gradient_accumulation_steps=int(hp.get("grad_accum", 1)),
+        num_train_epochs=float(hp["epochs"]),
+        learning_rate=float(hp["learning_rate"]),
+        lr_scheduler_type=hp["scheduler"],
+        warmup_ratio=float(hp.get("warmup_ratio", 0.0)),
+        max_length=int(hp.get("max_length", 1024)),
+        bf16=bool(hp.get("bf16", False)),
+        seed=seed,
+        data_seed=seed,
+        logging_steps=1,
+        save_strategy="no",
+        report_to=[],
+        use_cpu=use_cpu,
+        dataloader_num_workers=0,
+    )
+
+
+def build_trainer(method: str, model, tokenizer, train_dataset, hp: dict, output_dir: str, seed: int, use_cpu: bool):
+    """A TRL trainer for `method` on a PeftModel whose trainable adapter is "default"."""
+    args = _common_args(hp, output_dir, seed, use_cpu)
+    if method == "sft":
+        from trl import SFTConfig, SFTTrainer
+
+        return SFTTrainer(model=model, args=SFTConfig(**args), train_dataset=train_dataset, processing_class=tokenizer)
+    if method == "dpo":
+        from trl import DPOConfig, DPOTrainer
+
+        trainer = DPOTrainer(
+            model=model,
+            args=DPOConfig(beta=float(hp["beta"]), **args),
+            train_dataset=train_dataset,
+            processing_class=tokenizer,
+        )
+        if hp.get("reference", "initial_policy") == "base":
+            # Without a "ref" adapter TRL computes reference log-probs with adapters disabled: the bare base.
+            drop_reference_adapter(trainer.model)
+        return trainer
+    if method == "orpo":
+        ORPOConfig, ORPOTrainer = _orpo_classes()
+        return ORPOTrainer(
+            model=model,
+            args=ORPOConfig(beta=float(hp["beta"]), **args),
+            train_dataset=train_dataset,
+            processing_class=tokenizer,
+        )
+    raise ValueError(f"unknown method '{method}' (known: sft, dpo, orpo)")
+
+
+def drop_reference_adapter(model) -> None:
+    if REF_ADAPTER in getattr(model, "peft_config", {}):
+        model.delete_adapter(REF_ADAPTER)
+        model.set_adapter("default")
+
+
+def reference_logps(trainer, batch) -> Any:
+    """Reference log-probs of chosen and rejected for one collated batch, as DPO computes them."""
+    return trainer.compute_ref_log_probs(trainer.model, batch)

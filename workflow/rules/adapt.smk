@@ -1,0 +1,26 @@
+# D2LoRA phase 2, fanned out over task x method x init x n x seed (n > 0 only: n = 0 trains
+# nothing). init=lora starts a fresh adapter; init=d2lora keeps training the warm-up adapter.
+
+
+rule adapt:
+    input:
+        unpack(warmup_for_init),
+        model=f"{RESULTS}/model/base",
+        data=f"{RESULTS}/data/{{task}}",
+    output:
+        adapter=directory(f"{RESULTS}/adapters/{CELL}"),
+    params:
+        lora=config["training"]["lora"],
+        hp=adapt_hparams,
+        device=config.get("device", "auto"),
+    log:
+        f"{LOGS}/adapt/{CELL}.log",
+    benchmark:
+        f"{RESULTS}/benchmarks/adapt/{CELL}.tsv"
+    threads: 1
+    resources:
+        gpu=1,
+    conda:
+        "../../envs/train.yaml"
+    script:
+        "../scripts/adapt.py"
