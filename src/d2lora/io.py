@@ -99,3 +99,9 @@ def sha256_tree(path: str | os.PathLike) -> dict[str, str]:
         for p in sorted(path.rglob("*"))
         if p.is_file() and not p.name.startswith(".")
     }
+
+
+def write_tsv(frame, path: str | os.PathLike) -> None:
+    """A pandas DataFrame as TSV, atomically, with stable line endings."""
+    with atomic_path(path) as tmp:
+        frame.to_csv(tmp, sep="\t", index=False, lineterminator="\n")
