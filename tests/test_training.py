@@ -50,7 +50,8 @@ def test_warmup_writes_a_safetensors_adapter_and_a_record(warmup_adapter):
 @pytest.mark.parametrize("init", ["lora", "d2lora"])
 def test_adaptation_trains_on_the_first_n_rows(method, init, tiny_model_dir, train_file, warmup_adapter, tmp_path):
     out = tmp_path / "adapter"
-    record = run_adaptation(tiny_model_dir, train_file, method, init, 4, LORA, HP, out, seed=0,
+    hp = dict(HP, beta=0.1) if method in ("dpo", "orpo") else HP
+    record = run_adaptation(tiny_model_dir, train_file, method, init, 4, LORA, hp, out, seed=0,
                             warmup_dir=warmup_adapter if init == "d2lora" else None, device="cpu")
     assert record["train_ids"] == ["row-0", "row-1", "row-2", "row-3"]
     assert record["global_steps"] == 2

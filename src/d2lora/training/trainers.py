@@ -27,9 +27,12 @@ def _common_args(hp: dict, output_dir: str, seed: int, use_cpu: bool) -> dict[st
         num_train_epochs=float(hp["epochs"]),
         learning_rate=float(hp["learning_rate"]),
         lr_scheduler_type=hp["scheduler"],
-        warmup_ratio=float(hp.get("warmup_ratio", 0.0)),
+        # transformers 5 folded warmup_ratio into warmup_steps: a value below 1 is a ratio.
+        warmup_steps=float(hp.get("warmup_ratio", 0.0)),
         max_length=int(hp.get("max_length", 1024)),
         bf16=bool(hp.get("bf16", False)),
+        # TRL turns checkpointing on by default; it trades ~30% speed for memory only large models need.
+        gradient_checkpointing=bool(hp.get("gradient_checkpointing", False)),
         seed=seed,
         data_seed=seed,
         logging_steps=1,

@@ -1,0 +1,406 @@
+"""Loading raw rows from a source config, and mapping raw rows to the canonical forms.
+
+A source config is one of
+  {"source": "synthetic", "kind": ..., "rows": int, "split": "train"|"eval"}
+  {"source": "hub", "path": "openai/gsm8k", "name": "main", "split": "test", "revision": ..., "format": ...}
+  {"source": "local", "data_files": path or [paths], "file_format": ..., "format": ...}
+each with an optional "limit" (the first k rows, taken before mapping).
+
+A format names the raw schema of a source; FORMATS maps (format, form) to the function that
+turns one raw row into one canonical row. New sources add an entry with `register_format`.
+"""
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+from d2lora.data import synthetic
+from d2lora.data.schema import FORM_FIELDS, validate_rows
+from d2lora.io import DataFileError, read_jsonl
+
+SOURCE_KINDS = ("synthetic", "hub", "local")
+FILE_FORMATS = {".jsonl": "jsonl", ".json": "json", ".parquet": "parquet", ".csv": "csv"}
+# jsonl and json both go through datasets' "json" builder.
+_BUILDERS = {"json": "json", "jsonl": "json", "parquet": "parquet", "csv": "csv"}
+# What each synthetic kind imitates, so a synthetic source needs no explicit "format".
+SYNTHETIC_FORMATS = {
+    "math": "synthetic_math",
+    "titles": "synthetic_titles",
+    "general": "synthetic_general",
+    "science_mc": "arc",
+}
+
+
+# ----------------------------------------------------------------------------- loading
+
+
+def _require(cfg: dict, key: str) -> Any:
+    if key not in cfg:
+        raise ValueError(f"source config {cfg!r} needs the key '{key}'")
+    return cfg[key]
+
+
+def local_files(cfg: dict) -> list[Path]:
+    """The files of a local source, each checked to exist and hold data."""
+    given = _require(cfg, "data_files")
+    files = [Path(given)] if isinstance(given, (str, os.PathLike)) else [Path(f) for f in given]
+    if not files:
+        raise ValueError(f"source config {cfg!r}: 'data_files' is empty")
+    for path in files:
+        if not path.is_file():
+            raise DataFileError(f"{path}: file does not exist")
+        if path.stat().st_size == 0:
+            raise DataFileError(f"{path}: file is empty")
+    return files
+
+
+def _file_format(cfg: dict, files: list[Path]) -> str:
+    if cfg.get("file_format"):
+        fmt = cfg["file_format"]
+        if fmt not in _BUILDERS:
+            raise ValueError(f"unknown file_format {fmt!r}; known: {', '.join(sorted(_BUILDERS))}")
+        return fmt
+    formats = {FILE_FORMATS.get(path.suffix.lower()) for path in files}
+    if None in formats or len(formats) != 1:
+        raise ValueError(
+            f"cannot tell the file format of {[str(f) for f in files]} from the extensions; "
+            f"set 'file_format' to one of {', '.join(sorted(_BUILDERS))}"
+        )
+    return formats.pop()
+
+
+def _load_local(cfg: dict) -> tuple[list[dict], list[str]]:
+    files = local_files(cfg)
+    fmt = _file_format(cfg, files)
+    if fmt == "jsonl":
+        # read_jsonl names file:line on a malformed line, and keeps a row's absent keys absent;
+        # datasets' json builder would fill them with None and hide the gap.
+        rows = [row for path in files for row in read_jsonl(path)]
+    else:
+        rows = _load_with_datasets(_BUILDERS[fmt], files, fmt)
+    if not rows:
+        raise DataFileError(f"{', '.join(map(str, files))}: no rows")
+    return rows, [str(path) for path in files]
+
+
+def _load_with_datasets(builder: str, files: list[Path], fmt: str) -> list[dict]:
+    import datasets
+
+    try:
+        dataset = datasets.load_dataset(builder, data_files=[str(p) for p in files], split="train")
+    except Exception as err:  # datasets raises many unrelated types; the file name is what helps
+        raise DataFileError(f"{', '.join(map(str, files))}: cannot be read as {fmt}: {err}") from err
+    return dataset.to_list()
+
+
+def _load_hub(cfg: dict) -> tuple[list[dict], list[str]]:
+    import datasets
+
+    kwargs = {"split": _require(cfg, "split")}
+    if cfg.get("revision"):
+        kwargs["revision"] = cfg["revision"]
+    dataset = datasets.load_dataset(_require(cfg, "path"), cfg.get("name"), **kwargs)
+    cached = [entry["filename"] for entry in getattr(dataset, "cache_files", None) or []]
+    return dataset.to_list(), cached
+
+
+def _load_synthetic(cfg: dict, seed: int) -> tuple[list[dict], list[str]]:
+    rows = synthetic.generate(_require(cfg, "kind"), _require(cfg, "rows"), seed, _require(cfg, "split"))
+    return rows, []
+
+
+def load_raw(source_cfg: dict, seed: int) -> tuple[list[dict], list[str]]:
+    """Raw rows of a source and the files actually read (empty for synthetic sources)."""
+    kind = _require(source_cfg, "source")
+    if kind == "synthetic":
+        rows, files = _load_synthetic(source_cfg, seed)
+    elif kind == "hub":
+        rows, files = _load_hub(source_cfg)
+    elif kind == "local":
+        rows, files = _load_local(source_cfg)
+    else:
+        raise ValueError(f"unknown source {kind!r}; known sources: {', '.join(SOURCE_KINDS)}")
+    limit = source_cfg.get("limit")
+    if limit is not None:
+        if not isinstance(limit, int) or limit < 0:
+            raise ValueError(f"source 'limit' must be a non-negative int, got {limit!r}")
+        rows = rows[:limit]
+    return rows, files
+
+
+def source_format(source_cfg: dict) -> str:
+    """The raw format of a source: explicit, or implied by a synthetic kind."""
+    if source_cfg.get("format"):
+        return source_cfg["format"]
+    if source_cfg.get("source") == "synthetic" and source_cfg.get("kind") in SYNTHETIC_FORMATS:
+        return SYNTHETIC_FORMATS[source_cfg["kind"]]
+    raise ValueError(f"source config {source_cfg!r} needs a 'format' (known: {', '.join(sorted(FORMATS))})")
+
+
+def source_name(source_cfg: dict) -> str:
+    """A short, path-free name for a source; ids of rows that have none are built from it."""
+    kind = source_cfg.get("source")
+    if kind == "synthetic":
+        return f"synthetic-{source_cfg.get('kind')}-{source_cfg.get('split')}"
+    if kind == "hub":
+        parts = [source_cfg.get("path", "hub").replace("/", "__"), source_cfg.get("name"), source_cfg.get("split")]
+        return "-".join(str(p) for p in parts if p)
+    files = source_cfg.get("data_files")
+    first = Path(files if isinstance(files, (str, os.PathLike)) else list(files)[0])
+    return f"{first.parent.name}-{first.stem}" if first.parent.name else first.stem
+
+
+def source_origin(source_cfg: dict) -> str:
+    """Where a source's rows come from, for error messages: file paths or the hub id."""
+    kind = source_cfg.get("source")
+    if kind == "synthetic":
+        return f"synthetic:{source_cfg.get('kind')}/{source_cfg.get('split')}"
+    if kind == "hub":
+        name = f"[{source_cfg['name']}]" if source_cfg.get("name") else ""
+        return f"hub:{source_cfg.get('path')}{name}/{source_cfg.get('split')}"
+    files = source_cfg.get("data_files")
+    return str(files) if isinstance(files, (str, os.PathLike)) else ", ".join(map(str, files))
+
+
+# ----------------------------------------------------------------------------- mapping
+
+
+@dataclass(frozen=True)
+class MappingContext:
+    """What a mapping function needs besides the row: naming, errors and the prompt template."""
+
+    fmt: str
+    source_name: str
+    origin: str
+    prompt_template: str | None
+
+
+Mapper = Callable[[dict, int, MappingContext], dict]
+FORMATS: dict[str, dict[str, Mapper]] = {}
+
+
+def register_format(fmt: str, *forms: str) -> Callable[[Mapper], Mapper]:
+    """Register `fn(raw_row, index, ctx) -> canonical row` as the mapping of `fmt` to `forms`."""
+    unknown = [form for form in forms if form not in FORM_FIELDS]
+    if unknown:
+        raise ValueError(f"unknown form(s) {unknown}; known forms: {', '.join(FORM_FIELDS)}")
+
+    def register(fn: Mapper) -> Mapper:
+        for form in forms:
+            FORMATS.setdefault(fmt, {})[form] = fn
+        return fn
+
+    return register
+
+
+def _where(index: int, ctx: MappingContext) -> str:
+    return f"{ctx.origin}: row {index + 1}"
+
+
+def _field(row: dict, field: str, index: int, ctx: MappingContext) -> Any:
+    # None counts as missing: datasets fills a column that a row lacks with None.
+    if row.get(field) is None:
+        raise DataFileError(f"{_where(index, ctx)}: missing field '{field}' (format {ctx.fmt})")
+    return row[field]
+
+
+def _text(row: dict, field: str, index: int, ctx: MappingContext) -> str:
+    value = _field(row, field, index, ctx)
+    if not isinstance(value, str):
+        raise DataFileError(
+            f"{_where(index, ctx)}: field '{field}' must be text, got {type(value).__name__} (format {ctx.fmt})"
+        )
+    return value
+
+
+def _text_list(row: dict, field: str, index: int, ctx: MappingContext) -> list[str]:
+    value = _field(row, field, index, ctx)
+    if not isinstance(value, list) or not all(isinstance(item, str) for item in value):
+        raise DataFileError(f"{_where(index, ctx)}: field '{field}' must be a list of strings (format {ctx.fmt})")
+    return value
+
+
+def row_id(row: dict, index: int, ctx: MappingContext) -> str:
+    """The source's own id where it has one, else one built from the row's position."""
+    if row.get("id") is not None:
+        return str(row["id"])
+    return f"{ctx.source_name}-{index:06d}"
+
+
+def fill_template(template: str | None, field: str, value: str) -> str:
+    """Put `value` in place of `{field}`.
+
+    Not str.format: the paper's GSM8K prompt holds a literal `\\boxed{}`, which format would
+    read as a positional placeholder. No template means the text is the whole user turn.
+    """
+    if template is None:
+        return value
+    placeholder = "{" + field + "}"
+    if placeholder not in template:
+        raise ValueError(f"prompt_template must contain {placeholder}; got {template!r}")
+    return template.replace(placeholder, value)
+
+
+def boxed_solution(steps: str, answer: str) -> str:
+    """A worked solution ending the way the evaluation extracts answers (\\boxed{})."""
+    return f"{steps.rstrip()}\nThe answer is \\boxed{{{answer}}}."
+
+
+@register_format("synthetic_math", "pairs")
+def _synthetic_math_pair(row: dict, index: int, ctx: MappingContext) -> dict:
+    question = _text(row, "question", index, ctx)
+    return {
+        "id": row_id(row, index, ctx),
+        "prompt": fill_template(ctx.prompt_template, "question", question),
+        "chosen": boxed_solution(
+            "\n".join(_text_list(row, "solution_steps", index, ctx)), _text(row, "answer", index, ctx)
+        ),
+        "rejected": boxed_solution(
+            "\n".join(_text_list(row, "wrong_steps", index, ctx)), _text(row, "wrong_answer", index, ctx)
+        ),
+    }
+
+
+@register_format("synthetic_math", "math_eval")
+def _synthetic_math_eval(row: dict, index: int, ctx: MappingContext) -> dict:
+    return {
+        "id": row_id(row, index, ctx),
+        "question": _text(row, "question", index, ctx),
+        "answer": _text(row, "answer", index, ctx),
+    }
+
+
+@register_format("synthetic_titles", "pairs")
+def _synthetic_titles_pair(row: dict, index: int, ctx: MappingContext) -> dict:
+    abstract = _text(row, "abstract", index, ctx)
+    return {
+        "id": row_id(row, index, ctx),
+        "prompt": fill_template(ctx.prompt_template, "abstract", abstract),
+        "chosen": _text(row, "title", index, ctx),
+        "rejected": None,
+    }
+
+
+@register_format("synthetic_titles", "generation_eval")
+def _synthetic_titles_eval(row: dict, index: int, ctx: MappingContext) -> dict:
+    abstract = _text(row, "abstract", index, ctx)
+    return {
+        "id": row_id(row, index, ctx),
+        "prompt": fill_template(ctx.prompt_template, "abstract", abstract),
+        "reference": _text(row, "title", index, ctx),
+    }
+
+
+@register_format("synthetic_general", "pairs")
+def _synthetic_general_pair(row: dict, index: int, ctx: MappingContext) -> dict:
+    return {
+        "id": row_id(row, index, ctx),
+        "prompt": _text(row, "prompt", index, ctx),
+        "chosen": _text(row, "chosen", index, ctx),
+        "rejected": _text(row, "rejected", index, ctx),
+    }
+
+
+@register_format("arc", "multiple_choice")
+def _arc_multiple_choice(row: dict, index: int, ctx: MappingContext) -> dict:
+    choices = _field(row, "choices", index, ctx)
+    if not isinstance(choices, dict):
+        raise DataFileError(f"{_where(index, ctx)}: field 'choices' must be an object with 'text' and 'label'")
+    texts = _text_list(choices, "text", index, ctx)
+    labels = _text_list(choices, "label", index, ctx)
+    key = str(_field(row, "answerKey", index, ctx)).strip()
+    # Some ARC rows are labelled 1..4 instead of A..D; their answerKey uses the same labels.
+    if key not in labels:
+        raise DataFileError(f"{_where(index, ctx)}: answerKey {key!r} is not one of the labels {labels}")
+    return {
+        "id": row_id(row, index, ctx),
+        "question": _text(row, "question", index, ctx),
+        "choices": texts,
+        "labels": labels,
+        "answer_index": labels.index(key),
+    }
+
+
+_GSM8K_CALC = re.compile(r"<<[^>]*>>")
+_NUMBER = re.compile(r"-?\d+(?:\.\d+)?")
+
+
+def _gsm8k_parts(row: dict, index: int, ctx: MappingContext) -> tuple[str, str]:
+    """(reasoning without calculator annotations, final numeric answer without commas)."""
+    solution = _text(row, "answer", index, ctx)
+    if "####" not in solution:
+        raise DataFileError(f"{_where(index, ctx)}: field 'answer' has no '#### <number>' final line")
+    reasoning, final = solution.rsplit("####", 1)
+    final = final.strip().replace(",", "")
+    if not _NUMBER.fullmatch(final):
+        raise DataFileError(f"{_where(index, ctx)}: final answer {final!r} after '####' is not a number")
+    return _GSM8K_CALC.sub("", reasoning).strip(), final
+
+
+@register_format("gsm8k", "math_eval")
+def _gsm8k_eval(row: dict, index: int, ctx: MappingContext) -> dict:
+    return {
+        "id": row_id(row, index, ctx),
+        "question": _text(row, "question", index, ctx),
+        "answer": _gsm8k_parts(row, index, ctx)[1],
+    }
+
+
+@register_format("gsm8k", "pairs")
+def _gsm8k_pair(row: dict, index: int, ctx: MappingContext) -> dict:
+    reasoning, final = _gsm8k_parts(row, index, ctx)
+    return {
+        "id": row_id(row, index, ctx),
+        "prompt": fill_template(ctx.prompt_template, "question", _text(row, "question", index, ctx)),
+        "chosen": boxed_solution(reasoning, final),
+        "rejected": None,
+    }
+
+
+def _canonical_mapper(form: str) -> Mapper:
+    def mapper(row: dict, index: int, ctx: MappingContext) -> dict:
+        # Only the form's fields are kept; absent ones stay absent for validation to report.
+        kept = {k: row[k] for k in FORM_FIELDS[form] if k in row and k != "id"}
+        return {"id": row_id(row, index, ctx), **kept}
+
+    return mapper
+
+
+for _form in FORM_FIELDS:
+    register_format("canonical", _form)(_canonical_mapper(_form))
+
+
+def _mapper(fmt: str, form: str) -> Mapper:
+    if fmt not in FORMATS:
+        raise ValueError(f"unknown format {fmt!r}; known formats: {', '.join(sorted(FORMATS))}")
+    if form not in FORMATS[fmt]:
+        raise ValueError(
+            f"format {fmt!r} cannot produce form {form!r}; it produces: {', '.join(sorted(FORMATS[fmt]))}"
+        )
+    return FORMATS[fmt][form]
+
+
+def to_canonical(
+    raw_rows: list[dict],
+    fmt: str,
+    form: str,
+    prompt_template: str | None,
+    source_name: str,
+    origin: str | None = None,
+) -> list[dict]:
+    """Map raw rows of `fmt` to validated rows of `form`.
+
+    `source_name` builds ids for rows that have none; `origin` (default: source_name) is what
+    error messages call the source, e.g. a file path or hub id.
+    """
+    mapper = _mapper(fmt, form)
+    ctx = MappingContext(fmt, source_name, origin or source_name, prompt_template)
+    rows = []
+    for index, raw in enumerate(raw_rows):
+        if not isinstance(raw, dict):
+            raise DataFileError(f"{_where(index, ctx)}: expected an object, got {type(raw).__name__}")
+        rows.append(mapper(raw, index, ctx))
+    return validate_rows(rows, form, ctx.origin)
