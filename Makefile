@@ -20,11 +20,11 @@ $(VENV)/.installed: envs/requirements.txt envs/pins/ml.txt envs/pins/plot.txt en
 	touch $@
 
 run: setup
-	$(VENV)/bin/snakemake --cores $(CORES) --configfile $(CONFIG) all
-	$(VENV)/bin/snakemake --cores $(CORES) --configfile $(CONFIG) --report results/report.html
+	$(VENV)/bin/snakemake --cores $(CORES) all --configfile $(CONFIG)
+	$(VENV)/bin/snakemake --cores $(CORES) --report results/report.html --configfile $(CONFIG)
 
 report: setup
-	$(VENV)/bin/snakemake --cores $(CORES) --configfile $(CONFIG) --report results/report.html
+	$(VENV)/bin/snakemake --cores $(CORES) --report results/report.html --configfile $(CONFIG)
 
 test: setup
 	$(VENV)/bin/pytest -q

@@ -77,6 +77,7 @@ def adapt_hparams(wildcards):
 
 def eval_settings(wildcards):
     settings = dict(config["evaluation"][wildcards.benchmark])
+    settings["dtype"] = config["evaluation"].get("dtype", "float32")
     if wildcards.benchmark == "gsm8k":
         settings["prompt_template"] = config["datasets"]["math"]["prompt_template"]
     return settings

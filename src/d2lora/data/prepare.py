@@ -138,7 +138,12 @@ def prepare_role(role: str, role_cfg: dict, out_dir: str | os.PathLike, seed: in
     prepared: dict[str, list[dict]] = {}
     sources: dict[str, dict] = {}
     for split, form in forms.items():
-        prepared[split], sources[split] = _load_split(role_cfg[split], form, template, seed)
+        source_cfg = dict(role_cfg[split])
+        if source_cfg.get("source") == "synthetic":
+            # A synthetic source generates the split of the slot it sits in (train or eval), which
+            # keeps the two disjoint by construction.
+            source_cfg.setdefault("split", split)
+        prepared[split], sources[split] = _load_split(source_cfg, form, template, seed)
     if "train" in prepared:
         prepared["train"] = subset_order(prepared["train"], seed)
     _check_grid(role, prepared.get("train"), max_n, source_origin(role_cfg["train"]) if "train" in forms else "")

@@ -41,7 +41,7 @@ def evaluate_cell(benchmark: str, cell: dict, model_dir, adapter_dir, data_dir, 
     rows = read_jsonl(eval_path)
     # Left padding: generation appends new tokens on the right of every row in a batch.
     tokenizer = load_tokenizer(model_dir, padding_side="left")
-    model = load_model(model_dir, device=device, adapter_dir=adapter_dir)
+    model = load_model(model_dir, dtype=settings.get("dtype", "float32"), device=device, adapter_dir=adapter_dir)
     model.eval()
     print(f"evaluate: {benchmark} on {len(rows)} items, adapter={adapter_dir}, device={device}", file=sys.stderr)
     start = time.perf_counter()

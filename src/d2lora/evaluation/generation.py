@@ -1,0 +1,138 @@
+"""Batched greedy generation whose outputs do not depend on the batch size.
+
+Prompts are single user turns in the model's chat template. Batches are LEFT-padded so that
+every prompt ends at the same column and new tokens follow directly; `generate` derives
+position ids from the attention mask, so a padded prompt sees the same positions it would
+alone. Sorting by length (longest first) keeps padding small and puts the slowest batch
+first, so an out-of-memory error shows up at once rather than hours in.
+"""
+from __future__ import annotations
+
+import sys
+import time
+from typing import Sequence
+
+
+def model_device(model):
+    return next(model.parameters()).device
+
+
+def chat_prompt(tokenizer, user_prompt: str) -> str:
+    """One user turn plus the assistant header; the template adds its own default system prompt."""
+    return tokenizer.apply_chat_template(
+        [{"role": "user", "content": user_prompt}], add_generation_prompt=True, tokenize=False
+    )
+
+
+def encode_chat_prompts(tokenizer, user_prompts: Sequence[str]) -> list[list[int]]:
+    # The rendered template already carries BOS where the model wants one (e.g. Llama 3's
+    # <|begin_of_text|>); letting the tokenizer add special tokens would double it.
+    texts = [chat_prompt(tokenizer, p) for p in user_prompts]
+    return tokenizer(texts, add_special_tokens=False)["input_ids"]
+
+
+def longest_first_batches(lengths: Sequence[int], batch_size: int) -> list[list[int]]:
+    """Indices grouped into batches, longest first; ties keep input order so runs are reproducible."""
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    order = sorted(range(len(lengths)), key=lambda i: (-lengths[i], i))
+    return [order[start : start + batch_size] for start in range(0, len(order), batch_size)]
+
+
+def left_pad(sequences: Sequence[Sequence[int]], pad_id: int, device):
+    import torch
+
+    width = max(len(seq) for seq in sequences)
+    input_ids = torch.full((len(sequences), width), pad_id, dtype=torch.long)
+    attention_mask = torch.zeros((len(sequences), width), dtype=torch.long)
+    for row, seq in enumerate(sequences):
+        if seq:
+            input_ids[row, width - len(seq) :] = torch.tensor(seq, dtype=torch.long)
+            attention_mask[row, width - len(seq) :] = 1
+    return input_ids.to(device), attention_mask.to(device)
+
+
+def stop_token_ids(model, tokenizer) -> list[int]:
+    """The tokenizer's EOS plus any the model's generation config lists.
+
+    Instruct models often end a turn with a token other than the tokenizer's EOS (Llama 3.1:
+    <|eot_id|> besides <|end_of_text|>); missing one makes every answer run to the token limit.
+    """
+    ids: list[int] = []
+    configured = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    for value in ([configured] if isinstance(configured, int) else list(configured or [])) + [tokenizer.eos_token_id]:
+        if value is not None and value not in ids:
+            ids.append(int(value))
+    return ids
+
+
+def greedy_config(max_new_tokens: int, eos_ids: list[int], pad_id: int):
+    from transformers import GenerationConfig
+
+    # do_sample is set explicitly so that sampling settings inherited from the model's own
+    # generation_config.json (temperature, top_p) are ignored without a warning per call.
+    return GenerationConfig(
+        do_sample=False,
+        num_beams=1,
+        max_new_tokens=max_new_tokens,
+        eos_token_id=eos_ids,
+        pad_token_id=pad_id,
+    )
+
+
+def decode_new_tokens(tokenizer, new_tokens, eos_ids: list[int]) -> str:
+    """Text of the generated tokens up to the first stop token."""
+    tokens = new_tokens.tolist()
+    for pos, token in enumerate(tokens):
+        if token in eos_ids:
+            tokens = tokens[:pos]
+            break
+    return tokenizer.decode(tokens, skip_special_tokens=True)
+
+
+def log_progress(
+    desc: str, batches_done: int, n_batches: int, items_done: int, n_items: int, started: float, unit: str = "items"
+) -> None:
+    elapsed = max(time.perf_counter() - started, 1e-9)
+    print(
+        f"[{desc}] batch {batches_done}/{n_batches}, {items_done}/{n_items} {unit}, "
+        f"{items_done / elapsed:.2f} {unit}/s, {elapsed:.0f} s elapsed",
+        file=sys.stderr,
+        flush=True,
+    )
+
+
+def greedy_generate(
+    model,
+    tokenizer,
+    user_prompts: list[str],
+    max_new_tokens: int,
+    batch_size: int,
+    progress_desc: str | None = None,
+) -> list[str]:
+    """Greedy completions of each prompt (as a chat user turn), in the order given."""
+    import torch
+
+    if not user_prompts:
+        return []
+    device = model_device(model)
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    eos_ids = stop_token_ids(model, tokenizer)
+    config = greedy_config(max_new_tokens, eos_ids, pad_id)
+    encoded = encode_chat_prompts(tokenizer, user_prompts)
+    batches = longest_first_batches([len(ids) for ids in encoded], batch_size)
+    desc = progress_desc or "generate"
+
+    outputs: list[str | None] = [None] * len(user_prompts)
+    model.eval()
+    started, done = time.perf_counter(), 0
+    with torch.inference_mode():
+        for number, batch in enumerate(batches, start=1):
+            input_ids, attention_mask = left_pad([encoded[i] for i in batch], pad_id, device)
+            generated = model.generate(input_ids=input_ids, attention_mask=attention_mask, generation_config=config)
+            new_tokens = generated[:, input_ids.shape[1] :].cpu()
+            for row, index in enumerate(batch):
+                outputs[index] = decode_new_tokens(tokenizer, new_tokens[row], eos_ids)
+            done += len(batch)
+            log_progress(desc, number, len(batches), done, len(user_prompts), started)
+    return outputs  # type: ignore[return-value]

@@ -1,0 +1,386 @@
+"""Evaluation: answer extraction, batch-size-independent generation, ROUGE, multiple choice."""
+from __future__ import annotations
+
+import math
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from d2lora.evaluation import (
+    answers_match,
+    evaluate_math,
+    evaluate_multiple_choice,
+    evaluate_titles,
+    extract_final_answer,
+    extract_with_rule,
+    greedy_generate,
+)
+from d2lora.evaluation import generation, math_eval, multiple_choice, titles_eval
+
+PAPER_TEMPLATE = "{question} Please reason step by step, and put your final answer within \\boxed{}."
+
+# (model output, expected answer, rule that should fire)
+EXTRACTION_CASES = [
+    ("She sells 16 - 3 - 4 = 9 eggs, so she makes 9 * 2 = $18.\n\n\\boxed{18}", "18", "boxed"),
+    ("The fraction is \\boxed{\\frac{3}{4}}.", "0.75", "boxed"),
+    ("Total cost: \\boxed{18 \\text{ dollars}}", "18", "boxed"),
+    ("First guess \\boxed{5}. Wait, recheck: \\boxed{7}", "7", "boxed"),
+    ("I will put the final answer within \\boxed{}. The result is 12.", "12", "last_number"),
+    ("\\boxed {1,000}", "1000", "boxed"),
+    ("\\fbox{42}", "42", "boxed"),
+    ("So he paid $\\boxed{\\$1,234.50}$ in total.", "1234.5", "boxed"),
+    ("The answer is 42.", "42", "answer_is"),
+    ("Adding everything up, the answer is $1,234.", "1234", "answer_is"),
+    ("Final Answer: The final answer is 64. I hope it is correct.", "64", "answer_is"),
+    ("Step 1: 3 + 12 = 15\n**Answer:** 15 apples", "15", "answer_is"),
+    ("The answer is:\n\n99", "99", "answer_is"),
+    ("The answer is 5 + 3 = 8.", "8", "answer_is"),
+    ("Natalia sold 48/2 = 24 clips in May.\n48 + 24 = 72\n#### 72", "72", "hashes"),
+    ("She ran 5 cm and then 12 cm.", "12", "last_number"),
+    ("I am not sure how to solve this problem.", None, "none"),
+    ("", None, "none"),
+    ("\\boxed{-5}", "-5", "boxed"),
+    ("The temperature drops to -12 degrees.", "-12", "last_number"),
+    ("\\boxed{0.50}", "0.5", "boxed"),
+    ("\\boxed{12.0}", "12", "boxed"),
+    ("\\boxed{x = 12}", "12", "boxed"),
+    ("The discount is \\boxed{50\\%}", "50", "boxed"),
+    ("\\boxed{\\dfrac{1}{3}}", "1/3", "boxed"),
+    ("\\boxed{-\\frac{1}{2}}", "-0.5", "boxed"),
+    ("Half of 60 is 60/2 = 30", "30", "last_number"),
+    ("She ate 5/2 pizzas", "2.5", "last_number"),
+    ("\\boxed{1{,}000}", "1000", "boxed"),
+    ("\\boxed{1\\,000}", "1000", "boxed"),
+    ("\\boxed{+5}", "5", "boxed"),
+    ("\\boxed{\\text{B}}", "B", "boxed"),
+    ("\\boxed{\\textbf{\\$18.00}}", "18", "boxed"),
+    ("\\boxed{25^\\circ}", "25", "boxed"),
+    # Cut off by the token limit: an unclosed box is not an answer.
+    ("Then 3 + 4 = 7, so the total is \\boxed{1", "1", "last_number"),
+    ("Pages 3-4 were torn", "4", "last_number"),
+]
+
+
+@pytest.mark.parametrize("text,expected,rule", EXTRACTION_CASES)
+def test_extract_with_rule(text, expected, rule):
+    assert extract_with_rule(text) == (expected, rule)
+    assert extract_final_answer(text) == expected
+
+
+@pytest.mark.parametrize(
+    "pred,reference,expected",
+    [
+        ("72", "72", True),
+        ("72.0", "72", True),
+        ("72.00", "72", True),
+        ("1,000", "1000", True),
+        ("18 dollars", "18", True),
+        ("$18", "18", True),
+        ("1/2", "0.5", True),
+        ("0.3333333", "1/3", True),
+        ("-3", "-3", True),
+        ("-3", "3", False),
+        ("71", "72", False),
+        ("72.5", "72", False),
+        (None, "72", False),
+        ("B", "b", True),
+        ("B", "C", False),
+    ],
+)
+def test_answers_match(pred, reference, expected):
+    assert answers_match(pred, reference) is expected
+
+
+# ---------------------------------------------------------------- generation
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_torch_thread():
+    """Tiny models gain nothing from intra-op threads; on a busy 2-core machine they cost 10-100x."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
+PROMPTS = [
+    "Hi",
+    "What is 2+2?",
+    "Natalia sold clips to 48 of her friends in April, and then she sold half as many clips in May. "
+    "How many clips did Natalia sell altogether in April and May?",
+    "Tell me a story about a dragon.",
+    "x",
+    "A somewhat longer prompt about economics, research papers and their titles.",
+]
+
+
+@pytest.fixture(scope="module")
+def varied_model(tokenizer):
+    """A tiny random Llama whose greedy outputs differ between prompts.
+
+    The shared `tiny_model` (tied embeddings, std 0.02) just repeats the last prompt token
+    ("\\n") for every prompt, which would make any batching comparison vacuous.
+    """
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from conftest import TINY_ARCH
+
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        tie_word_embeddings=False,
+        initializer_range=0.3,
+        **TINY_ARCH,
+    )
+    return LlamaForCausalLM(config).eval()
+
+
+@pytest.fixture(scope="module")
+def single_outputs(varied_model, tokenizer):
+    return greedy_generate(varied_model, tokenizer, PROMPTS, max_new_tokens=16, batch_size=1)
+
+
+def test_batched_generation_equals_one_at_a_time(varied_model, tokenizer, single_outputs, capfd):
+    batched = greedy_generate(varied_model, tokenizer, PROMPTS, max_new_tokens=16, batch_size=4, progress_desc="t")
+    assert len(set(single_outputs)) > 1, "outputs must differ between prompts for the comparison to mean anything"
+    assert batched == single_outputs
+    stderr = capfd.readouterr().err
+    assert "[t] batch 1/2" in stderr and "[t] batch 2/2" in stderr and "items/s" in stderr
+
+
+def test_generation_returns_original_order(varied_model, tokenizer, single_outputs):
+    reversed_outputs = greedy_generate(varied_model, tokenizer, PROMPTS[::-1], max_new_tokens=16, batch_size=3)
+    assert reversed_outputs == single_outputs[::-1]
+
+
+def test_generation_ignores_sampling_defaults_of_the_model(varied_model, tokenizer, single_outputs, capfd):
+    # Instruct checkpoints ship do_sample/temperature/top_p in generation_config.json.
+    saved = varied_model.generation_config
+    varied_model.generation_config = saved.__class__(**{**saved.to_dict(), "do_sample": True, "temperature": 0.6, "top_p": 0.9})
+    try:
+        outputs = greedy_generate(varied_model, tokenizer, PROMPTS[:3], max_new_tokens=16, batch_size=2)
+    finally:
+        varied_model.generation_config = saved
+    assert outputs == single_outputs[:3]
+    assert "temperature" not in capfd.readouterr().err
+
+
+@pytest.mark.filterwarnings("ignore:.*is_gradient_checkpointing.*:FutureWarning")
+def test_generation_with_peft_model(varied_model, tokenizer, single_outputs):
+    import copy
+
+    from peft import LoraConfig, get_peft_model
+
+    # A fresh LoRA adapter has B = 0, so the wrapped model must generate what the base does.
+    peft_model = get_peft_model(copy.deepcopy(varied_model), LoraConfig(r=4, lora_alpha=4, target_modules="all-linear"))
+    assert greedy_generate(peft_model, tokenizer, PROMPTS[:2], max_new_tokens=16, batch_size=2) == single_outputs[:2]
+
+
+def test_prompts_are_single_chat_turns_without_extra_special_tokens(tokenizer):
+    ids = generation.encode_chat_prompts(tokenizer, ["Hello"])[0]
+    text = tokenizer.apply_chat_template([{"role": "user", "content": "Hello"}], add_generation_prompt=True, tokenize=False)
+    assert ids == tokenizer(text, add_special_tokens=False)["input_ids"]
+    assert tokenizer.decode(ids).endswith("<|im_start|>assistant\n")
+
+
+def test_decode_stops_at_first_stop_token(tokenizer):
+    hello = tokenizer.encode("Hello world", add_special_tokens=False)
+    eos = tokenizer.eos_token_id
+    tokens = torch.tensor(hello + [eos] + tokenizer.encode(" junk", add_special_tokens=False) + [eos])
+    assert generation.decode_new_tokens(tokenizer, tokens, [eos]) == "Hello world"
+
+
+def test_longest_first_batches():
+    assert generation.longest_first_batches([3, 9, 5, 9], 3) == [[1, 3, 2], [0]]
+    with pytest.raises(ValueError):
+        generation.longest_first_batches([1], 0)
+
+
+# ---------------------------------------------------------------- math
+
+MATH_ROWS = [
+    {"id": "m0", "question": "Natalia sold 48 clips in April and half as many in May. How many in total?", "answer": "72"},
+    {"id": "m1", "question": "What is 2 + 3?", "answer": "5"},
+    {"id": "m2", "question": "What is 10 - 1?", "answer": "9"},
+]
+
+
+def test_evaluate_math_scores_canned_outputs(monkeypatch, tokenizer):
+    seen = {}
+
+    def fake_generate(model, tok, prompts, max_new_tokens, batch_size, progress_desc=None):
+        seen["prompts"] = prompts
+        return ["48 + 24 = 72, so \\boxed{72}", "The answer is 5.", "I do not know."]
+
+    monkeypatch.setattr(math_eval, "greedy_generate", fake_generate)
+    per_example, scores = evaluate_math(None, tokenizer, MATH_ROWS, PAPER_TEMPLATE, 64, 2)
+    assert seen["prompts"][1] == (
+        "What is 2 + 3? Please reason step by step, and put your final answer within \\boxed{}."
+    )
+    assert [ex["rule"] for ex in per_example] == ["boxed", "answer_is", "none"]
+    assert [ex["correct"] for ex in per_example] == [True, True, False]
+    assert scores == {"accuracy": pytest.approx(2 / 3), "n_items": 3, "n_boxed": 1}
+    assert set(per_example[0]) == {"id", "prompt", "output", "extracted", "rule", "reference", "correct"}
+
+
+def test_evaluate_math_runs_the_model(varied_model, tokenizer):
+    per_example, scores = evaluate_math(varied_model, tokenizer, MATH_ROWS, PAPER_TEMPLATE, 8, 2)
+    assert [ex["id"] for ex in per_example] == ["m0", "m1", "m2"]
+    assert 0.0 <= scores["accuracy"] <= 1.0 and scores["n_items"] == 3
+
+
+@pytest.mark.parametrize(
+    "template,message",
+    [("{question} within \\boxed{{}}.", "single braces"), ("Solve it within \\boxed{}.", "must contain")],
+)
+def test_bad_math_templates_are_rejected(tokenizer, template, message):
+    with pytest.raises(ValueError, match=message):
+        evaluate_math(None, tokenizer, MATH_ROWS, template, 8, 1)
+
+
+def test_config_math_template_renders_the_paper_prompt():
+    import yaml
+
+    from conftest import REPO
+
+    template = yaml.safe_load((REPO / "config" / "paper.yaml").read_text())["datasets"]["math"]["prompt_template"]
+    assert math_eval.render_math_prompt(template, "Q?") == (
+        "Q? Please reason step by step, and put your final answer within \\boxed{}."
+    )
+
+
+# ---------------------------------------------------------------- titles
+
+TITLE_ROWS = [
+    {"id": "t0", "prompt": "Abstract one", "reference": "Monetary Policy and Inflation Expectations"},
+    {"id": "t1", "prompt": "Abstract two", "reference": "Trade Networks in Early Modern Europe"},
+]
+
+
+def test_rouge_identical_and_disjoint(monkeypatch, tokenizer):
+    outputs = ['Title: "Monetary Policy and Inflation Expectations"\nThis paper studies...', "Quantum chromodynamics lattice"]
+    monkeypatch.setattr(titles_eval, "greedy_generate", lambda *args, **kwargs: outputs)
+    per_example, scores = evaluate_titles(None, tokenizer, TITLE_ROWS, 24, 2)
+    assert per_example[0]["prediction"] == "Monetary Policy and Inflation Expectations"
+    assert [per_example[0][k] for k in ("rouge1", "rouge2", "rougeL")] == [1.0, 1.0, 1.0]
+    assert [per_example[1][k] for k in ("rouge1", "rouge2", "rougeL")] == [0.0, 0.0, 0.0]
+    assert scores == {"rouge1": 50.0, "rouge2": 50.0, "rougeL": 50.0, "n_items": 2}
+
+
+@pytest.mark.parametrize(
+    "output,title",
+    [
+        ("**Title:** Growth and Debt", "Growth and Debt"),
+        ("\n\n\u201cGrowth and Debt\u201d\nMore text", "Growth and Debt"),
+        ("Title:\nGrowth and Debt", "Growth and Debt"),
+        ("# Growth and Debt", "Growth and Debt"),
+        ("", ""),
+    ],
+)
+def test_extract_title(output, title):
+    assert titles_eval.extract_title(output) == title
+
+
+def test_evaluate_titles_runs_the_model(varied_model, tokenizer):
+    per_example, scores = evaluate_titles(varied_model, tokenizer, TITLE_ROWS, 8, 2)
+    assert [ex["id"] for ex in per_example] == ["t0", "t1"]
+    assert all(0.0 <= scores[k] <= 100.0 for k in ("rouge1", "rouge2", "rougeL"))
+
+
+# ---------------------------------------------------------------- multiple choice
+
+MC_ROWS = [
+    {"id": "a0", "question": "What is the capital of France?", "choices": ["Paris", "London", "Berlin", "Rome"],
+     "labels": ["A", "B", "C", "D"], "answer_index": 2},
+    {"id": "a1", "question": "Which gas do plants absorb from the air?", "choices": ["carbon dioxide", "oxygen", "neon"],
+     "labels": ["A", "B", "C"], "answer_index": 0},
+    {"id": "a2", "question": "A long question about the water cycle: which process turns lake water into vapour "
+     "under strong summer sunlight?", "choices": ["evaporation", "condensation", "precipitation of rain", "runoff"],
+     "labels": ["1", "2", "3", "4"], "answer_index": 0},
+]
+
+
+def test_encode_pair_moves_trailing_whitespace_like_lm_eval(tokenizer):
+    context = multiple_choice.mc_context(tokenizer, "What is the capital of France?")
+    assert context.endswith("assistant\n")
+    context_ids, continuation_ids = multiple_choice.encode_pair(tokenizer, context, "Paris")
+    assert tokenizer.decode(context_ids).endswith("assistant")
+    assert tokenizer.decode(continuation_ids) == "\nParis"
+
+
+def test_multiple_choice_batched_equals_one_at_a_time(varied_model, tokenizer):
+    single, single_scores = evaluate_multiple_choice(varied_model, tokenizer, MC_ROWS, batch_size=1)
+    batched, batched_scores = evaluate_multiple_choice(varied_model, tokenizer, MC_ROWS, batch_size=5)
+    for one, many in zip(single, batched):
+        assert torch.allclose(torch.tensor(one["choice_logprobs"]), torch.tensor(many["choice_logprobs"]), atol=1e-4)
+    assert single_scores == batched_scores
+    assert set(single_scores) == {"accuracy", "accuracy_norm", "n_items"}
+
+
+def test_multiple_choice_matches_a_direct_forward_pass(varied_model, tokenizer):
+    row = MC_ROWS[1]
+    context = multiple_choice.mc_context(tokenizer, row["question"])
+    context_ids, continuation_ids = multiple_choice.encode_pair(tokenizer, context, row["choices"][0])
+    with torch.no_grad():
+        logits = varied_model(torch.tensor([context_ids + continuation_ids])).logits[0].log_softmax(-1)
+    expected = sum(logits[len(context_ids) - 1 + k, token].item() for k, token in enumerate(continuation_ids))
+    per_example, _ = evaluate_multiple_choice(varied_model, tokenizer, [row], batch_size=2)
+    assert per_example[0]["choice_logprobs"][0] == pytest.approx(expected, abs=1e-4)
+    per_char = per_example[0]["choice_logprobs_per_char"][0]
+    assert per_char == pytest.approx(expected / len(row["choices"][0]), abs=1e-4)
+
+
+class BiasedLM(torch.nn.Module):
+    """Adds a large logit to one token, so a continuation ending in it must win."""
+
+    def __init__(self, inner, token_id: int):
+        super().__init__()
+        self.inner, self.token_id = inner, token_id
+
+    def forward(self, **kwargs):
+        logits = self.inner(**kwargs).logits.clone()
+        logits[..., self.token_id] += 30.0
+        return SimpleNamespace(logits=logits)
+
+
+def test_multiple_choice_picks_the_forced_choice(varied_model, tokenizer):
+    row = MC_ROWS[0]
+    context = multiple_choice.mc_context(tokenizer, row["question"])
+    continuations = [multiple_choice.encode_pair(tokenizer, context, c)[1] for c in row["choices"]]
+    target = continuations[row["answer_index"]][-1]
+    assert all(target not in ids for i, ids in enumerate(continuations) if i != row["answer_index"])
+    per_example, scores = evaluate_multiple_choice(BiasedLM(varied_model, target), tokenizer, [row], batch_size=4)
+    assert per_example[0]["predicted_index"] == 2 and per_example[0]["predicted_label"] == "C"
+    assert scores == {"accuracy": 1.0, "accuracy_norm": 1.0, "n_items": 1}
+
+
+@pytest.mark.filterwarnings("ignore:.*is_gradient_checkpointing.*:FutureWarning")
+def test_multiple_choice_with_peft_model(varied_model, tokenizer):
+    import copy
+
+    from peft import LoraConfig, get_peft_model
+
+    peft_model = get_peft_model(copy.deepcopy(varied_model), LoraConfig(r=4, lora_alpha=4, target_modules="all-linear"))
+    base, _ = evaluate_multiple_choice(varied_model, tokenizer, MC_ROWS[:2], batch_size=3)
+    wrapped, _ = evaluate_multiple_choice(peft_model, tokenizer, MC_ROWS[:2], batch_size=3)
+    for a, b in zip(base, wrapped):
+        assert a["choice_logprobs"] == pytest.approx(b["choice_logprobs"], abs=1e-4)
+
+
+def test_multiple_choice_agrees_with_lm_eval(varied_model, tokenizer):
+    lm_eval_hf = pytest.importorskip("lm_eval.models.huggingface")
+    from lm_eval.api.instance import Instance
+
+    lm = lm_eval_hf.HFLM(pretrained=varied_model, tokenizer=tokenizer, device="cpu", batch_size=4)
+    requests = []
+    for row in MC_ROWS:
+        context = lm.apply_chat_template([{"role": "user", "content": f"Question: {row['question']}\nAnswer:"}])
+        requests += [Instance("loglikelihood", {}, (context, choice), 0) for choice in row["choices"]]
+    theirs = [loglik for loglik, _ in lm.loglikelihood(requests)]
+    ours, _ = evaluate_multiple_choice(varied_model, tokenizer, MC_ROWS, batch_size=4)
+    assert sum((ex["choice_logprobs"] for ex in ours), []) == pytest.approx(theirs, abs=1e-4)
+    assert not any(math.isnan(x) for x in theirs)

@@ -1,0 +1,375 @@
+"""Results stage: scores -> metrics table -> figures and tables; provenance tables."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import yaml
+
+from d2lora.io import DataFileError
+from d2lora.provenance import (
+    benchmark_cell,
+    dataset_checksum_table,
+    git_commit,
+    package_versions,
+    run_manifest,
+    runtime_table,
+    write_provenance_bundle,
+)
+from d2lora.results.figures import paper_grid, plot_curves
+from d2lora.results.metrics import (
+    COLUMNS,
+    collect_metrics,
+    expand_base_rows,
+    read_metrics,
+    read_reference,
+    reference_rows,
+    spec_cells,
+    write_metrics,
+)
+from d2lora.results.tables import comparison_table, hyperparameter_table, write_table
+
+REFERENCE = Path(__file__).resolve().parents[1] / "workflow" / "resources" / "reference"
+
+MATH_SPEC = {"task": "math", "metric": "gsm8k_accuracy", "methods": ["sft", "dpo"],
+             "inits": ["lora", "d2lora"], "n": [0, 1000, 2000], "panels": "method", "title": "GSM8K"}
+
+
+def write_score(root: Path, benchmark: str, task: str, method: str, init: str, n: int, seed: int,
+                metrics: dict, name: str = "scores.json") -> Path:
+    path = root / benchmark / task / method / init / f"n{n}" / f"s{seed}" / name
+    path.parent.mkdir(parents=True, exist_ok=True)
+    score = {"task": task, "benchmark": benchmark, "method": method, "init": init, "n": n, "seed": seed,
+             "metrics": metrics, "n_items": 24, "predictions": str(path.with_name("predictions.jsonl"))}
+    path.write_text(json.dumps(score))
+    return path
+
+
+def gsm8k_acc(method: str, init: str, n: int, seed: int) -> float:
+    """A made-up but exactly representable accuracy (multiples of 1/8) per cell."""
+    base = {"lora": 0.125, "d2lora": 0.25}[init]
+    return base + (0.125 if n >= 2000 else 0.0) + 0.125 * seed + (0.125 if method == "dpo" and n else 0.0)
+
+
+@pytest.fixture
+def grid(tmp_path) -> list[Path]:
+    """Base cells (n=0, method none), two methods x two inits x two n, seeds 0-1 for sft."""
+    root = tmp_path / "eval"
+    paths = []
+    for init in ("lora", "d2lora"):
+        paths.append(write_score(root, "gsm8k", "math", "none", init, 0, 0, {"accuracy": gsm8k_acc("none", init, 0, 0)}))
+        paths.append(write_score(root, "arc_easy", "math", "none", init, 0, 0, {"accuracy": 0.5, "accuracy_norm": 0.625}))
+        for method in ("sft", "dpo"):
+            for n in (1000, 2000):
+                for seed in ((0, 1) if method == "sft" else (0,)):
+                    acc = gsm8k_acc(method, init, n, seed)
+                    paths.append(write_score(root, "gsm8k", "math", method, init, n, seed, {"accuracy": acc, "extra": 1}))
+    paths.append(write_score(root, "titles", "titles", "sft", "d2lora", 1000, 0,
+                             {"rouge1": 30.5, "rouge2": 10.25, "rougeL": 28.0}))
+    return paths
+
+
+@pytest.fixture
+def metrics(grid) -> pd.DataFrame:
+    return collect_metrics(grid)
+
+
+@pytest.fixture
+def reference() -> pd.DataFrame:
+    return read_reference([REFERENCE / "paper_table1_rouge.csv", REFERENCE / "paper_table3_gsm8k.csv"])
+
+
+def test_collect_metrics_rows(metrics):
+    assert list(metrics.columns) == COLUMNS
+    # 2 inits x (gsm8k base + arc base with 2 metrics) + sft 2n x 2 seeds x 2 inits + dpo 2n x 2 inits + 3 ROUGE
+    assert len(metrics) == 2 * 3 + 8 + 4 + 3
+    titles = metrics[metrics["task"] == "titles"].set_index("metric")["value"].to_dict()
+    assert titles == {"rouge1": 30.5, "rouge2": 10.25, "rougeL": 28.0}
+    arc = metrics[(metrics["metric"] == "arc_easy_accuracy_norm") & (metrics["init"] == "lora")]
+    assert arc[["method", "n", "seed", "value"]].values.tolist() == [["none", 0, 0, 62.5]]
+    cell = metrics[(metrics["method"] == "sft") & (metrics["init"] == "d2lora") & (metrics["n"] == 2000)]
+    assert cell[["seed", "metric", "value"]].values.tolist() == [[0, "gsm8k_accuracy", 37.5], [1, "gsm8k_accuracy", 50.0]]
+    assert "extra" not in set(metrics["metric"])
+    assert metrics.equals(metrics.sort_values(["task", "method", "init", "n", "seed", "metric"]).reset_index(drop=True))
+
+
+def test_collect_is_order_independent(grid, metrics):
+    assert collect_metrics(list(reversed(grid))).equals(metrics)
+
+
+def test_duplicate_cell_is_an_error(tmp_path, grid):
+    copy = write_score(tmp_path / "again", "gsm8k", "math", "sft", "lora", 1000, 0, {"accuracy": 0.5})
+    with pytest.raises(ValueError, match="same cell.*method=sft.*n=1000"):
+        collect_metrics([*grid, copy])
+
+
+def test_accuracy_in_percent_is_rejected(tmp_path):
+    path = write_score(tmp_path, "gsm8k", "math", "sft", "lora", 10, 0, {"accuracy": 25.0})
+    with pytest.raises(DataFileError, match="outside"):
+        collect_metrics([path])
+
+
+def test_unknown_benchmark_and_missing_metric(tmp_path):
+    with pytest.raises(DataFileError, match="unknown benchmark"):
+        collect_metrics([write_score(tmp_path, "mmlu", "math", "sft", "lora", 10, 0, {"accuracy": 0.5})])
+    with pytest.raises(DataFileError, match="accuracy_norm"):
+        collect_metrics([write_score(tmp_path, "arc_easy", "math", "sft", "lora", 10, 0, {"accuracy": 0.5})])
+
+
+def test_write_metrics_is_byte_stable(tmp_path, grid, metrics):
+    first, second = tmp_path / "a.tsv", tmp_path / "b.tsv"
+    write_metrics(metrics, first)
+    write_metrics(collect_metrics(list(reversed(grid))), second)
+    assert first.read_bytes() == second.read_bytes()
+    lines = first.read_text().splitlines()
+    assert lines[0] == "\t".join(COLUMNS)
+    assert "math\tsft\td2lora\t2000\t1\tgsm8k_accuracy\t50.000000" in lines
+    assert read_metrics(first).equals(metrics)
+
+
+def test_expand_base_rows(metrics):
+    expanded = expand_base_rows(metrics, ["sft", "dpo"])
+    assert "none" not in set(expanded["method"])
+    base = expanded[(expanded["n"] == 0) & (expanded["metric"] == "gsm8k_accuracy")]
+    assert sorted(map(tuple, base[["method", "init", "value"]].values.tolist())) == [
+        ("dpo", "d2lora", 25.0), ("dpo", "lora", 12.5), ("sft", "d2lora", 25.0), ("sft", "lora", 12.5)]
+    assert len(expanded) == len(metrics) + 2 * 3  # each of the 6 base rows once more
+    assert "none" in set(metrics["method"])  # the input is untouched
+
+
+@pytest.mark.parametrize("panels", ["method", "none"])
+@pytest.mark.parametrize("with_reference", [False, True])
+def test_plot_curves_writes_png_and_pdf(tmp_path, metrics, reference, panels, with_reference):
+    spec = dict(MATH_SPEC, panels=panels)
+    if panels == "none":
+        spec.update(inits=["lora"], n=[1000, 2000])
+    out = tmp_path / "figures"
+    plot_curves(metrics, spec, reference if with_reference else None, out / "fig.png", out / "fig.pdf")
+    assert (out / "fig.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert (out / "fig.pdf").read_bytes()[:5] == b"%PDF-"
+    assert sorted(p.name for p in out.iterdir()) == ["fig.pdf", "fig.png"]  # no temp files left
+
+
+def test_spec_cells_only_measured_points(metrics):
+    cells = spec_cells(metrics, dict(MATH_SPEC, n=[0, 500, 1000]))
+    assert sorted(set(cells["n"])) == [0, 1000]  # nothing at n=500, and 2000 is outside the grid
+    sft = cells[(cells["method"] == "sft") & (cells["init"] == "lora") & (cells["n"] == 1000)].iloc[0]
+    assert (sft["mean"], sft["low"], sft["high"], sft["seeds"]) == (18.75, 12.5, 25.0, 2)
+
+
+def test_paper_grid_shared_or_own(reference):
+    ref = reference_rows(reference, "math", "gsm8k_accuracy")
+    shared, ticks = paper_grid(ref, {0: 0, 1000: 1, 2000: 2})
+    assert ticks is None and shared == {0: 0, 1000: 1, 2000: 2}
+    own, ticks = paper_grid(ref, {0: 0, 8: 1, 16: 2})  # the embedded default's grid
+    assert ticks == [0, 1000, 2000, 5000, 10000]
+    assert own == {0: 0.0, 1000: 0.5, 2000: 1.0, 5000: 1.5, 10000: 2.0}
+    assert paper_grid(ref, {8: 0}) == ({}, None)
+
+
+def test_titles_reference_matches_any_rouge(reference):
+    assert len(reference_rows(reference, "titles", "rougeL")) == 10
+    assert reference_rows(reference, "math", "arc_easy_accuracy").empty
+
+
+def test_plot_curves_with_the_papers_own_grid(tmp_path, metrics, reference):
+    spec = dict(MATH_SPEC, n=[0, 700])  # shares only n=0 with the paper: top-axis mode
+    plot_curves(metrics, spec, reference, tmp_path / "f.png", tmp_path / "f.pdf")
+    assert (tmp_path / "f.png").stat().st_size > 0 and (tmp_path / "f.pdf").stat().st_size > 0
+
+
+def test_plot_curves_is_byte_stable(tmp_path, metrics, reference):
+    outputs = []
+    for name in ("a", "b"):
+        plot_curves(metrics, MATH_SPEC, reference, tmp_path / f"{name}.png", tmp_path / f"{name}.pdf")
+        outputs.append(((tmp_path / f"{name}.png").read_bytes(), (tmp_path / f"{name}.pdf").read_bytes()))
+    assert outputs[0] == outputs[1]
+
+
+def test_plot_curves_refuses_an_empty_selection(tmp_path, metrics):
+    with pytest.raises(ValueError, match="no results"):
+        plot_curves(metrics, dict(MATH_SPEC, metric="rouge1"), None, tmp_path / "x.png", tmp_path / "x.pdf")
+
+
+def test_comparison_table_math(metrics, reference):
+    table = comparison_table(metrics, MATH_SPEC, reference)
+    assert list(table.columns) == ["method", "n", "LoRA", "D2LoRA", "Δ", "seeds",
+                                   "paper LoRA", "paper D2LoRA", "paper Δ"]
+    assert table[["method", "n"]].values.tolist() == [
+        ["sft", 0], ["sft", 1000], ["sft", 2000], ["dpo", 0], ["dpo", 1000], ["dpo", 2000]]
+    sft_2k = table[(table["method"] == "sft") & (table["n"] == 2000)].iloc[0]
+    assert sft_2k["LoRA"] == pytest.approx(31.25)  # mean of seeds 25 and 37.5
+    assert sft_2k["D2LoRA"] == pytest.approx(43.75)
+    assert sft_2k["Δ"] == pytest.approx(12.5)
+    assert sft_2k["seeds"] == 2
+    assert sft_2k["paper LoRA"] == pytest.approx(78.17)
+    assert sft_2k["paper D2LoRA"] == pytest.approx(79.53)
+    assert sft_2k["paper Δ"] == pytest.approx(79.53 - 78.17)
+    base = table[(table["method"] == "dpo") & (table["n"] == 0)].iloc[0]
+    assert (base["LoRA"], base["D2LoRA"], base["paper LoRA"]) == (12.5, 25.0, 74.53)
+
+
+def test_comparison_table_titles_keeps_gaps(metrics, reference):
+    spec = {"task": "titles", "metric": "rougeL", "methods": ["sft"], "inits": ["lora", "d2lora"], "n": [0, 1000]}
+    table = comparison_table(metrics, spec, reference)
+    assert table["n"].tolist() == [0, 1000]
+    assert pd.isna(table["LoRA"]).all() and pd.isna(table["Δ"]).all()
+    assert table["D2LoRA"].iloc[1] == 28.0
+    assert table["paper D2LoRA"].tolist() == [22.19, 26.90]
+
+
+def test_comparison_table_without_reference(metrics):
+    table = comparison_table(metrics, MATH_SPEC, None)
+    assert not any(column.startswith("paper") for column in table.columns)
+
+
+def test_write_table(tmp_path, metrics, reference):
+    table = comparison_table(metrics, MATH_SPEC, reference)
+    write_table(table, tmp_path / "t.csv", tmp_path / "t.md")
+    csv_lines = (tmp_path / "t.csv").read_text().splitlines()
+    assert csv_lines[0] == "method,n,LoRA,D2LoRA,Δ,seeds,paper LoRA,paper D2LoRA,paper Δ"
+    assert csv_lines[3] == "sft,2000,31.25,43.75,12.50,2,78.17,79.53,1.36"
+    md_lines = (tmp_path / "t.md").read_text().splitlines()
+    assert md_lines[1] == "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"
+    assert md_lines[4] == "| sft | 2000 | 31.25 | 43.75 | 12.50 | 2 | 78.17 | 79.53 | 1.36 |"
+
+
+SMALL_CONFIG = {
+    "training": {
+        "lora": {"rank": 16, "alpha": 16, "dropout": 0.05, "target_modules": "all-linear"},
+        "warmup": {"learning_rate": 1e-7, "epochs": 1, "scheduler": "cosine", "batch_size": 8, "grad_accum": 1},
+        "adapt": {
+            "sft": {"learning_rate": 1e-6, "epochs": 3, "scheduler": "cosine", "batch_size": 8},
+            "dpo": {"learning_rate": 1e-6, "epochs": 4, "scheduler": "cosine", "batch_size": 8, "beta": 0.1},
+            "orpo": {"learning_rate": 1e-6, "epochs": 4, "scheduler": "cosine", "batch_size": 8, "beta": 0.1},
+        },
+    },
+    "datasets": {
+        "warmup": {"train": {"source": "synthetic", "kind": "instructions"}},
+        "math": {"train": {"source": "hub", "path": "xinlai/Math-Step-DPO-10K"}, "eval": {"source": "local"}},
+        "titles": {"train": {"source": "local", "data_files": {"train": "titles.jsonl"}}},
+    },
+    "experiments": {
+        "figure1": {"task": "math", "metric": "gsm8k_accuracy", "panels": "none", "methods": ["sft", "orpo"],
+                    "inits": ["lora"], "n": [10]},
+        "figure2": {"task": "math", "metric": "gsm8k_accuracy", "panels": "method", "methods": ["sft"],
+                    "inits": ["lora", "d2lora"], "n": [0, 10]},
+        "table1": {"task": "titles", "metric": "rougeL", "methods": ["sft"], "inits": ["lora", "d2lora"], "n": [0]},
+    },
+}
+
+
+def test_hyperparameter_table():
+    table = hyperparameter_table(SMALL_CONFIG)
+    assert table[["task", "phase", "method"]].values.tolist() == [
+        ["math", "warmup", "sft"], ["math", "adapt", "sft"], ["math", "adapt", "orpo"],
+        ["titles", "warmup", "sft"], ["titles", "adapt", "sft"]]
+    orpo = table.iloc[2]
+    assert (orpo["dataset"], orpo["lr"], orpo["epochs"], orpo["beta"], orpo["scheduler"]) == (
+        "hub:xinlai/Math-Step-DPO-10K", "1e-06", 4, "0.1", "cosine")
+    assert table.iloc[0]["dataset"] == "synthetic:instructions" and table.iloc[0]["lr"] == "1e-07"
+    assert table.iloc[4]["dataset"] == "local:train=titles.jsonl"
+    assert set(table["lora_rank"]) == {16} and table.iloc[1]["beta"] == ""
+
+
+def test_runtime_table(tmp_path):
+    header = "s\th:m:s\tmax_rss\tmax_vms\tmax_uss\tmax_pss\tio_in\tio_out\tmean_load\tcpu_time\n"
+    adapt = tmp_path / "results" / "benchmarks" / "adapt" / "math" / "sft" / "d2lora" / "n16" / "s0.tsv"
+    warmup = tmp_path / "results" / "benchmarks" / "warmup.tsv"
+    for path, seconds in ((adapt, "12.5"), (warmup, "3.0")):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(header + f"{seconds}\t0:00:12\t512.1\t900.0\t400.0\t410.0\t1.0\t2.0\t95.0\t11.9\n")
+    table = runtime_table([warmup, adapt])
+    assert table[["rule", "cell", "s"]].values.tolist() == [["adapt", "math/sft/d2lora/n16/s0", 12.5], ["warmup", "", 3.0]]
+    assert table.loc[0, "max_rss"] == 512.1
+    with pytest.raises(ValueError, match="benchmarks"):
+        benchmark_cell("results/other/x.tsv")
+
+
+def write_manifest(tmp_path: Path, manifest: dict) -> Path:
+    path = tmp_path / "data" / manifest["role"] / "manifest.json"
+    path.parent.mkdir(parents=True)
+    path.write_text(json.dumps(manifest))
+    return path
+
+
+def test_dataset_checksum_table(tmp_path):
+    manifest = {
+        "role": "math",
+        "sources": [{"config": {"source": "local", "path": "gsm8k"},
+                     "files": [{"path": "gsm8k/train.jsonl", "sha256": "a" * 64}]}],
+        "prepared": {"train.jsonl": "b" * 64, "eval.jsonl": "c" * 64},
+        "rows": {"train": 100, "eval.jsonl": 24},
+    }
+    table = dataset_checksum_table([write_manifest(tmp_path, manifest)])
+    assert table[["stage", "file", "sha256"]].values.tolist() == [
+        ["prepared", "eval.jsonl", "c" * 64], ["prepared", "train.jsonl", "b" * 64], ["source", "gsm8k/train.jsonl", "a" * 64]]
+    assert table["rows"].tolist()[:2] == [24, 100] and pd.isna(table["rows"].iloc[2])
+    assert json.loads(table["config"].iloc[2]) == {"source": "local", "path": "gsm8k"}
+
+
+def test_dataset_checksum_table_per_split_sources(tmp_path):
+    """The data stage's own layout: sources per split, generated sources, 'files' and 'counts'."""
+    manifest = {
+        "role": "titles",
+        "counts": {"train": 8, "eval": 3},
+        "files": {"train.jsonl": "b" * 64, "eval.jsonl": "c" * 64},
+        "sources": {
+            "train": {"config": {"source": "synthetic", "kind": "titles"}, "rows": 8, "files": [],
+                      "generator": {"function": "d2lora.data.synthetic.generate", "code_sha256": "d" * 64}},
+            "eval": {"config": {"source": "local", "path": "t.jsonl"}, "rows": 3,
+                     "files": [{"path": "t.jsonl", "sha256": "e" * 64}]},
+        },
+    }
+    table = dataset_checksum_table([write_manifest(tmp_path, manifest)])
+    assert table[["stage", "split", "file", "sha256", "rows"]].values.tolist() == [
+        ["prepared", "eval", "eval.jsonl", "c" * 64, 3], ["prepared", "train", "train.jsonl", "b" * 64, 8],
+        ["source", "eval", "t.jsonl", "e" * 64, 3],
+        ["source", "train", "generator:d2lora.data.synthetic.generate", "d" * 64, 8]]
+
+
+def test_provenance_bundle(tmp_path):
+    versions = package_versions(("pandas", "surely-not-a-package"))
+    assert versions["surely-not-a-package"] == "not installed" and versions["pandas"] == pd.__version__
+    paths = write_provenance_bundle(SMALL_CONFIG, versions, tmp_path / "prov")
+    assert yaml.safe_load(paths["config"].read_text()) == SMALL_CONFIG
+    lines = paths["versions"].read_text().splitlines()
+    assert lines[0] == "package\tversion" and f"pandas\t{pd.__version__}" in lines
+
+
+def test_git_commit_and_run_manifest(tmp_path):
+    assert git_commit(tmp_path) is None
+    git = tmp_path / "repo" / ".git"
+    (git / "refs" / "heads").mkdir(parents=True)
+    (git / "HEAD").write_text("ref: refs/heads/main\n")
+    (git / "packed-refs").write_text(f"# pack-refs\n{'d' * 40} refs/heads/main\n")
+    assert git_commit(tmp_path / "repo") == "d" * 40
+    (git / "refs" / "heads" / "main").write_text("e" * 40 + "\n")
+    assert git_commit(tmp_path / "repo") == "e" * 40
+    manifest = run_manifest(tmp_path / "repo", device="cpu (test)")
+    assert manifest["git_commit"] == "e" * 40 and manifest["device"] == "cpu (test)" and manifest["host"]
+
+
+CAPTIONS = ["workflow", "figure1", "figure2", "figure3", "figure4", "table1", "table2", "table3",
+            "metrics", "config", "versions", "checksums", "runtimes"]
+REPO = REFERENCE.parents[2]
+
+
+@pytest.mark.parametrize("name", CAPTIONS)
+def test_caption_renders(name):
+    """Each caption goes through Jinja and docutils the way `snakemake --report` renders it."""
+    jinja2 = pytest.importorskip("jinja2")
+    core = pytest.importorskip("docutils.core")
+    config = {"run_name": "test", "experiments": {"table1": {"metric": "rougeL"}}}
+
+    class Snakemake:  # the attributes captions may use: config, and the rule's params
+        pass
+
+    Snakemake.config = config
+    Snakemake.params = type("Params", (), {"spec": MATH_SPEC})
+    text = (REPO / "report" / f"{name}.rst").read_text()
+    rendered = jinja2.Environment(undefined=jinja2.StrictUndefined).from_string(text).render(snakemake=Snakemake)
+    parts = core.publish_parts(rendered, writer="html", settings_overrides={"halt_level": 2, "report_level": 5})
+    assert parts["html_body"].strip()
