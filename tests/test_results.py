@@ -352,13 +352,16 @@ def test_git_commit_and_run_manifest(tmp_path):
     assert manifest["git_commit"] == "e" * 40 and manifest["device"] == "cpu (test)" and manifest["host"]
 
 
-CAPTIONS = ["workflow", "figure1", "figure2", "figure3", "figure4", "table1", "table2", "table3",
-            "metrics", "config", "versions", "checksums", "runtimes"]
+# (caption file, wildcards of the job): one caption file serves every figure, one every comparison table.
+CAPTIONS = [("workflow", {}), ("figure", {"figure": "figure1"}), ("figure", {"figure": "figure2"}),
+            ("figure", {"figure": "figure3"}), ("figure", {"figure": "figure4"}),
+            ("comparison_table", {"table": "table1"}), ("comparison_table", {"table": "table3"}), ("table2", {}),
+            ("metrics", {}), ("config", {}), ("versions", {}), ("checksums", {}), ("runtimes", {})]
 REPO = REFERENCE.parents[2]
 
 
-@pytest.mark.parametrize("name", CAPTIONS)
-def test_caption_renders(name):
+@pytest.mark.parametrize("name,wildcards", CAPTIONS)
+def test_caption_renders(name, wildcards):
     """Each caption goes through Jinja and docutils the way `snakemake --report` renders it."""
     jinja2 = pytest.importorskip("jinja2")
     core = pytest.importorskip("docutils.core")
@@ -369,7 +372,13 @@ def test_caption_renders(name):
 
     Snakemake.config = config
     Snakemake.params = type("Params", (), {"spec": MATH_SPEC})
+    Snakemake.wildcards = type("Wildcards", (), wildcards)
     text = (REPO / "report" / f"{name}.rst").read_text()
     rendered = jinja2.Environment(undefined=jinja2.StrictUndefined).from_string(text).render(snakemake=Snakemake)
     parts = core.publish_parts(rendered, writer="html", settings_overrides={"halt_level": 2, "report_level": 5})
     assert parts["html_body"].strip()
+    for artifact in wildcards.values():  # the caption of this artifact, and only this one
+        number = artifact[-1]
+        title = ("Figure " if artifact.startswith("figure") else "Table ") + number
+        assert f"**{title}.**" in rendered
+        assert rendered.count("**Figure ") + rendered.count("**Table ") == 1

@@ -17,7 +17,7 @@ rule figure:
     output:
         png=report(
             f"{RESULTS}/figures/{{figure}}.png",
-            caption="../../report/{figure}.rst",
+            caption="../../report/figure.rst",
             category="Figures",
         ),
         pdf=f"{RESULTS}/figures/{{figure}}.pdf",
@@ -39,7 +39,7 @@ rule comparison_table:
     output:
         csv=report(
             f"{RESULTS}/tables/{{table}}.csv",
-            caption="../../report/{table}.rst",
+            caption="../../report/comparison_table.rst",
             category="Tables",
         ),
         md=f"{RESULTS}/tables/{{table}}.md",

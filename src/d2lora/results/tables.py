@@ -1,0 +1,160 @@
+"""Tables 1-3: LoRA vs D2LoRA comparisons and the hyperparameters actually used.
+
+Table 2 is generated from the run's own config rather than copied from the paper, so a config
+change shows up in the report; the paper's values stay in workflow/resources/reference.
+"""
+from __future__ import annotations
+
+import math
+import os
+
+import pandas as pd
+
+from d2lora.io import atomic_path
+from d2lora.results.metrics import reference_rows, spec_cells
+
+INIT_COLUMNS = {"lora": "LoRA", "d2lora": "D2LoRA"}
+DELTA = "Δ"
+MISSING_MD = "–"
+
+
+def init_column(init: str) -> str:
+    return INIT_COLUMNS.get(init, init)
+
+
+def wide(cells: pd.DataFrame, value: str, prefix: str = "") -> pd.DataFrame:
+    """(method, init, n) rows -> one row per (method, n), one column per init."""
+    if cells.empty:
+        return pd.DataFrame(columns=["method", "n"])
+    table = cells.pivot_table(index=["method", "n"], columns="init", values=value, aggfunc="first")
+    table.columns = [prefix + init_column(init) for init in table.columns]
+    return table.reset_index()
+
+
+def add_delta(table: pd.DataFrame, prefix: str = "") -> pd.DataFrame:
+    lora, d2lora = prefix + INIT_COLUMNS["lora"], prefix + INIT_COLUMNS["d2lora"]
+    if lora in table and d2lora in table:
+        table[prefix + DELTA] = table[d2lora] - table[lora]
+    return table
+
+
+def grid_frame(spec: dict) -> pd.DataFrame:
+    """Every (method, n) of the spec, so rows the run has not produced still show as gaps."""
+    rows = [(method, n) for method in spec["methods"] for n in sorted(spec["n"])]
+    return pd.DataFrame(rows, columns=["method", "n"]).astype({"n": "int64"})
+
+
+def ours_columns(metrics_df: pd.DataFrame, spec: dict) -> pd.DataFrame:
+    cells = spec_cells(metrics_df, spec)
+    table = add_delta(wide(cells, "mean"))
+    seeds = cells.groupby(["method", "n"])["seeds"].min().rename("seeds").reset_index()
+    return table.merge(seeds, on=["method", "n"], how="left") if not cells.empty else table
+
+
+def paper_columns(reference_df: pd.DataFrame | None, spec: dict) -> pd.DataFrame | None:
+    ref = reference_rows(reference_df, spec["task"], spec["metric"])
+    ref = ref[ref["method"].isin(spec["methods"]) & ref["init"].isin(spec["inits"])]
+    if ref.empty:
+        return None
+    return add_delta(wide(ref, "value", prefix="paper "), prefix="paper ")
+
+
+def comparison_table(metrics_df: pd.DataFrame, spec: dict, reference_df: pd.DataFrame | None) -> pd.DataFrame:
+    """Rows per (method, n): our per-init means over seeds, Δ = D2LoRA - LoRA, and the paper's."""
+    table = grid_frame(spec).merge(ours_columns(metrics_df, spec), on=["method", "n"], how="left")
+    paper = paper_columns(reference_df, spec)
+    if paper is not None:
+        table = table.merge(paper, on=["method", "n"], how="left")
+    ordered = ["method", "n", *[init_column(i) for i in spec["inits"]], DELTA, "seeds",
+               *[f"paper {init_column(i)}" for i in spec["inits"]], f"paper {DELTA}"]
+    for column in ordered:
+        if column not in table:
+            table[column] = float("nan")
+    if paper is None:
+        ordered = [c for c in ordered if not c.startswith("paper ")]
+    if not {"lora", "d2lora"} <= set(spec["inits"]):
+        ordered = [c for c in ordered if not c.endswith(DELTA)]
+    return table[ordered].astype({"seeds": "Int64"})
+
+
+def describe_source(cfg) -> str:
+    """Short description of a dataset source config, e.g. 'hub:openai/gsm8k'."""
+    if isinstance(cfg, (list, tuple)):
+        return " + ".join(describe_source(part) for part in cfg)
+    if not isinstance(cfg, dict):
+        return str(cfg)
+    what = next((cfg[key] for key in ("kind", "path", "data_files", "name") if key in cfg), "")
+    if isinstance(what, dict):
+        what = ", ".join(f"{k}={v}" for k, v in sorted(what.items()))
+    return f"{cfg.get('source', '?')}:{what}" if what != "" else str(cfg.get("source", "?"))
+
+
+def task_methods(config: dict) -> dict[str, dict]:
+    """Per task (in order of first use), the adapt methods and inits its experiments use."""
+    tasks: dict[str, dict] = {}
+    for spec in config["experiments"].values():
+        used = tasks.setdefault(spec["task"], {"methods": set(), "inits": set()})
+        used["methods"].update(spec["methods"])
+        used["inits"].update(spec["inits"])
+    return tasks
+
+
+def format_number(value) -> str:
+    return "" if value is None else f"{value:g}"
+
+
+def hparam_row(task: str, phase: str, method: str, dataset: str, hp: dict, lora: dict) -> dict:
+    return {
+        "task": task, "phase": phase, "dataset": dataset,
+        "lora_rank": lora["rank"], "lora_alpha": lora["alpha"], "method": method,
+        "lr": format_number(hp["learning_rate"]), "epochs": hp["epochs"],
+        "beta": format_number(hp.get("beta")), "scheduler": hp.get("scheduler", ""),
+        "batch_size": hp.get("batch_size"), "grad_accum": hp.get("grad_accum", 1),
+    }
+
+
+def hyperparameter_table(config: dict) -> pd.DataFrame:
+    """Table 2 from the config used: the warm-up (where a D2LoRA run needs it) and each adapt method."""
+    training, datasets = config["training"], config["datasets"]
+    rows = []
+    for task, used in task_methods(config).items():
+        if "d2lora" in used["inits"]:
+            warmup_source = describe_source(datasets["warmup"]["train"])
+            rows.append(hparam_row(task, "warmup", "sft", warmup_source, training["warmup"], training["lora"]))
+        task_source = describe_source(datasets[task]["train"])
+        for method, hp in training["adapt"].items():
+            if method in used["methods"]:
+                rows.append(hparam_row(task, "adapt", method, task_source, hp, training["lora"]))
+    return pd.DataFrame(rows)
+
+
+def format_cell(value) -> str:
+    if value is None or value is pd.NA or (isinstance(value, float) and math.isnan(value)):
+        return ""
+    if isinstance(value, float):
+        return f"{value:.2f}"
+    return str(value)
+
+
+def formatted(df: pd.DataFrame) -> pd.DataFrame:
+    return df.astype(object).apply(lambda column: column.map(format_cell))
+
+
+def markdown(df: pd.DataFrame) -> str:
+    """A GitHub-style Markdown table; written by hand because `tabulate` may be absent."""
+    text = formatted(df)
+
+    def line(cells) -> str:
+        return "| " + " | ".join(str(c).replace("|", "\\|") or MISSING_MD for c in cells) + " |"
+
+    header = line(text.columns)
+    rule = "| " + " | ".join("---" for _ in text.columns) + " |"
+    return "\n".join([header, rule, *(line(row) for row in text.itertuples(index=False))]) + "\n"
+
+
+def write_table(df: pd.DataFrame, csv_path: str | os.PathLike, md_path: str | os.PathLike) -> None:
+    """CSV and Markdown with floats at 2 decimals; empty cells where nothing was measured."""
+    with atomic_path(csv_path) as tmp:
+        formatted(df).to_csv(tmp, index=False, lineterminator="\n")
+    with atomic_path(md_path) as tmp:
+        tmp.write_text(markdown(df), encoding="utf-8")
