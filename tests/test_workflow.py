@@ -53,7 +53,7 @@ def _job_counts(dry_run_output: str) -> dict[str, int]:
 @pytest.fixture(scope="module")
 def finished_run(tmp_path_factory) -> Path:
     work = tmp_path_factory.mktemp("workflow")
-    for name in ("Snakefile", "workflow", "config", "report", "src"):
+    for name in ("Snakefile", "workflow", "config", "report", "src", "envs"):
         source = REPO / name
         (shutil.copytree if source.is_dir() else shutil.copy2)(source, work / name)
     _snakemake(work, "all")
