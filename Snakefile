@@ -23,9 +23,11 @@ include: "workflow/rules/warmup.smk"
 include: "workflow/rules/adapt.smk"
 include: "workflow/rules/evaluate.smk"
 include: "workflow/rules/figures.smk"
+include: "workflow/rules/manifests.smk"
 
 
 rule all:
     input:
         get_final_output(),
+        f"{RESULTS}/provenance/manifests.tsv",
     default_target: True

@@ -212,7 +212,7 @@ MATH_ROWS = [
 def test_evaluate_math_scores_canned_outputs(monkeypatch, tokenizer):
     seen = {}
 
-    def fake_generate(model, tok, prompts, max_new_tokens, batch_size, progress_desc=None):
+    def fake_generate(model, tok, prompts, max_new_tokens, batch_size, progress_desc=None, partial=None):
         seen["prompts"] = prompts
         return ["48 + 24 = 72, so \\boxed{72}", "The answer is 5.", "I do not know."]
 
@@ -384,3 +384,9 @@ def test_multiple_choice_agrees_with_lm_eval(varied_model, tokenizer):
     ours, _ = evaluate_multiple_choice(varied_model, tokenizer, MC_ROWS, batch_size=4)
     assert sum((ex["choice_logprobs"] for ex in ours), []) == pytest.approx(theirs, abs=1e-4)
     assert not any(math.isnan(x) for x in theirs)
+
+
+def test_answers_match_survives_a_runaway_number():
+    runaway = "4" + "0" * 400
+    assert answers_match(runaway, "40") is False
+    assert answers_match(runaway, runaway) is True

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from d2lora.data.sources import available_rows, source_origin
+
 TASKS = ("math", "titles")
 BENCHMARK_OF_METRIC = {
     "gsm8k_accuracy": "gsm8k",
@@ -21,8 +23,44 @@ PREFERENCE_METHODS = ("dpo", "orpo")
 BASE_METHOD = "none"
 
 
+TEMPLATE_PLACEHOLDERS = {"math": "question", "titles": "abstract"}
+
+
 class ConfigError(ValueError):
     """A configuration that passes the schema but cannot be run; the message names the key."""
+
+
+def check_config_files(paths) -> None:
+    """Refuse a YAML config file in which a key appears twice in one mapping.
+
+    YAML loaders (Snakemake's too) silently keep the last of two equal keys, so a grid pasted
+    twice, or an `n:` list written twice, would run a grid nobody wrote. Raises ConfigError
+    naming the file, the line and the key.
+    """
+    import yaml
+
+    class StrictLoader(yaml.SafeLoader):
+        pass
+
+    def construct_mapping(loader, node, deep=False):
+        seen = {}
+        for key_node, _ in node.value:
+            key = loader.construct_object(key_node, deep=deep)
+            if key in seen:
+                raise ConfigError(
+                    f"{path}:{key_node.start_mark.line + 1}: key '{key}' appears twice in the same mapping "
+                    f"(first on line {seen[key] + 1}); YAML would silently keep the last one"
+                )
+            seen[key] = key_node.start_mark.line
+        return yaml.SafeLoader.construct_mapping(loader, node, deep=deep)
+
+    StrictLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, construct_mapping)
+    for path in paths:
+        with open(path, encoding="utf-8") as handle:
+            try:
+                yaml.load(handle, Loader=StrictLoader)  # noqa: S506 - a SafeLoader subclass
+            except yaml.YAMLError as err:
+                raise ConfigError(f"{path}: not valid YAML: {err}") from err
 
 
 @dataclass(frozen=True, order=True)
@@ -97,11 +135,25 @@ def check(config: dict) -> None:
                 raise ConfigError(f"datasets.{task}.train: the grid trains on task '{task}' but no training source is set")
             continue
         source = config["datasets"][task]["train"]
-        available = source.get("rows") if source["source"] == "synthetic" else source.get("limit")
+        # Known now for synthetic and local sources (local files are counted); hub and on-policy
+        # sizes are known only once loaded, so for them the same check runs at preparation.
+        available = available_rows(source)
         wanted = max_n(config, task)
         if available is not None and wanted > available:
+            where = f" ({source_origin(source)})" if source["source"] == "local" else ""
             raise ConfigError(
-                f"datasets.{task}.train: the grid asks for n={wanted} but this source provides only {available} rows"
+                f"datasets.{task}.train: the grid asks for n={wanted} but this source provides only {available} rows{where}"
+            )
+    for role, placeholder in TEMPLATE_PLACEHOLDERS.items():
+        template = config["datasets"].get(role, {}).get("prompt_template")
+        if template is None:
+            continue
+        if "{" + placeholder + "}" not in template:
+            raise ConfigError(f"datasets.{role}.prompt_template: must contain {{{placeholder}}}, got {template!r}")
+        if "{{" in template or "}}" in template:
+            raise ConfigError(
+                f"datasets.{role}.prompt_template: doubled braces; templates are filled by replacing "
+                f"{{{placeholder}}} (not str.format), so write a literal box as \\boxed{{}}"
             )
     needed_eval = {"gsm8k": "math", "titles": "titles", "arc_easy": "forgetting"}
     for benchmark, _ in evaluation_jobs(config):

@@ -136,7 +136,8 @@ def prepare_base_model(model_cfg: dict, out_dir: str | os.PathLike) -> dict[str,
         record.update(id=model_cfg["id"], revision=model_cfg.get("revision"))
         tokenizer = _load_tokenizer_from_source(model_cfg)
         model = AutoModelForCausalLM.from_pretrained(
-            model_cfg["id"], revision=model_cfg.get("revision"), dtype=dtype, trust_remote_code=trust
+            model_cfg["id"], revision=model_cfg.get("revision"), dtype=dtype, trust_remote_code=trust,
+            use_safetensors=True,
         )
     elif source == "local":
         path = _local_path(model_cfg)
@@ -184,19 +185,40 @@ def prepare_base_model(model_cfg: dict, out_dir: str | os.PathLike) -> dict[str,
 def load_tokenizer(model_dir: str | os.PathLike, padding_side: str = "right"):
     from transformers import AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
+    tokenizer = AutoTokenizer.from_pretrained(str(model_dir), trust_remote_code=False)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     tokenizer.padding_side = padding_side
     return tokenizer
 
 
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
+
+
+def require_safetensors_adapter(adapter_dir: str | os.PathLike) -> Path:
+    """Refuse an adapter folder that is missing or holds pickled (.bin) weights.
+
+    PEFT would load adapter_model.bin (a pickle) when the safetensors file is absent, and would
+    try the hub when the folder does not exist at all; adapters are read as safetensors only.
+    """
+    adapter_dir = Path(adapter_dir)
+    if not (adapter_dir / "adapter_config.json").is_file():
+        raise ModelSourceError(f"{adapter_dir}: not an adapter folder (no adapter_config.json)")
+    pickled = sorted(p.name for p in adapter_dir.iterdir() if p.suffix in (".bin", ".pt", ".pth", ".pkl"))
+    if pickled or not (adapter_dir / ADAPTER_WEIGHTS).is_file():
+        found = f"; it holds {', '.join(pickled)} (pickle), which is refused" if pickled else ""
+        raise ModelSourceError(f"{adapter_dir}: adapters are read as safetensors only: no {ADAPTER_WEIGHTS}{found}")
+    return adapter_dir
+
+
 def load_model(model_dir: str | os.PathLike, dtype: str = "float32", device: str = "cpu", adapter_dir=None, trainable=False):
-    """The cached base model, optionally with a saved LoRA adapter on top."""
+    """The cached base model, optionally with a saved LoRA adapter on top (safetensors only)."""
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=_torch_dtype(dtype), use_safetensors=True)
+    model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=_torch_dtype(dtype), use_safetensors=True,
+                                                 trust_remote_code=False)
     if adapter_dir is not None:
+        require_safetensors_adapter(adapter_dir)
         from peft import PeftModel
 
         model = PeftModel.from_pretrained(model, str(adapter_dir), is_trainable=trainable)

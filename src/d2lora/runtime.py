@@ -1,4 +1,9 @@
-"""What every workflow script does around its one call: log to the rule's log file, bound threads."""
+"""What every workflow script does around its one call: log to the rule's log file, bound threads.
+
+It also exports the config's sha256 (recorded in every result manifest) and the name of the
+config's token variable (`hf_token_env`), whose value is then redacted from the log and from
+every manifest (d2lora.provenance.redact).
+"""
 from __future__ import annotations
 
 import contextlib
@@ -16,12 +21,14 @@ def job(snakemake):
     for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
         os.environ[var] = threads
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    _export_provenance_settings(getattr(snakemake, "config", None))
     log_path = Path(snakemake.log[0]) if len(snakemake.log) else None
     if log_path is None:
         yield
         return
     log_path.parent.mkdir(parents=True, exist_ok=True)
-    with open(log_path, "w", buffering=1, encoding="utf-8") as handle:
+    with open(log_path, "w", buffering=1, encoding="utf-8") as raw:
+        handle = RedactingWriter(raw)
         old_out, old_err = sys.stdout, sys.stderr
         sys.stdout = sys.stderr = handle
         logging.basicConfig(stream=handle, level=logging.INFO, force=True)
@@ -42,3 +49,33 @@ def _torch_available() -> bool:
     import importlib.util
 
     return importlib.util.find_spec("torch") is not None
+
+
+def _export_provenance_settings(config) -> None:
+    from d2lora.provenance import CONFIG_SHA_ENV, SECRET_ENVS_VAR, config_sha256
+
+    if not config:
+        return
+    os.environ[CONFIG_SHA_ENV] = config_sha256(dict(config))
+    token_env = config.get("hf_token_env")
+    if token_env:
+        names = {n for n in os.environ.get(SECRET_ENVS_VAR, "").split(",") if n} | {str(token_env)}
+        os.environ[SECRET_ENVS_VAR] = ",".join(sorted(names))
+
+
+class RedactingWriter:
+    """A text stream that replaces token values (d2lora.provenance.secret_values) before writing."""
+
+    def __init__(self, stream):
+        from d2lora.provenance import secret_values
+
+        self._stream = stream
+        self._secrets = secret_values()
+
+    def write(self, text: str) -> int:
+        for secret in self._secrets:
+            text = text.replace(secret, "***")
+        return self._stream.write(text)
+
+    def __getattr__(self, name):
+        return getattr(self._stream, name)

@@ -20,6 +20,8 @@ rule adapt:
     threads: 1
     resources:
         gpu=1,
+        runtime=adapt_runtime,
+        mem_mb=model_job_mem_mb,
     conda:
         "../../envs/train.yaml"
     script:

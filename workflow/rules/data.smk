@@ -3,6 +3,8 @@
 
 
 rule prepare_data:
+    input:
+        files=role_input_files,
     output:
         data=directory(f"{RESULTS}/data/{{role}}"),
     params:
@@ -13,7 +15,41 @@ rule prepare_data:
         f"{LOGS}/prepare_data/{{role}}.log",
     benchmark:
         f"{RESULTS}/benchmarks/prepare_data/{{role}}.tsv"
+    resources:
+        runtime=data_runtime,
+        mem_mb=data_mem_mb,
     conda:
         "../../envs/data.yaml"
     script:
         "../scripts/prepare_data.py"
+
+
+# On-policy negatives (a math train source `{source: onpolicy, from: <gsm8k source>, ...}`): the
+# base model's own sampled solutions with a wrong final answer become the rejected answers, the
+# reference solutions the chosen ones (SPEC's stand-in for Math-Step-DPO-10K; d2lora.data.onpolicy).
+rule sample_negatives:
+    input:
+        model=f"{RESULTS}/model/base",
+        files=onpolicy_source_files,
+    output:
+        pairs=f"{ONPOLICY}/negatives.jsonl",
+        manifest=f"{ONPOLICY}/manifest.json",
+    params:
+        source_cfg=lambda wc: config["datasets"][wc.task]["train"],
+        prompt_template=lambda wc: config["datasets"][wc.task].get("prompt_template"),
+        seed=config["seed"],
+        device=config.get("device", "auto"),
+        dtype=config["evaluation"].get("dtype", "float32"),
+    log:
+        f"{LOGS}/sample_negatives/{{task}}.log",
+    benchmark:
+        f"{RESULTS}/benchmarks/sample_negatives/{{task}}.tsv"
+    threads: 1
+    resources:
+        gpu=1,
+        runtime=sample_negatives_runtime,
+        mem_mb=model_job_mem_mb,
+    conda:
+        "../../envs/train.yaml"
+    script:
+        "../scripts/sample_negatives.py"

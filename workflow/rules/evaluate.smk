@@ -5,11 +5,13 @@
 rule evaluate:
     input:
         unpack(adapter_for_cell),
+        unpack(lm_eval_task_input),
         model=f"{RESULTS}/model/base",
         data=lambda wc: f"{RESULTS}/data/{EVAL_ROLE[wc.benchmark]}",
     output:
         scores=f"{RESULTS}/eval/{{benchmark}}/{CELL}/scores.json",
         predictions=f"{RESULTS}/eval/{{benchmark}}/{CELL}/predictions.jsonl",
+        manifest=f"{RESULTS}/eval/{{benchmark}}/{CELL}/manifest.json",
     params:
         settings=eval_settings,
         device=config.get("device", "auto"),
@@ -20,6 +22,8 @@ rule evaluate:
     threads: 1
     resources:
         gpu=1,
+        runtime=evaluate_runtime,
+        mem_mb=model_job_mem_mb,
     conda:
         "../../envs/train.yaml"
     script:
@@ -37,6 +41,9 @@ rule collect_metrics:
         ),
     log:
         f"{LOGS}/collect_metrics.log",
+    resources:
+        runtime=10,
+        mem_mb=2000,
     conda:
         "../../envs/plot.yaml"
     script:

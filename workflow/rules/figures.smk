@@ -25,6 +25,9 @@ rule figure:
         spec=lambda wc: config["experiments"][wc.figure],
     log:
         f"{LOGS}/figure/{{figure}}.log",
+    resources:
+        runtime=10,
+        mem_mb=2000,
     conda:
         "../../envs/plot.yaml"
     script:
@@ -47,6 +50,9 @@ rule comparison_table:
         spec=lambda wc: config["experiments"][wc.table],
     log:
         f"{LOGS}/table/{{table}}.log",
+    resources:
+        runtime=10,
+        mem_mb=2000,
     conda:
         "../../envs/plot.yaml"
     script:
@@ -67,6 +73,9 @@ rule hyperparameter_table:
         config=config,
     log:
         f"{LOGS}/table/table2.log",
+    resources:
+        runtime=10,
+        mem_mb=2000,
     conda:
         "../../envs/plot.yaml"
     script:
@@ -89,6 +98,9 @@ rule provenance:
         config=config,
     log:
         f"{LOGS}/provenance.log",
+    resources:
+        runtime=15,
+        mem_mb=2000,
     conda:
         "../../envs/plot.yaml"
     script:

@@ -11,7 +11,8 @@ rule prepare_model:
     benchmark:
         f"{RESULTS}/benchmarks/prepare_model/base.tsv"
     resources:
-        mem_mb=8000,
+        runtime=prepare_model_runtime,
+        mem_mb=prepare_model_mem_mb,
     conda:
         "../../envs/train.yaml"
     script:

@@ -19,6 +19,8 @@ rule warmup:
     threads: 1
     resources:
         gpu=1,
+        runtime=warmup_runtime,
+        mem_mb=model_job_mem_mb,
     conda:
         "../../envs/train.yaml"
     script:

@@ -17,4 +17,6 @@ with job(snakemake):
         seed=int(wc.seed),
         warmup_dir=snakemake.input.get("warmup"),
         device=snakemake.params.device,
+        # Read from the config, not params: the interval changes no result, so it reruns nothing.
+        checkpoint_steps=snakemake.config["training"].get("checkpoint_steps", 0),
     )

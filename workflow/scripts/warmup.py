@@ -12,4 +12,6 @@ with job(snakemake):
         out_dir=snakemake.output.adapter,
         seed=snakemake.params.seed,
         device=snakemake.params.device,
+        # Read from the config, not params: the interval changes no result, so it reruns nothing.
+        checkpoint_steps=snakemake.config["training"].get("checkpoint_steps", 0),
     )

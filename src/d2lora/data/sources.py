@@ -4,7 +4,11 @@ A source config is one of
   {"source": "synthetic", "kind": ..., "rows": int, "split": "train"|"eval"}
   {"source": "hub", "path": "openai/gsm8k", "name": "main", "split": "test", "revision": ..., "format": ...}
   {"source": "local", "data_files": path or [paths], "file_format": ..., "format": ...}
-each with an optional "limit" (the first k rows, taken before mapping).
+each with an optional "skip" (drop the first k rows) and "limit" (then keep the first k rows),
+both applied before mapping: `skip` + `limit` carve a held-out set and a disjoint training set out of
+a source that has one split only (the economics titles). A fourth kind, "onpolicy", never reaches
+this module: the workflow turns it into a local source over the file its `sample_negatives` rule
+writes (see d2lora.data.onpolicy).
 
 A format names the raw schema of a source; FORMATS maps (format, form) to the function that
 turns one raw row into one canonical row. New sources add an entry with `register_format`.
@@ -21,7 +25,7 @@ from d2lora.data import synthetic
 from d2lora.data.schema import FORM_FIELDS, validate_rows
 from d2lora.io import DataFileError, read_jsonl
 
-SOURCE_KINDS = ("synthetic", "hub", "local")
+SOURCE_KINDS = ("synthetic", "hub", "local", "onpolicy")
 FILE_FORMATS = {".jsonl": "jsonl", ".json": "json", ".parquet": "parquet", ".csv": "csv"}
 # jsonl and json both go through datasets' "json" builder.
 _BUILDERS = {"json": "json", "jsonl": "json", "parquet": "parquet", "csv": "csv"}
@@ -121,14 +125,89 @@ def load_raw(source_cfg: dict, seed: int) -> tuple[list[dict], list[str]]:
         rows, files = _load_hub(source_cfg)
     elif kind == "local":
         rows, files = _load_local(source_cfg)
+    elif kind == "onpolicy":
+        raise ValueError(
+            "an 'onpolicy' source is sampled by the workflow's sample_negatives rule and then read as a local "
+            "file (d2lora.data.onpolicy); it cannot be loaded directly"
+        )
     else:
         raise ValueError(f"unknown source {kind!r}; known sources: {', '.join(SOURCE_KINDS)}")
-    limit = source_cfg.get("limit")
+    return apply_skip_limit(rows, source_cfg), files
+
+
+def _count_arg(source_cfg: dict, key: str) -> int | None:
+    value = source_cfg.get(key)
+    if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 0):
+        raise ValueError(f"source '{key}' must be a non-negative int, got {value!r}")
+    return value
+
+
+def apply_skip_limit(rows: list[dict], source_cfg: dict) -> list[dict]:
+    """Drop the first `skip` rows, then keep the first `limit`.
+
+    Rows without an id of their own get one from their position in the WHOLE source, so the
+    ids of a skipped-into training set and of the held-out head never collide or shift.
+    """
+    skip, limit = _count_arg(source_cfg, "skip"), _count_arg(source_cfg, "limit")
+    if skip:
+        name = source_name(source_cfg)
+        rows = [row if not isinstance(row, dict) or row.get("id") is not None else {"id": f"{name}-{index:06d}", **row}
+                for index, row in enumerate(rows[skip:], start=skip)]
     if limit is not None:
-        if not isinstance(limit, int) or limit < 0:
-            raise ValueError(f"source 'limit' must be a non-negative int, got {limit!r}")
         rows = rows[:limit]
-    return rows, files
+    return rows
+
+
+def _count_file_rows(path: Path, fmt: str) -> int | None:
+    """Rows in one local file, read as cheaply as the format allows; None where that needs a full parse."""
+    if fmt == "jsonl":
+        with open(path, encoding="utf-8") as handle:
+            return sum(1 for line in handle if line.strip())
+    if fmt == "parquet":
+        import pyarrow.parquet as pq
+
+        return pq.ParquetFile(path).metadata.num_rows
+    if fmt == "csv":
+        import csv
+
+        with open(path, encoding="utf-8", newline="") as handle:
+            return max(sum(1 for _ in csv.reader(handle)) - 1, 0)  # minus the header
+    if fmt == "json":
+        import json
+
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+        except ValueError:
+            return None  # maybe JSON lines under a .json name; preparation reads it properly
+        return len(data) if isinstance(data, list) else None
+    return None
+
+
+def available_rows(source_cfg: dict) -> int | None:
+    """How many rows a source yields (after skip and limit), where that is knowable without loading it.
+
+    synthetic: its `rows`. local: the files' rows, counted now (so an n larger than the data fails
+    at config time). hub and onpolicy: unknown offline (None) unless `limit` bounds it; asking for more
+    rows than they hold fails when the data are prepared. Rows that the mapping would reject still
+    count here: preparation stops at them with the file and row.
+    """
+    kind = source_cfg.get("source")
+    skip, limit = source_cfg.get("skip") or 0, source_cfg.get("limit")
+    total: int | None = None
+    if kind == "synthetic":
+        total = source_cfg.get("rows")
+    elif kind == "local":
+        try:
+            files = local_files(source_cfg)
+            fmt = _file_format(source_cfg, files)
+        except (DataFileError, ValueError):
+            return limit  # missing or unreadable files are reported, with their names, by preparation
+        counts = [_count_file_rows(path, fmt) for path in files]
+        total = None if None in counts else sum(counts)
+    if total is None:
+        return limit
+    total = max(total - skip, 0)
+    return total if limit is None else min(total, limit)
 
 
 def source_format(source_cfg: dict) -> str:
@@ -160,9 +239,12 @@ def source_origin(source_cfg: dict) -> str:
         return f"synthetic:{source_cfg.get('kind')}/{source_cfg.get('split')}"
     if kind == "hub":
         name = f"[{source_cfg['name']}]" if source_cfg.get("name") else ""
-        return f"hub:{source_cfg.get('path')}{name}/{source_cfg.get('split')}"
+        origin = f"hub:{source_cfg.get('path')}{name}/{source_cfg.get('split')}"
+        return f"{origin} (rows counted after skipping {source_cfg['skip']})" if source_cfg.get("skip") else origin
     files = source_cfg.get("data_files")
-    return str(files) if isinstance(files, (str, os.PathLike)) else ", ".join(map(str, files))
+    origin = str(files) if isinstance(files, (str, os.PathLike)) else ", ".join(map(str, files))
+    # Rows are numbered after `skip`; say so, or "row 3" would point at the wrong line of the file.
+    return f"{origin} (rows counted after skipping {source_cfg['skip']})" if source_cfg.get("skip") else origin
 
 
 # ----------------------------------------------------------------------------- mapping
@@ -357,6 +439,167 @@ def _gsm8k_pair(row: dict, index: int, ctx: MappingContext) -> dict:
         "prompt": fill_template(ctx.prompt_template, "question", _text(row, "question", index, ctx)),
         "chosen": boxed_solution(reasoning, final),
         "rejected": None,
+    }
+
+
+# ----------------------------------------------------------------------------- hub datasets of the paper
+#
+# Field names are those of each dataset's card (docs/datasets.md cites them); every mapper is unit
+# tested on hand-made rows in that schema (tests/test_real_data.py).
+
+
+def _messages(row: dict, field: str, index: int, ctx: MappingContext) -> list[dict]:
+    value = _field(row, field, index, ctx)
+    ok = isinstance(value, list) and value and all(
+        isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str) for m in value
+    )
+    if not ok:
+        raise DataFileError(
+            f"{_where(index, ctx)}: field '{field}' must be a non-empty list of {{role, content}} messages (format {ctx.fmt})"
+        )
+    return value
+
+
+_SPEAKER = {"system": "System", "user": "User", "assistant": "Assistant"}
+
+
+def _split_conversation(messages: list[dict], field: str, index: int, ctx: MappingContext) -> tuple[str, str]:
+    """(user prompt, final assistant reply) of one chat conversation.
+
+    Our pairs hold ONE user turn. A system message or earlier turns are kept, not dropped: they
+    are written in front of the last user message as a plain transcript, so the reply still has
+    the context it answers.
+    """
+    if messages[-1]["role"] != "assistant" or len(messages) < 2 or messages[-2]["role"] != "user":
+        raise DataFileError(
+            f"{_where(index, ctx)}: field '{field}' must end with a user turn and an assistant reply (format {ctx.fmt})"
+        )
+    *context, user, reply = messages
+    if not context:
+        return user["content"], reply["content"]
+    unknown = sorted({m["role"] for m in context} - set(_SPEAKER))
+    if unknown:
+        raise DataFileError(f"{_where(index, ctx)}: field '{field}' has unknown role(s) {unknown} (format {ctx.fmt})")
+    transcript = "\n\n".join(f"{_SPEAKER[m['role']]}: {m['content']}" for m in context)
+    return f"{transcript}\n\nUser: {user['content']}", reply["content"]
+
+
+@register_format("orpo_dpo_mix", "pairs")
+def _orpo_dpo_mix_pair(row: dict, index: int, ctx: MappingContext) -> dict:
+    """mlabonne/orpo-dpo-mix-40k: `chosen` / `rejected` are whole conversations (lists of
+    {role, content}) that share every turn but the last; `source` names the sub-dataset.
+    The warm-up trains on prompt + chosen; rejected is kept for completeness."""
+    prompt, chosen = _split_conversation(_messages(row, "chosen", index, ctx), "chosen", index, ctx)
+    rejected_prompt, rejected = _split_conversation(_messages(row, "rejected", index, ctx), "rejected", index, ctx)
+    if rejected_prompt != prompt:
+        raise DataFileError(f"{_where(index, ctx)}: 'chosen' and 'rejected' differ before their last reply (format {ctx.fmt})")
+    return {"id": row_id(row, index, ctx), "prompt": prompt, "chosen": chosen, "rejected": rejected}
+
+
+def _step_dpo_parts(row: dict, index: int, ctx: MappingContext) -> tuple[str, str]:
+    question = _text(row, "prompt", index, ctx)
+    # An empty prefix is legal: the first step itself was the wrong one.
+    prefix = row.get("initial_reason_steps")
+    if prefix is None or not isinstance(prefix, str):
+        raise DataFileError(f"{_where(index, ctx)}: missing field 'initial_reason_steps' (format {ctx.fmt})")
+    return question, prefix
+
+
+@register_format("math_step_dpo", "pairs")
+def _math_step_dpo_pair(row: dict, index: int, ctx: MappingContext) -> dict:
+    """xinlai/Math-Step-DPO-10K as WHOLE solutions that share the correct prefix.
+
+    chosen   = initial_reason_steps + full_chosen   (correct step, then the rest to the answer)
+    rejected = initial_reason_steps + full_rejected (the wrong step, then its continuation)
+    The strings are concatenated as they are, the way Step-DPO joins prefix and step. One file
+    serves every method: SFT learns complete correct solutions (a lone step would teach it to stop
+    mid-solution), and in DPO the shared prefix cancels exactly in the margin
+    log pi(y_w)/pi_ref(y_w) - log pi(y_l)/pi_ref(y_l), so the preference acts from the first
+    diverging step on. Format math_step_dpo_step keeps Step-DPO's single steps instead.
+    """
+    question, prefix = _step_dpo_parts(row, index, ctx)
+    return {
+        "id": row_id(row, index, ctx),
+        "prompt": fill_template(ctx.prompt_template, "question", question),
+        "chosen": prefix + _text(row, "full_chosen", index, ctx),
+        "rejected": prefix + _text(row, "full_rejected", index, ctx),
+    }
+
+
+@register_format("math_step_dpo_step", "pairs")
+def _math_step_dpo_step_pair(row: dict, index: int, ctx: MappingContext) -> dict:
+    """Step-DPO's own pairs: prefix + the one correct step vs prefix + the one wrong step.
+
+    Faithful to Step-DPO for DPO/ORPO, but its 'chosen' stops after one step: do not use it for SFT.
+    """
+    question, prefix = _step_dpo_parts(row, index, ctx)
+    return {
+        "id": row_id(row, index, ctx),
+        "prompt": fill_template(ctx.prompt_template, "question", question),
+        "chosen": prefix + _text(row, "chosen", index, ctx),
+        "rejected": prefix + _text(row, "rejected", index, ctx),
+    }
+
+
+@register_format("math_step_dpo", "math_eval")
+@register_format("math_step_dpo_step", "math_eval")
+def _math_step_dpo_eval(row: dict, index: int, ctx: MappingContext) -> dict:
+    return {
+        "id": row_id(row, index, ctx),
+        "question": _text(row, "prompt", index, ctx),
+        "answer": str(_field(row, "answer", index, ctx)).strip(),
+    }
+
+
+# The abstract column: the D2LoRA paper (App. A) prints an instance as "text: ... title: ...";
+# an `abstract` column, where a copy has one, is taken first.
+ECON_ABSTRACT_FIELDS = ("abstract", "text")
+
+
+def _econ_parts(row: dict, index: int, ctx: MappingContext) -> tuple[str, str]:
+    field = next((f for f in ECON_ABSTRACT_FIELDS if row.get(f) is not None), None)
+    if field is None:
+        raise DataFileError(
+            f"{_where(index, ctx)}: missing field 'abstract' (or 'text') with the paper's abstract (format {ctx.fmt})"
+        )
+    # arXiv metadata wraps long lines; the model should see running text.
+    abstract = " ".join(_text(row, field, index, ctx).split())
+    title = " ".join(_text(row, "title", index, ctx).split())
+    return abstract, title
+
+
+@register_format("econ_titles", "pairs")
+def _econ_titles_pair(row: dict, index: int, ctx: MappingContext) -> dict:
+    """onurkeles/econ_paper_abstracts (Keles & Bayrakli 2024): abstract -> title; SFT only (no rejected)."""
+    abstract, title = _econ_parts(row, index, ctx)
+    return {
+        "id": row_id(row, index, ctx),
+        "prompt": fill_template(ctx.prompt_template, "abstract", abstract),
+        "chosen": title,
+        "rejected": None,
+    }
+
+
+@register_format("econ_titles", "generation_eval")
+def _econ_titles_eval(row: dict, index: int, ctx: MappingContext) -> dict:
+    abstract, title = _econ_parts(row, index, ctx)
+    return {
+        "id": row_id(row, index, ctx),
+        "prompt": fill_template(ctx.prompt_template, "abstract", abstract),
+        "reference": title,
+    }
+
+
+@register_format("gsm8k_onpolicy", "pairs")
+def _gsm8k_onpolicy_pair(row: dict, index: int, ctx: MappingContext) -> dict:
+    """GSM8K train question; chosen = its reference solution (boxed), rejected = the base model's
+    own sampled solution whose final answer is wrong (written by d2lora.data.onpolicy)."""
+    reasoning, final = _gsm8k_parts(row, index, ctx)
+    return {
+        "id": row_id(row, index, ctx),
+        "prompt": fill_template(ctx.prompt_template, "question", _text(row, "question", index, ctx)),
+        "chosen": boxed_solution(reasoning, final),
+        "rejected": _text(row, "rejected", index, ctx),
     }
 
 

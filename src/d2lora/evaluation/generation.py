@@ -109,8 +109,13 @@ def greedy_generate(
     max_new_tokens: int,
     batch_size: int,
     progress_desc: str | None = None,
+    partial=None,
 ) -> list[str]:
-    """Greedy completions of each prompt (as a chat user turn), in the order given."""
+    """Greedy completions of each prompt (as a chat user turn), in the order given.
+
+    `partial` (d2lora.evaluation.partial.PartialResults, optional) holds batches finished by an
+    earlier, killed run: they are taken from it, and every new batch is recorded in it.
+    """
     import torch
 
     if not user_prompts:
@@ -125,14 +130,24 @@ def greedy_generate(
 
     outputs: list[str | None] = [None] * len(user_prompts)
     model.eval()
+    if partial is not None and partial.resumed:
+        print(f"[{desc}] resuming: {sum(partial.has_all(b) for b in batches)} of {len(batches)} batches already done",
+              file=sys.stderr, flush=True)
     started, done = time.perf_counter(), 0
     with torch.inference_mode():
         for number, batch in enumerate(batches, start=1):
+            if partial is not None and partial.has_all(batch):
+                for index in batch:
+                    outputs[index] = partial.done[index]
+                done += len(batch)
+                continue
             input_ids, attention_mask = left_pad([encoded[i] for i in batch], pad_id, device)
             generated = model.generate(input_ids=input_ids, attention_mask=attention_mask, generation_config=config)
             new_tokens = generated[:, input_ids.shape[1] :].cpu()
             for row, index in enumerate(batch):
                 outputs[index] = decode_new_tokens(tokenizer, new_tokens[row], eos_ids)
+            if partial is not None:
+                partial.record({index: outputs[index] for index in batch})
             done += len(batch)
             log_progress(desc, number, len(batches), done, len(user_prompts), started)
     return outputs  # type: ignore[return-value]

@@ -89,8 +89,12 @@ def continuation_logprobs(model, pairs: Sequence[tuple[list[int], list[int]]], p
     return sums
 
 
-def score_requests(model, tokenizer, requests, batch_size: int) -> list[float]:
-    """Log-likelihood of every request, batched longest first and returned in request order."""
+def score_requests(model, tokenizer, requests, batch_size: int, partial=None) -> list[float]:
+    """Log-likelihood of every request, batched longest first and returned in request order.
+
+    `partial` (d2lora.evaluation.partial.PartialResults, optional): batches of an earlier, killed
+    run are taken from it; every new batch is recorded in it.
+    """
     import torch
 
     if batch_size < 1:
@@ -104,7 +108,12 @@ def score_requests(model, tokenizer, requests, batch_size: int) -> list[float]:
     started, done = time.perf_counter(), 0
     with torch.inference_mode():
         for number, batch in enumerate(batches, start=1):
-            sums = continuation_logprobs(model, [(requests[i][2], requests[i][3]) for i in batch], pad_id)
+            if partial is not None and partial.has_all(batch):
+                sums = [partial.done[i] for i in batch]
+            else:
+                sums = continuation_logprobs(model, [(requests[i][2], requests[i][3]) for i in batch], pad_id)
+                if partial is not None:
+                    partial.record(dict(zip(batch, sums)))
             for index, value in zip(batch, sums):
                 results[index] = value
             done += len(batch)
@@ -136,12 +145,13 @@ def score_item(row: dict, logprobs: list[float], n_tokens: list[int]) -> dict:
     }
 
 
-def evaluate_multiple_choice(model, tokenizer, rows: list[dict], batch_size: int) -> tuple[list[dict], dict]:
+def evaluate_multiple_choice(model, tokenizer, rows: list[dict], batch_size: int,
+                             partial=None) -> tuple[list[dict], dict]:
     """Per-item log-likelihoods and {"accuracy", "accuracy_norm", "n_items"} (fractions)."""
     if not rows:
         raise ValueError("evaluate_multiple_choice: no evaluation rows")
     requests = build_requests(tokenizer, rows)
-    logprobs = score_requests(model, tokenizer, requests, batch_size)
+    logprobs = score_requests(model, tokenizer, requests, batch_size, partial=partial)
     by_item: list[list[float]] = [[] for _ in rows]
     tokens_by_item: list[list[int]] = [[] for _ in rows]
     for (item, _, _, continuation), value in zip(requests, logprobs):

@@ -1,12 +1,15 @@
 """Evaluate one grid cell on one benchmark: load base (+ adapter), score, write per-example rows."""
 from __future__ import annotations
 
+import os
 import sys
 import time
 from pathlib import Path
 
+from d2lora.evaluation.partial import PartialResults, eval_fingerprint, sidecar_path
 from d2lora.io import read_jsonl, sha256_file, write_json, write_jsonl
 from d2lora.models import load_model, load_tokenizer
+from d2lora.provenance import MANIFEST_NAME, build_manifest, write_manifest
 
 
 def _device(device: str) -> str:
@@ -17,21 +20,36 @@ def _device(device: str) -> str:
     return device
 
 
-def score_benchmark(benchmark: str, model, tokenizer, rows: list[dict], settings: dict):
+def score_benchmark(benchmark: str, model, tokenizer, rows: list[dict], settings: dict, partial=None):
     if benchmark == "gsm8k":
         from d2lora.evaluation.math_eval import evaluate_math
 
         return evaluate_math(model, tokenizer, rows, settings["prompt_template"], settings["max_new_tokens"],
-                             settings["batch_size"])
+                             settings["batch_size"], partial=partial)
     if benchmark == "titles":
         from d2lora.evaluation.titles_eval import evaluate_titles
 
-        return evaluate_titles(model, tokenizer, rows, settings["max_new_tokens"], settings["batch_size"])
+        return evaluate_titles(model, tokenizer, rows, settings["max_new_tokens"], settings["batch_size"],
+                               partial=partial)
     if benchmark == "arc_easy":
         from d2lora.evaluation.multiple_choice import evaluate_multiple_choice
 
-        return evaluate_multiple_choice(model, tokenizer, rows, settings["batch_size"])
+        return evaluate_multiple_choice(model, tokenizer, rows, settings["batch_size"], partial=partial)
     raise ValueError(f"unknown benchmark '{benchmark}' (known: gsm8k, titles, arc_easy)")
+
+
+def engine_for(benchmark: str, settings: dict) -> str:
+    """Which evaluator produces this benchmark's number: `evaluation.engine`, where it can.
+
+    lm-eval has tasks for GSM8K and ARC-Easy (workflow/resources/lm_eval/); titles (ROUGE) are
+    always scored by our own evaluator.
+    """
+    from d2lora.evaluation.lm_eval_backend import SUPPORTED
+
+    engine = settings.get("engine", "pipeline")
+    if engine not in ("pipeline", "lm_eval"):
+        raise ValueError(f"evaluation.engine must be 'pipeline' or 'lm_eval', got {engine!r}")
+    return engine if engine == "pipeline" or benchmark in SUPPORTED else "pipeline"
 
 
 def evaluate_cell(benchmark: str, cell: dict, model_dir, adapter_dir, data_dir, settings: dict, scores_path,
@@ -39,13 +57,30 @@ def evaluate_cell(benchmark: str, cell: dict, model_dir, adapter_dir, data_dir, 
     device = _device(device)
     eval_path = Path(data_dir) / "eval.jsonl"
     rows = read_jsonl(eval_path)
-    # Left padding: generation appends new tokens on the right of every row in a batch.
-    tokenizer = load_tokenizer(model_dir, padding_side="left")
-    model = load_model(model_dir, dtype=settings.get("dtype", "float32"), device=device, adapter_dir=adapter_dir)
-    model.eval()
-    print(f"evaluate: {benchmark} on {len(rows)} items, adapter={adapter_dir}, device={device}", file=sys.stderr)
+    engine = engine_for(benchmark, settings)
+    print(f"evaluate: {benchmark} on {len(rows)} items, adapter={adapter_dir}, device={device}, engine={engine}",
+          file=sys.stderr)
     start = time.perf_counter()
-    per_example, scores = score_benchmark(benchmark, model, tokenizer, rows, settings)
+    if engine == "lm_eval":
+        from d2lora.evaluation import lm_eval_backend
+
+        work_dir = Path(predictions_path).parent / "lm_eval"
+        per_example, scores = lm_eval_backend.evaluate_with_lm_eval(
+            benchmark, model_dir, adapter_dir, eval_path, rows, settings, work_dir, device)
+        engine_version = lm_eval_backend.lm_eval_version()
+    else:
+        # Left padding: generation appends new tokens on the right of every row in a batch.
+        tokenizer = load_tokenizer(model_dir, padding_side="left")
+        model = load_model(model_dir, dtype=settings.get("dtype", "float32"), device=device, adapter_dir=adapter_dir)
+        model.eval()
+        # Finished batches go to a sidecar beside the outputs, so a killed job resumes (partial.py).
+        partial = PartialResults(sidecar_path(predictions_path),
+                                 eval_fingerprint(benchmark, settings, eval_path, model_dir, adapter_dir, device))
+        try:
+            per_example, scores = score_benchmark(benchmark, model, tokenizer, rows, settings, partial=partial)
+        finally:
+            partial.close()
+        engine_version = None
     seconds = time.perf_counter() - start
     write_jsonl(predictions_path, per_example)
     record = {
@@ -61,8 +96,24 @@ def evaluate_cell(benchmark: str, cell: dict, model_dir, adapter_dir, data_dir, 
         "adapter": str(adapter_dir) if adapter_dir else None,
         "eval_data_sha256": sha256_file(eval_path),
         "settings": settings,
+        "engine": engine,
+        "engine_version": engine_version,
         "eval_seconds": round(seconds, 3),
         "device": device,
     }
     write_json(scores_path, record)
+    _write_eval_manifest(record, cell, model_dir, adapter_dir, eval_path, scores_path, predictions_path, device)
+    if engine != "lm_eval":
+        partial.remove()
     return record
+
+
+def _write_eval_manifest(record: dict, cell: dict, model_dir, adapter_dir, eval_path, scores_path, predictions_path,
+                         device: str) -> None:
+    """manifest.json beside scores.json: config hash, input and output sha256, versions, host, device."""
+    out_dir = Path(scores_path).parent
+    params = {"benchmark": record["benchmark"], **{k: record[k] for k in ("task", "method", "init", "n", "seed")},
+              "settings": record["settings"], "engine": record["engine"]}
+    outputs = [Path(scores_path).name, os.path.relpath(predictions_path, out_dir)]
+    inputs = {"model": model_dir, "adapter": adapter_dir, "eval_data": eval_path}
+    write_manifest(out_dir / MANIFEST_NAME, build_manifest("evaluation", inputs, out_dir, params, outputs, device=device))

@@ -30,6 +30,12 @@ def fresh_adapter(base_model, lora: dict):
 
 def check_adapter_matches(adapter_dir: str | Path, lora: dict, base_model_dir: str | Path) -> None:
     """Refuse a warm-up adapter of another rank/alpha, or one trained on another base model."""
+    from d2lora.models import ModelSourceError, require_safetensors_adapter
+
+    try:
+        require_safetensors_adapter(adapter_dir)
+    except ModelSourceError as err:
+        raise AdapterError(str(err)) from err
     adapter_cfg = json.loads((Path(adapter_dir) / "adapter_config.json").read_text())
     if int(adapter_cfg["r"]) != int(lora["rank"]) or float(adapter_cfg["lora_alpha"]) != float(lora["alpha"]):
         raise AdapterError(

@@ -19,7 +19,7 @@ def _orpo_classes():
     return ORPOConfig, ORPOTrainer
 
 
-def _common_args(hp: dict, output_dir: str, seed: int, use_cpu: bool) -> dict[str, Any]:
+def _common_args(hp: dict, output_dir: str, seed: int, use_cpu: bool, checkpoint_steps: int = 0) -> dict[str, Any]:
     return dict(
         output_dir=output_dir,
         per_device_train_batch_size=int(hp["batch_size"]),
@@ -36,20 +36,27 @@ def _common_args(hp: dict, output_dir: str, seed: int, use_cpu: bool) -> dict[st
         seed=seed,
         data_seed=seed,
         logging_steps=1,
-        save_strategy="no",
+        # Checkpoints (adapter, optimizer, scheduler, RNG, step) every `checkpoint_steps` steps into
+        # output_dir, so a killed job resumes (d2lora.training.run); the newest two are kept, so a
+        # kill in the middle of writing one still leaves a complete one.
+        save_strategy="steps" if checkpoint_steps > 0 else "no",
+        save_steps=max(int(checkpoint_steps), 1),
+        save_total_limit=2,
         report_to=[],
         use_cpu=use_cpu,
         dataloader_num_workers=0,
     )
 
 
-def build_trainer(method: str, model, tokenizer, train_dataset, hp: dict, output_dir: str, seed: int, use_cpu: bool):
+def build_trainer(method: str, model, tokenizer, train_dataset, hp: dict, output_dir: str, seed: int, use_cpu: bool,
+                  checkpoint_steps: int = 0, callbacks: list | None = None):
     """A TRL trainer for `method` on a PeftModel whose trainable adapter is "default"."""
-    args = _common_args(hp, output_dir, seed, use_cpu)
+    args = _common_args(hp, output_dir, seed, use_cpu, checkpoint_steps)
     if method == "sft":
         from trl import SFTConfig, SFTTrainer
 
-        return SFTTrainer(model=model, args=SFTConfig(**args), train_dataset=train_dataset, processing_class=tokenizer)
+        return SFTTrainer(model=model, args=SFTConfig(**args), train_dataset=train_dataset, processing_class=tokenizer,
+                          callbacks=callbacks)
     if method == "dpo":
         from trl import DPOConfig, DPOTrainer
 
@@ -58,6 +65,7 @@ def build_trainer(method: str, model, tokenizer, train_dataset, hp: dict, output
             args=DPOConfig(beta=float(hp["beta"]), **args),
             train_dataset=train_dataset,
             processing_class=tokenizer,
+            callbacks=callbacks,
         )
         if hp.get("reference", "initial_policy") == "base":
             # Without a "ref" adapter TRL computes reference log-probs with adapters disabled: the bare base.
@@ -70,6 +78,7 @@ def build_trainer(method: str, model, tokenizer, train_dataset, hp: dict, output
             args=ORPOConfig(beta=float(hp["beta"]), **args),
             train_dataset=train_dataset,
             processing_class=tokenizer,
+            callbacks=callbacks,
         )
     raise ValueError(f"unknown method '{method}' (known: sft, dpo, orpo)")
 
