@@ -64,13 +64,13 @@ def slurm_env(tmp_path_factory):
     reason = _skip_reason()
     if reason:
         pytest.skip(reason)
-    install = subprocess.run([CLUSTER, "install"], capture_output=True, text=True)
+    install = subprocess.run(["bash", CLUSTER, "install"], capture_output=True, text=True)
     if install.returncode != 0:
         pytest.fail(f"installing SLURM failed:\n{install.stdout[-3000:]}\n{install.stderr[-3000:]}")
     state = tmp_path_factory.mktemp("slurm")
-    start = subprocess.run([CLUSTER, "start", state], capture_output=True, text=True)
+    start = subprocess.run(["bash", CLUSTER, "start", state], capture_output=True, text=True)
     if start.returncode != 0:
-        subprocess.run([CLUSTER, "stop", state], capture_output=True)
+        subprocess.run(["bash", CLUSTER, "stop", state], capture_output=True)
         pytest.fail(f"starting the SLURM test cluster failed:\n{start.stdout}\n{start.stderr[-6000:]}")
     env = {
         key: value
@@ -83,7 +83,7 @@ def slurm_env(tmp_path_factory):
     try:
         yield env
     finally:
-        subprocess.run([CLUSTER, "stop", state], capture_output=True)
+        subprocess.run(["bash", CLUSTER, "stop", state], capture_output=True)
 
 
 def _snakemake(work: Path, env: dict, *args: str, check: bool = True) -> subprocess.CompletedProcess:

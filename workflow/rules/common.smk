@@ -185,7 +185,7 @@ import re  # noqa: E402
 
 from d2lora.data.sources import available_rows  # noqa: E402
 
-GPU_FLOPS = 2e14  # sustained training FLOP/s of one GPU (bf16, about a quarter of an H100's peak)
+GPU_FLOPS = 2e14  # sustained training FLOP/s of one GPU (a quarter of an H100's 8e14 bf16 matmul, SPEC)
 CPU_FLOPS = 2e10  # the same for one CPU core
 UNKNOWN_ROWS = {"train": 50_000, "eval": 2_500}  # hub sources, whose size is known only once loaded
 METHOD_PASSES = {"sft": 1, "orpo": 2, "dpo": 3}  # chosen + rejected; DPO also runs its reference
