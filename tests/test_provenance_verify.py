@@ -18,7 +18,7 @@ import pytest
 
 from d2lora.data.prepare import prepare_role
 from d2lora.evaluation.run import evaluate_cell
-from d2lora.provenance import CONFIG_SHA_ENV, config_sha256, manifest_table
+from d2lora.provenance import config_sha256, manifest_table
 from d2lora.runtime import job
 from d2lora.training.run import run_adaptation
 from d2lora.verify import main as verify_main

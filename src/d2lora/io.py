@@ -9,7 +9,9 @@ import contextlib
 import hashlib
 import json
 import os
+import shutil
 import tempfile
+import uuid
 from pathlib import Path
 from typing import Any, Iterable, Iterator
 
@@ -32,6 +34,34 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     finally:
         if tmp_path.exists():
             tmp_path.unlink()
+
+
+@contextlib.contextmanager
+def staged_dir(path: str | os.PathLike) -> Iterator[Path]:
+    """Yield an empty folder beside `path`; on success it replaces `path`, on failure it is removed.
+
+    Folder outputs (model, adapters, prepared data) are built whole before they appear under their
+    final name, so a killed job never leaves a folder that a later rule would take as finished.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+    os.chmod(staging, 0o755)
+    try:
+        yield staging
+        if path.exists():
+            if not path.is_dir():
+                raise FileExistsError(f"{path}: exists and is not a folder")
+            # A non-empty folder cannot be renamed over; move the old one aside first.
+            old = path.with_name(f".{path.name}.old-{uuid.uuid4().hex}")
+            os.rename(path, old)
+            os.rename(staging, path)
+            shutil.rmtree(old)
+        else:
+            os.rename(staging, path)
+    finally:
+        if staging.exists():
+            shutil.rmtree(staging)
 
 
 def write_text(path: str | os.PathLike, text: str) -> None:

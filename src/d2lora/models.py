@@ -14,12 +14,10 @@ from __future__ import annotations
 
 import importlib.util
 import os
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
-from d2lora.io import sha256_file, write_json
+from d2lora.io import sha256_file, staged_dir, write_json
 
 DTYPES = {"float32": "float32", "bfloat16": "bfloat16", "float16": "float16"}
 
@@ -163,22 +161,13 @@ def prepare_base_model(model_cfg: dict, out_dir: str | os.PathLike) -> dict[str,
     if getattr(model.config, "quantization_config", None) is not None:
         model = _rebuild_plain(model, dtype)
 
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
-    os.chmod(staging, 0o755)
-    try:
+    with staged_dir(out_dir) as staging:
         model.save_pretrained(staging, safe_serialization=True)
         tokenizer.save_pretrained(staging)
         record["parameters"] = int(sum(p.numel() for p in model.parameters()))
         record["architecture_class"] = type(model).__name__
         record["files"] = {p.name: sha256_file(p) for p in sorted(staging.iterdir()) if p.is_file()}
         write_json(staging / "source.json", record)
-        if out_dir.exists():
-            shutil.rmtree(out_dir)
-        os.replace(staging, out_dir)
-    finally:
-        if staging.exists():
-            shutil.rmtree(staging)
     return record
 
 
@@ -225,7 +214,10 @@ def load_model(model_dir: str | os.PathLike, dtype: str = "float32", device: str
     return model.to(device)
 
 
-def default_device() -> str:
+def resolve_device(device: str = "auto") -> str:
+    """The config's `device`: "auto" means CUDA where there is one, else the CPU."""
     import torch
 
-    return "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return device

@@ -10,15 +10,12 @@ from __future__ import annotations
 import inspect
 import os
 import random
-import shutil
-import tempfile
-import uuid
 from pathlib import Path
 
 from d2lora.data import synthetic
 from d2lora.data.schema import validate_rows
 from d2lora.data.sources import load_raw, source_format, source_name, source_origin, to_canonical
-from d2lora.io import DataFileError, read_json, read_jsonl, sha256_file, write_json, write_jsonl
+from d2lora.io import DataFileError, read_json, read_jsonl, sha256_file, staged_dir, write_json, write_jsonl
 
 ROLE_FORMS: dict[str, dict[str, str]] = {
     "warmup": {"train": "pairs"},
@@ -90,32 +87,12 @@ def _load_split(source_cfg: dict, form: str, prompt_template: str | None, seed: 
     return rows, record
 
 
-def _replace_dir(tmp: Path, out: Path) -> None:
-    """Move a finished folder onto `out`, replacing any earlier one."""
-    if not out.exists():
-        os.rename(tmp, out)
-        return
-    if not out.is_dir():
-        raise FileExistsError(f"{out}: exists and is not a folder")
-    # A non-empty folder cannot be renamed over; move the old one aside first.
-    old = out.with_name(f".{out.name}.old-{uuid.uuid4().hex}")
-    os.rename(out, old)
-    os.rename(tmp, out)
-    shutil.rmtree(old)
-
-
 def _write_folder(out: Path, prepared: dict[str, list[dict]], manifest: dict) -> None:
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
-    try:
+    with staged_dir(out) as tmp:
         for split, rows in prepared.items():
             write_jsonl(tmp / SPLIT_FILES[split], rows)
         manifest["files"] = {SPLIT_FILES[s]: sha256_file(tmp / SPLIT_FILES[s]) for s in prepared}
         write_json(tmp / MANIFEST, manifest)
-        _replace_dir(tmp, out)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp)
 
 
 def _check_grid(role: str, train: list[dict] | None, max_n: int, origin: str) -> None:

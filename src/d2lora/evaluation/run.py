@@ -8,16 +8,8 @@ from pathlib import Path
 
 from d2lora.evaluation.partial import PartialResults, eval_fingerprint, sidecar_path
 from d2lora.io import read_jsonl, sha256_file, write_json, write_jsonl
-from d2lora.models import load_model, load_tokenizer
+from d2lora.models import load_model, load_tokenizer, resolve_device
 from d2lora.provenance import MANIFEST_NAME, build_manifest, write_manifest
-
-
-def _device(device: str) -> str:
-    import torch
-
-    if device == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    return device
 
 
 def score_benchmark(benchmark: str, model, tokenizer, rows: list[dict], settings: dict, partial=None):
@@ -54,7 +46,7 @@ def engine_for(benchmark: str, settings: dict) -> str:
 
 def evaluate_cell(benchmark: str, cell: dict, model_dir, adapter_dir, data_dir, settings: dict, scores_path,
                   predictions_path, device: str = "auto") -> dict:
-    device = _device(device)
+    device = resolve_device(device)
     eval_path = Path(data_dir) / "eval.jsonl"
     rows = read_jsonl(eval_path)
     engine = engine_for(benchmark, settings)

@@ -24,9 +24,9 @@ import time
 from pathlib import Path
 
 from d2lora.data.prepare import subset
-from d2lora.io import read_json, read_jsonl, sha256_file, write_json, write_text
+from d2lora.io import read_json, read_jsonl, sha256_file, staged_dir, write_json, write_text
 from d2lora.provenance import MANIFEST_NAME, build_manifest, package_versions, write_manifest
-from d2lora.models import load_model, load_tokenizer
+from d2lora.models import load_model, load_tokenizer, resolve_device
 from d2lora.training.adapters import fresh_adapter, warm_started_adapter
 from d2lora.training.trainers import build_trainer
 
@@ -177,31 +177,14 @@ def _train_and_save(trainer, model, out_dir: Path, record: dict, resume_from: Pa
     record["log_history"] = trainer.state.log_history
     # TRL logs a running token count for SFT and DPO (not ORPO); 0 means "not reported".
     record["train_tokens"] = int(max((e.get("num_tokens", 0) for e in trainer.state.log_history), default=0))
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
-    os.chmod(staging, 0o755)
-    try:
+    with staged_dir(out_dir) as staging:
         model.save_pretrained(str(staging), selected_adapters=["default"], safe_serialization=True)
         record["files"] = {p.name: sha256_file(p) for p in sorted(staging.iterdir()) if p.is_file()}
         write_json(staging / "training.json", record)
         params = {k: record.get(k) for k in ("phase", "method", "init", "n", "seed", "hparams", "lora")}
         write_manifest(staging / MANIFEST_NAME,
                        build_manifest("training", inputs or {}, staging, params, device=record.get("device")))
-        if out_dir.exists():
-            shutil.rmtree(out_dir)
-        os.replace(staging, out_dir)
-    finally:
-        if staging.exists():
-            shutil.rmtree(staging)
     return record
-
-
-def _device(device: str) -> str:
-    import torch
-
-    if device == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    return device
 
 
 def _dataset(rows: list[dict], method: str):
@@ -241,7 +224,7 @@ def run_warmup(model_dir, train_path, lora: dict, hp: dict, out_dir, seed: int, 
                checkpoint_steps: int = 0) -> dict:
     """Phase 1 of D2LoRA: SFT a fresh LoRA adapter on prompt + chosen of the general set."""
     set_seed(seed)
-    device = _device(device)
+    device = resolve_device(device)
     rows = read_jsonl(train_path)
     tokenizer = load_tokenizer(model_dir)
     model = fresh_adapter(load_model(model_dir, device=device), lora)
@@ -257,7 +240,7 @@ def run_adaptation(model_dir, train_path, method: str, init: str, n: int, lora: 
     if n <= 0:
         raise ValueError(f"adaptation with n={n}: n = 0 cells train nothing and are evaluated directly")
     set_seed(seed)
-    device = _device(device)
+    device = resolve_device(device)
     rows = subset(read_jsonl(train_path), n)
     tokenizer = load_tokenizer(model_dir)
     base = load_model(model_dir, device=device)
