@@ -505,6 +505,17 @@ def _step_dpo_parts(row: dict, index: int, ctx: MappingContext) -> tuple[str, st
     return question, prefix
 
 
+def _step_dpo_pair(row: dict, index: int, ctx: MappingContext, chosen_field: str, rejected_field: str) -> dict:
+    """The question as the user turn; the shared correct prefix in front of both answers."""
+    question, prefix = _step_dpo_parts(row, index, ctx)
+    return {
+        "id": row_id(row, index, ctx),
+        "prompt": fill_template(ctx.prompt_template, "question", question),
+        "chosen": prefix + _text(row, chosen_field, index, ctx),
+        "rejected": prefix + _text(row, rejected_field, index, ctx),
+    }
+
+
 @register_format("math_step_dpo", "pairs")
 def _math_step_dpo_pair(row: dict, index: int, ctx: MappingContext) -> dict:
     """xinlai/Math-Step-DPO-10K as WHOLE solutions that share the correct prefix.
@@ -517,13 +528,7 @@ def _math_step_dpo_pair(row: dict, index: int, ctx: MappingContext) -> dict:
     log pi(y_w)/pi_ref(y_w) - log pi(y_l)/pi_ref(y_l), so the preference acts from the first
     diverging step on. Format math_step_dpo_step keeps Step-DPO's single steps instead.
     """
-    question, prefix = _step_dpo_parts(row, index, ctx)
-    return {
-        "id": row_id(row, index, ctx),
-        "prompt": fill_template(ctx.prompt_template, "question", question),
-        "chosen": prefix + _text(row, "full_chosen", index, ctx),
-        "rejected": prefix + _text(row, "full_rejected", index, ctx),
-    }
+    return _step_dpo_pair(row, index, ctx, "full_chosen", "full_rejected")
 
 
 @register_format("math_step_dpo_step", "pairs")
@@ -532,13 +537,7 @@ def _math_step_dpo_step_pair(row: dict, index: int, ctx: MappingContext) -> dict
 
     Faithful to Step-DPO for DPO/ORPO, but its 'chosen' stops after one step: do not use it for SFT.
     """
-    question, prefix = _step_dpo_parts(row, index, ctx)
-    return {
-        "id": row_id(row, index, ctx),
-        "prompt": fill_template(ctx.prompt_template, "question", question),
-        "chosen": prefix + _text(row, "chosen", index, ctx),
-        "rejected": prefix + _text(row, "rejected", index, ctx),
-    }
+    return _step_dpo_pair(row, index, ctx, "chosen", "rejected")
 
 
 @register_format("math_step_dpo", "math_eval")
