@@ -18,7 +18,8 @@ from d2lora.provenance import (
     runtime_table,
     write_provenance_bundle,
 )
-from d2lora.results.figures import paper_grid, plot_curves
+from d2lora.results.figures import line_label, paper_grid, plot_curves
+from d2lora.results.labels import init_label, init_labels
 from d2lora.results.metrics import (
     COLUMNS,
     collect_metrics,
@@ -29,6 +30,7 @@ from d2lora.results.metrics import (
     spec_cells,
     write_metrics,
 )
+from d2lora.results.statistics import EXAMPLE_METRICS, INTERVAL_COLUMNS
 from d2lora.results.tables import comparison_table, hyperparameter_table, write_table
 
 REFERENCE = Path(__file__).resolve().parents[1] / "workflow" / "resources" / "reference"
@@ -356,7 +358,9 @@ def test_git_commit_and_run_manifest(tmp_path):
 CAPTIONS = [("workflow", {}), ("figure", {"figure": "figure1"}), ("figure", {"figure": "figure2"}),
             ("figure", {"figure": "figure3"}), ("figure", {"figure": "figure4"}),
             ("comparison_table", {"table": "table1"}), ("comparison_table", {"table": "table3"}), ("table2", {}),
-            ("metrics", {}), ("config", {}), ("versions", {}), ("checksums", {}), ("runtimes", {})]
+            ("metrics", {}), ("config", {}), ("versions", {}), ("checksums", {}), ("runtimes", {}),
+            ("intervals", {}), ("significance", {})]
+STATISTICS = {"bootstrap_samples": 10000, "confidence": 0.95, "seed": 0, "comparisons": [["lora", "d2lora"]]}
 REPO = REFERENCE.parents[2]
 
 
@@ -371,14 +375,110 @@ def test_caption_renders(name, wildcards):
         pass
 
     Snakemake.config = config
-    Snakemake.params = type("Params", (), {"spec": MATH_SPEC})
+    Snakemake.params = type("Params", (), {"spec": MATH_SPEC, "settings": STATISTICS, "confidence": 0.9,
+                                           "labels": {"lora": "LoRA", "d2lora": "D2LoRA"}})
     Snakemake.wildcards = type("Wildcards", (), wildcards)
     text = (REPO / "report" / f"{name}.rst").read_text()
     rendered = jinja2.Environment(undefined=jinja2.StrictUndefined).from_string(text).render(snakemake=Snakemake)
     parts = core.publish_parts(rendered, writer="html", settings_overrides={"halt_level": 2, "report_level": 5})
     assert parts["html_body"].strip()
+    if name == "figure":  # the band's level comes from the rule's params
+        assert "90% confidence interval" in rendered
+    if name in ("intervals", "significance"):
+        assert "95% " in rendered and "10000 resamples" in rendered.replace("\n", " ")
     for artifact in wildcards.values():  # the caption of this artifact, and only this one
         number = artifact[-1]
         title = ("Figure " if artifact.startswith("figure") else "Table ") + number
         assert f"**{title}.**" in rendered
         assert rendered.count("**Figure ") + rendered.count("**Table ") == 1
+
+
+# ---------------------------------------------------------------------------- labels and intervals
+
+
+def test_init_labels_from_config_variants():
+    config = {"experiments": {"f": {"inits": ["lora", "d2lora", "pissa"]}},
+              "variants": {"pissa": {"init_lora_weights": "pissa"}, "d2lora_pissa": {"label": "D2LoRA (PiSSA)"}}}
+    assert init_labels(config) == {"lora": "LoRA", "d2lora": "D2LoRA", "pissa": "pissa",
+                                   "d2lora_pissa": "D2LoRA (PiSSA)"}
+    assert init_labels({"experiments": {"f": {"inits": ["lora"]}}}) == {"lora": "LoRA"}  # no variants block
+    assert init_label("eva") == "eva" and init_label("eva", {"eva": "EVA"}) == "EVA"
+    clash = {"experiments": {"f": {"inits": ["lora", "olora"]}}, "variants": {"olora": {"label": "LoRA"}}}
+    with pytest.raises(ValueError, match="same label 'LoRA'"):
+        init_labels(clash)
+
+
+def test_line_labels_use_variant_labels():
+    spec = dict(MATH_SPEC, inits=["lora", "pissa"])
+    labels = {"lora": "LoRA", "pissa": "PiSSA"}
+    assert line_label("sft", "pissa", spec, labels) == "PiSSA"
+    assert line_label("sft", "pissa", dict(spec, panels="none"), labels) == "SFT, PiSSA"
+    assert line_label("sft", "d2lora", spec) == "D2LoRA" and line_label("sft", "corda", spec) == "corda"
+
+
+def test_comparison_table_columns_follow_labels(metrics, reference):
+    renamed = metrics.replace({"init": {"d2lora": "pissa"}})
+    spec = dict(MATH_SPEC, inits=["lora", "pissa"])
+    table = comparison_table(renamed, spec, None, labels={"pissa": "PiSSA"})
+    assert list(table.columns) == ["method", "n", "LoRA", "PiSSA", "seeds"]  # no Δ: not the paper's pair
+    assert table["PiSSA"].iloc[2] == pytest.approx(43.75)
+    table = comparison_table(metrics, MATH_SPEC, reference, labels={"lora": "Vanilla", "d2lora": "Warm"})
+    assert list(table.columns) == ["method", "n", "Vanilla", "Warm", "Δ", "seeds", "paper Vanilla", "paper Warm",
+                                   "paper Δ"]
+    assert table["Δ"].iloc[2] == pytest.approx(12.5) and table["paper Δ"].iloc[2] == pytest.approx(79.53 - 78.17)
+
+
+def test_hyperparameter_table_warmup_row_for_any_warm_variant():
+    config = json.loads(json.dumps(SMALL_CONFIG))
+    config["variants"] = {"d2pissa": {"init_lora_weights": "pissa", "warmup": True}}
+    config["experiments"]["figure2"]["inits"] = ["lora", "d2pissa"]
+    config["experiments"]["table1"]["inits"] = ["lora"]
+    table = hyperparameter_table(config)
+    assert table[["task", "phase"]].values.tolist() == [
+        ["math", "warmup"], ["math", "adapt"], ["math", "adapt"], ["titles", "adapt"]]
+
+
+def intervals_for(metrics: pd.DataFrame, half_width: float = 5.0) -> pd.DataFrame:
+    """An intervals table for every cell of `metrics` (mean over seeds +- half_width)."""
+    cells = metrics.groupby(["task", "metric", "method", "init", "n"], as_index=False)["value"].agg(["mean", "count"])
+    cells = cells.rename(columns={"count": "seeds"})
+    cells["benchmark"] = cells["metric"].map(lambda m: EXAMPLE_METRICS[m].benchmark)
+    cells["examples"] = 24
+    cells["ci_low"], cells["ci_high"] = cells["mean"] - half_width, cells["mean"] + half_width
+    return cells[INTERVAL_COLUMNS]
+
+
+def test_plot_curves_draws_intervals(tmp_path, metrics, reference):
+    intervals = intervals_for(metrics)
+    plain, banded = tmp_path / "plain", tmp_path / "banded"
+    plot_curves(metrics, MATH_SPEC, reference, plain / "f.png", plain / "f.pdf")
+    plot_curves(metrics, MATH_SPEC, reference, banded / "f.png", banded / "f.pdf", intervals=intervals,
+                labels={"lora": "LoRA", "d2lora": "D2LoRA"})
+    assert (banded / "f.png").read_bytes() != (plain / "f.png").read_bytes()
+    # One-point lines (a single n) still get their interval, as a bar.
+    plot_curves(metrics, dict(MATH_SPEC, n=[1000]), None, tmp_path / "one.png", tmp_path / "one.pdf",
+                intervals=intervals)
+    with pytest.raises(ValueError, match="no interval.*sft/lora/n2000"):
+        missing = intervals[~((intervals["method"] == "sft") & (intervals["init"] == "lora") & (intervals["n"] == 2000))]
+        plot_curves(metrics, MATH_SPEC, None, tmp_path / "x.png", tmp_path / "x.pdf", intervals=missing)
+
+
+def test_plot_curves_band_follows_the_intervals(tmp_path, metrics, monkeypatch):
+    """The band drawn is the table's ci_low..ci_high, n = 0 included under every method."""
+    import matplotlib.axes
+
+    drawn = []
+    original = matplotlib.axes.Axes.fill_between
+
+    def spy(self, x, low, high, **kwargs):
+        drawn.append((list(x), list(low), list(high)))
+        return original(self, x, low, high, **kwargs)
+
+    monkeypatch.setattr(matplotlib.axes.Axes, "fill_between", spy)
+    intervals = intervals_for(metrics, half_width=2.5)
+    plot_curves(metrics, MATH_SPEC, None, tmp_path / "f.png", tmp_path / "f.pdf", intervals=intervals)
+    assert len(drawn) == 4  # 2 methods x 2 inits
+    x, low, high = drawn[0]  # sft, lora: n = 0 (base), 1000, 2000
+    assert x == [0, 1, 2]
+    assert low == pytest.approx([12.5 - 2.5, 18.75 - 2.5, 31.25 - 2.5])
+    assert high == pytest.approx([12.5 + 2.5, 18.75 + 2.5, 31.25 + 2.5])

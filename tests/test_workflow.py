@@ -65,7 +65,7 @@ def test_every_figure_table_and_provenance_file_exists(finished_run):
         for ext in ("png", "pdf"):
             path = finished_run / "results" / "figures" / f"{figure}.{ext}"
             assert path.is_file() and path.stat().st_size > 1000, path
-    for table in ("table1", "table2", "table3"):
+    for table in ("table1", "table2", "table3", "significance"):
         for ext in ("csv", "md"):
             assert (finished_run / "results" / "tables" / f"{table}.{ext}").stat().st_size > 0
     for name in ("config_used.yaml", "versions.tsv", "dataset_checksums.tsv", "runtimes.tsv"):
@@ -84,6 +84,12 @@ def test_metrics_table_has_exactly_the_grid_rows(finished_run):
     got = sorted(metrics[["task", "method", "init", "n", "seed", "metric"]].itertuples(index=False, name=None))
     assert got == expected
     assert metrics["value"].notna().all()
+    # One interval per cell and metric (seeds pooled), around the metrics table's mean over seeds.
+    intervals = pd.read_csv(finished_run / "results" / "metrics" / "intervals.tsv", sep="\t")
+    means = metrics.groupby(["task", "method", "init", "n", "metric"], as_index=False)["value"].mean()
+    joined = means.merge(intervals, on=["task", "method", "init", "n", "metric"], how="outer", validate="1:1")
+    assert len(joined) == len(means) and (joined["value"] - joined["mean"]).abs().max() < 1e-4
+    assert ((joined["ci_low"] <= joined["mean"] + 1e-9) & (joined["mean"] <= joined["ci_high"] + 1e-9)).all()
 
 
 def test_per_example_outputs_sit_beside_every_score(finished_run):
@@ -110,5 +116,6 @@ def test_report_is_self_contained_html(finished_run):
     _snakemake(finished_run, "--report", "results/report.html")
     html = (finished_run / "results" / "report.html").read_text(errors="replace")
     assert len(html) > 100_000
-    for name in ("figure1.png", "table3.csv", "metrics.tsv", "runtimes.tsv", "dataset_checksums.tsv"):
+    for name in ("figure1.png", "table3.csv", "metrics.tsv", "runtimes.tsv", "dataset_checksums.tsv", "intervals.tsv",
+                 "significance.csv"):
         assert name in html, name

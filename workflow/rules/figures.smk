@@ -1,17 +1,92 @@
-# Figures, tables and provenance, all regenerated from the cached metrics table. The plotting
-# and table code is an input, so editing it reruns these jobs and nothing upstream.
+# Figures, tables and provenance, all regenerated from the cached metrics table and the
+# per-example predictions. The plotting, table and statistics code is an input, so editing it
+# reruns these jobs and nothing upstream.
+from d2lora.results.labels import init_labels  # noqa: E402
+from d2lora.results.statistics import comparison_targets, statistics_settings  # noqa: E402
 
 FIGURE_CODE = "src/d2lora/results/figures.py"
 TABLE_CODE = "src/d2lora/results/tables.py"
+STATS_CODE = "src/d2lora/results/statistics.py"
+# config `statistics` with defaults; init name -> label (config `variants`, else LoRA / D2LoRA / name)
+STATISTICS = statistics_settings(config)
+INIT_LABELS = init_labels(config)
 REFERENCE = {
     "math": "workflow/resources/reference/paper_table3_gsm8k.csv",
     "titles": "workflow/resources/reference/paper_table1_rouge.csv",
 }
 
 
+def prediction_cells():
+    """Every evaluation of the grid (benchmark and cell), in the order of prediction_paths()."""
+    return [{"benchmark": benchmark, **cell.wildcards} for benchmark, cell in grid.evaluation_jobs(config)]
+
+
+def prediction_paths():
+    return [f"{RESULTS}/eval/{c['benchmark']}/" + CELL.format(**c) + "/predictions.jsonl" for c in prediction_cells()]
+
+
+def spec_labels(artifact):
+    """Labels of the inits one figure or table draws (a label edit reruns only what shows it)."""
+    return {init: INIT_LABELS[init] for init in config["experiments"][artifact]["inits"]}
+
+
+rule intervals:
+    input:
+        predictions=prediction_paths(),
+        metrics=f"{RESULTS}/metrics/metrics.tsv",
+        code=STATS_CODE,
+    output:
+        intervals=report(
+            f"{RESULTS}/metrics/intervals.tsv",
+            caption="../../report/intervals.rst",
+            category="Metrics",
+        ),
+    params:
+        cells=prediction_cells(),
+        settings={k: STATISTICS[k] for k in ("bootstrap_samples", "confidence", "seed")},
+    log:
+        f"{LOGS}/intervals.log",
+    resources:
+        runtime=30,
+        mem_mb=4000,
+    conda:
+        "../../envs/plot.yaml"
+    script:
+        "../scripts/intervals.py"
+
+
+rule significance_table:
+    input:
+        predictions=prediction_paths(),
+        code=STATS_CODE,
+        table_code=TABLE_CODE,
+    output:
+        csv=report(
+            f"{RESULTS}/tables/significance.csv",
+            caption="../../report/significance.rst",
+            category="Tables",
+        ),
+        md=f"{RESULTS}/tables/significance.md",
+    params:
+        cells=prediction_cells(),
+        targets=comparison_targets(config),
+        settings=STATISTICS,
+        labels=INIT_LABELS,
+    log:
+        f"{LOGS}/table/significance.log",
+    resources:
+        runtime=30,
+        mem_mb=4000,
+    conda:
+        "../../envs/plot.yaml"
+    script:
+        "../scripts/significance_table.py"
+
+
 rule figure:
     input:
         metrics=f"{RESULTS}/metrics/metrics.tsv",
+        intervals=f"{RESULTS}/metrics/intervals.tsv",
         reference=lambda wc: REFERENCE[config["experiments"][wc.figure]["task"]],
         code=FIGURE_CODE,
     output:
@@ -23,6 +98,8 @@ rule figure:
         pdf=f"{RESULTS}/figures/{{figure}}.pdf",
     params:
         spec=lambda wc: config["experiments"][wc.figure],
+        labels=lambda wc: spec_labels(wc.figure),
+        confidence=STATISTICS["confidence"],
     log:
         f"{LOGS}/figure/{{figure}}.log",
     resources:
@@ -48,6 +125,7 @@ rule comparison_table:
         md=f"{RESULTS}/tables/{{table}}.md",
     params:
         spec=lambda wc: config["experiments"][wc.table],
+        labels=lambda wc: spec_labels(wc.table),
     log:
         f"{LOGS}/table/{{table}}.log",
     resources:

@@ -1,5 +1,6 @@
 from d2lora.results.figures import plot_curves
 from d2lora.results.metrics import read_metrics, read_reference
+from d2lora.results.statistics import read_intervals
 from d2lora.runtime import job
 
 with job(snakemake):
@@ -9,4 +10,7 @@ with job(snakemake):
         read_reference([snakemake.input.reference]),
         snakemake.output.png,
         snakemake.output.pdf,
+        intervals=read_intervals(snakemake.input.intervals),
+        labels=snakemake.params.labels,
+        confidence=snakemake.params.confidence,
     )

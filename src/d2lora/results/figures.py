@@ -18,10 +18,13 @@ import matplotlib
 matplotlib.use("Agg")  # headless cluster nodes; also keeps output independent of $DISPLAY
 
 import matplotlib.pyplot as plt  # noqa: E402
+from matplotlib.patches import Patch  # noqa: E402
 import pandas as pd  # noqa: E402
 
 from d2lora.io import atomic_path  # noqa: E402
+from d2lora.results.labels import init_label  # noqa: E402
 from d2lora.results.metrics import reference_rows, spec_cells  # noqa: E402
+from d2lora.results.statistics import spec_intervals  # noqa: E402
 
 METRIC_LABELS = {
     "gsm8k_accuracy": "GSM8K accuracy (%)",
@@ -31,7 +34,6 @@ METRIC_LABELS = {
     "rouge2": "ROUGE-2",
     "rougeL": "ROUGE-L",
 }
-INIT_LABELS = {"lora": "LoRA", "d2lora": "D2LoRA"}
 METHOD_LABELS = {"sft": "SFT", "dpo": "DPO", "orpo": "ORPO"}
 PAPER_LABEL = "paper (Llama-3.1-8B)"
 # A lone paper point on its own twin axis has no scale to read a shape from, and the axis
@@ -40,6 +42,8 @@ MIN_PAPER_POINTS = 2
 # Room for one legend column ("paper (Llama-3.1-8B), ORPO, D2LoRA" at 8 pt).
 LEGEND_COLUMN_INCHES = 2.6
 COLORS = plt.get_cmap("tab10").colors
+BAND_ALPHA = 0.15
+BAND_LABEL = "{confidence:.0%} CI (bootstrap over examples)"
 
 
 def pretty(name: str, labels: dict[str, str]) -> str:
@@ -65,21 +69,30 @@ def panel_layout(spec: dict) -> list[tuple[str, list[tuple[str, str]]]]:
     raise ValueError(f"unknown panels mode {mode!r}: use 'method' or 'none'")
 
 
-def line_label(method: str, init: str, spec: dict) -> str:
+def line_label(method: str, init: str, spec: dict, labels: dict[str, str] | None = None) -> str:
+    """Legend text of one line; inits by their label (config `variants`, else LoRA / D2LoRA / name)."""
     if spec.get("panels", "method") == "method":
-        return pretty(init, INIT_LABELS)
+        return init_label(init, labels)
     if len(spec["inits"]) == 1:
         return pretty(method, METHOD_LABELS)
-    return f"{pretty(method, METHOD_LABELS)}, {pretty(init, INIT_LABELS)}"
+    return f"{pretty(method, METHOD_LABELS)}, {init_label(init, labels)}"
 
 
 def draw_ours(ax, cells: pd.DataFrame, x_of: dict[int, int], color, label: str) -> None:
-    """Mean over seeds, with min-max whiskers where more than one seed was run."""
+    """Mean over seeds, with min-max whiskers where more than one seed was run, and a shaded
+    band for the CI over examples where `cells` has ci_low / ci_high (intervals.tsv); a line of
+    one point gets the CI as a faint bar, since a band needs two."""
     cells = cells.sort_values("n")
     x = [x_of[n] for n in cells["n"]]
     spread = [cells["mean"] - cells["low"], cells["high"] - cells["mean"]]
     yerr = spread if (cells["seeds"] > 1).any() else None
     ax.errorbar(x, cells["mean"], yerr=yerr, color=color, label=label, marker="o", linestyle="-", capsize=3)
+    if "ci_low" not in cells or cells["ci_low"].isna().all():
+        return
+    if len(x) == 1:
+        ax.vlines(x, cells["ci_low"], cells["ci_high"], color=color, alpha=2 * BAND_ALPHA, linewidth=8)
+    else:
+        ax.fill_between(x, cells["ci_low"], cells["ci_high"], color=color, alpha=BAND_ALPHA, linewidth=0)
 
 
 def draw_paper(ax, ref: pd.DataFrame, x_of: dict[int, float], color, label: str) -> None:
@@ -126,12 +139,12 @@ def draw_paper_ticks(ax, x_of_paper: dict[int, float], paper_ns: list[int]) -> N
     top.tick_params(axis="x", colors="0.4")
 
 
-def draw_panel(ax, lines, cells, ref, spec, x_of) -> object | None:
+def draw_panel(ax, lines, cells, ref, spec, x_of, labels: dict[str, str] | None = None) -> object | None:
     """Draw one panel; return its twin (paper) axis, or None when the paper has nothing here."""
     for method, init in lines:
         ours = rows_of(cells, method, init)
         if not ours.empty:
-            draw_ours(ax, ours, x_of, line_color(spec, method, init), line_label(method, init, spec))
+            draw_ours(ax, ours, x_of, line_color(spec, method, init), line_label(method, init, spec, labels))
     panel_ref = pd.concat([rows_of(ref, method, init) for method, init in lines])
     if 0 not in x_of:  # the base model is a point of the paper's curve only where it is one of ours
         panel_ref = panel_ref[panel_ref["n"] != 0]
@@ -146,7 +159,7 @@ def draw_panel(ax, lines, cells, ref, spec, x_of) -> object | None:
             continue
         twin = twin if twin is not None else ax.twinx()
         draw_paper(twin, paper, x_of_paper, line_color(spec, method, init),
-                   f"{PAPER_LABEL}, {line_label(method, init, spec)}")
+                   f"{PAPER_LABEL}, {line_label(method, init, spec, labels)}")
     if twin is not None and paper_ns is not None:
         draw_paper_ticks(ax, x_of_paper, paper_ns)
     return twin
@@ -180,10 +193,11 @@ def legend_entries(axes: list) -> dict[str, object]:
     return entries
 
 
-def add_legend(fig, axes: list, twins: list) -> None:
+def add_legend(fig, axes: list, twins: list, extra: dict[str, object] | None = None) -> None:
     """One legend below the panels, so it never hides a point.
 
-    Each of our lines sits in one column above its paper line (legends fill column-wise).
+    Each of our lines sits in one column above its paper line (legends fill column-wise);
+    `extra` entries (the CI band's key) come last.
     """
     ours = legend_entries(axes)
     paper = legend_entries([twin for twin in twins if twin is not None])
@@ -195,6 +209,9 @@ def add_legend(fig, axes: list, twins: list) -> None:
     else:
         entries = {**ours, **paper}
         ncol = min(len(entries), 3)
+    if entries and extra:  # one more column when paired, so the pairs stay stacked
+        entries = {**entries, **extra}
+        ncol = ncol + 1 if paired else min(len(entries), 3)
     if entries:
         fig.legend(entries.values(), entries.keys(), loc="outside lower center", ncol=ncol, fontsize=8, frameon=False)
 
@@ -218,12 +235,32 @@ def save_figure(fig, out_png: str | os.PathLike, out_pdf: str | os.PathLike) -> 
         fig.savefig(tmp, format="pdf", metadata={"CreationDate": None, "Creator": None, "Producer": None})
 
 
+def with_intervals(cells: pd.DataFrame, intervals: pd.DataFrame, spec: dict) -> pd.DataFrame:
+    """`cells` (spec_cells) plus ci_low / ci_high from intervals.tsv; every cell must have one."""
+    joined = cells.merge(spec_intervals(intervals, spec), on=["method", "init", "n"], how="left")
+    missing = joined[joined["ci_low"].isna()]
+    if not missing.empty:
+        where = ", ".join(f"{r.method}/{r.init}/n{r.n}" for r in missing.itertuples())
+        raise ValueError(f"intervals table has no interval for {spec['task']} {spec['metric']} cells {where}")
+    return joined
+
+
 def plot_curves(metrics_df: pd.DataFrame, spec: dict, reference_df: pd.DataFrame | None,
-                out_png: str | os.PathLike, out_pdf: str | os.PathLike) -> None:
-    """Metric vs n for the spec's grid: ours solid with markers, the paper's dashed on a twin axis."""
+                out_png: str | os.PathLike, out_pdf: str | os.PathLike,
+                intervals: pd.DataFrame | None = None, labels: dict[str, str] | None = None,
+                confidence: float = 0.95) -> None:
+    """Metric vs n for the spec's grid: ours solid with markers, the paper's dashed on a twin axis.
+
+    With `intervals` (d2lora.results.statistics.read_intervals) each of our lines carries a
+    shaded confidence band over evaluation examples (`confidence`: the level it was computed at,
+    for the legend). `labels` names the inits (see
+    d2lora.results.labels.init_labels); without it lora / d2lora read LoRA / D2LoRA.
+    """
     cells = spec_cells(metrics_df, spec)
     if cells.empty:
         raise ValueError(f"no results for task={spec['task']!r} metric={spec['metric']!r} in this spec's grid")
+    if intervals is not None:
+        cells = with_intervals(cells, intervals, spec)
     ref = reference_rows(reference_df, spec["task"], spec["metric"])
     ns = sorted(spec["n"])
     x_of = {n: i for i, n in enumerate(ns)}
@@ -232,12 +269,13 @@ def plot_curves(metrics_df: pd.DataFrame, spec: dict, reference_df: pd.DataFrame
     fig, axes = plt.subplots(1, len(layout), figsize=(width, 4.6), sharey=True, squeeze=False, layout="constrained")
     twins = []
     for index, (ax, (title, lines)) in enumerate(zip(axes[0], layout)):
-        twin = draw_panel(ax, lines, cells, ref, spec, x_of)
+        twin = draw_panel(ax, lines, cells, ref, spec, x_of, labels)
         finish_axes(ax, twin, spec, ns, first=index == 0, last=index == len(layout) - 1)
         ax.set_title(title)
         twins.append(twin)
     share_twin_limits(twins)
-    add_legend(fig, list(axes[0]), twins)
+    band = {BAND_LABEL.format(confidence=confidence): Patch(facecolor="0.5", alpha=2 * BAND_ALPHA, linewidth=0)} if intervals is not None else None
+    add_legend(fig, list(axes[0]), twins, band)
     if spec.get("title"):
         fig.suptitle(spec["title"])
     try:

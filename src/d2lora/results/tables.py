@@ -8,31 +8,37 @@ from __future__ import annotations
 import math
 import os
 
+from typing import Callable, Mapping
+
 import pandas as pd
 
+from d2lora.grid import variant
 from d2lora.io import atomic_path
+from d2lora.results.labels import init_label
 from d2lora.results.metrics import reference_rows, spec_cells
 
-INIT_COLUMNS = {"lora": "LoRA", "d2lora": "D2LoRA"}
 DELTA = "Δ"
 MISSING_MD = "–"
+# The paper's comparison: Δ = D2LoRA - LoRA, whatever these two are labelled.
+DELTA_PAIR = ("lora", "d2lora")
 
 
-def init_column(init: str) -> str:
-    return INIT_COLUMNS.get(init, init)
+def init_column(init: str, labels: Mapping[str, str] | None = None) -> str:
+    """The column of an init: its label (config `variants`), else LoRA / D2LoRA / the name."""
+    return init_label(init, labels)
 
 
-def wide(cells: pd.DataFrame, value: str, prefix: str = "") -> pd.DataFrame:
-    """(method, init, n) rows -> one row per (method, n), one column per init."""
+def wide(cells: pd.DataFrame, value: str, prefix: str = "", labels: Mapping[str, str] | None = None) -> pd.DataFrame:
+    """(method, init, n) rows -> one row per (method, n), one column per init (its label)."""
     if cells.empty:
         return pd.DataFrame(columns=["method", "n"])
     table = cells.pivot_table(index=["method", "n"], columns="init", values=value, aggfunc="first")
-    table.columns = [prefix + init_column(init) for init in table.columns]
+    table.columns = [prefix + init_column(init, labels) for init in table.columns]
     return table.reset_index()
 
 
-def add_delta(table: pd.DataFrame, prefix: str = "") -> pd.DataFrame:
-    lora, d2lora = prefix + INIT_COLUMNS["lora"], prefix + INIT_COLUMNS["d2lora"]
+def add_delta(table: pd.DataFrame, prefix: str = "", labels: Mapping[str, str] | None = None) -> pd.DataFrame:
+    lora, d2lora = (prefix + init_column(init, labels) for init in DELTA_PAIR)
     if lora in table and d2lora in table:
         table[prefix + DELTA] = table[d2lora] - table[lora]
     return table
@@ -44,35 +50,43 @@ def grid_frame(spec: dict) -> pd.DataFrame:
     return pd.DataFrame(rows, columns=["method", "n"]).astype({"n": "int64"})
 
 
-def ours_columns(metrics_df: pd.DataFrame, spec: dict) -> pd.DataFrame:
+def ours_columns(metrics_df: pd.DataFrame, spec: dict, labels: Mapping[str, str] | None = None) -> pd.DataFrame:
     cells = spec_cells(metrics_df, spec)
-    table = add_delta(wide(cells, "mean"))
+    table = add_delta(wide(cells, "mean", labels=labels), labels=labels)
     seeds = cells.groupby(["method", "n"])["seeds"].min().rename("seeds").reset_index()
     return table.merge(seeds, on=["method", "n"], how="left") if not cells.empty else table
 
 
-def paper_columns(reference_df: pd.DataFrame | None, spec: dict) -> pd.DataFrame | None:
+def paper_columns(reference_df: pd.DataFrame | None, spec: dict,
+                  labels: Mapping[str, str] | None = None) -> pd.DataFrame | None:
     ref = reference_rows(reference_df, spec["task"], spec["metric"])
     ref = ref[ref["method"].isin(spec["methods"]) & ref["init"].isin(spec["inits"])]
     if ref.empty:
         return None
-    return add_delta(wide(ref, "value", prefix="paper "), prefix="paper ")
+    return add_delta(wide(ref, "value", prefix="paper ", labels=labels), prefix="paper ", labels=labels)
 
 
-def comparison_table(metrics_df: pd.DataFrame, spec: dict, reference_df: pd.DataFrame | None) -> pd.DataFrame:
-    """Rows per (method, n): our per-init means over seeds, Δ = D2LoRA - LoRA, and the paper's."""
-    table = grid_frame(spec).merge(ours_columns(metrics_df, spec), on=["method", "n"], how="left")
-    paper = paper_columns(reference_df, spec)
+def comparison_table(metrics_df: pd.DataFrame, spec: dict, reference_df: pd.DataFrame | None,
+                     labels: Mapping[str, str] | None = None) -> pd.DataFrame:
+    """Rows per (method, n): our per-init means over seeds, Δ = D2LoRA - LoRA, and the paper's.
+
+    One column per init of the spec, headed by its label (`labels`, see
+    d2lora.results.labels.init_labels); Δ only where the spec has both lora and d2lora.
+    """
+    columns = [init_column(i, labels) for i in spec["inits"]]
+    if len(set(columns)) != len(columns):
+        raise ValueError(f"inits {spec['inits']} have clashing labels {columns}")
+    table = grid_frame(spec).merge(ours_columns(metrics_df, spec, labels), on=["method", "n"], how="left")
+    paper = paper_columns(reference_df, spec, labels)
     if paper is not None:
         table = table.merge(paper, on=["method", "n"], how="left")
-    ordered = ["method", "n", *[init_column(i) for i in spec["inits"]], DELTA, "seeds",
-               *[f"paper {init_column(i)}" for i in spec["inits"]], f"paper {DELTA}"]
+    ordered = ["method", "n", *columns, DELTA, "seeds", *[f"paper {c}" for c in columns], f"paper {DELTA}"]
     for column in ordered:
         if column not in table:
             table[column] = float("nan")
     if paper is None:
         ordered = [c for c in ordered if not c.startswith("paper ")]
-    if not {"lora", "d2lora"} <= set(spec["inits"]):
+    if not set(DELTA_PAIR) <= set(spec["inits"]):
         ordered = [c for c in ordered if not c.endswith(DELTA)]
     return table[ordered].astype({"seeds": "Int64"})
 
@@ -118,7 +132,7 @@ def hyperparameter_table(config: dict) -> pd.DataFrame:
     training, datasets = config["training"], config["datasets"]
     rows = []
     for task, used in task_methods(config).items():
-        if "d2lora" in used["inits"]:
+        if any(variant(config, init)["warmup"] for init in used["inits"]):
             warmup_source = describe_source(datasets["warmup"]["train"])
             rows.append(hparam_row(task, "warmup", "sft", warmup_source, training["warmup"], training["lora"]))
         task_source = describe_source(datasets[task]["train"])
@@ -136,13 +150,25 @@ def format_cell(value) -> str:
     return str(value)
 
 
-def formatted(df: pd.DataFrame) -> pd.DataFrame:
-    return df.astype(object).apply(lambda column: column.map(format_cell))
+Formats = Mapping[str, Callable[[object], str]]
 
 
-def markdown(df: pd.DataFrame) -> str:
+def formatted(df: pd.DataFrame, formats: Formats | None = None) -> pd.DataFrame:
+    """Every cell as text: `formats[column]` for a measured value of that column, else format_cell."""
+    formats = formats or {}
+
+    def column_text(column: pd.Series) -> pd.Series:
+        special = formats.get(column.name)
+        if special is None:
+            return column.map(format_cell)
+        return column.map(lambda v: format_cell(v) if format_cell(v) == "" else special(v))
+
+    return df.astype(object).apply(column_text)
+
+
+def markdown(df: pd.DataFrame, formats: Formats | None = None) -> str:
     """A GitHub-style Markdown table; written by hand because `tabulate` may be absent."""
-    text = formatted(df)
+    text = formatted(df, formats)
 
     def line(cells) -> str:
         return "| " + " | ".join(str(c).replace("|", "\\|") or MISSING_MD for c in cells) + " |"
@@ -152,9 +178,11 @@ def markdown(df: pd.DataFrame) -> str:
     return "\n".join([header, rule, *(line(row) for row in text.itertuples(index=False))]) + "\n"
 
 
-def write_table(df: pd.DataFrame, csv_path: str | os.PathLike, md_path: str | os.PathLike) -> None:
-    """CSV and Markdown with floats at 2 decimals; empty cells where nothing was measured."""
+def write_table(df: pd.DataFrame, csv_path: str | os.PathLike, md_path: str | os.PathLike,
+                formats: Formats | None = None) -> None:
+    """CSV and Markdown with floats at 2 decimals (or `formats[column]`); empty cells where
+    nothing was measured."""
     with atomic_path(csv_path) as tmp:
-        formatted(df).to_csv(tmp, index=False, lineterminator="\n")
+        formatted(df, formats).to_csv(tmp, index=False, lineterminator="\n")
     with atomic_path(md_path) as tmp:
-        tmp.write_text(markdown(df), encoding="utf-8")
+        tmp.write_text(markdown(df, formats), encoding="utf-8")

@@ -1,0 +1,10 @@
+from d2lora.results.metrics import read_metrics
+from d2lora.results.statistics import check_against_metrics, interval_table, load_examples, write_intervals
+from d2lora.runtime import job
+
+with job(snakemake):
+    settings = snakemake.params.settings
+    examples = load_examples(snakemake.params.cells, snakemake.input.predictions)
+    table = interval_table(examples, settings["bootstrap_samples"], settings["confidence"], settings["seed"])
+    check_against_metrics(table, read_metrics(snakemake.input.metrics))
+    write_intervals(table, snakemake.output.intervals)
