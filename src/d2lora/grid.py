@@ -107,15 +107,66 @@ def max_n(config: dict, task: str) -> int:
     return max((cell.n for cell in training_cells(config) if cell.task == task), default=0)
 
 
+# The init axis. A variant names how a cell's adapter starts: which adapter type (plain LoRA, or the
+# adaptive-rank AdaLoRA / Dynamic LoRA), which of peft's `init_lora_weights`, and whether it
+# continues from the D2LoRA warm-up (trained with the same init, on the same residual base where the
+# init rewrites the base weights). `lora` and `d2lora` are the paper's two; config `variants` adds more.
+BUILTIN_VARIANTS = {
+    "lora": {"adapter": "lora", "init_lora_weights": "default", "warmup": False, "label": "LoRA"},
+    "d2lora": {"adapter": "lora", "init_lora_weights": "default", "warmup": True, "label": "D2LoRA"},
+}
+VARIANT_DEFAULTS = {"adapter": "lora", "init_lora_weights": "default", "warmup": False}
+
+
+def variants(config: dict) -> dict[str, dict]:
+    """Every known variant (built-ins, then config `variants`), defaults filled in."""
+    known = {name: dict(spec) for name, spec in BUILTIN_VARIANTS.items()}
+    for name, spec in (config.get("variants") or {}).items():
+        known[name] = {**VARIANT_DEFAULTS, "label": name, **spec}
+    return known
+
+
+def variant(config: dict, init: str) -> dict:
+    known = variants(config)
+    if init not in known:
+        raise ConfigError(f"init '{init}' is not a known variant (known: {', '.join(sorted(known))}); "
+                          "define it under `variants`")
+    return known[init]
+
+
+def inits_in_grid(config: dict) -> list[str]:
+    return sorted({cell.init for _, cell in evaluation_jobs(config)})
+
+
+def warm_inits(config: dict) -> list[str]:
+    """Variants of the grid that start from a warm-up: each has its own warm-up adapter."""
+    return [init for init in inits_in_grid(config) if variant(config, init)["warmup"]]
+
+
 def needs_warmup(config: dict) -> bool:
-    return any(cell.init == "d2lora" for _, cell in evaluation_jobs(config))
+    return bool(warm_inits(config))
 
 
 def check(config: dict) -> None:
     """Cross-field rules the JSON schema cannot express. Raises ConfigError naming the key."""
     adapt = config["training"]["adapt"]
+    for name, spec in (config.get("variants") or {}).items():
+        if name in BUILTIN_VARIANTS:
+            raise ConfigError(f"variants.{name}: '{name}' is built in ({BUILTIN_VARIANTS[name]}); choose another name")
+        adapter = spec.get("adapter", "lora")
+        if adapter != "lora" and spec.get("warmup"):
+            raise ConfigError(f"variants.{name}.warmup: the warm-up trains a plain LoRA adapter; '{adapter}' starts fresh")
+        if adapter != "lora" and spec.get("init_lora_weights", "default") != "default":
+            raise ConfigError(f"variants.{name}.init_lora_weights: peft's LoRA inits apply to adapter 'lora', not '{adapter}'")
+        if adapter == "lora" and spec.get("options"):
+            raise ConfigError(f"variants.{name}.options: only adapters adalora and dynamic take options")
+    known = variants(config)
     for name, experiment in config["experiments"].items():
         key = f"experiments.{name}"
+        for init in experiment["inits"]:
+            if init not in known:
+                raise ConfigError(f"{key}.inits: '{init}' is not a known variant (known: {', '.join(sorted(known))}); "
+                                  "define it under `variants`")
         benchmark = BENCHMARK_OF_METRIC[experiment["metric"]]
         if TASK_OF_BENCHMARK[benchmark] != experiment["task"]:
             raise ConfigError(
@@ -127,6 +178,8 @@ def check(config: dict) -> None:
                 raise ConfigError(f"{key}.methods: '{method}' has no hyperparameters under training.adapt.{method}")
             if method in PREFERENCE_METHODS and "beta" not in adapt[method]:
                 raise ConfigError(f"training.adapt.{method}.beta: required for a preference method")
+            if method in PREFERENCE_METHODS and adapt[method].get("group_by_length"):
+                raise ConfigError(f"training.adapt.{method}.group_by_length: SFT only (preference rows have no single length)")
             if method in PREFERENCE_METHODS and experiment["task"] == "titles":
                 raise ConfigError(f"{key}.methods: '{method}' needs rejected answers, and the titles task has none")
     for task in TASKS:
@@ -162,3 +215,7 @@ def check(config: dict) -> None:
             raise ConfigError(f"datasets.{role}.eval: benchmark '{benchmark}' is in the grid but has no evaluation source")
     if needs_warmup(config) and "train" not in config["datasets"]["warmup"]:
         raise ConfigError("datasets.warmup.train: d2lora cells need a warm-up training source")
+    # Imported here: d2lora.results imports this module.
+    from d2lora.results.statistics import check_statistics_config
+
+    check_statistics_config(config)

@@ -1,5 +1,6 @@
 # D2LoRA phase 2, fanned out over task x method x init x n x seed (n > 0 only: n = 0 trains
-# nothing). init=lora starts a fresh adapter; init=d2lora keeps training the warm-up adapter.
+# nothing). The init names a variant (d2lora.grid): lora starts a fresh adapter, d2lora keeps
+# training the warm-up adapter; config `variants` adds peft inits, AdaLoRA and Dynamic LoRA.
 
 
 rule adapt:
@@ -12,6 +13,7 @@ rule adapt:
     params:
         lora=config["training"]["lora"],
         hp=adapt_hparams,
+        variant=variant_spec,
         device=config.get("device", "auto"),
     log:
         f"{LOGS}/adapt/{CELL}.log",

@@ -6,8 +6,7 @@
 
 def result_manifest_inputs():
     adapters = [f"{RESULTS}/adapters/" + CELL.format(**cell.wildcards) for cell in grid.training_cells(config)]
-    if grid.needs_warmup(config):
-        adapters.append(f"{RESULTS}/warmup/adapter")
+    adapters += [warmup_adapter_path(init) for init in grid.warm_inits(config)]
     evaluations = [path.replace("/scores.json", "/manifest.json") for path in eval_score_paths()]
     return {"adapters": adapters, "evaluations": evaluations}
 

@@ -1,4 +1,6 @@
-# D2LoRA phase 1: one LoRA adapter trained with SFT on prompt + chosen of the general set.
+# D2LoRA phase 1: one LoRA adapter trained with SFT on prompt + chosen of the general set, per
+# warm-started variant (d2lora, and e.g. a PiSSA-initialized one, which trains on PiSSA's residual
+# base so that its adaptation cells continue on that same base).
 
 
 rule warmup:
@@ -6,16 +8,17 @@ rule warmup:
         model=f"{RESULTS}/model/base",
         data=f"{RESULTS}/data/warmup",
     output:
-        adapter=directory(f"{RESULTS}/warmup/adapter"),
+        adapter=directory(f"{RESULTS}/warmup/{{init}}/adapter"),
     params:
         lora=config["training"]["lora"],
         hp=config["training"]["warmup"],
+        variant=variant_spec,
         seed=config["seed"],
         device=config.get("device", "auto"),
     log:
-        f"{LOGS}/warmup/warmup.log",
+        f"{LOGS}/warmup/{{init}}.log",
     benchmark:
-        f"{RESULTS}/benchmarks/warmup/warmup.tsv"
+        f"{RESULTS}/benchmarks/warmup/{{init}}.tsv"
     threads: 1
     resources:
         gpu=1,

@@ -16,6 +16,7 @@ with job(snakemake):
         out_dir=snakemake.output.adapter,
         seed=int(wc.seed),
         warmup_dir=snakemake.input.get("warmup"),
+        variant=snakemake.params.variant,
         device=snakemake.params.device,
         # Read from the config, not params: the interval changes no result, so it reruns nothing.
         checkpoint_steps=snakemake.config["training"].get("checkpoint_steps", 0),

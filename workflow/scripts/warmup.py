@@ -11,6 +11,7 @@ with job(snakemake):
         hp=snakemake.params.hp,
         out_dir=snakemake.output.adapter,
         seed=snakemake.params.seed,
+        variant=snakemake.params.variant,
         device=snakemake.params.device,
         # Read from the config, not params: the interval changes no result, so it reruns nothing.
         checkpoint_steps=snakemake.config["training"].get("checkpoint_steps", 0),

@@ -1,4 +1,9 @@
-"""LoRA adapters: a fresh one (vanilla LoRA) or the warm-up adapter, loaded trainable (D2LoRA)."""
+"""LoRA adapters: a fresh one (vanilla LoRA) or the warm-up adapter, loaded trainable (D2LoRA).
+
+The init variants (peft's `init_lora_weights`: gaussian, PiSSA, OLoRA, EVA, CorDA) and the residual
+bases some of them need live in d2lora.training.inits; the two functions here are its built-in
+cases ("lora": default init; "d2lora": the default-init warm-up), kept for existing callers.
+"""
 from __future__ import annotations
 
 import json
@@ -22,10 +27,11 @@ def lora_config(lora: dict):
     )
 
 
-def fresh_adapter(base_model, lora: dict):
-    from peft import get_peft_model
+def fresh_adapter(base_model, lora: dict, variant: dict | None = None, calibration_texts=None, tokenizer=None, **kwargs):
+    from d2lora.training import inits
 
-    return get_peft_model(base_model, lora_config(lora))
+    variant = variant if variant is not None else inits.BUILTIN_VARIANTS["lora"]
+    return inits.fresh_adapter(base_model, lora, variant, calibration_texts, tokenizer, **kwargs)
 
 
 def check_adapter_matches(adapter_dir: str | Path, lora: dict, base_model_dir: str | Path) -> None:
@@ -37,18 +43,23 @@ def check_adapter_matches(adapter_dir: str | Path, lora: dict, base_model_dir: s
     except ModelSourceError as err:
         raise AdapterError(str(err)) from err
     adapter_cfg = json.loads((Path(adapter_dir) / "adapter_config.json").read_text())
+    check_adapter_config(adapter_cfg, adapter_dir, lora, base_model_dir)
+
+
+def check_adapter_config(adapter_cfg: dict, where, lora: dict, base_model_dir: str | Path) -> None:
+    """Rank, alpha and base model of one adapter_config.json (as a dict) against training.lora."""
     if int(adapter_cfg["r"]) != int(lora["rank"]) or float(adapter_cfg["lora_alpha"]) != float(lora["alpha"]):
         raise AdapterError(
-            f"{adapter_dir}: adapter has rank {adapter_cfg['r']}, alpha {adapter_cfg['lora_alpha']}; "
+            f"{where}: adapter has rank {adapter_cfg['r']}, alpha {adapter_cfg['lora_alpha']}; "
             f"training.lora asks for rank {lora['rank']}, alpha {lora['alpha']}"
         )
     trained_on = adapter_cfg.get("base_model_name_or_path")
     if trained_on and Path(trained_on).resolve() != Path(base_model_dir).resolve():
-        raise AdapterError(f"{adapter_dir}: adapter was trained on base model {trained_on}, not {base_model_dir}")
+        raise AdapterError(f"{where}: adapter was trained on base model {trained_on}, not {base_model_dir}")
 
 
-def warm_started_adapter(base_model, adapter_dir: str | Path, lora: dict, base_model_dir: str | Path):
-    from peft import PeftModel
+def warm_started_adapter(base_model, adapter_dir: str | Path, lora: dict, base_model_dir: str | Path,
+                         variant: dict | None = None):
+    from d2lora.training import inits
 
-    check_adapter_matches(adapter_dir, lora, base_model_dir)
-    return PeftModel.from_pretrained(base_model, str(adapter_dir), is_trainable=True)
+    return inits.warm_started_adapter(base_model, adapter_dir, lora, variant, base_model_dir)
