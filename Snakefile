@@ -23,6 +23,7 @@ include: "workflow/rules/warmup.smk"
 include: "workflow/rules/adapt.smk"
 include: "workflow/rules/evaluate.smk"
 include: "workflow/rules/figures.smk"
+include: "workflow/rules/cost.smk"
 include: "workflow/rules/manifests.smk"
 
 

@@ -152,6 +152,41 @@ def test_batched_generation_equals_one_at_a_time(varied_model, tokenizer, single
     assert "[t] batch 1/2" in stderr and "[t] batch 2/2" in stderr and "items/s" in stderr
 
 
+def test_static_kv_cache_gives_the_same_answers(varied_model, tokenizer, single_outputs):
+    # The speed setting evaluation.<benchmark>.cache: static must not change a single answer.
+    static = greedy_generate(varied_model, tokenizer, PROMPTS, max_new_tokens=16, batch_size=4, cache="static")
+    assert static == single_outputs
+
+
+def test_unknown_cache_kind_is_refused(varied_model, tokenizer):
+    with pytest.raises(ValueError, match="cache must be one of"):
+        greedy_generate(varied_model, tokenizer, PROMPTS[:1], max_new_tokens=2, batch_size=1, cache="paged")
+
+
+def test_merged_adapter_matches_the_unmerged_one(tiny_model_dir, tmp_path):
+    """evaluation.merge_adapter folds W + BA once; logits stay within bf16/fp32 rounding."""
+    import torch
+
+    from d2lora.models import load_model
+    from d2lora.training.adapters import fresh_adapter
+
+    torch.manual_seed(0)
+    peft_model = fresh_adapter(load_model(tiny_model_dir), {"rank": 4, "alpha": 8, "target_modules": "all-linear"})
+    for name, param in peft_model.named_parameters():
+        if "lora_B" in name:
+            torch.nn.init.normal_(param, std=0.05)
+    peft_model.save_pretrained(str(tmp_path / "adapter"), safe_serialization=True)
+    ids = torch.tensor([[1, 5, 9, 12, 7, 3]])
+    with torch.no_grad():
+        unmerged = load_model(tiny_model_dir, adapter_dir=tmp_path / "adapter").eval()(ids).logits
+        merged_model = load_model(tiny_model_dir, adapter_dir=tmp_path / "adapter", merge_adapter=True).eval()
+        merged = merged_model(ids).logits
+        base = load_model(tiny_model_dir).eval()(ids).logits
+    assert not hasattr(merged_model, "peft_config"), "the merged model must be a plain model"
+    assert (unmerged - base).abs().max() > 1e-3, "the adapter must change the output for the test to mean anything"
+    assert torch.allclose(merged, unmerged, atol=1e-4)
+
+
 def test_generation_returns_original_order(varied_model, tokenizer, single_outputs):
     reversed_outputs = greedy_generate(varied_model, tokenizer, PROMPTS[::-1], max_new_tokens=16, batch_size=3)
     assert reversed_outputs == single_outputs[::-1]
@@ -212,7 +247,7 @@ MATH_ROWS = [
 def test_evaluate_math_scores_canned_outputs(monkeypatch, tokenizer):
     seen = {}
 
-    def fake_generate(model, tok, prompts, max_new_tokens, batch_size, progress_desc=None, partial=None):
+    def fake_generate(model, tok, prompts, max_new_tokens, batch_size, progress_desc=None, partial=None, **_):
         seen["prompts"] = prompts
         return ["48 + 24 = 72, so \\boxed{72}", "The answer is 5.", "I do not know."]
 

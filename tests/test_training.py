@@ -132,3 +132,21 @@ def test_dpo_reference_can_be_the_bare_base(tiny_model_dir, warmup_adapter, tmp_
         with model.disable_adapter():
             base_chosen, _ = _sequence_logps(model, batch)
     torch.testing.assert_close(ref_chosen, base_chosen, atol=1e-4, rtol=1e-5)
+
+
+def test_token_counts_are_comparable_across_methods(tiny_model_dir, train_file, tmp_path):
+    """train_tokens = tokenized sequences x epochs for every method: a preference row runs two
+    sequences (prompt + chosen, prompt + rejected), an SFT row one (prompt + chosen)."""
+    records = {}
+    for method in ("sft", "dpo", "orpo"):
+        hp = dict(HP, beta=0.1) if method != "sft" else HP
+        records[method] = run_adaptation(tiny_model_dir, train_file, method, "lora", 4, LORA, hp, tmp_path / method,
+                                         seed=0, device="cpu")
+    for method, record in records.items():
+        assert record["train_tokens"] == round(record["sequence_tokens_per_epoch"] * float(HP["epochs"])), method
+        assert record["model_parameters"] > record["trainable_parameters"] > 0
+        assert record["peak_gpu_memory_mb"] is None  # not measured on the CPU
+    sft, dpo, orpo = (records[m]["sequence_tokens_per_epoch"] for m in ("sft", "dpo", "orpo"))
+    assert dpo > sft and orpo > sft  # two sequences per row
+    # DPO and ORPO tokenize the same conversations: their counts agree up to template details.
+    assert abs(dpo - orpo) <= 0.1 * dpo

@@ -23,7 +23,8 @@ ALL_TABLES = ["table1", "table2", "table3"]
 wildcard_constraints:
     task="math|titles",
     method="sft|dpo|orpo|none",
-    init="lora|d2lora",
+    # Every variant of the grid (d2lora.grid.variants): built-in lora/d2lora plus config `variants`.
+    init="|".join(grid.inits_in_grid(config)),
     n=r"\d+",
     seed=r"\d+",
     benchmark="gsm8k|arc_easy|titles",
@@ -44,7 +45,9 @@ def eval_score_paths():
 
 def get_final_output():
     return (
-        [f"{RESULTS}/metrics/metrics.tsv"]
+        [f"{RESULTS}/metrics/metrics.tsv", f"{RESULTS}/metrics/intervals.tsv", f"{RESULTS}/metrics/cost.tsv"]
+        + expand(f"{RESULTS}/tables/significance.{{ext}}", ext=["csv", "md"])
+        + expand(f"{RESULTS}/figures/score_vs_cost.{{ext}}", ext=["png", "pdf"])
         + expand(f"{RESULTS}/figures/{{figure}}.{{ext}}", figure=FIGURES, ext=["png", "pdf"])
         + expand(f"{RESULTS}/tables/{{table}}.{{ext}}", table=ALL_TABLES, ext=["csv", "md"])
         + [f"{RESULTS}/provenance/config_used.yaml", f"{RESULTS}/provenance/versions.tsv",
@@ -103,16 +106,26 @@ def role_max_n(wildcards):
 
 
 def adapter_for_cell(wildcards):
-    """The adapter an evaluation loads: trained (n > 0), warm-up only (d2lora, n = 0), none (lora, n = 0)."""
+    """The adapter an evaluation loads: trained (n > 0), the variant's warm-up (warm-started, n = 0),
+    none (the base model: every other variant at n = 0, whose adapter starts as the identity)."""
     if int(wildcards.n) > 0:
         return {"adapter": f"{RESULTS}/adapters/" + CELL.format(**wildcards)}
-    if wildcards.init == "d2lora":
-        return {"adapter": f"{RESULTS}/warmup/adapter"}
+    if grid.variant(config, wildcards.init)["warmup"]:
+        return {"adapter": warmup_adapter_path(wildcards.init)}
     return {}
 
 
+def warmup_adapter_path(init):
+    return f"{RESULTS}/warmup/{init}/adapter"
+
+
 def warmup_for_init(wildcards):
-    return {"warmup": f"{RESULTS}/warmup/adapter"} if wildcards.init == "d2lora" else {}
+    return {"warmup": warmup_adapter_path(wildcards.init)} if grid.variant(config, wildcards.init)["warmup"] else {}
+
+
+def variant_spec(wildcards):
+    """What a training job needs of its variant; the label is left out (renaming reruns nothing)."""
+    return {k: v for k, v in grid.variant(config, wildcards.init).items() if k != "label"}
 
 
 def adapt_hparams(wildcards):
@@ -137,6 +150,9 @@ def eval_settings(wildcards):
     settings = dict(config["evaluation"][wildcards.benchmark])
     settings["dtype"] = config["evaluation"].get("dtype", "float32")
     settings["engine"] = eval_engine()
+    # Only when set, so configs without the key keep their parameters (and their results).
+    if config["evaluation"].get("merge_adapter"):
+        settings["merge_adapter"] = True
     if settings["engine"] == "lm_eval":
         settings["lm_eval_templates"] = LM_EVAL_TEMPLATES
     if wildcards.benchmark == "gsm8k":
@@ -150,8 +166,7 @@ def benchmark_paths():
     paths = [f"{RESULTS}/benchmarks/prepare_model/base.tsv"]
     paths += expand(f"{RESULTS}/benchmarks/prepare_data/{{role}}.tsv", role=used_roles())
     paths += expand(f"{RESULTS}/benchmarks/sample_negatives/{{task}}.tsv", task=onpolicy_tasks())
-    if grid.needs_warmup(config):
-        paths.append(f"{RESULTS}/benchmarks/warmup/warmup.tsv")
+    paths += [f"{RESULTS}/benchmarks/warmup/{init}.tsv" for init in grid.warm_inits(config)]
     paths += [f"{RESULTS}/benchmarks/adapt/{cell}.tsv" for cell in cells]
     paths += [
         f"{RESULTS}/benchmarks/evaluate/{benchmark}/" + CELL.format(**cell.wildcards) + ".tsv"

@@ -66,8 +66,17 @@ def stop_token_ids(model, tokenizer) -> list[int]:
     return ids
 
 
-def greedy_config(max_new_tokens: int, eos_ids: list[int], pad_id: int):
+CACHE_KINDS = ("dynamic", "static")
+
+
+def greedy_config(max_new_tokens: int, eos_ids: list[int], pad_id: int, cache: str = "dynamic"):
     from transformers import GenerationConfig
+
+    if cache not in CACHE_KINDS:
+        raise ValueError(f"evaluation cache must be one of {CACHE_KINDS}, got {cache!r}")
+    # "static" preallocates the KV cache at its final length, which lets transformers compile the
+    # decoding step (CUDA graphs) instead of growing the cache by concatenation every token.
+    extra = {"cache_implementation": "static"} if cache == "static" else {}
 
     # do_sample is set explicitly so that sampling settings inherited from the model's own
     # generation_config.json (temperature, top_p) are ignored without a warning per call.
@@ -77,6 +86,7 @@ def greedy_config(max_new_tokens: int, eos_ids: list[int], pad_id: int):
         max_new_tokens=max_new_tokens,
         eos_token_id=eos_ids,
         pad_token_id=pad_id,
+        **extra,
     )
 
 
@@ -110,6 +120,7 @@ def greedy_generate(
     batch_size: int,
     progress_desc: str | None = None,
     partial=None,
+    cache: str = "dynamic",
 ) -> list[str]:
     """Greedy completions of each prompt (as a chat user turn), in the order given.
 
@@ -123,7 +134,7 @@ def greedy_generate(
     device = model_device(model)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     eos_ids = stop_token_ids(model, tokenizer)
-    config = greedy_config(max_new_tokens, eos_ids, pad_id)
+    config = greedy_config(max_new_tokens, eos_ids, pad_id, cache)
     encoded = encode_chat_prompts(tokenizer, user_prompts)
     batches = longest_first_batches([len(ids) for ids in encoded], batch_size)
     desc = progress_desc or "generate"

@@ -6,6 +6,7 @@ import sys
 import time
 from pathlib import Path
 
+from d2lora.cost import peak_memory_mb, reset_peak_memory, synchronize
 from d2lora.evaluation.partial import PartialResults, eval_fingerprint, sidecar_path
 from d2lora.io import read_jsonl, sha256_file, write_json, write_jsonl
 from d2lora.models import load_model, load_tokenizer, resolve_device
@@ -17,7 +18,7 @@ def score_benchmark(benchmark: str, model, tokenizer, rows: list[dict], settings
         from d2lora.evaluation.math_eval import evaluate_math
 
         return evaluate_math(model, tokenizer, rows, settings["prompt_template"], settings["max_new_tokens"],
-                             settings["batch_size"], partial=partial)
+                             settings["batch_size"], partial=partial, cache=settings.get("cache", "dynamic"))
     if benchmark == "titles":
         from d2lora.evaluation.titles_eval import evaluate_titles
 
@@ -52,6 +53,7 @@ def evaluate_cell(benchmark: str, cell: dict, model_dir, adapter_dir, data_dir, 
     engine = engine_for(benchmark, settings)
     print(f"evaluate: {benchmark} on {len(rows)} items, adapter={adapter_dir}, device={device}, engine={engine}",
           file=sys.stderr)
+    reset_peak_memory(device)
     start = time.perf_counter()
     if engine == "lm_eval":
         from d2lora.evaluation import lm_eval_backend
@@ -63,7 +65,8 @@ def evaluate_cell(benchmark: str, cell: dict, model_dir, adapter_dir, data_dir, 
     else:
         # Left padding: generation appends new tokens on the right of every row in a batch.
         tokenizer = load_tokenizer(model_dir, padding_side="left")
-        model = load_model(model_dir, dtype=settings.get("dtype", "float32"), device=device, adapter_dir=adapter_dir)
+        model = load_model(model_dir, dtype=settings.get("dtype", "float32"), device=device, adapter_dir=adapter_dir,
+                           merge_adapter=bool(settings.get("merge_adapter", False)))
         model.eval()
         # Finished batches go to a sidecar beside the outputs, so a killed job resumes (partial.py).
         partial = PartialResults(sidecar_path(predictions_path),
@@ -73,6 +76,7 @@ def evaluate_cell(benchmark: str, cell: dict, model_dir, adapter_dir, data_dir, 
         finally:
             partial.close()
         engine_version = None
+    synchronize(device)
     seconds = time.perf_counter() - start
     write_jsonl(predictions_path, per_example)
     record = {
@@ -90,7 +94,10 @@ def evaluate_cell(benchmark: str, cell: dict, model_dir, adapter_dir, data_dir, 
         "settings": settings,
         "engine": engine,
         "engine_version": engine_version,
+        # Model load included: what the job held the device for, the cost a user pays per cell.
         "eval_seconds": round(seconds, 3),
+        "items_per_second": round(len(per_example) / seconds, 3) if seconds > 0 else None,
+        "peak_gpu_memory_mb": peak_memory_mb(device),
         "device": device,
     }
     write_json(scores_path, record)

@@ -10,12 +10,20 @@ job's declared output, never this folder. A rerun resumes from the newest comple
 when `run.json` there describes the same run (same data, base model, hyperparameters, seed,
 device kind and library versions); otherwise the folder is discarded and training starts over.
 The folder is removed once the adapter is in place.
+
+The init variant (d2lora.training.inits: peft's init_lora_weights default, gaussian, PiSSA, OLoRA,
+EVA, CorDA, with or without the warm-up) is recorded in training.json and in the checkpoint
+fingerprint. Inits that rewrite the base weights (W_res = W - s·B0A0) keep A0/B0 in
+`<checkpoints>/initial_adapter/`, written before the first step: a resumed run rebuilds the same
+residual base from the original weights and those (bit-identical to the one peft built), then the
+Trainer loads the checkpoint's A/B on top.
 """
 from __future__ import annotations
 
 import contextlib
 import hashlib
 import json
+import math
 import os
 import shutil
 import sys
@@ -23,11 +31,12 @@ import tempfile
 import time
 from pathlib import Path
 
+from d2lora.cost import base_parameter_count, parameter_count, peak_memory_mb, reset_peak_memory, sequence_tokens, synchronize
 from d2lora.data.prepare import subset
-from d2lora.io import read_json, read_jsonl, sha256_file, staged_dir, write_json, write_text
+from d2lora.io import read_json, read_jsonl, sha256_file, sha256_tree, staged_dir, write_json, write_text
 from d2lora.provenance import MANIFEST_NAME, build_manifest, package_versions, write_manifest
 from d2lora.models import load_model, load_tokenizer, resolve_device
-from d2lora.training.adapters import fresh_adapter, warm_started_adapter
+from d2lora.training import inits
 from d2lora.training.trainers import build_trainer
 
 PREFERENCE_METHODS = ("dpo", "orpo")
@@ -62,6 +71,8 @@ CHECKPOINT_RUN_FILE = "run.json"
 # Written by a callback after the Trainer has finished writing a checkpoint folder (the Trainer
 # writes in place, trainer_state.json last): a folder without it was cut off mid-write.
 COMPLETE_MARKER = "d2lora_checkpoint_complete"
+# A0/B0 of a fresh residual init (PiSSA, OLoRA, CorDA), kept beside the checkpoints of its run.
+INITIAL_ADAPTER_DIR = "initial_adapter"
 FINGERPRINT_PACKAGES = ("torch", "transformers", "peft", "trl", "accelerate")
 
 
@@ -108,7 +119,8 @@ def _fingerprint(record: dict, inputs: dict) -> dict:
     """What must match for a checkpoint to be resumed: the run's settings, inputs and libraries."""
     from d2lora.provenance import input_record
 
-    run = {k: record[k] for k in ("phase", "method", "init", "n", "seed", "hparams", "lora", "device") if k in record}
+    run = {k: record[k] for k in ("phase", "method", "init", "variant", "n", "seed", "hparams", "lora", "device")
+           if k in record}
     run["inputs"] = {name: input_record(path) for name, path in sorted(inputs.items()) if path is not None}
     versions = package_versions(FINGERPRINT_PACKAGES)
     run["versions"] = {name: versions[name] for name in FINGERPRINT_PACKAGES}
@@ -162,26 +174,43 @@ def _restore_token_count(trainer, checkpoint: Path) -> None:
 
 
 def _train_and_save(trainer, model, out_dir: Path, record: dict, resume_from: Path | None = None,
-                    inputs: dict | None = None) -> dict:
+                    inputs: dict | None = None, variant: dict | None = None) -> dict:
+    device = record.get("device", "cpu")
+    reset_peak_memory(device)
     start = time.perf_counter()
     record["resumed_from_step"] = _checkpoint_step(resume_from) if resume_from is not None else None
     if resume_from is not None:
         _restore_token_count(trainer, resume_from)
     result = trainer.train(resume_from_checkpoint=str(resume_from) if resume_from is not None else None)
+    synchronize(device)
     record["train_seconds"] = round(time.perf_counter() - start, 3)
+    record["peak_gpu_memory_mb"] = peak_memory_mb(device)
     # The mean of the per-step losses (logging_steps=1). The Trainer's own `training_loss` counts
     # only the steps of the last session after a resume; this is the same with or without one.
     step_losses = [float(e["loss"]) for e in trainer.state.log_history if "loss" in e]
     record["train_loss"] = sum(step_losses) / len(step_losses) if step_losses else float(result.training_loss)
     record["global_steps"] = int(result.global_step)
     record["log_history"] = trainer.state.log_history
-    # TRL logs a running token count for SFT and DPO (not ORPO); 0 means "not reported".
-    record["train_tokens"] = int(max((e.get("num_tokens", 0) for e in trainer.state.log_history), default=0))
+    # Tokens the policy read: the tokenized rows (prompt + answer, both answers for DPO/ORPO,
+    # each capped at max_length) times epochs; the same count for every method, unlike TRL's own
+    # running `num_tokens` (SFT and DPO only; kept as trl_num_tokens).
+    epochs = float(record["hparams"]["epochs"])
+    record["sequence_tokens_per_epoch"] = sequence_tokens(trainer.train_dataset, int(record["hparams"].get("max_length", 1024)))
+    record["train_tokens"] = int(round(record["sequence_tokens_per_epoch"] * epochs))
+    record["trl_num_tokens"] = int(max((e.get("num_tokens", 0) for e in trainer.state.log_history), default=0))
+    record["model_parameters"] = base_parameter_count(model)
+    record["trainable_parameters"] = parameter_count(model, trainable=True)
+    if (variant or {}).get("adapter", "lora") != "lora":
+        from d2lora.training.dynamic_lora import adapter_report
+
+        record["adapter"] = adapter_report(model)
+    variant = variant if variant is not None else record.get("variant") or inits.BUILTIN_VARIANTS["lora"]
     with staged_dir(out_dir) as staging:
-        model.save_pretrained(str(staging), selected_adapters=["default"], safe_serialization=True)
-        record["files"] = {p.name: sha256_file(p) for p in sorted(staging.iterdir()) if p.is_file()}
+        inits.save_adapter(model, staging, variant)
+        # Relative paths: residual inits also write residual/ (A0/B0, trained A/B, config).
+        record["files"] = sha256_tree(staging)
         write_json(staging / "training.json", record)
-        params = {k: record.get(k) for k in ("phase", "method", "init", "n", "seed", "hparams", "lora")}
+        params = {k: record.get(k) for k in ("phase", "method", "init", "variant", "n", "seed", "hparams", "lora")}
         write_manifest(staging / MANIFEST_NAME,
                        build_manifest("training", inputs or {}, staging, params, device=record.get("device")))
     return record
@@ -193,16 +222,31 @@ def _dataset(rows: list[dict], method: str):
     return Dataset.from_list(conversational(rows, method))
 
 
-def _fit(method: str, model, tokenizer, rows: list[dict], hp: dict, out_dir: Path, seed: int, device: str,
-         record: dict, inputs: dict, checkpoint_steps: int) -> dict:
+def _fit(method: str, build_model, tokenizer, rows: list[dict], hp: dict, out_dir: Path, seed: int, device: str,
+         record: dict, inputs: dict, checkpoint_steps: int, variant: dict, fresh_residual: bool = False) -> dict:
+    """build_model(initial_dir) -> (PeftModel, extra callbacks); initial_dir is None except when a
+    checkpointed run of a fresh residual init resumes (its saved A0/B0)."""
     checkpoint_steps = int(checkpoint_steps or 0)
     record["checkpoint_steps"] = checkpoint_steps
     with _trainer_dir(out_dir, checkpoint_steps, _fingerprint(record, inputs)) as (trainer_dir, resume_from):
-        callbacks = [_mark_complete_callback()] if checkpoint_steps > 0 else None
+        initial_dir = Path(trainer_dir) / INITIAL_ADAPTER_DIR if checkpoint_steps > 0 and fresh_residual else None
+        if initial_dir is not None and resume_from is not None:
+            if not (initial_dir / inits.INITIAL_FILE).is_file():
+                raise RuntimeError(f"{resume_from}: a checkpoint of a residual init without its {initial_dir}; "
+                                   f"delete {Path(trainer_dir)} to start over")
+            model, extra_callbacks = build_model(initial_dir)
+        else:
+            model, extra_callbacks = build_model(None)
+            if initial_dir is not None:
+                with staged_dir(initial_dir) as staging:
+                    inits.save_initial_adapter(model, staging)
+        # The adaptive adapters' callbacks first: they write their state into a checkpoint before
+        # the marker says the checkpoint is complete.
+        callbacks = list(extra_callbacks or []) + ([_mark_complete_callback()] if checkpoint_steps > 0 else [])
         trainer = build_trainer(method, model, tokenizer, _dataset(rows, method), hp, trainer_dir, seed, device == "cpu",
-                                checkpoint_steps=checkpoint_steps, callbacks=callbacks)
+                                checkpoint_steps=checkpoint_steps, callbacks=callbacks or None)
         _check_rows_kept(trainer, rows, record, hp)
-        return _train_and_save(trainer, model, out_dir, record, resume_from, inputs)
+        return _train_and_save(trainer, model, out_dir, record, resume_from, inputs, variant)
 
 
 def _check_rows_kept(trainer, rows: list[dict], record: dict, hp: dict) -> None:
@@ -220,40 +264,113 @@ def _check_rows_kept(trainer, rows: list[dict], record: dict, hp: dict) -> None:
     print(f"train: warning: {message}; warm-up trains on the other {kept}", file=sys.stderr)
 
 
+def _calibration(rows: list[dict], variant: dict, tokenizer, phase: str, hp: dict) -> tuple[list[str], dict | None]:
+    """(texts, record) of the rows an EVA/CorDA init reads; ([], None) for inits that read none."""
+    chosen = inits.calibration_rows(rows, variant)
+    if not chosen:
+        return [], None
+    record = {"phase": phase, "rows": len(chosen), "calibration_rows": variant["calibration_rows"],
+              "ids": [r["id"] for r in chosen], "max_length": int(hp.get("max_length", 1024)),
+              "format": "prompt + chosen through the tokenizer's chat template (user, assistant)"}
+    if variant["init_lora_weights"] == "eva":
+        record["batch_size"] = inits.EVA_BATCH_SIZE
+    return inits.calibration_texts(chosen, tokenizer), record
+
+
+def _total_steps(rows: int, hp: dict) -> int:
+    batches = math.ceil(rows / int(hp["batch_size"]))
+    per_epoch = max(1, math.ceil(batches / int(hp.get("grad_accum", 1))))
+    return max(1, math.ceil(per_epoch * float(hp["epochs"])))
+
+
+def _adaptive_adapter(base, lora: dict, variant: dict, total_steps: int, seed: int):
+    """AdaLoRA or Dynamic LoRA (d2lora.training.dynamic_lora): the variant's `options` plus, for
+    Dynamic LoRA, the run's seed (it draws the A rows of the rank it grants)."""
+    from d2lora.training.dynamic_lora import DEFAULTS, adaptive_adapter
+
+    options = dict(variant.get("options") or {})
+    if "seed" in DEFAULTS.get(variant["adapter"], {}):
+        options.setdefault("seed", seed)
+    return adaptive_adapter(base, lora, {"adapter": variant["adapter"], **options}, total_steps)
+
+
+def _check_reference(method: str, hp: dict, variant: dict) -> None:
+    if method == "dpo" and hp.get("reference", "initial_policy") == "base" and inits.is_residual(variant):
+        raise ValueError(
+            f"training.adapt.dpo.reference: 'base' computes reference log-probs with the adapter disabled, but init "
+            f"'{variant['init_lora_weights']}' trains on a residual base (W - s·B0A0), not the original model; "
+            "use 'initial_policy'")
+
+
 def run_warmup(model_dir, train_path, lora: dict, hp: dict, out_dir, seed: int, device: str = "auto",
-               checkpoint_steps: int = 0) -> dict:
-    """Phase 1 of D2LoRA: SFT a fresh LoRA adapter on prompt + chosen of the general set."""
+               checkpoint_steps: int = 0, variant: dict | None = None) -> dict:
+    """Phase 1 of D2LoRA: SFT a fresh LoRA adapter (initialised by the variant's init) on prompt + chosen
+    of the general set. variant None: the built-in "d2lora" (peft's default init)."""
+    variant = inits.normalize_variant(variant, "d2lora")
+    if variant["adapter"] != "lora":
+        raise inits.VariantError(f"adapter: the warm-up trains a lora adapter, not '{variant['adapter']}'")
+    variant["warmup"] = True
     set_seed(seed)
     device = resolve_device(device)
     rows = read_jsonl(train_path)
     tokenizer = load_tokenizer(model_dir)
-    model = fresh_adapter(load_model(model_dir, device=device), lora)
-    record = {"phase": "warmup", "method": "sft", "rows": len(rows), "seed": seed, "hparams": hp, "lora": lora,
-              "train_data_sha256": sha256_file(train_path), "device": device}
+    texts, calibration = _calibration(rows, variant, tokenizer, "warmup", hp)
+    record = {"phase": "warmup", "method": "sft", "variant": variant, "rows": len(rows), "seed": seed, "hparams": hp,
+              "lora": lora, "calibration": calibration, "train_data_sha256": sha256_file(train_path), "device": device}
+
+    def build_model(initial_dir):
+        base = load_model(model_dir, device=device)
+        if initial_dir is not None:
+            return inits.residual_from_initial(base, initial_dir, variant["init_lora_weights"]), []
+        return inits.fresh_adapter(base, lora, variant, texts, tokenizer, max_length=int(hp.get("max_length", 1024))), []
+
     inputs = {"model": model_dir, "train_data": train_path}
-    return _fit("sft", model, tokenizer, rows, hp, Path(out_dir), seed, device, record, inputs, checkpoint_steps)
+    return _fit("sft", build_model, tokenizer, rows, hp, Path(out_dir), seed, device, record, inputs, checkpoint_steps,
+                variant, fresh_residual=inits.is_residual(variant))
 
 
 def run_adaptation(model_dir, train_path, method: str, init: str, n: int, lora: dict, hp: dict, out_dir, seed: int,
-                   warmup_dir=None, device: str = "auto", checkpoint_steps: int = 0) -> dict:
-    """Phase 2: train on the first n task rows, from a fresh adapter (lora) or the warm-up adapter (d2lora)."""
+                   warmup_dir=None, device: str = "auto", checkpoint_steps: int = 0, variant: dict | None = None) -> dict:
+    """Phase 2: train on the first n task rows, from a fresh adapter or the warm-up adapter.
+
+    `init` names the cell's init (the results path); `variant` is its spec (d2lora.training.inits),
+    None for the built-ins "lora" (fresh, peft's default init) and "d2lora" (the default warm-up)."""
     if n <= 0:
         raise ValueError(f"adaptation with n={n}: n = 0 cells train nothing and are evaluated directly")
+    variant = inits.normalize_variant(variant, init)
     set_seed(seed)
     device = resolve_device(device)
     rows = subset(read_jsonl(train_path), n)
-    tokenizer = load_tokenizer(model_dir)
-    base = load_model(model_dir, device=device)
-    if init == "d2lora":
+    _check_reference(method, hp, variant)
+    warm = variant["warmup"]
+    if warm:
         if warmup_dir is None:
-            raise ValueError("init 'd2lora' needs the warm-up adapter")
-        model = warm_started_adapter(base, warmup_dir, lora, model_dir)
-    elif init == "lora":
-        model = fresh_adapter(base, lora)
-    else:
-        raise ValueError(f"unknown init '{init}' (known: lora, d2lora)")
-    record = {"phase": "adapt", "method": method, "init": init, "n": n, "seed": seed, "hparams": hp, "lora": lora,
+            raise ValueError(f"init '{init}' needs the warm-up adapter")
+        if variant["adapter"] != "lora":
+            raise inits.VariantError(f"adapter: '{variant['adapter']}' cannot continue a warm-up adapter (warmup: true)")
+        inits.check_warmup_matches(warmup_dir, lora, variant, model_dir)
+    tokenizer = load_tokenizer(model_dir)
+    texts, calibration = ([], None) if warm else _calibration(rows, variant, tokenizer, "adapt", hp)
+    if warm and inits.needs_calibration(variant):
+        calibration = dict(read_json(Path(warmup_dir) / "training.json").get("calibration") or {},
+                           from_warmup=str(warmup_dir))
+    record = {"phase": "adapt", "method": method, "init": init, "variant": variant, "n": n, "seed": seed,
+              "hparams": hp, "lora": lora, "calibration": calibration,
               "train_ids": [r["id"] for r in rows], "train_data_sha256": sha256_file(train_path), "device": device}
-    inputs = {"model": model_dir, "train_data": train_path, "warmup_adapter": warmup_dir if init == "d2lora" else None}
+    if warm:
+        record["residual_base"] = inits.residual_record(warmup_dir)
+
+    def build_model(initial_dir):
+        base = load_model(model_dir, device=device)
+        if variant["adapter"] != "lora":
+            return _adaptive_adapter(base, lora, variant, _total_steps(len(rows), hp), seed)
+        if warm:
+            return inits.warm_started_adapter(base, warmup_dir, lora, variant, model_dir), []
+        if initial_dir is not None:
+            return inits.residual_from_initial(base, initial_dir, variant["init_lora_weights"]), []
+        return inits.fresh_adapter(base, lora, variant, texts, tokenizer, max_length=int(hp.get("max_length", 1024))), []
+
+    inputs = {"model": model_dir, "train_data": train_path, "warmup_adapter": warmup_dir if warm else None}
     print(f"adapt: {method}/{init} n={n} seed={seed} on {device}", file=sys.stderr)
-    return _fit(method, model, tokenizer, rows, hp, Path(out_dir), seed, device, record, inputs, checkpoint_steps)
+    return _fit(method, build_model, tokenizer, rows, hp, Path(out_dir), seed, device, record, inputs, checkpoint_steps,
+                variant, fresh_residual=inits.is_residual(variant) and not warm)

@@ -33,6 +33,10 @@ def _common_args(hp: dict, output_dir: str, seed: int, use_cpu: bool, checkpoint
         bf16=bool(hp.get("bf16", False)),
         # TRL turns checkpointing on by default; it trades ~30% speed for memory only large models need.
         gradient_checkpointing=bool(hp.get("gradient_checkpointing", False)),
+        # Batches of similar length pad less; the batches differ from random ones, so it is off
+        # unless a config asks (benchmarks/speed.py measures both).
+        # (transformers 5 spells it train_sampling_strategy; 4.x had group_by_length=True.)
+        train_sampling_strategy="group_by_length" if hp.get("group_by_length") else "random",
         seed=seed,
         data_seed=seed,
         logging_steps=1,

@@ -1,0 +1,18 @@
+#!/bin/bash
+# Progress so far, and everything worth keeping packed into $OUT (at most 8 files come back).
+cd /root/run 2>/dev/null || exit 0
+export PYTHONPATH=/tmp/site:/root/run/src
+cat /root/pipeline.log | tail -25
+grep -c "Finished job" benchmarks/out/snakemake.log 2>/dev/null | sed 's/^/finished jobs: /'
+grep -E "^[0-9]+ of [0-9]+ steps" benchmarks/out/snakemake.log 2>/dev/null | tail -1
+grep -B2 -A8 "^Error in rule" benchmarks/out/snakemake.log 2>/dev/null | head -40
+nvidia-smi --query-gpu=utilization.gpu,memory.used --format=csv,noheader 2>/dev/null
+python3 benchmarks/run_mini.py table --out benchmarks/out > /dev/null 2>&1 || true
+[ -n "$OUT" ] || exit 0
+tar -czf $OUT/results.tar.gz results/metrics results/figures results/tables results/provenance results/benchmarks \
+   $(ls -d results/adapters/*/*/*/*/*/training.json results/warmup/*/*/training.json results/warmup/*/training.json 2>/dev/null) \
+   $(find results/eval -name scores.json 2>/dev/null) benchmarks/out/*.json benchmarks/out/*.md benchmarks/out/*.tsv 2>/dev/null
+tar -czf $OUT/predictions.tar.gz $(find results/eval -name predictions.jsonl 2>/dev/null) 2>/dev/null
+tar -czf $OUT/logs.tar.gz logs benchmarks/out/snakemake.log /root/*.log 2>/dev/null
+cp /root/pipeline.log /root/speed.log $OUT/ 2>/dev/null; cp benchmarks/out/timing.md $OUT/ 2>/dev/null
+ls -la $OUT

