@@ -176,13 +176,13 @@ def main(argv=None) -> None:
                         help="jobs sharing the one GPU at a time (--resources gpu=N); small models leave it idle at 1")
     parser.add_argument("--results", default="results")
     parser.add_argument("--out", default="benchmarks/out")
-    parser.add_argument("snakemake_args", nargs="*", help="passed to snakemake before the target (after --: --configfile must come last)")
-    args = parser.parse_args(argv)
+    # Anything else (e.g. --scheduler greedy) goes to snakemake, before the target.
+    args, snakemake_args = parser.parse_known_args(argv)
     out, results = ROOT / args.out, ROOT / args.results
     out.mkdir(parents=True, exist_ok=True)
     if args.action == "run":
         measure_device(out)
-        run_workflow(args.config, args.cores, args.gpu_jobs, out, args.snakemake_args)
+        run_workflow(args.config, args.cores, args.gpu_jobs, out, snakemake_args)
     write_table(results, out)
 
 

