@@ -63,7 +63,7 @@ CONFIG_CASES = [
     ("duplicate grid cells (n)", _set("experiments.figure2.n", [0, 2, 2]), r"non-unique[\s\S]*\['figure2'\]\['n'\]"),
     ("duplicate seeds", _set("seeds", [0, 0]), r"non-unique[\s\S]*\['seeds'\]"),
     ("unknown method", _set("experiments.figure1.methods", ["sft", "ppo"]), r"'ppo' is not one of"),
-    ("unknown init", _set("experiments.figure2.inits", ["lora", "pissa"]), r"'pissa' is not one of"),
+    ("unknown init", _set("experiments.figure2.inits", ["lora", "pissa"]), r"experiments\.figure2\.inits: 'pissa' is not a known variant[\s\S]*define it under `variants`"),
     ("path traversal in run_name", _set("run_name", "../../etc"), r"does not match[\s\S]*\['run_name'\]"),
     ("run_name '..'", _set("run_name", ".."), r"does not match[\s\S]*\['run_name'\]"),
     ("negative checkpoint interval", _set("training.checkpoint_steps", -5), r"\['training'\]\['checkpoint_steps'\]"),

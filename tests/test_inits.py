@@ -326,16 +326,13 @@ def test_a_bad_variant_fails_naming_its_key(variant, message, tiny_model_dir, tr
 
 
 def test_adaptive_adapters_dispatch_to_dynamic_lora(tiny_model_dir, train_file, tmp_path, monkeypatch):
+    """AdaLoRA and Dynamic LoRA are built by d2lora.training.dynamic_lora with the variant's options, the
+    run's step count and, for Dynamic LoRA only (it draws the A rows of granted rank), the run's seed;
+    the callbacks it returns join the trainer."""
     from peft import get_peft_model
     from transformers import TrainerCallback
 
     from d2lora.training.adapters import lora_config
-
-    missing = types.ModuleType("d2lora.training.dynamic_lora")
-    monkeypatch.setitem(sys.modules, "d2lora.training.dynamic_lora", missing)
-    with pytest.raises(ValueError, match=r"adapter 'adalora': needs d2lora\.training\.dynamic_lora\.adaptive_adapter"):
-        run_adaptation(tiny_model_dir, train_file, "sft", "adalora", 4, LORA, HP, tmp_path / "a", seed=0, device="cpu",
-                       variant={"adapter": "adalora", "target_rank": 2})
 
     calls, steps = [], []
 
@@ -349,11 +346,18 @@ def test_adaptive_adapters_dispatch_to_dynamic_lora(tiny_model_dir, train_file, 
 
     fake = types.ModuleType("d2lora.training.dynamic_lora")
     fake.adaptive_adapter = adaptive_adapter
+    fake.DEFAULTS = {"adalora": {"reallocations": 10}, "dynamic": {"reallocations": 10, "seed": 0}}
+    fake.adapter_report = lambda model: {"ranks": "reported"}
     monkeypatch.setitem(sys.modules, "d2lora.training.dynamic_lora", fake)
-    record = run_adaptation(tiny_model_dir, train_file, "sft", "adalora", 4, LORA, HP, tmp_path / "b", seed=0,
-                            device="cpu", variant={"adapter": "adalora", "target_rank": 2})
-    assert calls == [({"adapter": "adalora", "target_rank": 2, "warmup": False}, 2)] and steps == [1, 2]
-    assert record["variant"]["adapter"] == "adalora"
+    record = run_adaptation(tiny_model_dir, train_file, "sft", "adalora", 4, LORA, HP, tmp_path / "a", seed=7,
+                            device="cpu", variant={"adapter": "adalora", "options": {"reallocations": 3}})
+    assert calls == [({"adapter": "adalora", "reallocations": 3}, 2)] and steps == [1, 2]
+    assert record["variant"]["adapter"] == "adalora" and record["adapter"] == {"ranks": "reported"}
+
+    calls.clear()
+    run_adaptation(tiny_model_dir, train_file, "sft", "dynamic", 4, LORA, HP, tmp_path / "b", seed=7,
+                   device="cpu", variant={"adapter": "dynamic"})
+    assert calls == [({"adapter": "dynamic", "seed": 7}, 2)]
 
 
 def test_resumed_residual_run_rebuilds_the_same_residual_base(tiny_model_dir, train_file, tmp_path, monkeypatch):
