@@ -334,3 +334,18 @@ def test_prompts_longer_than_max_length_are_refused_not_silently_dropped(tiny_mo
         run_adaptation(tiny_model_dir, train, method, "lora", 4, {"rank": 4, "alpha": 8}, hp, tmp_path / "out", seed=0,
                        device="cpu", checkpoint_steps=1)
     assert _files(tmp_path) == before, "a refused run leaves no checkpoint folder behind"
+
+
+PRESETS = sorted([*(REPO / "config").glob("*.yaml"), *(REPO / "benchmarks").glob("*.yaml")])
+
+
+@pytest.mark.parametrize("preset", PRESETS, ids=lambda p: str(p.relative_to(REPO)))
+def test_every_shipped_preset_passes_what_the_workflow_checks_first(preset, monkeypatch):
+    """A preset nobody ran since the schema changed would fail only when a user starts it."""
+    if "../shared/" in preset.read_text() and not (REPO.parent / "shared" / "data").is_dir():
+        pytest.skip("needs ../shared/data beside the repository")
+    monkeypatch.chdir(REPO)  # relative data paths resolve against the repository root, as in a run
+    grid.check_config_files([preset])
+    config = yaml.safe_load(preset.read_text())
+    validate(config, schema=SCHEMA)
+    grid.check(config)
