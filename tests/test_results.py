@@ -426,6 +426,12 @@ def test_comparison_table_columns_follow_labels(metrics, reference):
     assert list(table.columns) == ["method", "n", "Vanilla", "Warm", "Δ", "seeds", "paper Vanilla", "paper Warm",
                                    "paper Δ"]
     assert table["Δ"].iloc[2] == pytest.approx(12.5) and table["paper Δ"].iloc[2] == pytest.approx(79.53 - 78.17)
+    # A variant the paper never ran gets our column and no blank "paper" one.
+    extra = pd.concat([metrics, metrics[metrics["init"] == "lora"].assign(init="pissa")])
+    table = comparison_table(extra, dict(MATH_SPEC, inits=["lora", "d2lora", "pissa"]), reference,
+                             labels={"pissa": "PiSSA"})
+    assert list(table.columns) == ["method", "n", "LoRA", "D2LoRA", "PiSSA", "Δ", "seeds", "paper LoRA", "paper D2LoRA",
+                                   "paper Δ"]
 
 
 def test_hyperparameter_table_warmup_row_for_any_warm_variant():
