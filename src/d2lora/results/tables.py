@@ -81,8 +81,8 @@ def comparison_table(metrics_df: pd.DataFrame, spec: dict, reference_df: pd.Data
     if paper is not None:
         table = table.merge(paper, on=["method", "n"], how="left")
     # The paper reports lora and d2lora only: no all-blank "paper" column for every other variant.
-    paper_inits = [f"paper {c}" for c in columns if paper is not None and f"paper {c}" in paper]
-    ordered = ["method", "n", *columns, DELTA, "seeds", *paper_inits, f"paper {DELTA}"]
+    paper_init_columns = [f"paper {c}" for c in columns if paper is not None and f"paper {c}" in paper]
+    ordered = ["method", "n", *columns, DELTA, "seeds", *paper_init_columns, f"paper {DELTA}"]
     for column in ordered:
         if column not in table:
             table[column] = float("nan")
