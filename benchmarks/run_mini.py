@@ -16,9 +16,11 @@ import argparse
 import csv
 import json
 import os
+import re
 import subprocess
 import sys
 import time
+from datetime import datetime
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -165,6 +167,49 @@ def write_table(results: Path, out: Path) -> None:
                      f"{_fmt(r['mfu'] * 100 if r['mfu'] else None, 2)}{'%' if r['mfu'] else ''} | {_fmt(r['items'])} | {_fmt(r['items_per_s'])} |")
     (out / "timing.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines[: 12 + len(by_rule)]))
+    write_summary(results, out, rows, device, wall)
+
+
+_STEPS = re.compile(r"^(\d+) of (\d+) steps")
+_STAMP = re.compile(r"^\[(\w{3} \w{3} +\d+ \d\d:\d\d:\d\d \d{4})\]")
+
+
+def workflow_progress(log: Path) -> dict:
+    """Jobs done and planned, and seconds from the first to the last timestamp, from Snakemake's log.
+
+    Read from the log rather than the finished run so a run cut off midway still reports them.
+    """
+    done = total = None
+    stamps = []
+    for line in log.read_text(errors="replace").splitlines() if log.is_file() else []:
+        if match := _STEPS.match(line):
+            done, total = int(match[1]), int(match[2])
+        elif match := _STAMP.match(line):
+            stamps.append(datetime.strptime(" ".join(match[1].split()), "%a %b %d %H:%M:%S %Y"))
+    span = (stamps[-1] - stamps[0]).total_seconds() if len(stamps) > 1 else None
+    return {"jobs_done": done, "jobs_total": total, "log_span_s": span}
+
+
+def write_summary(results: Path, out: Path, rows: list[dict], device: dict, wall: dict) -> dict:
+    """summary.json: the run in a few numbers (GPU, jobs, wall clock, the GSM8K evaluations)."""
+    progress = workflow_progress(out / "snakemake.log")
+    gsm8k = [r for r in rows if r["rule"] == "evaluate" and r["job"].startswith("gsm8k/")]
+    summary = {
+        "gpu": device.get("name"),
+        "bf16_matmul_tflops": round(device["bf16_matmul_flops"] / 1e12, 1) if device.get("bf16_matmul_flops") else None,
+        "jobs_total": progress["jobs_total"],
+        "jobs_done": progress["jobs_done"],
+        "finished": bool(wall) and wall.get("exit_code") == 0,
+        # The whole workflow's wall clock once it has ended; until then the span its log covers.
+        "grid_wall_s": wall.get("wall_seconds") if wall else progress["log_span_s"],
+        "gsm8k_items": max((r["items"] or 0 for r in gsm8k), default=None),
+        "gsm8k_eval_jobs": len(gsm8k),
+        "gsm8k_eval_s_mean": round(sum(r["wall_s"] for r in gsm8k) / len(gsm8k), 1) if gsm8k else None,
+        "job_seconds_by_rule": {rule: round(sum(r["wall_s"] for r in rows if r["rule"] == rule), 1)
+                                for rule in sorted({r["rule"] for r in rows})},
+    }
+    (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    return summary
 
 
 def main(argv=None) -> None:

@@ -11,8 +11,9 @@ python3 benchmarks/run_mini.py table --out benchmarks/out > /dev/null 2>&1 || tr
 [ -n "$OUT" ] || exit 0
 tar -czf $OUT/results.tar.gz results/metrics results/figures results/tables results/provenance results/benchmarks \
    $(ls -d results/adapters/*/*/*/*/*/training.json results/warmup/*/*/training.json results/warmup/*/training.json 2>/dev/null) \
-   $(find results/eval -name scores.json 2>/dev/null) benchmarks/out/*.json benchmarks/out/*.md benchmarks/out/*.tsv 2>/dev/null
+   $(find results/eval -name scores.json -o -name manifest.json 2>/dev/null) $(ls results/data/*/manifest.json 2>/dev/null) \
+   benchmarks/out/*.json benchmarks/out/*.md benchmarks/out/*.tsv 2>/dev/null
 tar -czf $OUT/predictions.tar.gz $(find results/eval -name predictions.jsonl 2>/dev/null) 2>/dev/null
 tar -czf $OUT/logs.tar.gz logs benchmarks/out/snakemake.log /root/*.log 2>/dev/null
-cp /root/pipeline.log /root/speed.log $OUT/ 2>/dev/null; cp benchmarks/out/timing.md $OUT/ 2>/dev/null
+cp /root/pipeline.log /root/speed.log $OUT/ 2>/dev/null; cp benchmarks/out/timing.md benchmarks/out/summary.json $OUT/ 2>/dev/null
 ls -la $OUT

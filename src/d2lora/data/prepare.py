@@ -14,7 +14,7 @@ from pathlib import Path
 
 from d2lora.data import synthetic
 from d2lora.data.schema import validate_rows
-from d2lora.data.sources import load_raw, source_format, source_name, source_origin, to_canonical
+from d2lora.data.sources import DROP_RULES, load_raw, map_rows, source_format, source_name, source_origin
 from d2lora.io import DataFileError, read_json, read_jsonl, sha256_file, staged_dir, write_json, write_jsonl
 
 ROLE_FORMS: dict[str, dict[str, str]] = {
@@ -74,14 +74,17 @@ def _load_split(source_cfg: dict, form: str, prompt_template: str | None, seed: 
     """Canonical rows of one split and the manifest's record of where they came from."""
     raw, files = load_raw(source_cfg, seed)
     fmt = source_format(source_cfg)
-    rows = to_canonical(raw, fmt, form, prompt_template, source_name(source_cfg), source_origin(source_cfg))
+    rows, dropped = map_rows(raw, fmt, form, prompt_template, source_name(source_cfg), source_origin(source_cfg))
     record = {
         "config": source_cfg,
         "format": fmt,
         "form": form,
         "rows": len(rows),
+        "rows_read": len(raw),
         "files": [{"path": str(path), "sha256": sha256_file(path)} for path in files],
     }
+    if fmt in DROP_RULES:
+        record["dropped"] = {"rows": dropped, "rule": DROP_RULES[fmt]}
     if source_cfg.get("source") == "synthetic":
         record["generator"] = _generator_record(source_cfg, seed)
     return rows, record

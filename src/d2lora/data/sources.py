@@ -16,6 +16,7 @@ turns one raw row into one canonical row. New sources add an entry with `registe
 from __future__ import annotations
 
 import os
+import random
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -132,7 +133,23 @@ def load_raw(source_cfg: dict, seed: int) -> tuple[list[dict], list[str]]:
         )
     else:
         raise ValueError(f"unknown source {kind!r}; known sources: {', '.join(SOURCE_KINDS)}")
-    return apply_skip_limit(rows, source_cfg), files
+    return apply_skip_limit(apply_shuffle(rows, source_cfg, seed), source_cfg), files
+
+
+def apply_shuffle(rows: list[dict], source_cfg: dict, seed: int) -> list[dict]:
+    """With `shuffle: true`, the source's rows in one order drawn from the seed, before skip and limit.
+
+    A file sorted by date or id would otherwise hand its oldest rows to the held-out `limit` head.
+    Rows without an id of their own first get one from their position in the file, so an id
+    still points at the file's row, and the train and held-out parts of one source stay disjoint.
+    """
+    if not source_cfg.get("shuffle"):
+        return rows
+    name = source_name(source_cfg)
+    rows = [row if not isinstance(row, dict) or row.get("id") is not None else {"id": f"{name}-{index:06d}", **row}
+            for index, row in enumerate(rows)]
+    random.Random(f"source-order-{seed}").shuffle(rows)
+    return rows
 
 
 def _count_arg(source_cfg: dict, key: str) -> int | None:
@@ -150,6 +167,7 @@ def apply_skip_limit(rows: list[dict], source_cfg: dict) -> list[dict]:
     """
     skip, limit = _count_arg(source_cfg, "skip"), _count_arg(source_cfg, "limit")
     if skip:
+        # Shuffled rows already carry their file position (apply_shuffle) and keep it.
         name = source_name(source_cfg)
         rows = [row if not isinstance(row, dict) or row.get("id") is not None else {"id": f"{name}-{index:06d}", **row}
                 for index, row in enumerate(rows[skip:], start=skip)]
@@ -239,12 +257,17 @@ def source_origin(source_cfg: dict) -> str:
         return f"synthetic:{source_cfg.get('kind')}/{source_cfg.get('split')}"
     if kind == "hub":
         name = f"[{source_cfg['name']}]" if source_cfg.get("name") else ""
-        origin = f"hub:{source_cfg.get('path')}{name}/{source_cfg.get('split')}"
-        return f"{origin} (rows counted after skipping {source_cfg['skip']})" if source_cfg.get("skip") else origin
+        return f"hub:{source_cfg.get('path')}{name}/{source_cfg.get('split')}" + _row_numbering(source_cfg)
     files = source_cfg.get("data_files")
     origin = str(files) if isinstance(files, (str, os.PathLike)) else ", ".join(map(str, files))
-    # Rows are numbered after `skip`; say so, or "row 3" would point at the wrong line of the file.
-    return f"{origin} (rows counted after skipping {source_cfg['skip']})" if source_cfg.get("skip") else origin
+    return origin + _row_numbering(source_cfg)
+
+
+def _row_numbering(source_cfg: dict) -> str:
+    # Rows are numbered after shuffle and skip; say so, or "row 3" would point at the wrong line.
+    if source_cfg.get("shuffle"):
+        return " (rows counted in the seeded shuffle order; a row's id ends in its position in the file)"
+    return f" (rows counted after skipping {source_cfg['skip']})" if source_cfg.get("skip") else ""
 
 
 # ----------------------------------------------------------------------------- mapping
@@ -260,12 +283,18 @@ class MappingContext:
     prompt_template: str | None
 
 
-Mapper = Callable[[dict, int, MappingContext], dict]
+Mapper = Callable[[dict, int, MappingContext], "dict | None"]
 FORMATS: dict[str, dict[str, Mapper]] = {}
+# Formats whose mapper returns None for rows it drops, and the rule it drops them by (for manifests).
+DROP_RULES: dict[str, str] = {}
 
 
-def register_format(fmt: str, *forms: str) -> Callable[[Mapper], Mapper]:
-    """Register `fn(raw_row, index, ctx) -> canonical row` as the mapping of `fmt` to `forms`."""
+def register_format(fmt: str, *forms: str, drops: str | None = None) -> Callable[[Mapper], Mapper]:
+    """Register `fn(raw_row, index, ctx) -> canonical row` as the mapping of `fmt` to `forms`.
+
+    `drops` says which rows the mapper leaves out by returning None (e.g. "rows with an empty
+    output"); a format without it must map every row.
+    """
     unknown = [form for form in forms if form not in FORM_FIELDS]
     if unknown:
         raise ValueError(f"unknown form(s) {unknown}; known forms: {', '.join(FORM_FIELDS)}")
@@ -273,6 +302,8 @@ def register_format(fmt: str, *forms: str) -> Callable[[Mapper], Mapper]:
     def register(fn: Mapper) -> Mapper:
         for form in forms:
             FORMATS.setdefault(fmt, {})[form] = fn
+        if drops:
+            DROP_RULES[fmt] = drops
         return fn
 
     return register
@@ -589,6 +620,49 @@ def _econ_titles_eval(row: dict, index: int, ctx: MappingContext) -> dict:
     }
 
 
+@register_format("arxiv_titles", "pairs")
+def _arxiv_titles_pair(row: dict, index: int, ctx: MappingContext) -> dict:
+    """arXiv listing metadata (../shared/data/econ_titles): clean_abstract -> clean_title; SFT only."""
+    abstract, title = _arxiv_parts(row, index, ctx)
+    return {"id": _arxiv_id(row, index, ctx), "prompt": fill_template(ctx.prompt_template, "abstract", abstract),
+            "chosen": title, "rejected": None}
+
+
+@register_format("arxiv_titles", "generation_eval")
+def _arxiv_titles_eval(row: dict, index: int, ctx: MappingContext) -> dict:
+    abstract, title = _arxiv_parts(row, index, ctx)
+    return {"id": _arxiv_id(row, index, ctx), "prompt": fill_template(ctx.prompt_template, "abstract", abstract),
+            "reference": title}
+
+
+def _arxiv_parts(row: dict, index: int, ctx: MappingContext) -> tuple[str, str]:
+    # The clean_* fields drop the RSS feed's artefacts ("(arXiv:... [econ.TH])" tags, the
+    # "Announce Type" prefix) that the raw title and abstract keep.
+    abstract = " ".join(_text(row, "clean_abstract", index, ctx).split())
+    title = " ".join(_text(row, "clean_title", index, ctx).split())
+    return abstract, title
+
+
+def _arxiv_id(row: dict, index: int, ctx: MappingContext) -> str:
+    return f"arXiv:{row['arxiv_id']}" if row.get("arxiv_id") else row_id(row, index, ctx)
+
+
+@register_format("alpaca", "pairs", drops="rows whose output is empty")
+def _alpaca_pair(row: dict, index: int, ctx: MappingContext) -> dict | None:
+    """Stanford Alpaca (instruction, input, output): instruction + input as the prompt, output as the
+    answer; no rejected answer, so it serves the warm-up (prompt + chosen) and SFT."""
+    instruction = _text(row, "instruction", index, ctx).strip()
+    extra = row.get("input") or ""
+    if not isinstance(extra, str):
+        raise DataFileError(f"{_where(index, ctx)}: field 'input' must be text (format {ctx.fmt})")
+    output = _text(row, "output", index, ctx).strip()
+    if not output:
+        return None
+    prompt = f"{instruction}\n\n{extra.strip()}" if extra.strip() else instruction
+    return {"id": row_id(row, index, ctx), "prompt": fill_template(ctx.prompt_template, "instruction", prompt),
+            "chosen": output, "rejected": None}
+
+
 @register_format("gsm8k_onpolicy", "pairs")
 def _gsm8k_onpolicy_pair(row: dict, index: int, ctx: MappingContext) -> dict:
     """GSM8K train question; chosen = its reference solution (boxed), rejected = the base model's
@@ -638,11 +712,29 @@ def to_canonical(
     `source_name` builds ids for rows that have none; `origin` (default: source_name) is what
     error messages call the source, e.g. a file path or hub id.
     """
+    return map_rows(raw_rows, fmt, form, prompt_template, source_name, origin)[0]
+
+
+def map_rows(
+    raw_rows: list[dict],
+    fmt: str,
+    form: str,
+    prompt_template: str | None,
+    source_name: str,
+    origin: str | None = None,
+) -> tuple[list[dict], int]:
+    """Like to_canonical, and also how many rows the format's drop rule (DROP_RULES) left out."""
     mapper = _mapper(fmt, form)
     ctx = MappingContext(fmt, source_name, origin or source_name, prompt_template)
-    rows = []
+    rows, dropped = [], 0
     for index, raw in enumerate(raw_rows):
         if not isinstance(raw, dict):
             raise DataFileError(f"{_where(index, ctx)}: expected an object, got {type(raw).__name__}")
-        rows.append(mapper(raw, index, ctx))
-    return validate_rows(rows, form, ctx.origin)
+        mapped = mapper(raw, index, ctx)
+        if mapped is None:
+            if fmt not in DROP_RULES:
+                raise RuntimeError(f"format {fmt!r} returned no row for {_where(index, ctx)} but declares no drop rule")
+            dropped += 1
+            continue
+        rows.append(mapped)
+    return validate_rows(rows, form, ctx.origin), dropped
