@@ -1,5 +1,5 @@
 #!/bin/bash
-# Progress so far, and everything worth keeping packed into $OUT (at most 8 files come back).
+# Progress so far, and everything worth keeping packed into the output folder $OUT (8 files at most).
 cd /root/run 2>/dev/null || exit 0
 export PYTHONPATH=/tmp/site:/root/run/src
 cat /root/pipeline.log | tail -25

@@ -1,5 +1,5 @@
 #!/bin/bash
-# Keep what this call carried: the next call replaces the working tree's copy.
+# Keep what this transfer brought: the next transfer replaces the working copy it arrived in.
 set -e
 mkdir -p /root/stash/wheels /root/stash/parts
 for dir in .whl/*/; do
