@@ -167,6 +167,103 @@ def test_skip_and_limit_carve_disjoint_eval_and_train(tmp_path):
                      source_origin({**cfg, "data_files": str(bad), "skip": 3}))
 
 
+# ----------------------------------------------------------------------------- arXiv econ/q-fin stand-in, seeded held-out draw
+
+ARXIV_ROW = {
+    "title": "Managing Persuasion Robustly. (arXiv:2310.10024v1 [econ.TH])",
+    "abstract": "arXiv:2310.10024v1 Announce Type: new Abstract: We study a sender-receiver model.",
+    "arxiv_id": "2310.10024",
+    "clean_title": "Managing Persuasion Robustly",
+    "clean_abstract": "We study a  sender-receiver\n model.",
+}
+
+
+def test_arxiv_titles_reads_the_clean_fields_and_keeps_the_arxiv_id():
+    (pair,) = _map([ARXIV_ROW], "arxiv_titles", "pairs", TITLES_PROMPT)
+    (evaluation,) = _map([ARXIV_ROW], "arxiv_titles", "generation_eval", TITLES_PROMPT)
+    assert pair == {"id": "arXiv:2310.10024", "prompt": TITLES_PROMPT.replace("{abstract}", "We study a sender-receiver model."),
+                    "chosen": "Managing Persuasion Robustly", "rejected": None}
+    assert evaluation["reference"] == "Managing Persuasion Robustly" and evaluation["prompt"] == pair["prompt"]
+    with pytest.raises(DataFileError, match="row 1: missing field 'clean_abstract'"):
+        _map([{"title": "T", "abstract": "A.", "clean_title": "T"}], "arxiv_titles", "pairs", TITLES_PROMPT)
+
+
+def test_shuffled_source_draws_the_held_out_head_at_random_and_disjoint(tmp_path):
+    # Sorted by id, as the real file is: without the shuffle the held-out set is the oldest rows.
+    rows = [{**ARXIV_ROW, "arxiv_id": f"{2300 + i}.00001", "clean_title": f"T{i}", "clean_abstract": f"A{i}."}
+            for i in range(40)]
+    path = _write_jsonl(tmp_path / "arxiv.jsonl", rows)
+    cfg = {"source": "local", "data_files": str(path), "format": "arxiv_titles", "shuffle": True}
+    role = {"prompt_template": TITLES_PROMPT, "train": {**cfg, "skip": 10}, "eval": {**cfg, "limit": 10}}
+    prepare_role("titles", role, tmp_path / "titles", seed=0, max_n=30)
+    held_out = [r["id"] for r in load_prepared(tmp_path / "titles", "eval")]
+    train = {r["id"] for r in load_prepared(tmp_path / "titles", "train")}
+    assert len(held_out) == 10 and len(train) == 30 and not train & set(held_out)
+    assert held_out != [f"arXiv:{2300 + i}.00001" for i in range(10)]  # not the file's head
+    assert train | set(held_out) == {f"arXiv:{2300 + i}.00001" for i in range(40)}
+    # The seed decides the draw: the same seed gives the same rows, another seed others.
+    def head(seed):
+        return [f"arXiv:{row['arxiv_id']}" for row in load_raw({**cfg, "limit": 10}, seed)[0]]
+
+    assert head(0) == held_out and head(1) != held_out
+    assert "seeded shuffle order" in source_origin(cfg)
+
+
+def test_shuffle_gives_rows_without_an_id_their_file_position():
+    rows = [{"instruction": f"Say {i}.", "input": "", "output": str(i)} for i in range(6)]
+    cfg = {"source": "local", "data_files": "unused.jsonl", "format": "alpaca", "shuffle": True}
+    from d2lora.data.sources import apply_shuffle
+
+    shuffled = apply_shuffle(rows, cfg, seed=0)
+    assert sorted(r["id"] for r in shuffled) == [f"unused-{i:06d}" for i in range(6)]
+    assert [r["id"] for r in shuffled] != sorted(r["id"] for r in shuffled)
+    assert all(r["output"] == r["id"][-1] for r in shuffled)  # the id names the row it was in the file
+
+
+# ----------------------------------------------------------------------------- Stanford Alpaca (warm-up stand-in)
+
+
+def test_alpaca_prompt_is_instruction_and_input_and_empty_outputs_are_dropped_and_counted(tmp_path):
+    rows = [
+        {"instruction": "Arrange the following musical notes", "input": "G, B, E", "output": "E, G, B"},
+        {"instruction": "Explain cash flow.", "input": "", "output": " Cash flow is ... "},
+        {"instruction": "Convert 20 inches to centimetres", "input": "", "output": ""},
+    ]
+    mapped = _map(rows, "alpaca", "pairs")
+    assert [r["prompt"] for r in mapped] == ["Arrange the following musical notes\n\nG, B, E", "Explain cash flow."]
+    assert [r["chosen"] for r in mapped] == ["E, G, B", "Cash flow is ..."] and {r["rejected"] for r in mapped} == {None}
+    path = _write_jsonl(tmp_path / "alpaca.jsonl", rows)
+    manifest = prepare_role("warmup", {"train": {"source": "local", "data_files": str(path), "format": "alpaca"}},
+                            tmp_path / "warmup", seed=0)
+    record = manifest["sources"]["train"]
+    assert manifest["counts"]["train"] == 2 and record["rows_read"] == 3
+    assert record["dropped"] == {"rows": 1, "rule": "rows whose output is empty"}
+    with pytest.raises(DataFileError, match="row 1: missing field 'output'"):
+        _map([{"instruction": "x", "input": ""}], "alpaca", "pairs")
+
+
+def test_a_format_without_a_drop_rule_may_not_drop_rows():
+    from d2lora.data.sources import FORMATS, register_format
+
+    register_format("test_silent_drop", "pairs")(lambda row, index, ctx: None)
+    try:
+        with pytest.raises(RuntimeError, match="declares no drop rule"):
+            _map([{"a": 1}], "test_silent_drop", "pairs")
+    finally:
+        FORMATS.pop("test_silent_drop")
+
+
+def test_real_stand_ins_prepare_as_the_mini_preset_reads_them(tmp_path):
+    abstracts, alpaca = _shared("econ_titles/econ_qfin_arxiv_abstracts.jsonl"), _shared("general_instruct/alpaca_5000.jsonl")
+    cfg = {"source": "local", "data_files": str(abstracts), "format": "arxiv_titles", "shuffle": True}
+    titles = prepare_role("titles", {"prompt_template": TITLES_PROMPT, "train": {**cfg, "skip": 100},
+                                     "eval": {**cfg, "limit": 100}}, tmp_path / "titles", seed=0, max_n=4360)
+    assert titles["counts"] == {"train": 4360, "eval": 100}
+    warmup = prepare_role("warmup", {"train": {"source": "local", "data_files": str(alpaca), "format": "alpaca"}},
+                          tmp_path / "warmup", seed=0)
+    assert warmup["counts"]["train"] == 4998 and warmup["sources"]["train"]["dropped"]["rows"] == 2
+
+
 # ----------------------------------------------------------------------------- real GSM8K / ARC-Easy copies
 
 
