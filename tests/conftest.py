@@ -12,6 +12,9 @@ import pytest
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# `auto` precision reads as "no native bf16" in the suite, so its numbers do not depend on the CPU
+# it runs on (tests/test_precision.py fakes both outcomes).
+os.environ.setdefault("D2LORA_NATIVE_BF16", "0")
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = (REPO.parent / "shared" / "data").resolve()

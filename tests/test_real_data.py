@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -262,6 +263,41 @@ def test_real_stand_ins_prepare_as_the_mini_preset_reads_them(tmp_path):
     warmup = prepare_role("warmup", {"train": {"source": "local", "data_files": str(alpaca), "format": "alpaca"}},
                           tmp_path / "warmup", seed=0)
     assert warmup["counts"]["train"] == 4998 and warmup["sources"]["train"]["dropped"]["rows"] == 2
+
+
+def test_embedded_default_reads_the_shipped_subsets_with_the_gpu_presets_formats(tmp_path):
+    default, mini = _config("config.yaml"), _config("mini.yaml")
+    cwd = os.getcwd()
+    os.chdir(REPO)  # the config's paths are relative to the repository root, where Snakemake runs
+    try:
+        for role in ("warmup", "titles"):
+            assert default["datasets"][role]["train"]["format"] == mini["datasets"][role]["train"]["format"]
+            assert default["datasets"][role]["train"]["data_files"].startswith("workflow/resources/data/")
+        titles = prepare_role("titles", default["datasets"]["titles"], tmp_path / "titles", seed=0, max_n=16)
+        warmup = prepare_role("warmup", default["datasets"]["warmup"], tmp_path / "warmup", seed=0)
+    finally:
+        os.chdir(cwd)
+    assert titles["counts"] == {"train": 64, "eval": 16} and warmup["counts"]["train"] == 64
+    held_out = {r["id"] for r in load_prepared(tmp_path / "titles", "eval")}
+    assert not held_out & {r["id"] for r in load_prepared(tmp_path / "titles", "train")}
+
+
+def test_shipped_subsets_match_their_source_files_and_are_redrawn_exactly():
+    resources = REPO / "workflow" / "resources" / "data"
+    for name, rows in (("econ_titles", 80), ("alpaca", 64)):
+        folder = resources / name
+        subset_file = folder / f"{name}_{rows}.jsonl"
+        assert (folder / "LICENSE").is_file() and sha256_file(subset_file) in (folder / "SOURCE.md").read_text()
+        assert len(subset_file.read_text(encoding="utf-8").splitlines()) == rows
+    _shared("econ_titles/econ_qfin_arxiv_abstracts.jsonl")
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("make_subsets", resources / "make_subsets.py")
+    make_subsets = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(make_subsets)
+    for name, (relative, sha256, rows, keep) in make_subsets.SUBSETS.items():
+        drawn = make_subsets.draw(SHARED_DATA / relative, sha256, rows, keep)
+        assert "\n".join(drawn) + "\n" == (resources / name / f"{name}_{rows}.jsonl").read_text(encoding="utf-8")
 
 
 # ----------------------------------------------------------------------------- real GSM8K / ARC-Easy copies

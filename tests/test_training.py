@@ -44,6 +44,11 @@ def test_warmup_writes_a_safetensors_adapter_and_a_record(warmup_adapter):
     record = json.loads((warmup_adapter / "training.json").read_text())
     assert record["phase"] == "warmup" and record["rows"] == 6 and record["global_steps"] == 3
     assert record["train_tokens"] > 0
+    # HP leaves bf16 unset (auto); the suite reads auto as no native bf16 (conftest).
+    assert record["hparams"]["bf16"] is False
+    assert record["precision"]["setting"] == "auto" and "D2LORA_NATIVE_BF16=0" in record["precision"]["reason"]
+    manifest = json.loads((warmup_adapter / "manifest.json").read_text())
+    assert manifest["params"]["precision"] == record["precision"]
 
 
 @pytest.mark.parametrize("method", ["sft", "dpo", "orpo"])

@@ -116,11 +116,15 @@ def prepare_base_model(model_cfg: dict, out_dir: str | os.PathLike) -> dict[str,
     The folder is built beside its destination and renamed into place, so a killed job never
     leaves a folder that looks complete. Returns the provenance record written to `source.json`.
     """
+    from d2lora.precision import resolve_dtype
+
     out_dir = Path(out_dir)
-    dtype_name = model_cfg.get("dtype", "float32")
+    # `auto` is resolved where the conversion runs: the dtype the weights are stored in.
+    precision = resolve_dtype(model_cfg.get("dtype"), resolve_device("auto"))
+    dtype_name = precision.dtype
     dtype = _torch_dtype(dtype_name)
     source = model_cfg["source"]
-    record: dict[str, Any] = {"source": source, "dtype": dtype_name}
+    record: dict[str, Any] = {"source": source, "dtype": dtype_name, "precision": precision.record()}
     trust = bool(model_cfg.get("trust_remote_code", False))
 
     from transformers import AutoModelForCausalLM

@@ -293,6 +293,13 @@ def _manifest_cell(kind: str | None, params: dict) -> str:
     return f"{head}/{params.get('method')}/{params.get('init')}/n{params.get('n')}/s{params.get('seed')}"
 
 
+def _precision_text(precision: dict | None) -> str:
+    # Training records bf16 autocast or not, evaluation the weights' dtype; both say why.
+    if not precision:
+        return ""
+    return f"{precision['dtype']} ({precision['setting']}: {precision['reason']})"
+
+
 def manifest_table(paths: Iterable[str | os.PathLike]) -> pd.DataFrame:
     """One row per result manifest: what, where, from which code and config, on which machine."""
     rows = []
@@ -312,6 +319,7 @@ def manifest_table(paths: Iterable[str | os.PathLike]) -> pd.DataFrame:
             "git_commit": (manifest.get("git_commit") or "")[:12],
             "host": manifest.get("host"),
             "device": manifest.get("device"),
+            "precision": _precision_text(params.get("precision")),
             "torch": packages.get("torch"),
             "transformers": packages.get("transformers"),
             "peft": packages.get("peft"),
@@ -319,6 +327,6 @@ def manifest_table(paths: Iterable[str | os.PathLike]) -> pd.DataFrame:
             "created_utc": manifest.get("created_utc"),
         })
     columns = ["kind", "result", "benchmark", "cell", "config_sha256", "params_sha256", "outputs", "git_commit",
-               "host", "device", "torch", "transformers", "peft", "trl", "created_utc"]
+               "host", "device", "precision", "torch", "transformers", "peft", "trl", "created_utc"]
     table = pd.DataFrame(rows, columns=columns)
     return table.sort_values(["kind", "result"], kind="mergesort").reset_index(drop=True)

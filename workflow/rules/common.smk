@@ -148,7 +148,7 @@ def lm_eval_task_input(wildcards):
 
 def eval_settings(wildcards):
     settings = dict(config["evaluation"][wildcards.benchmark])
-    settings["dtype"] = config["evaluation"].get("dtype", "float32")
+    settings["dtype"] = config["evaluation"].get("dtype", "auto")
     settings["engine"] = eval_engine()
     # Only when set, so configs without the key keep their parameters (and their results).
     if config["evaluation"].get("merge_adapter"):
@@ -204,7 +204,8 @@ GPU_FLOPS = 2e14  # sustained training FLOP/s of one GPU (a quarter of an H100's
 CPU_FLOPS = 2e10  # the same for one CPU core
 UNKNOWN_ROWS = {"train": 50_000, "eval": 2_500}  # hub sources, whose size is known only once loaded
 METHOD_PASSES = {"sft": 1, "orpo": 2, "dpo": 3}  # chosen + rejected; DPO also runs its reference
-DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
+# auto is sized as float32: the job may resolve it either way, and the estimate must hold for both.
+DTYPE_BYTES = {"auto": 4, "float32": 4, "bfloat16": 2, "float16": 2}
 
 
 @functools.cache
@@ -229,7 +230,7 @@ def _on_gpu():
 
 
 def _weights_mb(dtype=None):
-    return model_params_b() * 1000 * DTYPE_BYTES[dtype or config["model"].get("dtype", "float32")]
+    return model_params_b() * 1000 * DTYPE_BYTES[dtype or config["model"].get("dtype", "auto")]
 
 
 @functools.cache

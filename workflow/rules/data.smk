@@ -39,7 +39,7 @@ rule sample_negatives:
         prompt_template=lambda wc: config["datasets"][wc.task].get("prompt_template"),
         seed=config["seed"],
         device=config.get("device", "auto"),
-        dtype=config["evaluation"].get("dtype", "float32"),
+        dtype=config["evaluation"].get("dtype", "auto"),
     log:
         f"{LOGS}/sample_negatives/{{task}}.log",
     benchmark:

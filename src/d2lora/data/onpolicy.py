@@ -138,9 +138,10 @@ def find_negatives(questions: list[dict], generate, prompt_template: str | None,
 
 
 def sample_negatives(source_cfg: dict, model_dir, out_path, manifest_path, prompt_template: str | None, seed: int,
-                     device: str = "auto", dtype: str = "float32") -> dict:
+                     device: str = "auto", dtype: str | None = "auto") -> dict:
     """Sample negatives for the `from` source's questions and write the raw pair file + manifest."""
-    from d2lora.models import load_model, load_tokenizer
+    from d2lora.models import load_model, load_tokenizer, resolve_device
+    from d2lora.precision import resolve_dtype
 
     settings = onpolicy_settings(source_cfg)
     base = dict(source_cfg["from"])
@@ -148,12 +149,10 @@ def sample_negatives(source_cfg: dict, model_dir, out_path, manifest_path, promp
     name = source_name(base)
     # The gsm8k mapping validates every row (question, '#### <number>') and gives the final answer.
     questions = to_canonical(raw, "gsm8k", "math_eval", None, name, source_origin(base))
-    if device == "auto":
-        import torch
-
-        device = "cuda" if torch.cuda.is_available() else "cpu"
+    device = resolve_device(device)
+    precision = resolve_dtype(dtype, device)
     tokenizer = load_tokenizer(model_dir, padding_side="left")
-    model = load_model(model_dir, dtype=dtype, device=device)
+    model = load_model(model_dir, dtype=precision.dtype, device=device)
     start = time.perf_counter()
     found, stats = find_negatives(
         questions, lambda prompts, s: sample_generate(model, tokenizer, prompts, settings, s), prompt_template,
@@ -182,7 +181,8 @@ def sample_negatives(source_cfg: dict, model_dir, out_path, manifest_path, promp
         "model": str(model_dir),
         "model_source": _model_record(model_dir),
         "device": device,
-        "dtype": dtype,
+        "dtype": precision.dtype,
+        "precision": precision.record(),
         "source_files": [{"path": str(path), "sha256": sha256_file(path)} for path in files],
         "output": {"path": str(out_path), "sha256": sha256_file(out_path), "rows": len(rows), "format": OUTPUT_FORMAT},
         "stats": stats,

@@ -21,6 +21,7 @@ from pathlib import Path
 
 from d2lora.evaluation.answers import answers_match as _answers_match
 from d2lora.evaluation.answers import extract_with_rule
+from d2lora.precision import resolve_dtype
 
 
 def answers_match(pred, reference) -> bool:
@@ -112,7 +113,7 @@ def run_simple_evaluate(benchmark: str, task_file: Path, model_dir, adapter_dir,
     task_manager = TaskManager(include_path=str(task_file.parent), include_defaults=False)
     return lm_eval.simple_evaluate(
         model="hf",
-        model_args=model_args(model_dir, adapter_dir, settings.get("dtype", "float32")),
+        model_args=model_args(model_dir, adapter_dir, resolve_dtype(settings.get("dtype"), device).dtype),
         tasks=[TASK_NAMES[benchmark]],
         task_manager=task_manager,
         device=device,

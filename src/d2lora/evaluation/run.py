@@ -10,6 +10,7 @@ from d2lora.cost import peak_memory_mb, reset_peak_memory, synchronize
 from d2lora.evaluation.partial import PartialResults, eval_fingerprint, sidecar_path
 from d2lora.io import read_jsonl, sha256_file, write_json, write_jsonl
 from d2lora.models import load_model, load_tokenizer, resolve_device
+from d2lora.precision import resolve_dtype
 from d2lora.provenance import MANIFEST_NAME, build_manifest, write_manifest
 
 
@@ -48,6 +49,8 @@ def engine_for(benchmark: str, settings: dict) -> str:
 def evaluate_cell(benchmark: str, cell: dict, model_dir, adapter_dir, data_dir, settings: dict, scores_path,
                   predictions_path, device: str = "auto") -> dict:
     device = resolve_device(device)
+    precision = resolve_dtype(settings.get("dtype"), device)
+    settings = {**settings, "dtype": precision.dtype}
     eval_path = Path(data_dir) / "eval.jsonl"
     rows = read_jsonl(eval_path)
     engine = engine_for(benchmark, settings)
@@ -65,7 +68,7 @@ def evaluate_cell(benchmark: str, cell: dict, model_dir, adapter_dir, data_dir, 
     else:
         # Left padding: generation appends new tokens on the right of every row in a batch.
         tokenizer = load_tokenizer(model_dir, padding_side="left")
-        model = load_model(model_dir, dtype=settings.get("dtype", "float32"), device=device, adapter_dir=adapter_dir,
+        model = load_model(model_dir, dtype=settings["dtype"], device=device, adapter_dir=adapter_dir,
                            merge_adapter=bool(settings.get("merge_adapter", False)))
         model.eval()
         # Finished batches go to a sidecar beside the outputs, so a killed job resumes (partial.py).
@@ -99,6 +102,7 @@ def evaluate_cell(benchmark: str, cell: dict, model_dir, adapter_dir, data_dir, 
         "items_per_second": round(len(per_example) / seconds, 3) if seconds > 0 else None,
         "peak_gpu_memory_mb": peak_memory_mb(device),
         "device": device,
+        "precision": precision.record(),
     }
     write_json(scores_path, record)
     _write_eval_manifest(record, cell, model_dir, adapter_dir, eval_path, scores_path, predictions_path, device)
@@ -112,7 +116,7 @@ def _write_eval_manifest(record: dict, cell: dict, model_dir, adapter_dir, eval_
     """manifest.json beside scores.json: config hash, input and output sha256, versions, host, device."""
     out_dir = Path(scores_path).parent
     params = {"benchmark": record["benchmark"], **{k: record[k] for k in ("task", "method", "init", "n", "seed")},
-              "settings": record["settings"], "engine": record["engine"]}
+              "settings": record["settings"], "engine": record["engine"], "precision": record["precision"]}
     outputs = [Path(scores_path).name, os.path.relpath(predictions_path, out_dir)]
     inputs = {"model": model_dir, "adapter": adapter_dir, "eval_data": eval_path}
     write_manifest(out_dir / MANIFEST_NAME, build_manifest("evaluation", inputs, out_dir, params, outputs, device=device))

@@ -36,6 +36,7 @@ from d2lora.data.prepare import subset
 from d2lora.io import read_json, read_jsonl, sha256_file, sha256_tree, staged_dir, write_json, write_text
 from d2lora.provenance import MANIFEST_NAME, build_manifest, package_versions, write_manifest
 from d2lora.models import load_model, load_tokenizer, resolve_device
+from d2lora.precision import resolve_bf16_flag
 from d2lora.training import inits
 from d2lora.training.trainers import build_trainer
 
@@ -210,7 +211,8 @@ def _train_and_save(trainer, model, out_dir: Path, record: dict, resume_from: Pa
         # Relative paths: residual inits also write residual/ (A0/B0, trained A/B, config).
         record["files"] = sha256_tree(staging)
         write_json(staging / "training.json", record)
-        params = {k: record.get(k) for k in ("phase", "method", "init", "variant", "n", "seed", "hparams", "lora")}
+        params = {k: record.get(k) for k in ("phase", "method", "init", "variant", "n", "seed", "hparams", "lora",
+                                               "precision")}
         write_manifest(staging / MANIFEST_NAME,
                        build_manifest("training", inputs or {}, staging, params, device=record.get("device")))
     return record
@@ -302,6 +304,12 @@ def _check_reference(method: str, hp: dict, variant: dict) -> None:
             "use 'initial_policy'")
 
 
+def _resolve_precision(hp: dict, device: str) -> tuple[dict, dict]:
+    """The hyperparameters with `bf16` resolved for this device (auto: native bf16 or not), and why."""
+    precision = resolve_bf16_flag(hp.get("bf16"), device)
+    return {**hp, "bf16": precision.bf16}, precision.record()
+
+
 def run_warmup(model_dir, train_path, lora: dict, hp: dict, out_dir, seed: int, device: str = "auto",
                checkpoint_steps: int = 0, variant: dict | None = None) -> dict:
     """Phase 1 of D2LoRA: SFT a fresh LoRA adapter (initialised by the variant's init) on prompt + chosen
@@ -312,11 +320,13 @@ def run_warmup(model_dir, train_path, lora: dict, hp: dict, out_dir, seed: int, 
     variant["warmup"] = True
     set_seed(seed)
     device = resolve_device(device)
+    hp, precision = _resolve_precision(hp, device)
     rows = read_jsonl(train_path)
     tokenizer = load_tokenizer(model_dir)
     texts, calibration = _calibration(rows, variant, tokenizer, "warmup", hp)
     record = {"phase": "warmup", "method": "sft", "variant": variant, "rows": len(rows), "seed": seed, "hparams": hp,
-              "lora": lora, "calibration": calibration, "train_data_sha256": sha256_file(train_path), "device": device}
+              "lora": lora, "calibration": calibration, "train_data_sha256": sha256_file(train_path), "device": device,
+              "precision": precision}
 
     def build_model(initial_dir):
         base = load_model(model_dir, device=device)
@@ -340,6 +350,7 @@ def run_adaptation(model_dir, train_path, method: str, init: str, n: int, lora: 
     variant = inits.normalize_variant(variant, init)
     set_seed(seed)
     device = resolve_device(device)
+    hp, precision = _resolve_precision(hp, device)
     rows = subset(read_jsonl(train_path), n)
     _check_reference(method, hp, variant)
     warm = variant["warmup"]
@@ -356,7 +367,8 @@ def run_adaptation(model_dir, train_path, method: str, init: str, n: int, lora: 
                            from_warmup=str(warmup_dir))
     record = {"phase": "adapt", "method": method, "init": init, "variant": variant, "n": n, "seed": seed,
               "hparams": hp, "lora": lora, "calibration": calibration,
-              "train_ids": [r["id"] for r in rows], "train_data_sha256": sha256_file(train_path), "device": device}
+              "train_ids": [r["id"] for r in rows], "train_data_sha256": sha256_file(train_path), "device": device,
+              "precision": precision}
     if warm:
         record["residual_base"] = inits.residual_record(warmup_dir)
 
