@@ -83,6 +83,11 @@ CONFIG_CASES = [
      r"datasets\.math\.prompt_template: doubled braces"),
     ("benchmark without evaluation source", _delete("datasets.forgetting.eval"), r"datasets\.forgetting\.eval"),
     ("d2lora without warm-up data", _delete("datasets.warmup.train"), r"datasets\.warmup\.train"),
+    ("unknown data format", _set("datasets.titles.eval", {"source": "local", "data_files": "t.jsonl", "format": "econ"}),
+     r"datasets\.titles\.eval\.format: unknown format 'econ'; known formats: .*alpaca.*arxiv_titles"),
+    ("format that cannot give the split's rows", _set("datasets.forgetting.eval",
+                                                      {"source": "local", "data_files": "a.jsonl", "format": "alpaca"}),
+     r"datasets\.forgetting\.eval\.format: format 'alpaca' cannot produce the multiple_choice rows"),
 ]
 
 
@@ -145,6 +150,9 @@ DRY_RUN_CASES = [
     ("path traversal in run_name", lambda c: c.update(run_name="../outside"), "['run_name']"),
     ("n larger than the data", lambda c: c["experiments"]["figure4"].update(n=[2, 400]),
      "datasets.math.train: the grid asks for n=400"),
+    ("unknown data format", lambda c: c["datasets"]["warmup"].update(
+        train={"source": "local", "data_files": "w.jsonl", "format": "alpaka"}),
+     "datasets.warmup.train.format: unknown format 'alpaka'"),
 ]
 
 
@@ -347,3 +355,16 @@ def test_every_shipped_preset_passes_what_the_workflow_checks_first(preset, monk
     monkeypatch.chdir(REPO)  # relative data paths resolve against the repository root, as in a run
     grid.check_config_files([preset])
     _check(yaml.safe_load(preset.read_text()))
+
+
+def test_only_figures_the_paper_gave_numbers_for_get_a_paper_overlay(workflow_copy):
+    """Figures 3 and 4 have no transcribed values: their jobs read no reference file."""
+    result = subprocess.run(
+        [sys.executable, "-m", "snakemake", "-n", "--cores", "1", "--printshellcmds", "--debug-dag",
+         *(f"results/figures/{f}.png" for f in ("figure2", "figure4")), "--configfile", "config/tiny.yaml"],
+        cwd=workflow_copy, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-2000:]
+    jobs = result.stdout.split("rule figure:")[1:]
+    by_figure = {re.search(r"wildcards: figure=(\w+)", job)[1]: job.split("output:")[0] for job in jobs}
+    assert "paper_table3_gsm8k.csv" in by_figure["figure2"]
+    assert "paper_table" not in by_figure["figure4"]

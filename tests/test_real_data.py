@@ -523,6 +523,8 @@ def test_paper_preset_uses_the_papers_datasets_and_table2():
     assert data["math"]["eval"]["path"] == "openai/gsm8k" and data["math"]["eval"]["name"] == "main"
     assert data["titles"]["train"]["path"] == data["titles"]["eval"]["path"] == "onurkeles/econ_paper_abstracts"
     assert data["titles"]["train"]["skip"] == data["titles"]["eval"]["limit"] == 100
+    # The held-out 100 are a seeded random draw, not the file's first rows (both splits shuffled alike).
+    assert data["titles"]["train"]["shuffle"] is data["titles"]["eval"]["shuffle"] is True
     assert data["forgetting"]["eval"]["name"] == "ARC-Easy"
     training = config["training"]
     assert (training["lora"]["rank"], training["lora"]["alpha"]) == (16, 16)

@@ -8,7 +8,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from d2lora.data.sources import available_rows, source_origin
+from d2lora.data.prepare import ROLE_FORMS
+from d2lora.data.sources import FORMATS, available_rows, source_origin
 
 TASKS = ("math", "titles")
 BENCHMARK_OF_METRIC = {
@@ -147,6 +148,26 @@ def needs_warmup(config: dict) -> bool:
     return bool(warm_inits(config))
 
 
+def _check_formats(datasets: dict) -> None:
+    """Every source's `format` is a registered mapping that yields its role's form, before any job."""
+    for role, role_cfg in datasets.items():
+        for split, form in ROLE_FORMS.get(role, {}).items():
+            source = role_cfg.get(split)
+            if not source:
+                continue
+            key = f"datasets.{role}.{split}"
+            if source.get("source") == "onpolicy":
+                source, key, form = source.get("from", {}), f"{key}.from", "math_eval"
+            fmt = source.get("format")
+            if fmt is None:
+                continue
+            if fmt not in FORMATS:
+                raise ConfigError(f"{key}.format: unknown format '{fmt}'; known formats: {', '.join(sorted(FORMATS))}")
+            if form not in FORMATS[fmt]:
+                raise ConfigError(f"{key}.format: format '{fmt}' cannot produce the {form} rows this split needs "
+                                  f"(it produces: {', '.join(sorted(FORMATS[fmt]))})")
+
+
 def check(config: dict) -> None:
     """Cross-field rules the JSON schema cannot express. Raises ConfigError naming the key."""
     adapt = config["training"]["adapt"]
@@ -182,6 +203,7 @@ def check(config: dict) -> None:
                 raise ConfigError(f"training.adapt.{method}.group_by_length: SFT only (preference rows have no single length)")
             if method in PREFERENCE_METHODS and experiment["task"] == "titles":
                 raise ConfigError(f"{key}.methods: '{method}' needs rejected answers, and the titles task has none")
+    _check_formats(config["datasets"])
     for task in TASKS:
         if task not in config["datasets"] or "train" not in config["datasets"][task]:
             if max_n(config, task) > 0:

@@ -7,7 +7,7 @@ with job(snakemake):
     plot_curves(
         read_metrics(snakemake.input.metrics),
         snakemake.params.spec,
-        read_reference([snakemake.input.reference]),
+        read_reference(list(snakemake.input.reference)),
         snakemake.output.png,
         snakemake.output.pdf,
         intervals=read_intervals(snakemake.input.intervals),
