@@ -145,11 +145,15 @@ def apply_shuffle(rows: list[dict], source_cfg: dict, seed: int) -> list[dict]:
     """
     if not source_cfg.get("shuffle"):
         return rows
-    name = source_name(source_cfg)
-    rows = [row if not isinstance(row, dict) or row.get("id") is not None else {"id": f"{name}-{index:06d}", **row}
-            for index, row in enumerate(rows)]
+    rows = with_position_ids(rows, source_name(source_cfg))
     random.Random(f"source-order-{seed}").shuffle(rows)
     return rows
+
+
+def with_position_ids(rows: list[dict], name: str, start: int = 0) -> list[dict]:
+    """Rows without an id of their own get `<name>-<position in the source>`, counting from `start`."""
+    return [row if not isinstance(row, dict) or row.get("id") is not None else {"id": f"{name}-{index:06d}", **row}
+            for index, row in enumerate(rows, start=start)]
 
 
 def _count_arg(source_cfg: dict, key: str) -> int | None:
@@ -168,9 +172,7 @@ def apply_skip_limit(rows: list[dict], source_cfg: dict) -> list[dict]:
     skip, limit = _count_arg(source_cfg, "skip"), _count_arg(source_cfg, "limit")
     if skip:
         # Shuffled rows already carry their file position (apply_shuffle) and keep it.
-        name = source_name(source_cfg)
-        rows = [row if not isinstance(row, dict) or row.get("id") is not None else {"id": f"{name}-{index:06d}", **row}
-                for index, row in enumerate(rows[skip:], start=skip)]
+        rows = with_position_ids(rows[skip:], source_name(source_cfg), start=skip)
     if limit is not None:
         rows = rows[:limit]
     return rows
