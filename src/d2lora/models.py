@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from d2lora.io import sha256_file, staged_dir, write_json
+from d2lora.precision import resolve_dtype
 
 DTYPES = {"float32": "float32", "bfloat16": "bfloat16", "float16": "float16"}
 
@@ -116,8 +117,6 @@ def prepare_base_model(model_cfg: dict, out_dir: str | os.PathLike) -> dict[str,
     The folder is built beside its destination and renamed into place, so a killed job never
     leaves a folder that looks complete. Returns the provenance record written to `source.json`.
     """
-    from d2lora.precision import resolve_dtype
-
     out_dir = Path(out_dir)
     # `auto` is resolved where the conversion runs: the dtype the weights are stored in.
     precision = resolve_dtype(model_cfg.get("dtype"), resolve_device("auto"))

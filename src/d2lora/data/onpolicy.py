@@ -30,6 +30,7 @@ from typing import Sequence
 from d2lora.data.sources import load_raw, source_format, source_name, source_origin, to_canonical
 from d2lora.evaluation.answers import extract_with_rule
 from d2lora.io import sha256_file, write_json, write_jsonl
+from d2lora.precision import resolve_dtype
 
 ONPOLICY_DEFAULTS = {"samples": 4, "temperature": 0.8, "top_p": 0.95, "max_new_tokens": 384, "batch_size": 64}
 OUTPUT_FORMAT = "gsm8k_onpolicy"
@@ -141,7 +142,6 @@ def sample_negatives(source_cfg: dict, model_dir, out_path, manifest_path, promp
                      device: str = "auto", dtype: str | None = "auto") -> dict:
     """Sample negatives for the `from` source's questions and write the raw pair file + manifest."""
     from d2lora.models import load_model, load_tokenizer, resolve_device
-    from d2lora.precision import resolve_dtype
 
     settings = onpolicy_settings(source_cfg)
     base = dict(source_cfg["from"])
