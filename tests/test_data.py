@@ -24,6 +24,7 @@ KEY_FIELD = {kind: key for kind, (_, key) in synthetic.GENERATORS.items()}
 # kind → (format it implies, forms it maps to)
 KIND_FORMS = {
     "math": ("synthetic_math", ("pairs", "math_eval")),
+    "arithmetic": ("synthetic_math", ("pairs", "math_eval")),
     "titles": ("synthetic_titles", ("pairs", "generation_eval")),
     "science_mc": ("arc", ("multiple_choice",)),
     "general": ("synthetic_general", ("pairs",)),
@@ -62,7 +63,7 @@ def test_generate_splits_are_disjoint_and_unique(kind):
     assert not set(train) & set(evals)
 
 
-@pytest.mark.parametrize("kind, rows", [("math", 2000), ("titles", 2000), ("science_mc", 500), ("general", 500)])
+@pytest.mark.parametrize("kind, rows", [("math", 2000), ("arithmetic", 1000), ("titles", 2000), ("science_mc", 500), ("general", 500)])
 def test_generate_capacity_and_speed(kind, rows):
     start = time.perf_counter()
     out = generate(kind, rows, 0, "train")
@@ -92,6 +93,26 @@ def test_math_rejected_solution_has_a_wrong_answer():
         rejected = re.search(r"\\boxed\{(.+?)\}", pair["rejected"]).group(1)
         assert chosen != rejected
         assert pair["prompt"].endswith(r"within \boxed{}.")
+
+
+def test_arithmetic_levels_are_graded_and_solutions_correct():
+    # Level 1 holds 243 distinct questions (a fifth of them eval), so 300 rows keep the levels even.
+    rows = generate("arithmetic", 300, 0, "train")
+    by_level = {level: [r for r in rows if r["level"] == level] for level in (1, 2, 3)}
+    # Every level is drawn about equally often, and each has its number of steps.
+    assert all(70 <= len(group) <= 130 for group in by_level.values()), {k: len(v) for k, v in by_level.items()}
+    assert {len(r["solution_steps"]) for r in by_level[1] + by_level[2]} == {1}
+    assert {len(r["solution_steps"]) for r in by_level[3]} == {2}
+    assert all(r["question"].startswith("What is ") for r in by_level[1])
+    assert max(int(n) for r in by_level[1] for n in re.findall(r"\d+", r["solution_steps"][0])[1:3]) <= 18
+    for row in rows:
+        a, op, b, result = re.search(r"(\d+) ([-+*]) (\d+) = (\d+)", row["solution_steps"][-1]).groups()
+        assert {"+": int(a) + int(b), "-": int(a) - int(b), "*": int(a) * int(b)}[op] == int(result)
+        assert result == row["answer"] and int(row["answer"]) > 0
+        assert row["wrong_answer"] != row["answer"]
+    # Small numbers are the point: the largest answer is 20 + 20 or 9 * 9.
+    assert max(int(r["answer"]) for r in rows) <= 81
+    assert {op for r in rows for op in re.findall(r" ([-+*]) ", r["solution_steps"][0])} == {"+", "-", "*"}
 
 
 def test_science_answer_position_varies():

@@ -31,7 +31,7 @@ from d2lora.results.metrics import (
     write_metrics,
 )
 from d2lora.results.statistics import EXAMPLE_METRICS, INTERVAL_COLUMNS
-from d2lora.results.tables import comparison_table, hyperparameter_table, write_table
+from d2lora.results.tables import comparison_table, hyperparameter_table, last_point_alignment, write_table
 
 REFERENCE = Path(__file__).resolve().parents[1] / "workflow" / "resources" / "reference"
 
@@ -220,6 +220,30 @@ def test_comparison_table_titles_keeps_gaps(metrics, reference):
     assert pd.isna(table["LoRA"]).all() and pd.isna(table["Δ"]).all()
     assert table["D2LoRA"].iloc[1] == 28.0
     assert table["paper D2LoRA"].tolist() == [22.19, 26.90]
+
+
+def test_comparison_table_pairs_the_grids_last_point_with_the_papers_7k(metrics, reference):
+    # The paper's 7k titles column is all rows; ours is 6,970 (100 held out). Before the pairing
+    # the 7k values (29.97 / 31.66) were dropped, as no grid row had n = 7000.
+    spec = {"task": "titles", "metric": "rougeL", "methods": ["sft"], "inits": ["lora", "d2lora"],
+            "n": [0, 1000, 6970]}
+    table = comparison_table(metrics, spec, reference)
+    assert table["n"].tolist() == [0, 1000, 6970]
+    assert table["paper n"].tolist() == [0, 1000, 7000]
+    assert table["paper LoRA"].tolist() == [21.62, 24.81, 29.97]
+    assert table["paper D2LoRA"].tolist() == [22.19, 26.90, 31.66]
+    assert table.columns.get_loc("paper n") < table.columns.get_loc("paper LoRA")
+
+
+@pytest.mark.parametrize("grid_n, paired", [
+    ([0, 1000, 6970], {7000: 6970}),
+    ([0, 1000, 7000], {}),         # the paper's n itself: nothing to pair
+    ([0, 1000, 4360], {}),         # below the paper's 5000: another column may be meant
+    ([0, 1000, 6000], {}),         # not within 5 % of 7000: a different amount of data
+    ([0, 1000, 8000], {}),         # beyond the paper's grid
+])
+def test_last_point_alignment(grid_n, paired):
+    assert last_point_alignment(grid_n, [0, 1000, 2000, 5000, 7000]) == paired
 
 
 def test_comparison_table_without_reference(metrics):

@@ -33,6 +33,7 @@ _BUILDERS = {"json": "json", "jsonl": "json", "parquet": "parquet", "csv": "csv"
 # What each synthetic kind imitates, so a synthetic source needs no explicit "format".
 SYNTHETIC_FORMATS = {
     "math": "synthetic_math",
+    "arithmetic": "synthetic_math",
     "titles": "synthetic_titles",
     "general": "synthetic_general",
     "science_mc": "arc",

@@ -216,6 +216,71 @@ def _make_math(rng: random.Random) -> dict:
     }
 
 
+# ----------------------------------------------------------------------------- graded arithmetic
+# Problems a 135M model can partly solve (the GSM8K-style `math` kind above stays at 0 % for it),
+# in three levels: 1, one operation on single digits, asked bare ("What is 7 times 4?");
+# 2, one addition, subtraction or product in a sentence; 3, an addition then a subtraction.
+# Rows have the `math` kind's schema plus `level`.
+
+_COUNTABLES = ("apples", "pencils", "stickers", "marbles", "books", "cookies", "shells", "cards")
+
+
+def _arith_bare(rng: random.Random) -> tuple[str, list]:
+    a, b = rng.randint(1, 9), rng.randint(1, 9)
+    op = rng.choice(("+", "-", "*"))
+    if op == "-":
+        a = a + b
+    word = {"+": "plus", "-": "minus", "*": "times"}[op]
+    return f"What is {a} {word} {b}?", [("{expr}", op, a, b)]
+
+
+def _arith_one_step(rng: random.Random) -> tuple[str, list]:
+    name, things = rng.choice(NAMES), rng.choice(_COUNTABLES)
+    a, b = rng.randint(2, 20), rng.randint(2, 20)
+    kind = rng.randrange(3)
+    if kind == 0:
+        question = f"{name} has {a} {things}. {name} gets {b} more {things}. How many {things} does {name} have now?"
+        return question, [(f"{name} has {{expr}} {things}", "+", a, b)]
+    if kind == 1:
+        question = (f"{name} has {a + b} {things}. {name} gives away {b} {things}. "
+                    f"How many {things} does {name} have left?")
+        return question, [(f"{name} has {{expr}} {things} left", "-", a + b, b)]
+    bags, each = rng.randint(2, 9), rng.randint(2, 9)
+    question = f"{name} has {bags} bags with {each} {things} in each bag. How many {things} does {name} have?"
+    return question, [(f"{name} has {{expr}} {things}", "*", bags, each)]
+
+
+def _arith_two_steps(rng: random.Random) -> tuple[str, list]:
+    name, things = rng.choice(NAMES), rng.choice(_COUNTABLES)
+    a, b = rng.randint(2, 20), rng.randint(2, 20)
+    c = rng.randint(1, min(9, a + b - 1))
+    question = (f"{name} has {a} {things}, gets {b} more and then gives away {c}. "
+                f"How many {things} does {name} have now?")
+    plan = [
+        (f"After getting more, {name} has {{expr}} {things}", "+", a, b),
+        (f"After giving some away, {name} has {{expr}} {things}", "-", _Prev(0), c),
+    ]
+    return question, plan
+
+
+_ARITHMETIC_LEVELS = (_arith_bare, _arith_one_step, _arith_two_steps)
+
+
+def _make_arithmetic(rng: random.Random) -> dict:
+    level = rng.randrange(len(_ARITHMETIC_LEVELS))
+    question, plan = _ARITHMETIC_LEVELS[level](rng)
+    steps, answer = _run_plan(plan)
+    wrong_steps, wrong_answer = _wrong_solution(rng, plan, answer)
+    return {
+        "question": question,
+        "level": level + 1,
+        "solution_steps": steps,
+        "answer": str(answer),
+        "wrong_steps": wrong_steps,
+        "wrong_answer": str(wrong_answer),
+    }
+
+
 # ----------------------------------------------------------------------------- titles
 
 _DRIVERS = (
@@ -606,6 +671,7 @@ def _make_general(rng: random.Random) -> dict:
 # kind → (row maker, the field whose text must be unique and decides the split)
 GENERATORS: dict[str, tuple[Callable[[random.Random], dict], str]] = {
     "math": (_make_math, "question"),
+    "arithmetic": (_make_arithmetic, "question"),
     "titles": (_make_titles, "abstract"),
     "science_mc": (_make_science_mc, "question"),
     "general": (_make_general, "prompt"),

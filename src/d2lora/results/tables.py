@@ -57,13 +57,38 @@ def ours_columns(metrics_df: pd.DataFrame, spec: dict, labels: Mapping[str, str]
     return table.merge(seeds, on=["method", "n"], how="left") if not cells.empty else table
 
 
+PAPER_N = "paper n"
+
+
+def last_point_alignment(grid_n, paper_n) -> dict[int, int]:
+    """{paper n: grid n} pairing the paper's largest subset with the grid's largest, where they differ.
+
+    Both are "every training row" of their data: the paper's 7k titles column and our 6,970 rows
+    (its ~7,070 less the 100 held out). The pairing holds only where the grid's largest n has no
+    paper value, lies above every other paper n and within 5 % of the paper's largest, so no other
+    column could be meant and the two are the same amount of data to within the held-out rows.
+    """
+    grid_last, paper_sorted = max(grid_n), sorted(set(paper_n))
+    if not paper_sorted or grid_last in paper_sorted:
+        return {}
+    paper_last = paper_sorted[-1]
+    below = paper_sorted[:-1]
+    if grid_last > paper_last or grid_last < 0.95 * paper_last or (below and grid_last <= below[-1]):
+        return {}
+    return {paper_last: grid_last}
+
+
 def paper_columns(reference_df: pd.DataFrame | None, spec: dict,
                   labels: Mapping[str, str] | None = None) -> pd.DataFrame | None:
+    """The paper's values per (method, n), and `paper n`: the n the paper reported them at."""
     ref = reference_rows(reference_df, spec["task"], spec["metric"])
     ref = ref[ref["method"].isin(spec["methods"]) & ref["init"].isin(spec["inits"])]
     if ref.empty:
         return None
-    return add_delta(wide(ref, "value", prefix="paper ", labels=labels), prefix="paper ", labels=labels)
+    ref = ref.assign(**{PAPER_N: ref["n"].astype("int64")})
+    ref["n"] = ref["n"].replace(last_point_alignment(spec["n"], ref["n"].tolist())).astype("int64")
+    table = add_delta(wide(ref, "value", prefix="paper ", labels=labels), prefix="paper ", labels=labels)
+    return table.merge(ref[["method", "n", PAPER_N]].drop_duplicates(), on=["method", "n"], how="left")
 
 
 def comparison_table(metrics_df: pd.DataFrame, spec: dict, reference_df: pd.DataFrame | None,
@@ -82,15 +107,18 @@ def comparison_table(metrics_df: pd.DataFrame, spec: dict, reference_df: pd.Data
         table = table.merge(paper, on=["method", "n"], how="left")
     # The paper reports lora and d2lora only: no all-blank "paper" column for every other variant.
     paper_init_columns = [f"paper {c}" for c in columns if paper is not None and f"paper {c}" in paper]
-    ordered = ["method", "n", *columns, DELTA, "seeds", *paper_init_columns, f"paper {DELTA}"]
+    ordered = ["method", "n", *columns, DELTA, "seeds", PAPER_N, *paper_init_columns, f"paper {DELTA}"]
     for column in ordered:
         if column not in table:
             table[column] = float("nan")
     if paper is None:
         ordered = [c for c in ordered if not c.startswith("paper ")]
+    elif (table[PAPER_N].dropna() == table.loc[table[PAPER_N].notna(), "n"]).all():
+        ordered.remove(PAPER_N)  # every paper value sits at its own n: the column would repeat n
     if not set(DELTA_PAIR) <= set(spec["inits"]):
         ordered = [c for c in ordered if not c.endswith(DELTA)]
-    return table[ordered].astype({"seeds": "Int64"})
+    table = table.astype({"seeds": "Int64", PAPER_N: "Int64"}) if PAPER_N in ordered else table.astype({"seeds": "Int64"})
+    return table[ordered]
 
 
 def describe_source(cfg) -> str:
