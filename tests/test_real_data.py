@@ -124,6 +124,21 @@ def test_math_step_dpo_empty_prefix_is_allowed_missing_field_is_not():
             _map([bad], "math_step_dpo", "pairs", GSM8K_PROMPT)
 
 
+@pytest.mark.parametrize("fmt, field", [("math_step_dpo", "full_rejected"), ("math_step_dpo_step", "rejected")])
+def test_math_step_dpo_rows_with_an_empty_rejected_are_dropped_and_counted(tmp_path, fmt, field):
+    rows = [STEP_ROW, {**STEP_ROW, field: ""}, {**STEP_ROW, field: "  \n"}, {**STEP_ROW, field: None}]
+    path = tmp_path / "step.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    role = {"prompt_template": GSM8K_PROMPT, "train": {"source": "local", "data_files": str(path), "format": fmt}}
+    out = tmp_path / "math"
+    record = prepare_role("math", role, out, seed=0)
+    pairs = load_prepared(out, "train")
+    # Never a pair whose rejected is the shared prefix alone.
+    assert len(pairs) == 1 and pairs[0]["rejected"] != STEP_ROW["initial_reason_steps"]
+    assert record["sources"]["train"]["dropped"] == {
+        "rows": 3, "rule": "rows whose rejected continuation is empty (the pair would be the shared prefix alone)"}
+
+
 # ----------------------------------------------------------------------------- econ titles (Keles & Bayrakli 2024)
 
 ECON_ROW = {

@@ -539,9 +539,21 @@ def _step_dpo_parts(row: dict, index: int, ctx: MappingContext) -> tuple[str, st
     return question, prefix
 
 
-def _step_dpo_pair(row: dict, index: int, ctx: MappingContext, chosen_field: str, rejected_field: str) -> dict:
-    """The question as the user turn; the shared correct prefix in front of both answers."""
+STEP_DPO_DROPS = "rows whose rejected continuation is empty (the pair would be the shared prefix alone)"
+
+
+def _step_dpo_pair(row: dict, index: int, ctx: MappingContext, chosen_field: str,
+                   rejected_field: str) -> dict | None:
+    """The question as the user turn; the shared correct prefix in front of both answers.
+
+    A row whose rejected field is empty or null (a derivative's card counts 1,177 such rows with an
+    empty `full_rejected`) is dropped: its pair would reject the correct prefix itself. The field
+    must still be there; a row without the key is a different file.
+    """
     question, prefix = _step_dpo_parts(row, index, ctx)
+    if rejected_field in row and (row[rejected_field] is None or
+                                  (isinstance(row[rejected_field], str) and not row[rejected_field].strip())):
+        return None
     return {
         "id": row_id(row, index, ctx),
         "prompt": fill_template(ctx.prompt_template, "question", question),
@@ -550,8 +562,8 @@ def _step_dpo_pair(row: dict, index: int, ctx: MappingContext, chosen_field: str
     }
 
 
-@register_format("math_step_dpo", "pairs")
-def _math_step_dpo_pair(row: dict, index: int, ctx: MappingContext) -> dict:
+@register_format("math_step_dpo", "pairs", drops=STEP_DPO_DROPS)
+def _math_step_dpo_pair(row: dict, index: int, ctx: MappingContext) -> dict | None:
     """xinlai/Math-Step-DPO-10K as WHOLE solutions that share the correct prefix.
 
     chosen   = initial_reason_steps + full_chosen   (correct step, then the rest to the answer)
@@ -565,8 +577,8 @@ def _math_step_dpo_pair(row: dict, index: int, ctx: MappingContext) -> dict:
     return _step_dpo_pair(row, index, ctx, "full_chosen", "full_rejected")
 
 
-@register_format("math_step_dpo_step", "pairs")
-def _math_step_dpo_step_pair(row: dict, index: int, ctx: MappingContext) -> dict:
+@register_format("math_step_dpo_step", "pairs", drops=STEP_DPO_DROPS)
+def _math_step_dpo_step_pair(row: dict, index: int, ctx: MappingContext) -> dict | None:
     """Step-DPO's own pairs: prefix + the one correct step vs prefix + the one wrong step.
 
     Faithful to Step-DPO for DPO/ORPO, but its 'chosen' stops after one step: do not use it for SFT.
