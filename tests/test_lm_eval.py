@@ -12,7 +12,8 @@ import yaml
 pytest.importorskip("lm_eval")
 
 from d2lora.evaluation import lm_eval_backend as backend  # noqa: E402
-from d2lora.evaluation.answers import extract_with_rule  # noqa: E402
+from d2lora.evaluation.answers import answers_match, extract_with_rule  # noqa: E402
+from d2lora.evaluation.math_eval import score_math_output  # noqa: E402
 from d2lora.evaluation.run import engine_for, evaluate_cell  # noqa: E402
 from d2lora.io import read_json, read_jsonl, write_jsonl  # noqa: E402
 
@@ -88,7 +89,7 @@ def _comparison() -> list[dict]:
         out.append({
             "id": row["id"], "ours": ours, "rule": rule, "lm_eval": lm_answer,
             "agree": backend.extractions_agree(lm_answer, ours),
-            "ours_correct": backend.answers_match(ours, row["reference"]),
+            "ours_correct": answers_match(ours, row["reference"]),
             "lm_eval_correct": _lm_eval_exact_match(lm_answer, row["reference"]),
         })
     return out
@@ -119,6 +120,56 @@ def test_extractors_agree_on_real_outputs_and_every_disagreement_is_explained():
     # Verdicts (what the accuracy is made of) agree at least as often as the extractions do.
     verdicts = sum(c["ours_correct"] == c["lm_eval_correct"] for c in comparison) / n
     assert verdicts >= 0.99
+
+
+# Answers a careful grader marks right that lm-eval's regex filter + exact_match marks wrong.
+GRADER_CASES = [
+    ("So the total is \\boxed{18.00}.", "18"),
+    ("Half of it: \\boxed{\\frac{1}{2}}", "0.5"),
+    ("She keeps \\boxed{5 \\text{ apples}}.", "5"),
+    ("It takes \\boxed{6\\text{ weeks}}", "6"),
+    ("The rate is \\boxed{18%}", "18"),
+    ("The rate is \\boxed{18\\%}", "18"),
+    ("He pays \\boxed{\\$18.00}", "18"),
+    ("\\boxed{\\dfrac{3}{4}}", "0.75"),
+    ("\\boxed{0.50}", "0.5"),
+    ("\\boxed{18 \\text{ dollars}}", "18"),
+    ("\\boxed{x = 5}", "5"),
+    ("\\boxed{\\textbf{7}}", "7"),
+    ("The answer is 1,000.", "1000"),
+    ("\\boxed{-3}", "-3"),
+    ("\\boxed{12}", "12"),
+    ("First 3 + 4 = 7, so \\boxed{7}.", "7"),
+]
+
+
+def _fake_lm_eval_samples(outputs: list[str], references: list[str]) -> list[dict]:
+    """Samples as simple_evaluate logs them: lm-eval's own filter and exact_match on each output."""
+    filtered = backend.lm_eval_extract(outputs)
+    return [{"doc_id": i, "doc": {"id": f"g{i}"}, "arguments": [[f"<chat>{i}"]], "resps": [[output]],
+             "filtered_resps": [answer], "exact_match": float(_lm_eval_exact_match(answer, reference))}
+            for i, (output, answer, reference) in enumerate(zip(outputs, filtered, references))]
+
+
+def test_both_engines_score_every_careful_grader_case_alike():
+    outputs, references = [c[0] for c in GRADER_CASES], [c[1] for c in GRADER_CASES]
+    rows = [{"id": f"g{i}", "question": "q", "answer": ref} for i, ref in enumerate(references)]
+    records = backend.gsm8k_records(_fake_lm_eval_samples(outputs, references), rows, ["q"] * len(rows))
+    ours = [score_math_output(row, "q", output) for row, output in zip(rows, outputs)]
+    assert [r["correct"] for r in records] == [o["correct"] for o in ours] == [True] * len(GRADER_CASES)
+    # What lm-eval's exact_match alone would have scored: the reason its verdict is not the one used.
+    assert sum(r["lm_eval_correct"] for r in records) <= len(GRADER_CASES) - 5
+    scores = backend.summarize_gsm8k(records)
+    assert scores["accuracy"] == 1.0 and scores["lm_eval_accuracy"] < 1.0
+
+
+@pytest.mark.parametrize("runaway", ["9" * 5000, "9" * 5000 + ".5", "4" + "0" * 400])
+def test_a_runaway_number_is_no_match_in_either_engine(runaway):
+    # Past Python's int-conversion limit Fraction() raises ValueError; it must read as wrong, not crash.
+    assert not answers_match(runaway, "5")
+    (record,) = backend.gsm8k_records(_fake_lm_eval_samples([f"\\boxed{{{runaway}}}"], ["5"]),
+                                      [{"id": "g0", "question": "q", "answer": "5"}], ["q"])
+    assert record["correct"] is False
 
 
 # ----------------------------------------------------------------------------- whole cells, both engines
@@ -178,8 +229,10 @@ def test_gsm8k_lm_eval_sees_our_prompt_and_generates_our_text(both_engines, toke
         assert b["prompt"] == a["prompt"]
         assert b["context"] == chat_prompt(tokenizer, a["prompt"])  # chat template, no few-shot, nothing added
         assert b["output"] == a["output"]
-        assert b["pipeline_extracted"] == a["extracted"] and b["pipeline_correct"] == a["correct"]
+        # One extractor and one answers_match score both engines' generations.
+        assert (b["extracted"], b["rule"], b["correct"]) == (a["extracted"], a["rule"], a["correct"])
     record = both_engines[("gsm8k", "lm_eval")][0]
-    assert set(record["metrics"]) >= {"accuracy", "pipeline_accuracy", "extractor_agreement"}
+    assert set(record["metrics"]) >= {"accuracy", "lm_eval_accuracy", "extractor_agreement"}
+    assert record["metrics"]["accuracy"] == both_engines[("gsm8k", "pipeline")][0]["metrics"]["accuracy"]
     assert read_json(Path(record["predictions"]).parent / "scores.json")["engine"] == "lm_eval"
     assert (Path(record["predictions"]).parent / "lm_eval" / "d2lora_gsm8k.yaml").is_file()

@@ -71,15 +71,23 @@ def _strip_latex(fragment: str) -> str:
 
 
 def _canonical_number(sign: str | None, num: str, den: str | None) -> str | None:
-    value = Fraction(Decimal(num.replace(",", "")))
-    if den is not None:
-        denominator = Fraction(Decimal(den.replace(",", "")))
-        if denominator == 0:
-            return None
-        value /= denominator
-    if sign == "-":
-        value = -value
-    return _format_fraction(value)
+    """The number's canonical text; None for a zero denominator or a runaway digit string.
+
+    A number past Python's int-to-text limit (4,300 digits), which an untuned model can write,
+    raises ValueError when printed: it is no answer, so extraction goes on as if it were absent.
+    """
+    try:
+        value = Fraction(Decimal(num.replace(",", "")))
+        if den is not None:
+            denominator = Fraction(Decimal(den.replace(",", "")))
+            if denominator == 0:
+                return None
+            value /= denominator
+        if sign == "-":
+            value = -value
+        return _format_fraction(value)
+    except (ValueError, OverflowError):
+        return None
 
 
 def _format_fraction(value: Fraction) -> str:
@@ -186,11 +194,19 @@ def _as_number(answer: str) -> Fraction | None:
 
 
 def answers_match(pred: str | None, reference: str | None, tol: float = 1e-6) -> bool:
-    """Numeric comparison where both sides read as numbers, else case-insensitive text equality."""
-    pred_norm, ref_norm = normalize_answer(pred), normalize_answer(reference)
-    if pred_norm is None or ref_norm is None:
+    """Numeric comparison where both sides read as numbers, else case-insensitive text equality.
+
+    The one verdict of every engine (ours, lm-eval's generations, on-policy negatives). A runaway
+    digit string from an untuned model is no match: past Python's int-conversion limit (4,300
+    digits) it raises ValueError, and a float conversion anywhere would raise OverflowError.
+    """
+    try:
+        pred_norm, ref_norm = normalize_answer(pred), normalize_answer(reference)
+        if pred_norm is None or ref_norm is None:
+            return False
+        pred_num, ref_num = _as_number(pred_norm), _as_number(ref_norm)
+    except (OverflowError, ValueError):
         return False
-    pred_num, ref_num = _as_number(pred_norm), _as_number(ref_norm)
     if pred_num is not None and ref_num is not None:
         # Exact fractions, not floats: a runaway "4000...0" from an untuned model overflows float().
         return abs(pred_num - ref_num) <= max(Fraction(tol), abs(ref_num) * Fraction(1, 10**9))

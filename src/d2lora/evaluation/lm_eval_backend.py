@@ -7,10 +7,11 @@ evaluation job's own folder, so lm-eval reads exactly the items and prompt our o
 The model is the cached base folder plus the cell's LoRA adapter (`peft=`), as in our engine.
 
 Per-example records keep the shape of our engine's predictions.jsonl (id, prompt, output,
-extracted, reference, correct / choice log-probs, predicted index, ...). GSM8K records also carry
-our own extractor's verdict on the SAME generated text (`pipeline_*`), so every lm-eval run is
-also a cross-check of the two answer extractors (tests/test_lm_eval.py holds the agreement on
-real outputs and explains each disagreement).
+extracted, reference, correct / choice log-probs, predicted index, ...). lm-eval generates the
+GSM8K answers and our extractor scores them (one `answers_match` for both engines); lm-eval's own
+regex filter and exact_match verdict on the same text are kept beside it (`lm_eval_*`), so every
+lm-eval run is also a cross-check of the two extractors (tests/test_lm_eval.py holds the
+agreement on real outputs and explains each disagreement).
 """
 from __future__ import annotations
 
@@ -19,17 +20,8 @@ import os
 import re
 from pathlib import Path
 
-from d2lora.evaluation.answers import answers_match as _answers_match
-from d2lora.evaluation.answers import extract_with_rule
+from d2lora.evaluation.answers import answers_match, extract_with_rule
 from d2lora.precision import resolve_dtype
-
-
-def answers_match(pred, reference) -> bool:
-    """answers_match, with a number too large for a float (a runaway digit string) as no match."""
-    try:
-        return _answers_match(pred, reference)
-    except OverflowError:
-        return False
 
 TASK_NAMES = {"gsm8k": "d2lora_gsm8k", "arc_easy": "d2lora_arc_easy"}
 GSM8K_FILTER = "boxed_else_last_number"
@@ -132,7 +124,12 @@ def _task_samples(results: dict, benchmark: str, n_rows: int) -> list[dict]:
 
 
 def gsm8k_records(samples: list[dict], rows: list[dict], prompts: list[str]) -> list[dict]:
-    """Per-example records: lm-eval's answer and verdict, plus our extractor's on the same text."""
+    """Per-example records of lm-eval's generations, scored by OUR extractor and answers_match.
+
+    lm-eval's regex filter plus exact_match marks `\\boxed{18.00}`, `\\boxed{\\frac{1}{2}}` or
+    `\\boxed{5 \\text{ apples}}` wrong (gold 18, 0.5, 5), so the verdict (`correct`) is ours and both
+    engines score alike; lm-eval's own answer and verdict are kept beside it (`lm_eval_*`).
+    """
     records = []
     for sample, row, prompt in zip(samples, rows, prompts):
         if sample["doc"]["id"] != row["id"]:
@@ -144,13 +141,13 @@ def gsm8k_records(samples: list[dict], rows: list[dict], prompts: list[str]) -> 
             "prompt": prompt,
             "context": sample["arguments"][0][0],
             "output": output,
-            "extracted": sample["filtered_resps"][0],
-            "rule": f"lm_eval:{GSM8K_FILTER}",
+            "extracted": ours,
+            "rule": rule,
             "reference": row["answer"],
-            "correct": bool(sample["exact_match"]),
-            "pipeline_extracted": ours,
-            "pipeline_rule": rule,
-            "pipeline_correct": answers_match(ours, row["answer"]),
+            "correct": answers_match(ours, row["answer"]),
+            "lm_eval_extracted": sample["filtered_resps"][0],
+            "lm_eval_filter": GSM8K_FILTER,
+            "lm_eval_correct": bool(sample["exact_match"]),
         })
     return records
 
@@ -160,10 +157,10 @@ def summarize_gsm8k(records: list[dict]) -> dict:
     return {
         "accuracy": sum(r["correct"] for r in records) / n,
         "n_items": n,
-        "n_boxed": sum(r["pipeline_rule"] == "boxed" for r in records),
-        # Our extractor on lm-eval's own generations: the engines' extractors compared on equal texts.
-        "pipeline_accuracy": sum(r["pipeline_correct"] for r in records) / n,
-        "extractor_agreement": sum(extractions_agree(r["extracted"], r["pipeline_extracted"]) for r in records) / n,
+        "n_boxed": sum(r["rule"] == "boxed" for r in records),
+        # lm-eval's own filter and exact_match on the same generations, for comparison.
+        "lm_eval_accuracy": sum(r["lm_eval_correct"] for r in records) / n,
+        "extractor_agreement": sum(extractions_agree(r["lm_eval_extracted"], r["extracted"]) for r in records) / n,
     }
 
 
@@ -223,14 +220,14 @@ def evaluate_with_lm_eval(benchmark: str, model_dir, adapter_dir, data_file, row
         prompts = [render_math_prompt(settings["prompt_template"], row["question"]) for row in rows]
         records = gsm8k_records(samples, rows, prompts)
         scores = summarize_gsm8k(records)
-        reported = results["results"][TASK_NAMES[benchmark]][f"exact_match,{GSM8K_FILTER}"]
+        reported, recounted = results["results"][TASK_NAMES[benchmark]][f"exact_match,{GSM8K_FILTER}"], scores["lm_eval_accuracy"]
     else:
         records = arc_records(samples, rows)
         scores = summarize_arc(records)
-        reported = results["results"][TASK_NAMES[benchmark]]["acc,none"]
-    # lm-eval's own aggregate must be what the per-example records add up to.
-    if abs(reported - scores["accuracy"]) > 1e-9:
-        raise RuntimeError(f"lm-eval reports {reported} for {benchmark} but its samples give {scores['accuracy']}")
+        reported, recounted = results["results"][TASK_NAMES[benchmark]]["acc,none"], scores["accuracy"]
+    # lm-eval's own aggregate must be what its per-example verdicts add up to.
+    if abs(reported - recounted) > 1e-9:
+        raise RuntimeError(f"lm-eval reports {reported} for {benchmark} but its samples give {recounted}")
     return records, scores
 
 
