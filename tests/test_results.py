@@ -19,7 +19,7 @@ from d2lora.provenance import (
     runtime_table,
     write_provenance_bundle,
 )
-from d2lora.results.figures import line_label, paper_grid, plot_curves
+from d2lora.results.figures import fit_limits, line_label, panel_layout, paper_mode, plot_curves
 from d2lora.results.labels import init_label, init_labels
 from d2lora.results.metrics import (
     COLUMNS,
@@ -162,14 +162,69 @@ def test_spec_cells_only_measured_points(metrics):
     assert (sft["mean"], sft["low"], sft["high"], sft["seeds"]) == (18.75, 12.5, 25.0, 2)
 
 
-def test_paper_grid_shared_or_own(reference):
+def test_paper_mode_overlays_only_on_the_papers_own_grid(reference):
     ref = reference_rows(reference, "math", "gsm8k_accuracy")
-    shared, ticks = paper_grid(ref, {0: 0, 1000: 1, 2000: 2})
-    assert ticks is None and shared == {0: 0, 1000: 1, 2000: 2}
-    own, ticks = paper_grid(ref, {0: 0, 8: 1, 16: 2})  # the embedded default's grid
-    assert ticks == [0, 1000, 2000, 5000, 10000]
-    assert own == {0: 0.0, 1000: 0.5, 2000: 1.0, 5000: 1.5, 10000: 2.0}
-    assert paper_grid(ref, {8: 0}) == ({}, None)
+    layout = panel_layout(MATH_SPEC)
+    assert paper_mode(ref, layout, [0, 1000, 2000, 5000, 10000]) == "overlay"  # the paper preset
+    assert paper_mode(ref, layout, [0, 8, 32]) == "own_row"  # the embedded default
+    assert paper_mode(ref, layout, [0, 1000, 2000]) == "own_row"  # the paper's 5k and 10k would be lost
+    figure1 = panel_layout(dict(MATH_SPEC, panels="none", inits=["lora"]))
+    assert paper_mode(ref, figure1, [1000, 2000, 5000, 10000]) == "overlay"  # n = 0 is not one of ours
+    assert paper_mode(ref.iloc[0:0], layout, [0, 8]) is None
+
+
+@pytest.mark.parametrize("values, expected", [
+    ([74.5, 83.3], (74.5 - 0.704, 83.3 + 0.704)),  # no forced 0 under a curve at 74-83 %
+    ([0.0, 0.0], (0.0, 1.0)),                        # a flat line at 0: never below 0
+    ([10.0, 10.0], (9.0, 11.0)),
+    ([], (0.0, 1.0)),
+])
+def test_fit_limits_fits_the_values(values, expected):
+    assert fit_limits(values) == pytest.approx(expected)
+
+
+def _figure_axes(monkeypatch):
+    import matplotlib.figure
+
+    saved = []
+    monkeypatch.setattr("d2lora.results.figures.save_figure", lambda fig, png, pdf: saved.append(fig))
+    monkeypatch.setattr(matplotlib.pyplot, "close", lambda fig=None: None)
+    return saved
+
+
+def test_paper_in_its_own_row_when_the_grids_differ(tmp_path, metrics, reference, monkeypatch):
+    import matplotlib.pyplot  # noqa: F401  (patched by _figure_axes)
+
+    saved = _figure_axes(monkeypatch)
+    plot_curves(metrics, dict(MATH_SPEC, n=[0, 8, 32]), reference, tmp_path / "f.png", tmp_path / "f.pdf")
+    plot_curves(metrics, MATH_SPEC, reference, tmp_path / "g.png", tmp_path / "g.pdf")
+    own, shared = saved
+    ours_row, paper_row = own.axes[:2], own.axes[2:]
+    assert len(own.axes) == 4 and all(ax.get_title().startswith("this run") for ax in ours_row)
+    assert [t.get_text() for t in paper_row[0].get_xticklabels()] == ["0", "1k", "2k", "5k", "10k"]
+    low, high = paper_row[0].get_ylim()
+    assert 70 < low < 74.53 and 83.32 < high < 86  # the paper's values, fitted, not from 0
+    # Same grid as the paper's 0/1k/2k would drop its 5k and 10k: own row too. On one grid, one axis.
+    assert len(shared.axes) == 4
+    renderer = own.canvas.get_renderer()
+    for fig in saved:
+        (legend,) = fig.legends
+        box = legend.get_window_extent(renderer)
+        assert box.x0 >= 0 and box.x1 <= fig.bbox.width, "legend runs off the figure"
+
+
+def test_paper_overlaid_on_one_axis_when_the_grid_is_the_papers(tmp_path, metrics, reference, monkeypatch):
+    import matplotlib.pyplot  # noqa: F401
+
+    saved = _figure_axes(monkeypatch)
+    spec = dict(MATH_SPEC, n=[0, 1000, 2000, 5000, 10000])
+    plot_curves(metrics, spec, reference, tmp_path / "f.png", tmp_path / "f.pdf")
+    (fig,) = saved
+    assert len(fig.axes) == 2  # one axis per method panel, no twin axis
+    labels = [line.get_label() for line in fig.axes[0].get_lines()]
+    assert "paper (Llama-3.1-8B), LoRA" in labels
+    low, high = fig.axes[0].get_ylim()
+    assert low <= 12.5 and high >= 80.67  # ours and the paper's on the one scale
 
 
 def test_titles_reference_matches_any_rouge(reference):
@@ -394,7 +449,7 @@ def test_caption_renders(name, wildcards):
     """Each caption goes through Jinja and docutils the way `snakemake --report` renders it."""
     jinja2 = pytest.importorskip("jinja2")
     core = pytest.importorskip("docutils.core")
-    config = {"run_name": "test", "experiments": {"table1": {"metric": "rougeL"}}}
+    config = yaml.safe_load((REPO / "config" / "tiny.yaml").read_text())
 
     class Snakemake:  # the attributes captions may use: config, and the rule's params
         pass

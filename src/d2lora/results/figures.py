@@ -1,12 +1,15 @@
 """Learning-curve figures drawn from an experiment spec (the config's `experiments` entries).
 
 One function serves Figures 1-4: the spec says which task, metric, methods, inits and n grid
-to draw and whether to split panels by method. The paper's numbers, when given, are drawn on
-a twin y axis: they come from Llama-3.1-8B, our default from a 135M model, so only the shapes of
-the curves are comparable and a shared axis would flatten one of them. When this run's n grid
-is not the paper's (the embedded default trains on tens of samples, the paper on thousands),
-the paper's curve also gets its own x ticks on the top axis instead of being placed at sample
-sizes it never ran.
+to draw and whether to split panels by method. The paper's numbers, when given, are drawn
+where a reader cannot take them for ours:
+- when this run's n grid holds every n the paper reported (the paper preset), on the same axes
+  as ours, dashed, one y scale for both;
+- otherwise (the embedded default trains on tens of samples, the paper on thousands) in a row
+  of panels of their own under ours, on the paper's own n grid, with the same styling and the
+  same y-range logic.
+Y ranges fit the values drawn (bands included), never below 0: a curve at 74-83 % is not
+squeezed against a forced 0.
 """
 from __future__ import annotations
 
@@ -36,11 +39,14 @@ METRIC_LABELS = {
 }
 METHOD_LABELS = {"sft": "SFT", "dpo": "DPO", "orpo": "ORPO"}
 PAPER_LABEL = "paper (Llama-3.1-8B)"
-# A lone paper point on its own twin axis has no scale to read a shape from, and the axis
-# would autoscale around it as if it were a curve.
+# A lone paper point has no shape to compare.
 MIN_PAPER_POINTS = 2
 # Room for one legend column ("paper (Llama-3.1-8B), ORPO, D2LoRA" at 8 pt).
 LEGEND_COLUMN_INCHES = 2.6
+PANEL_INCHES = 4.4
+# Margin above and below the values, as a share of their span; a flat line gets Y_MIN_SPAN.
+Y_MARGIN = 0.08
+Y_MIN_SPAN = 2.0
 COLORS = plt.get_cmap("tab10").colors
 BAND_ALPHA = 0.15
 BAND_LABEL = "{confidence:.0%} CI (bootstrap over examples)"
@@ -53,10 +59,6 @@ def pretty(name: str, labels: dict[str, str]) -> str:
 def n_label(n: int) -> str:
     """Tick label in the paper's style: 1000 -> '1k', 100 -> '100'."""
     return f"{n / 1000:g}k" if n >= 1000 and n % 100 == 0 else str(n)
-
-
-def paper_axis_label(metric: str) -> str:
-    return "paper ROUGE (variant not stated)" if metric.startswith("rouge") else "paper accuracy (%)"
 
 
 def panel_layout(spec: dict) -> list[tuple[str, list[tuple[str, str]]]]:
@@ -95,11 +97,15 @@ def draw_ours(ax, cells: pd.DataFrame, x_of: dict[int, int], color, label: str) 
         ax.fill_between(x, cells["ci_low"], cells["ci_high"], color=color, alpha=BAND_ALPHA, linewidth=0)
 
 
-def draw_paper(ax, ref: pd.DataFrame, x_of: dict[int, float], color, label: str) -> None:
+def draw_paper(ax, ref: pd.DataFrame, x_of: dict[int, float], color, label: str, overlay: bool) -> None:
+    """The paper's line: dashed and open-marked beside ours, or styled like ours in its own row."""
     ref = ref.sort_values("n")
     x = [x_of[n] for n in ref["n"]]
-    ax.plot(x, ref["value"], color=color, label=label, marker="s", markerfacecolor="none",
-            linestyle="--", alpha=0.55)
+    if overlay:
+        ax.plot(x, ref["value"], color=color, label=label, marker="s", markerfacecolor="none", linestyle="--",
+                alpha=0.7)
+    else:
+        ax.plot(x, ref["value"], color=color, label=label, marker="o", linestyle="-")
 
 
 def line_color(spec: dict, method: str, init: str):
@@ -115,73 +121,56 @@ def rows_of(df: pd.DataFrame, method: str, init: str) -> pd.DataFrame:
     return df[(df["method"] == method) & (df["init"] == init)]
 
 
-def paper_grid(ref: pd.DataFrame, x_of: dict[int, int]) -> tuple[dict[int, float], list[int] | None]:
-    """x position of each paper n, and the paper's own n ticks when they cannot share ours.
-
-    Shared when every paper line has at least MIN_PAPER_POINTS sizes on our grid (sizes off
-    the grid are then dropped); otherwise the paper's grid is spread evenly over our x range,
-    and over a single-point grid the paper is not drawn at all.
-    """
-    on_grid = ref[ref["n"].isin(x_of)].groupby(["method", "init"]).size()
-    if len(on_grid) == ref.groupby(["method", "init"]).ngroups and (on_grid >= MIN_PAPER_POINTS).all():
-        return dict(x_of), None
-    if len(x_of) < 2:  # one x position leaves no room to lay another grid out
-        return {}, None
-    paper_ns = sorted(int(n) for n in ref["n"].unique())
-    step = (len(x_of) - 1) / max(len(paper_ns) - 1, 1)
-    return {n: j * step for j, n in enumerate(paper_ns)}, paper_ns
+def panel_reference(ref: pd.DataFrame, lines, ns: Sequence[int]) -> pd.DataFrame:
+    """The paper's rows for one panel's lines; its n = 0 only where n = 0 is one of ours."""
+    rows = pd.concat([rows_of(ref, method, init) for method, init in lines]) if lines else ref.iloc[0:0]
+    return rows if 0 in ns else rows[rows["n"] != 0]
 
 
-def draw_paper_ticks(ax, x_of_paper: dict[int, float], paper_ns: list[int]) -> None:
-    top = ax.secondary_xaxis("top")
-    top.set_xticks([x_of_paper[n] for n in paper_ns], [n_label(n) for n in paper_ns])
-    top.set_xlabel("paper's n (its own grid)", color="0.4")
-    top.tick_params(axis="x", colors="0.4")
-
-
-def draw_panel(ax, lines, cells, ref, spec, x_of, labels: dict[str, str] | None = None) -> object | None:
-    """Draw one panel; return its twin (paper) axis, or None when the paper has nothing here."""
-    for method, init in lines:
-        ours = rows_of(cells, method, init)
-        if not ours.empty:
-            draw_ours(ax, ours, x_of, line_color(spec, method, init), line_label(method, init, spec, labels))
-    panel_ref = pd.concat([rows_of(ref, method, init) for method, init in lines])
-    if 0 not in x_of:  # the base model is a point of the paper's curve only where it is one of ours
-        panel_ref = panel_ref[panel_ref["n"] != 0]
-    if panel_ref.empty:
+def paper_mode(ref: pd.DataFrame, layout, ns: Sequence[int]) -> str | None:
+    """'overlay' when our n grid holds every n the paper reported for the drawn lines, 'own_row'
+    when the paper has lines of MIN_PAPER_POINTS or more on another grid, None when nothing of
+    the paper can be drawn."""
+    panels = [panel_reference(ref, lines, ns) for _, lines in layout]
+    drawable = [p for p in panels if not p.empty and (p.groupby(["method", "init"]).size() >= MIN_PAPER_POINTS).any()]
+    if not drawable:
         return None
-    x_of_paper, paper_ns = paper_grid(panel_ref, x_of)
-    twin = None
-    for method, init in lines:
-        paper = rows_of(panel_ref, method, init)
-        paper = paper[paper["n"].isin(x_of_paper)]
-        if len(paper) < MIN_PAPER_POINTS:
-            continue
-        twin = twin if twin is not None else ax.twinx()
-        draw_paper(twin, paper, x_of_paper, line_color(spec, method, init),
-                   f"{PAPER_LABEL}, {line_label(method, init, spec, labels)}")
-    if twin is not None and paper_ns is not None:
-        draw_paper_ticks(ax, x_of_paper, paper_ns)
-    return twin
+    return "overlay" if all(set(p["n"]) <= set(ns) for p in drawable) else "own_row"
 
 
-def finish_axes(ax, twin, spec: dict, ns: Sequence[int], first: bool, last: bool) -> None:
-    """Ticks and grid; axis titles only on the outer panels, where they are read."""
+def fit_limits(values: Sequence[float]) -> tuple[float, float]:
+    """A y range around the values with Y_MARGIN on each side, never below 0 (scores are >= 0)."""
+    values = [v for v in values if pd.notna(v)]
+    if not values:
+        return 0.0, 1.0
+    low, high = min(values), max(values)
+    margin = max((high - low) * Y_MARGIN, (Y_MIN_SPAN - (high - low)) / 2, 0.0)
+    return max(low - margin, 0.0), high + margin
+
+
+def drawn_values(ax) -> list[float]:
+    """Every y the axes show: line points and band edges."""
+    values = [float(y) for line in ax.get_lines() for y in line.get_ydata()]
+    for collection in ax.collections:
+        for path in collection.get_paths():
+            values.extend(float(y) for y in path.vertices[:, 1])
+    return values
+
+
+def finish_axes(ax, spec: dict, ns: Sequence[int], ylabel: str | None) -> None:
     ax.set_xticks(range(len(ns)), [n_label(n) for n in ns])
     ax.set_xlim(-0.5, len(ns) - 0.5)
     ax.set_xlabel("task samples n")
     ax.grid(True, alpha=0.3)
-    # Every metric here is a percentage-like score >= 0; a flat line at 0 must not be centred on
-    # an axis that shows negative accuracies.
-    low, high = ax.get_ylim()
-    ax.set_ylim(bottom=0, top=max(high, 1.0))
-    if first:
-        ours = pretty(spec["metric"], METRIC_LABELS)
-        ax.set_ylabel(f"ours: {ours}" if twin is not None else ours)
-    if twin is not None:
-        if last:
-            twin.set_ylabel(paper_axis_label(spec["metric"]), color="0.4")
-        twin.tick_params(axis="y", colors="0.4")
+    if ylabel:
+        ax.set_ylabel(ylabel)
+
+
+def share_fitted_limits(axes: list) -> None:
+    """One y scale for a row of panels, fitted to everything the row draws."""
+    low, high = fit_limits([v for ax in axes for v in drawn_values(ax)])
+    for ax in axes:
+        ax.set_ylim(low, high)
 
 
 def legend_entries(axes: list) -> dict[str, object]:
@@ -193,38 +182,24 @@ def legend_entries(axes: list) -> dict[str, object]:
     return entries
 
 
-def add_legend(fig, axes: list, twins: list, extra: dict[str, object] | None = None) -> None:
-    """One legend below the panels, so it never hides a point.
+def legend_layout(axes: list, extra: dict[str, object] | None = None) -> tuple[dict[str, object], int]:
+    """Entries and column count of the one legend below the panels.
 
-    Each of our lines sits in one column above its paper line (legends fill column-wise);
-    `extra` entries (the CI band's key) come last.
+    Overlaid paper lines sit in the column of their own line (legends fill column-wise); `extra`
+    entries (the CI band's key) take one more column.
     """
-    ours = legend_entries(axes)
-    paper = legend_entries([twin for twin in twins if twin is not None])
-    paired = bool(paper) and all(f"{PAPER_LABEL}, {label}" in paper for label in ours)
+    entries = legend_entries(axes)
+    ours = [label for label in entries if not label.startswith(PAPER_LABEL)]
+    paired = len(ours) < len(entries) and all(f"{PAPER_LABEL}, {label}" in entries for label in ours)
     if paired:
-        labels = [lab for label in ours for lab in (label, f"{PAPER_LABEL}, {label}")]
-        entries = {label: {**ours, **paper}[label] for label in labels}
+        entries = {lab: entries[lab] for label in ours for lab in (label, f"{PAPER_LABEL}, {label}")}
         ncol = len(ours)
     else:
-        entries = {**ours, **paper}
         ncol = min(len(entries), 3)
-    if entries and extra:  # one more column when paired, so the pairs stay stacked
+    if entries and extra:
         entries = {**entries, **extra}
         ncol = ncol + 1 if paired else min(len(entries), 3)
-    if entries:
-        fig.legend(entries.values(), entries.keys(), loc="outside lower center", ncol=ncol, fontsize=8, frameon=False)
-
-
-def share_twin_limits(twins: list) -> None:
-    """One paper scale across panels, like the shared scale of our own axes."""
-    twins = [twin for twin in twins if twin is not None]
-    if len(twins) < 2:
-        return
-    low = min(twin.get_ylim()[0] for twin in twins)
-    high = max(twin.get_ylim()[1] for twin in twins)
-    for twin in twins:
-        twin.set_ylim(low, high)
+    return entries, max(ncol, 1)
 
 
 def save_figure(fig, out_png: str | os.PathLike, out_pdf: str | os.PathLike) -> None:
@@ -249,7 +224,7 @@ def plot_curves(metrics_df: pd.DataFrame, spec: dict, reference_df: pd.DataFrame
                 out_png: str | os.PathLike, out_pdf: str | os.PathLike,
                 intervals: pd.DataFrame | None = None, labels: dict[str, str] | None = None,
                 confidence: float = 0.95) -> None:
-    """Metric vs n for the spec's grid: ours solid with markers, the paper's dashed on a twin axis.
+    """Metric vs n for the spec's grid: ours solid with markers, the paper's as paper_mode says.
 
     With `intervals` (d2lora.results.statistics.read_intervals) each of our lines carries a
     shaded confidence band over evaluation examples (`confidence`: the level it was computed at,
@@ -265,17 +240,48 @@ def plot_curves(metrics_df: pd.DataFrame, spec: dict, reference_df: pd.DataFrame
     ns = sorted(spec["n"])
     x_of = {n: i for i, n in enumerate(ns)}
     layout = panel_layout(spec)
-    width = max(4.4 * len(layout) + 1.6, LEGEND_COLUMN_INCHES * len(layout[0][1]))
-    fig, axes = plt.subplots(1, len(layout), figsize=(width, 4.6), sharey=True, squeeze=False, layout="constrained")
-    twins = []
+    mode = paper_mode(ref, layout, ns)
+    band = ({BAND_LABEL.format(confidence=confidence): Patch(facecolor="0.5", alpha=2 * BAND_ALPHA, linewidth=0)}
+            if intervals is not None else None)
+    metric_label = pretty(spec["metric"], METRIC_LABELS)
+
+    rows = 2 if mode == "own_row" else 1
+    fig, axes = plt.subplots(rows, len(layout), figsize=(PANEL_INCHES * len(layout) + 1.6, 4.0 * rows + 0.6),
+                             squeeze=False, layout="constrained")
     for index, (ax, (title, lines)) in enumerate(zip(axes[0], layout)):
-        twin = draw_panel(ax, lines, cells, ref, spec, x_of, labels)
-        finish_axes(ax, twin, spec, ns, first=index == 0, last=index == len(layout) - 1)
+        for method, init in lines:
+            ours = rows_of(cells, method, init)
+            if not ours.empty:
+                draw_ours(ax, ours, x_of, line_color(spec, method, init), line_label(method, init, spec, labels))
+        if mode == "overlay":
+            for method, init in lines:
+                paper = rows_of(panel_reference(ref, lines, ns), method, init)
+                if len(paper) >= MIN_PAPER_POINTS:
+                    draw_paper(ax, paper, x_of, line_color(spec, method, init),
+                               f"{PAPER_LABEL}, {line_label(method, init, spec, labels)}", overlay=True)
+        finish_axes(ax, spec, ns, metric_label if index == 0 else None)
+        if mode == "own_row":
+            title = f"this run: {title}" if title else "this run"
         ax.set_title(title)
-        twins.append(twin)
-    share_twin_limits(twins)
-    band = {BAND_LABEL.format(confidence=confidence): Patch(facecolor="0.5", alpha=2 * BAND_ALPHA, linewidth=0)} if intervals is not None else None
-    add_legend(fig, list(axes[0]), twins, band)
+    share_fitted_limits(list(axes[0]))
+    if mode == "own_row":
+        paper_ns = sorted(int(n) for n in pd.concat([panel_reference(ref, lines, ns) for _, lines in layout])["n"].unique())
+        paper_x = {n: i for i, n in enumerate(paper_ns)}
+        for index, (ax, (title, lines)) in enumerate(zip(axes[1], layout)):
+            panel_ref = panel_reference(ref, lines, ns)
+            for method, init in lines:
+                paper = rows_of(panel_ref, method, init)
+                if len(paper) >= MIN_PAPER_POINTS:
+                    draw_paper(ax, paper, paper_x, line_color(spec, method, init),
+                               line_label(method, init, spec, labels), overlay=False)
+            finish_axes(ax, spec, paper_ns, f"{metric_label}, paper" if index == 0 else None)
+            ax.set_title(f"{PAPER_LABEL}, its own n grid" + (f": {title}" if title else ""), color="0.3")
+        share_fitted_limits(list(axes[1]))
+    entries, ncol = legend_layout(list(axes[0]), band)
+    if entries:
+        # Wide enough for the legend's columns, or a long legend runs off both edges.
+        fig.set_size_inches(max(fig.get_figwidth(), LEGEND_COLUMN_INCHES * ncol), fig.get_figheight())
+        fig.legend(entries.values(), entries.keys(), loc="outside lower center", ncol=ncol, fontsize=8, frameon=False)
     if spec.get("title"):
         fig.suptitle(spec["title"])
     try:
