@@ -8,8 +8,11 @@ Everything runs through the pipeline's own code, as its rules call it: d2lora.mo
 (random init), d2lora.data.prepare.prepare_role, d2lora.training.run.run_warmup / run_adaptation,
 d2lora.evaluation.run.evaluate_cell. The base model and the data are prepared before the first stage
 (the model is reused when <work>/model holds one of the same architecture, tokenizer and seed).
-Stages: warmup, then one SFT, DPO and ORPO cell (d2lora init, continuing the warm-up; plain LoRA when
-no warm-up adapter exists: the same cost), then GSM8K on the SFT cell (the base model without it).
+Stages, in the order --stages names them (default warmup,sft,gsm8k,dpo,orpo): the warm-up; one SFT,
+DPO and ORPO cell (d2lora init, continuing the warm-up; plain LoRA when no warm-up adapter exists: the
+same cost); GSM8K on the SFT cell's adapter (the base model when there is none). GSM8K comes before
+the preference cells by default: it is the grid's costliest job type, so a time-limited run that
+ends early should lose a preference cell rather than it.
 
 <out>/summary.json is rewritten after every stage, so a run cut off mid-way keeps what finished.
 Heavy outputs (the 16 GB base model, adapters, predictions) go to <out>/work/.
@@ -48,6 +51,7 @@ from d2lora import grid  # noqa: E402
 from d2lora.io import read_json, write_json  # noqa: E402
 
 STAGES = ("warmup", "sft", "dpo", "orpo", "gsm8k")
+DEFAULT_ORDER = ("warmup", "sft", "gsm8k", "dpo", "orpo")
 FITS_GIB = 79.0
 COMMIT_ENV = "D2LORA_GIT_COMMIT"
 TINY_ARCH = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4,
@@ -445,12 +449,13 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--config", type=Path, default=ROOT / "config" / "paper_shape.yaml")
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results_paper_scale")
-    parser.add_argument("--stages", default=",".join(STAGES), help=f"comma-separated subset of {','.join(STAGES)}")
+    parser.add_argument("--stages", default=",".join(DEFAULT_ORDER),
+                        help=f"comma-separated subset of {','.join(STAGES)}, run in the order given")
     parser.add_argument("--device", choices=["auto", "cpu", "cuda"], help="overrides the config's device")
     parser.add_argument("--shape", choices=["paper", "tiny"], default="paper",
                         help="tiny: a 2-layer model, a few rows, steps, prompts and tokens (tests, CPU)")
     args = parser.parse_args(argv)
-    args.stages = [s.strip() for s in args.stages.split(",") if s.strip()]
+    args.stages = list(dict.fromkeys(s.strip() for s in args.stages.split(",") if s.strip()))
     unknown = sorted(set(args.stages) - set(STAGES))
     if unknown:
         parser.error(f"--stages: unknown {unknown}; known: {', '.join(STAGES)}")
@@ -469,7 +474,7 @@ def main(argv=None) -> dict:
     device = resolve_device(config.get("device", "auto"))
     log(f"config {args.config} (shape {args.shape}) on {device}; out {args.out}")
     summary = {"kind": "paper_scale", "status": "running", "shape": args.shape, "started_utc": _now(),
-               "config_path": str(args.config), "stages_requested": [s for s in STAGES if s in args.stages],
+               "config_path": str(args.config), "stages_requested": args.stages,
                "stages_done": [], "errors": {}, "methods": {}, "versions": versions(), "device": device_info(device),
                "config": config}
     run = Run(config, args.out.resolve(), summary)

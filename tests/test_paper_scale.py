@@ -193,7 +193,7 @@ def tiny_run(tmp_path_factory):
 def test_tiny_run_completes_every_stage_and_writes_the_summary(tiny_run):
     out, summary, _ = tiny_run
     assert summary["status"] == "complete" and summary["errors"] == {}
-    assert summary["stages_done"] == ["warmup", "sft", "dpo", "orpo", "gsm8k"]
+    assert summary["stages_done"] == list(paper_scale.DEFAULT_ORDER) == ["warmup", "sft", "gsm8k", "dpo", "orpo"]
     on_disk = json.loads((out / "summary.json").read_text())
     assert on_disk["methods"] == json.loads(json.dumps(summary["methods"]))
     assert set(on_disk["versions"]) >= {"torch", "transformers", "peft", "trl", "git_commit"}
@@ -210,7 +210,7 @@ def test_tiny_run_writes_each_stage_as_it_ends(tiny_run):
     # One write per stage, in order: a run cut off after a stage keeps every stage before it.
     seen = [tuple(s["stages_done"]) for s in snapshots]
     for k in range(1, 6):
-        assert tuple(paper_scale.STAGES[:k]) in seen
+        assert tuple(paper_scale.DEFAULT_ORDER[:k]) in seen
     after_warmup = next(s for s in snapshots if s["stages_done"] == ["warmup"])
     assert set(after_warmup["methods"]) == {"warmup"} and "gsm8k" not in after_warmup
     assert after_warmup["grid_estimate"]["missing"], "an estimate from one stage lists what it lacks"
