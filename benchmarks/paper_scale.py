@@ -7,7 +7,7 @@
 Everything runs through the pipeline's own code, as its rules call it: d2lora.models.prepare_base_model
 (random init), d2lora.data.prepare.prepare_role, d2lora.training.run.run_warmup / run_adaptation,
 d2lora.evaluation.run.evaluate_cell. The base model and the data are prepared before the first stage
-(the model is reused when <work>/model holds one of the same architecture, tokenizer and seed).
+(the model is reused when <work>/model holds one made from the same model settings).
 Stages, in the order --stages names them (default warmup,sft,gsm8k,dpo,orpo): the warm-up; one SFT,
 DPO and ORPO cell (d2lora init, continuing the warm-up; plain LoRA when no warm-up adapter exists: the
 same cost); GSM8K on the SFT cell's adapter (the base model when there is none). GSM8K comes before
