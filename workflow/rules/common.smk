@@ -212,11 +212,14 @@ DTYPE_BYTES = {"auto": 4, "float32": 4, "bfloat16": 2, "float16": 2}
 def model_params_b():
     """The configured model's size in billions of parameters, read from its name ('8B', '135M').
 
-    A random_init model is tiny; a name without a size counts as 8B (ask for too much, not too little).
+    A random_init model is counted from its architecture (at least 0.01: the tiny ones); a name
+    without a size counts as 8B (ask for too much, not too little).
     """
     model = config["model"]
     if model["source"] == "random_init":
-        return 0.01
+        from d2lora.models import architecture_parameters
+
+        return max(0.01, architecture_parameters(model.get("architecture") or {}) / 1e9)
     name = Path(str(model.get("id") or model.get("file") or model.get("path") or "")).name
     sizes = re.findall(r"(?<![A-Za-z0-9.])(\d+(?:\.\d+)?)([MB])(?![A-Za-z])", name)
     if not sizes:

@@ -1,0 +1,16 @@
+#!/bin/bash
+# Progress of the paper-shape measurement, and its results packed into $OUT (4 files): the summary
+# (rewritten after every stage), the log, and a tarball of the per-stage records. The 16 GB base
+# model and the adapters stay on the node.
+cd /root/run 2>/dev/null || exit 0
+RES=benchmarks/results_paper_scale
+grep -aE "^\[paper_scale|^==|Error|Traceback" /root/paper_scale.log 2>/dev/null | tail -25
+nvidia-smi --query-gpu=utilization.gpu,memory.used --format=csv,noheader 2>/dev/null
+[ -n "$OUT" ] || exit 0
+cp $RES/summary.json /root/paper_scale.log $OUT/ 2>/dev/null
+tar -czf $OUT/paper_scale_records.tar.gz $RES/summary.json \
+   $(ls $RES/work/model/prepare.json $RES/work/model/base/source.json $RES/work/model/base/config.json 2>/dev/null) \
+   $(ls $RES/work/adapters/*/training.json $RES/work/adapters/*/manifest.json 2>/dev/null) \
+   $(ls $RES/work/data/*/manifest.json $RES/work/data/onpolicy/*/*.manifest.json 2>/dev/null) \
+   $(ls $RES/work/eval/gsm8k/scores.json $RES/work/eval/gsm8k/manifest.json 2>/dev/null) 2>/dev/null
+ls -la $OUT

@@ -1,0 +1,15 @@
+#!/bin/bash
+# The paper-shape measurement (benchmarks/paper_scale.py), in /root/run (one commit); progress in
+# /root/paper_scale.log. Started by start.sh with MODE=paper_scale instead of pipeline.sh.
+export PYTHONPATH=/tmp/site:/root/run/src PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
+# One process, stages one after another: expandable segments let a stage reuse what the last one freed
+# (the evaluation's KV cache grows every token) instead of fragmenting the cache.
+export PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True
+cd /root/run
+# The code came as `git archive` output, which names its commit in the tar header; there is no .git here.
+export D2LORA_GIT_COMMIT=$(python3 -c "import tarfile; print(tarfile.open('/root/stash/carry/repo.tar.gz').pax_headers.get('comment', ''))" 2>/dev/null)
+echo "== $(date +%T) paper scale, commit ${D2LORA_GIT_COMMIT:-unknown}, stages ${STAGES:-all}"
+nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
+python3 benchmarks/paper_scale.py --config config/paper_shape.yaml --out benchmarks/results_paper_scale ${STAGES:+--stages "$STAGES"}
+code=$?
+echo "== $(date +%T) done, exit $code"

@@ -1,0 +1,503 @@
+"""The paper preset's jobs measured at the paper model's shape on one GPU (GitHub issue 15, item 1).
+
+    python benchmarks/paper_scale.py                               # config/paper_shape.yaml, every stage
+    python benchmarks/paper_scale.py --stages warmup,gsm8k         # a subset
+    python benchmarks/paper_scale.py --shape tiny --out /tmp/ps    # 2 layers, a few rows, CPU: seconds
+
+Everything runs through the pipeline's own code, as its rules call it: d2lora.models.prepare_base_model
+(random init), d2lora.data.prepare.prepare_role, d2lora.training.run.run_warmup / run_adaptation,
+d2lora.evaluation.run.evaluate_cell. The base model and the data are prepared before the first stage
+(the model is reused when <work>/model holds one made from the same model settings).
+Stages, in the order --stages names them (default warmup,sft,gsm8k,dpo,orpo): the warm-up; one SFT,
+DPO and ORPO cell (d2lora init, continuing the warm-up; plain LoRA when no warm-up adapter exists: the
+same cost); GSM8K on the SFT cell's adapter (the base model when there is none). GSM8K comes before
+the preference cells by default: it is the grid's costliest job type, so a time-limited run that
+ends early should lose a preference cell rather than it.
+
+<out>/summary.json is rewritten after every stage, so a run cut off mid-way keeps what finished.
+Heavy outputs (the 16 GB base model, adapters, predictions) go to <out>/work/.
+
+Definitions (per training method):
+- tokens: training.json's train_tokens, the tokenized rows (prompt + answer; both answers for DPO and
+  ORPO; each capped at max_length) x epochs. No padding; DPO's reference forward is not counted.
+- tokens_per_second = tokens / train_seconds, train_seconds being trainer.train() alone; loading the
+  model, building the trainer and saving the adapter are the stage's overhead_seconds.
+- mfu = 4 x base parameters x tokens / train_seconds / peak, peak the measured bf16 matmul rate
+  (d2lora.cost.measure_matmul_peak). 4N: forward 2N plus a frozen base's backward, which computes input
+  gradients only (2N); checkpointing's recomputed forward and DPO's reference forward are not counted.
+- peak_allocated_gib: training.json's / scores.json's peak (PyTorch allocated); peak_reserved_gib:
+  PyTorch's reserved peak over the same span, what a card must hold. fits_80gb: reserved <= 79 GiB
+  (an 80 GB card has 79.6 GiB, less the CUDA context).
+GSM8K: generated_tokens = rows x new-token columns of every generate call (what the GPU computed;
+generate runs a batch until its last row stops), generate_seconds = those calls' time,
+eval_seconds = evaluate_cell's (model load included).
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import copy
+import datetime
+import gc
+import os
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path[:0] = [str(ROOT / "src"), str(Path(__file__).resolve().parent)]
+
+from d2lora import grid  # noqa: E402
+from d2lora.io import read_json, write_json  # noqa: E402
+
+STAGES = ("warmup", "sft", "dpo", "orpo", "gsm8k")
+DEFAULT_ORDER = ("warmup", "sft", "gsm8k", "dpo", "orpo")
+FITS_GIB = 79.0
+COMMIT_ENV = "D2LORA_GIT_COMMIT"
+TINY_ARCH = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4,
+             "num_key_value_heads": 2, "max_position_embeddings": 1024}
+# The tiny shape: config/paper_shape.yaml on a 2-layer model in float32 on the CPU, two rows per cell,
+# one epoch, a few prompts and tokens; every stage runs the same code as at 8B (checkpointing
+# included). max_length stays above the longest GSM8K prompt: a cell refuses rows TRL would drop.
+TINY = {
+    "device": "cpu",
+    "model.dtype": "float32",
+    "model.init_device": "cpu",
+    "model.architecture": TINY_ARCH,
+    "datasets.warmup.train.limit": 2,
+    "datasets.math.train.from.limit": 6,
+    "datasets.math.eval.limit": 3,
+    "datasets.titles.train.limit": 4,
+    "evaluation.dtype": "float32",
+    "evaluation.gsm8k": {"max_new_tokens": 4, "batch_size": 2},
+    "experiments.figure1.n": [2],
+    "experiments.figure2.n": [0, 2],
+    "experiments.table3.n": [0, 2],
+    "experiments.figure4.n": [0, 2],
+}
+TINY_HPARAMS = {"batch_size": 1, "grad_accum": 1, "epochs": 1, "max_length": 256, "bf16": False}
+
+
+def log(message: str) -> None:
+    print(f"[paper_scale {time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
+
+
+def _now() -> str:
+    return datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+# ----------------------------------------------------------------------------- config
+
+
+def _set(config: dict, dotted: str, value) -> None:
+    *parents, last = dotted.split(".")
+    node = config
+    for key in parents:
+        if key not in node:
+            raise KeyError(f"--shape tiny: the config has no '{dotted}' (it expects config/paper_shape.yaml's layout)")
+        node = node[key]
+    node[last] = copy.deepcopy(value)
+
+
+def _absolute_data_files(source: dict | None) -> None:
+    """Relative data paths name files from the repository root, as in a run of the workflow."""
+    if not isinstance(source, dict):
+        return
+    files = source.get("data_files")
+    if isinstance(files, str):
+        source["data_files"] = str((ROOT / files).resolve()) if not Path(files).is_absolute() else files
+    elif isinstance(files, list):
+        source["data_files"] = [str((ROOT / f).resolve()) if not Path(f).is_absolute() else f for f in files]
+    _absolute_data_files(source.get("from"))
+
+
+def load_config(path: Path, shape: str, device: str | None) -> dict:
+    import yaml
+    from snakemake.utils import validate
+
+    grid.check_config_files([path])
+    config = yaml.safe_load(path.read_text())
+    if shape == "tiny":
+        for dotted, value in TINY.items():
+            _set(config, dotted, value)
+        for hp in [config["training"]["warmup"], *config["training"]["adapt"].values()]:
+            hp.update(TINY_HPARAMS)
+    if device:
+        config["device"] = device
+    for role in config["datasets"].values():
+        for split in ("train", "eval"):
+            _absolute_data_files(role.get(split))
+    # What the workflow runs first (common.smk): the schema (which fills its defaults), then the grid rules.
+    validate(config, str(ROOT / "workflow" / "schemas" / "config.schema.yaml"))
+    grid.check(config)
+    return config
+
+
+# ----------------------------------------------------------------------------- measuring
+
+
+def _cuda(device: str) -> bool:
+    return device.startswith("cuda")
+
+
+def free_memory(device: str) -> None:
+    gc.collect()
+    if _cuda(device):
+        import torch
+
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+
+
+def reserved_gib(device: str) -> float | None:
+    """PyTorch's reserved-memory peak since the last reset (the training and evaluation code reset it
+    as their measured span starts)."""
+    if not _cuda(device):
+        return None
+    import torch
+
+    return round(torch.cuda.max_memory_reserved() / 2**30, 2)
+
+
+@contextlib.contextmanager
+def timed(module, name: str, device: str, seconds: list[float]):
+    """Add the wall time of every call of module.<name> to `seconds` (observing only)."""
+    from d2lora.cost import synchronize
+
+    original = getattr(module, name)
+
+    def wrapper(*args, **kwargs):
+        start = time.perf_counter()
+        try:
+            return original(*args, **kwargs)
+        finally:
+            synchronize(device)
+            seconds.append(time.perf_counter() - start)
+
+    setattr(module, name, wrapper)
+    try:
+        yield seconds
+    finally:
+        setattr(module, name, original)
+
+
+@contextlib.contextmanager
+def counting_generate(device: str):
+    """Record rows, new tokens and seconds of every transformers generate call (observing only)."""
+    import torch
+    from transformers.generation.utils import GenerationMixin
+
+    from d2lora.cost import synchronize
+
+    original = GenerationMixin.generate
+    calls: list[dict] = []
+
+    def generate(self, *args, **kwargs):
+        input_ids = kwargs["input_ids"] if "input_ids" in kwargs else args[0]
+        synchronize(device)
+        start = time.perf_counter()
+        output = original(self, *args, **kwargs)
+        synchronize(device)
+        seconds = time.perf_counter() - start
+        new = output[:, input_ids.shape[1]:]
+        stops = getattr(kwargs.get("generation_config"), "eos_token_id", None)
+        stops = [stops] if isinstance(stops, int) else list(stops or [])
+        # A row needs its tokens up to and including its first stop token; a row that never stops, all.
+        is_stop = torch.isin(new, torch.tensor(stops, device=new.device)) if stops else torch.zeros_like(new, dtype=torch.bool)
+        first = torch.where(is_stop.any(dim=1), is_stop.int().argmax(dim=1) + 1, torch.full_like(new[:, 0], new.shape[1]))
+        calls.append({"rows": int(new.shape[0]), "prompt_width": int(input_ids.shape[1]), "new_tokens": int(new.shape[1]),
+                      "tokens_to_stop": int(first.sum()), "seconds": round(seconds, 3)})
+        log(f"generate: {new.shape[0]} rows x {new.shape[1]} new tokens in {seconds:.1f} s")
+        return output
+
+    GenerationMixin.generate = generate
+    try:
+        yield calls
+    finally:
+        GenerationMixin.generate = original
+
+
+def device_info(device: str) -> dict:
+    import torch
+
+    from d2lora.cost import measure_matmul_peak
+
+    info = {"device": device}
+    if _cuda(device):
+        props = torch.cuda.get_device_properties(device)
+        info.update(name=props.name, total_memory_gib=round(props.total_memory / 2**30, 2), cuda=torch.version.cuda,
+                    peak_flops=measure_matmul_peak(device), peak_flops_source="bf16 8192^3 matmul, mean of 10 (d2lora.cost)")
+    else:
+        # A small product: the tiny shape's MFU is a smoke figure, not a CPU benchmark.
+        info.update(name=f"cpu ({os.cpu_count()} cores)", peak_flops=measure_matmul_peak("cpu", size=256, repeats=3),
+                    peak_flops_source="bf16 256^3 matmul on the CPU, mean of 3 (d2lora.cost)")
+    return info
+
+
+def versions() -> dict:
+    import accelerate
+    import datasets
+    import peft
+    import torch
+    import transformers
+    import trl
+
+    from d2lora.provenance import git_commit
+
+    return {"torch": torch.__version__, "transformers": transformers.__version__, "peft": peft.__version__,
+            "trl": trl.__version__, "accelerate": accelerate.__version__, "datasets": datasets.__version__,
+            "python": sys.version.split()[0], "git_commit": os.environ.get(COMMIT_ENV) or git_commit(ROOT)}
+
+
+# ----------------------------------------------------------------------------- stages
+
+
+class Run:
+    """One invocation: the config, where things go, and the summary rewritten after every stage."""
+
+    def __init__(self, config: dict, out: Path, summary: dict):
+        self.config, self.out, self.summary = config, out, summary
+        self.work = out / "work"
+        self.model_dir = self.work / "model" / "base"
+        self.data_dir = self.work / "data"
+        self.device = summary["device"]["device"]
+        self.write()
+
+    def write(self) -> None:
+        self.summary["updated_utc"] = _now()
+        write_json(self.out / "summary.json", self.summary)
+
+    def adapter(self, stage: str) -> Path:
+        return self.work / "adapters" / stage
+
+    def trained(self, stage: str) -> bool:
+        return (self.adapter(stage) / "training.json").is_file()
+
+
+def ensure_base_model(run: Run) -> dict:
+    from d2lora import models
+
+    timing_path = run.work / "model" / "prepare.json"
+    wanted = {k: run.config["model"].get(k) for k in ("source", "architecture", "tokenizer", "seed", "dtype", "init_device")}
+    if (run.model_dir / "source.json").is_file() and timing_path.is_file() and read_json(timing_path)["wanted"] == wanted:
+        log(f"base model: reusing {run.model_dir}")
+        return {**read_json(timing_path)["result"], "reused": True}
+    log(f"base model: {run.config['model']['source']} {run.config['model'].get('architecture')}")
+    init_s: list[float] = []
+    hash_s: list[float] = []
+    start = time.perf_counter()
+    with timed(models, "_random_init", run.device, init_s), timed(models, "sha256_file", "cpu", hash_s):
+        record = models.prepare_base_model(run.config["model"], run.model_dir)
+    seconds = time.perf_counter() - start
+    weights = sum(p.stat().st_size for p in run.model_dir.glob("*.safetensors"))
+    result = {"seconds": round(seconds, 2), "init_seconds": round(sum(init_s), 2), "hash_seconds": round(sum(hash_s), 2),
+              "save_and_tokenizer_seconds": round(seconds - sum(init_s) - sum(hash_s), 2),
+              "parameters": record["parameters"], "dtype": record["dtype"], "init_device": record.get("init_device", "cpu"),
+              "weights_gb": round(weights / 1e9, 3), "folder": str(run.model_dir), "reused": False}
+    write_json(timing_path, {"wanted": wanted, "result": result})
+    log(f"base model: {record['parameters']:,} parameters, {result['weights_gb']} GB in {seconds:.1f} s")
+    return result
+
+
+def cell_n(config: dict, method: str) -> int:
+    sizes = [c.n for c in grid.training_cells(config) if c.method == method and c.task == "math"]
+    if not sizes:
+        raise ValueError(f"the config's experiments train no math cell with method '{method}'")
+    return max(sizes)
+
+
+def _gib(mb: float | None) -> float | None:
+    return None if mb is None else round(mb / 1024, 2)
+
+
+def method_summary(record: dict, stage_seconds: float, load_seconds: float, peak_flops: float | None,
+                   reserved: float | None) -> dict:
+    """Rates of one training record (training.json), in the units the summary reports."""
+    hp = record["hparams"]
+    tokens, seconds, steps = int(record["train_tokens"]), float(record["train_seconds"]), int(record["global_steps"])
+    params = int(record["model_parameters"])
+    grad_norms = [float(e["grad_norm"]) for e in record["log_history"] if "grad_norm" in e]
+    allocated = _gib(record.get("peak_gpu_memory_mb"))
+    return {
+        "phase": record["phase"], "method": record["method"], "init": record.get("init", "d2lora warm-up"),
+        "n": record.get("n"), "rows": record["rows_trained"], "epochs": hp["epochs"], "steps": steps,
+        "batch_size": int(hp["batch_size"]), "grad_accum": int(hp.get("grad_accum", 1)),
+        "rows_per_step": int(hp["batch_size"]) * int(hp.get("grad_accum", 1)), "max_length": int(hp.get("max_length", 1024)),
+        "gradient_checkpointing": bool(hp.get("gradient_checkpointing", False)), "bf16": bool(hp["bf16"]),
+        "precision": record["precision"],
+        "train_tokens": tokens, "tokens_per_row": round(record["sequence_tokens_per_epoch"] / record["rows_trained"], 2),
+        "train_seconds": seconds, "tokens_per_second": round(tokens / seconds, 2), "seconds_per_step": round(seconds / steps, 4),
+        "mfu": 4.0 * params * tokens / seconds / peak_flops if peak_flops else None,
+        "model_parameters": params, "trainable_parameters": int(record["trainable_parameters"]),
+        "peak_allocated_gib": allocated, "peak_reserved_gib": reserved,
+        "fits_80gb": None if reserved is None else reserved <= FITS_GIB,
+        "stage_seconds": round(stage_seconds, 2), "load_seconds": round(load_seconds, 2),
+        "overhead_seconds": round(stage_seconds - seconds, 2),
+        "grad_norm_mean": sum(grad_norms) / len(grad_norms) if grad_norms else None, "train_loss": record["train_loss"],
+    }
+
+
+def train_stage(run: Run, stage: str) -> dict:
+    from d2lora.training import run as training
+
+    cfg, seed = run.config, int(run.config["seed"])
+    lora, checkpoints = cfg["training"]["lora"], int(cfg["training"].get("checkpoint_steps", 0))
+    loads: list[float] = []
+    start = time.perf_counter()
+    with timed(training, "load_model", run.device, loads):
+        if stage == "warmup":
+            record = training.run_warmup(run.model_dir, run.data_dir / "warmup" / "train.jsonl", lora, cfg["training"]["warmup"],
+                                         run.adapter(stage), seed, device=run.device, checkpoint_steps=checkpoints)
+        else:
+            warm = run.trained("warmup")
+            record = training.run_adaptation(
+                run.model_dir, run.data_dir / "math" / "train.jsonl", stage, "d2lora" if warm else "lora", cell_n(cfg, stage),
+                lora, cfg["training"]["adapt"][stage], run.adapter(stage), seed,
+                warmup_dir=run.adapter("warmup") if warm else None, device=run.device, checkpoint_steps=checkpoints)
+    result = method_summary(record, time.perf_counter() - start, sum(loads), run.summary["device"]["peak_flops"],
+                            reserved_gib(run.device))
+    log(f"{stage}: {result['steps']} steps, {result['tokens_per_second']:.0f} tokens/s, {result['seconds_per_step']:.2f} s/step, "
+        f"peak {result['peak_allocated_gib']} GiB allocated / {result['peak_reserved_gib']} reserved")
+    return result
+
+
+def eval_settings(config: dict) -> dict:
+    """The settings the workflow's evaluate rule passes (common.smk eval_settings) for GSM8K."""
+    settings = dict(config["evaluation"]["gsm8k"])
+    settings["dtype"] = config["evaluation"].get("dtype", "auto")
+    settings["engine"] = config["evaluation"].get("engine", "pipeline")
+    if config["evaluation"].get("merge_adapter"):
+        settings["merge_adapter"] = True
+    settings["prompt_template"] = config["datasets"]["math"]["prompt_template"]
+    return settings
+
+
+def gsm8k_stage(run: Run) -> dict:
+    from d2lora.evaluation import run as evaluation
+    from d2lora.evaluation.partial import sidecar_path
+
+    adapter = run.adapter("sft") if run.trained("sft") else None
+    init = read_json(adapter / "training.json")["init"] if adapter else "lora"
+    cell = {"task": "math", "method": "sft" if adapter else "none", "init": init,
+            "n": cell_n(run.config, "sft") if adapter else 0, "seed": int(run.config["seed"])}
+    out = run.work / "eval" / "gsm8k"
+    predictions = out / "predictions.jsonl"
+    sidecar_path(predictions).unlink(missing_ok=True)  # measure a whole run, not a resumed one
+    loads: list[float] = []
+    with counting_generate(run.device) as calls, timed(evaluation, "load_model", run.device, loads):
+        record = evaluation.evaluate_cell("gsm8k", cell, run.model_dir, adapter, run.data_dir / "math", eval_settings(run.config),
+                                          out / "scores.json", predictions, device=run.device)
+    generated = sum(c["rows"] * c["new_tokens"] for c in calls)
+    generate_seconds = sum(c["seconds"] for c in calls)
+    reserved = reserved_gib(run.device)
+    result = {
+        "cell": cell, "adapter": str(adapter) if adapter else None, "items": record["n_items"],
+        "max_new_tokens": int(record["settings"]["max_new_tokens"]), "batch_size": int(record["settings"]["batch_size"]),
+        "dtype": record["settings"]["dtype"], "merge_adapter": bool(record["settings"].get("merge_adapter", False)),
+        "eval_seconds": record["eval_seconds"], "load_seconds": round(sum(loads), 2), "generate_seconds": round(generate_seconds, 3),
+        "generated_tokens": generated, "generated_tokens_to_stop": sum(c["tokens_to_stop"] for c in calls),
+        "generated_tokens_per_second": round(generated / generate_seconds, 2) if generate_seconds else None,
+        "generated_tokens_per_eval_second": round(generated / record["eval_seconds"], 2),
+        "peak_allocated_gib": _gib(record["peak_gpu_memory_mb"]), "peak_reserved_gib": reserved,
+        "fits_80gb": None if reserved is None else reserved <= FITS_GIB,
+        "accuracy_random_weights": record["metrics"]["accuracy"], "generate_calls": calls,
+    }
+    log(f"gsm8k: {result['items']} items, {generated:,} tokens in {generate_seconds:.1f} s of generate, "
+        f"{record['eval_seconds']:.1f} s in all")
+    return result
+
+
+def grid_estimate(run: Run) -> dict:
+    import yaml
+
+    from paper_scale_estimate import estimate
+
+    methods = run.summary["methods"]
+    overheads = [m["overhead_seconds"] for m in methods.values()]
+    gsm8k = run.summary.get("gsm8k")
+    paper = yaml.safe_load((ROOT / "config" / "paper.yaml").read_text())
+    return estimate(paper, {k: m["tokens_per_second"] for k, m in methods.items()},
+                    {k: v for k, v in run.summary["tokens_per_row"].items() if isinstance(v, (int, float))},
+                    sum(overheads) / len(overheads) if overheads else None, gsm8k["eval_seconds"] if gsm8k else None)
+
+
+def _stage(run: Run, stage: str, work) -> None:
+    """Run one stage, keep its result or its error, and rewrite the summary either way."""
+    log(f"stage {stage}")
+    free_memory(run.device)
+    try:
+        result = work()
+    except Exception as err:  # one stage failing (say, out of memory) must not lose the others
+        import traceback
+
+        traceback.print_exc()
+        run.summary["errors"][stage] = f"{type(err).__name__}: {err}"[:2000]
+        log(f"stage {stage} failed: {type(err).__name__}: {str(err)[:300]}")
+    else:
+        if stage == "gsm8k":
+            run.summary["gsm8k"] = result
+        else:
+            run.summary["methods"][stage] = result
+        run.summary["stages_done"].append(stage)
+    finally:
+        free_memory(run.device)
+    run.summary["grid_estimate"] = grid_estimate(run)
+    run.write()
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--config", type=Path, default=ROOT / "config" / "paper_shape.yaml")
+    parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results_paper_scale")
+    parser.add_argument("--stages", default=",".join(DEFAULT_ORDER),
+                        help=f"comma-separated subset of {','.join(STAGES)}, run in the order given")
+    parser.add_argument("--device", choices=["auto", "cpu", "cuda"], help="overrides the config's device")
+    parser.add_argument("--shape", choices=["paper", "tiny"], default="paper",
+                        help="tiny: a 2-layer model, a few rows, steps, prompts and tokens (tests, CPU)")
+    args = parser.parse_args(argv)
+    args.stages = list(dict.fromkeys(s.strip() for s in args.stages.split(",") if s.strip()))
+    unknown = sorted(set(args.stages) - set(STAGES))
+    if unknown:
+        parser.error(f"--stages: unknown {unknown}; known: {', '.join(STAGES)}")
+    return args
+
+
+def main(argv=None) -> dict:
+    args = parse_args(argv)
+    began = time.perf_counter()
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    from d2lora.models import resolve_device
+
+    from paper_scale_data import prepare_data, tokens_per_row
+
+    config = load_config(args.config, args.shape, args.device)
+    device = resolve_device(config.get("device", "auto"))
+    log(f"config {args.config} (shape {args.shape}) on {device}; out {args.out}")
+    summary = {"kind": "paper_scale", "status": "running", "shape": args.shape, "started_utc": _now(),
+               "config_path": str(args.config), "stages_requested": args.stages,
+               "stages_done": [], "errors": {}, "methods": {}, "versions": versions(), "device": device_info(device),
+               "config": config}
+    run = Run(config, args.out.resolve(), summary)
+    log(f"device {summary['device']['name']}: peak {summary['device']['peak_flops'] / 1e12:.1f} TFLOP/s")
+    summary["base_model"] = ensure_base_model(run)
+    run.write()
+    start = time.perf_counter()
+    summary["data"] = prepare_data(config, run.data_dir)
+    from d2lora.models import load_tokenizer
+
+    summary["tokens_per_row"] = tokens_per_row(load_tokenizer(run.model_dir), run.data_dir,
+                                               int(config["training"]["warmup"].get("max_length", 1024)))
+    summary["data"]["seconds"] = round(time.perf_counter() - start, 2)
+    run.write()
+    for stage in summary["stages_requested"]:
+        _stage(run, stage, (lambda s=stage: gsm8k_stage(run) if s == "gsm8k" else train_stage(run, s)))
+    summary["status"] = "complete" if not summary["errors"] else "complete with errors"
+    summary["wall_seconds"] = round(time.perf_counter() - began, 2)
+    run.write()
+    log(f"done: {run.out / 'summary.json'}; paper grid ~{summary['grid_estimate']['total_gpu_hours']} GPU-hours"
+        f"{'' if summary['grid_estimate']['complete'] else ' (partial: ' + '; '.join(summary['grid_estimate']['missing']) + ')'}")
+    return summary
+
+
+if __name__ == "__main__":
+    sys.exit(0 if not main()["errors"] else 1)

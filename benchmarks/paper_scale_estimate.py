@@ -1,0 +1,97 @@
+"""The paper grid's GPU-hours from rates measured at the paper's shape (benchmarks/paper_scale.py).
+
+Every training cell of config/paper.yaml's grid is n rows x epochs x tokens per row, at the tokens/s
+its method ran at; every job also pays the measured per-job overhead (loading the base model,
+building the trainer, saving the adapter); every GSM8K evaluation costs what the measured one did.
+Tokens per row come from the local stand-ins (the paper's hub sets are not on our machines), so
+these are estimates: GSM8K-based pairs for Math-Step-DPO-10K, Alpaca for orpo-dpo-mix-40k (whose
+replies are longer), arXiv abstracts for the economics titles.
+"""
+from __future__ import annotations
+
+from d2lora import grid
+
+# The warm-up set's size in the paper (SPEC, config/paper.yaml): the hub copy is not here to count.
+PAPER_WARMUP_ROWS = 40_218
+PREFERENCE = ("dpo", "orpo")
+
+
+def tokens_key(task: str, method: str) -> str:
+    """Which stand-in's tokens per row a cell of (task, method) reads."""
+    if task == "titles":
+        return "titles_sft"
+    return "math_preference" if method in PREFERENCE else "math_sft"
+
+
+def _hours(seconds: float) -> float:
+    return round(seconds / 3600.0, 3)
+
+
+def _training_groups(paper: dict) -> dict[tuple[str, str], dict]:
+    groups: dict[tuple[str, str], dict] = {}
+    for cell in grid.training_cells(paper):
+        epochs = float(paper["training"]["adapt"][cell.method]["epochs"])
+        group = groups.setdefault((cell.task, cell.method), {"cells": 0, "rows_x_epochs": 0.0, "n": set()})
+        group["cells"] += 1
+        group["rows_x_epochs"] += cell.n * epochs
+        group["n"].add(cell.n)
+    return groups
+
+
+def estimate(paper: dict, rates: dict[str, float], tokens_per_row: dict[str, float], job_overhead_s: float | None,
+             gsm8k_seconds: float | None) -> dict:
+    """GPU-hours of `paper`'s grid. rates: tokens/s per method (warmup, sft, dpo, orpo);
+    tokens_per_row: per tokens_key and "warmup"; what is missing is listed, not guessed."""
+    missing: list[str] = []
+    parts: list[dict] = []
+
+    def part(name: str, task: str, method: str, cells: int, rows_x_epochs: float, key: str, n=None) -> None:
+        entry = {"part": name, "task": task, "method": method, "cells": cells, "rows_x_epochs": rows_x_epochs,
+                 "tokens_per_row_from": key, "n": n}
+        per_row, rate = tokens_per_row.get(key), rates.get(method if name != "warmup" else "warmup")
+        if per_row is None or not rate:
+            missing.append(f"{name} {task}/{method}: " + ("no tokens per row" if per_row is None else "no measured rate"))
+        else:
+            entry["tokens_per_row"] = round(per_row, 1)
+            entry["tokens"] = int(round(rows_x_epochs * per_row))
+            entry["tokens_per_second"] = round(rate, 1)
+            entry["gpu_hours"] = _hours(entry["tokens"] / rate)
+        parts.append(entry)
+
+    warm_jobs = len(grid.warm_inits(paper))
+    if warm_jobs:
+        epochs = float(paper["training"]["warmup"]["epochs"])
+        part("warmup", "warmup", "sft", warm_jobs, warm_jobs * PAPER_WARMUP_ROWS * epochs, "warmup")
+    for (task, method), group in sorted(_training_groups(paper).items()):
+        part("adapt", task, method, group["cells"], group["rows_x_epochs"], tokens_key(task, method), sorted(group["n"]))
+
+    training_jobs = warm_jobs + len(grid.training_cells(paper))
+    eval_counts: dict[str, int] = {}
+    for benchmark, _ in grid.evaluation_jobs(paper):
+        eval_counts[benchmark] = eval_counts.get(benchmark, 0) + 1
+    overhead = {"jobs": training_jobs, "seconds_per_job": job_overhead_s}
+    if job_overhead_s is None:
+        missing.append("training job overhead: no training stage measured")
+    else:
+        overhead["gpu_hours"] = _hours(training_jobs * job_overhead_s)
+    gsm8k = {"jobs": eval_counts.get("gsm8k", 0), "seconds_per_job": gsm8k_seconds,
+             "note": "every answer 512 tokens (a random model never stops): an upper bound for trained models"}
+    if gsm8k_seconds is None:
+        missing.append("gsm8k evaluation: not measured")
+    else:
+        gsm8k["gpu_hours"] = _hours(gsm8k["jobs"] * gsm8k_seconds)
+
+    known = [p["gpu_hours"] for p in parts if "gpu_hours" in p]
+    known += [x["gpu_hours"] for x in (overhead, gsm8k) if "gpu_hours" in x]
+    return {
+        "basis": ("estimates: config/paper.yaml's cells (n x epochs) x tokens per row of the LOCAL STAND-IN data "
+                  f"(warm-up: {PAPER_WARMUP_ROWS:,} rows, the paper's count) / the tokens per second measured here"),
+        "training": parts,
+        "training_job_overhead": overhead,
+        "gsm8k_evaluation": gsm8k,
+        "not_estimated": {name: count for name, count in sorted(eval_counts.items()) if name != "gsm8k"},
+        "not_estimated_reason": "ARC-Easy (log-likelihood scoring) and titles (100 x 48 tokens) evaluations were not measured",
+        "total_gpu_hours": round(sum(known), 2),
+        "complete": not missing,
+        "missing": missing,
+    }

@@ -1,0 +1,279 @@
+"""benchmarks/paper_scale.py (the paper preset's jobs at the Llama-3.1-8B shape) and its preset.
+
+The script runs here at the tiny shape on the CPU: the same stages, the same pipeline calls, a
+2-layer model and a few rows; the 8B run happens on a GPU node (benchmarks/device/paper_scale.sh).
+"""
+from __future__ import annotations
+
+import copy
+import json
+import math
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+from snakemake.utils import validate
+
+from d2lora import grid
+from d2lora.io import read_jsonl, write_jsonl
+from d2lora.models import ModelSourceError, _random_init, architecture_parameters
+from d2lora.training.run import _total_steps
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "benchmarks"))
+import paper_scale  # noqa: E402
+from paper_scale_data import standin_negatives  # noqa: E402
+from paper_scale_estimate import PAPER_WARMUP_ROWS, estimate  # noqa: E402
+
+SHAPE = REPO / "config" / "paper_shape.yaml"
+PAPER = yaml.safe_load((REPO / "config" / "paper.yaml").read_text())
+NEEDS_DATA = pytest.mark.skipif(not (REPO.parent / "shared" / "data").is_dir(), reason="needs ../shared/data")
+METHODS = ("warmup", "sft", "dpo", "orpo")
+LLAMA_31_8B = {"vocab_size": 128256, "hidden_size": 4096, "intermediate_size": 14336, "num_hidden_layers": 32,
+               "num_attention_heads": 32, "num_key_value_heads": 8, "head_dim": 128, "tie_word_embeddings": False,
+               "rms_norm_eps": 1e-5, "max_position_embeddings": 131072}
+
+
+def _close(a: float, b: float, rel: float = 2e-3) -> bool:
+    return math.isclose(a, b, rel_tol=rel)
+
+
+def _positive(value) -> bool:
+    return isinstance(value, (int, float)) and math.isfinite(value) and value > 0
+
+
+# ----------------------------------------------------------------------------- the preset
+
+
+@NEEDS_DATA
+def test_paper_shape_preset_is_the_8b_shape_with_table2_settings(monkeypatch):
+    monkeypatch.chdir(REPO)
+    grid.check_config_files([SHAPE])
+    config = yaml.safe_load(SHAPE.read_text())
+    validated = copy.deepcopy(config)  # validation fills the schema's defaults in
+    validate(validated, str(REPO / "workflow" / "schemas" / "config.schema.yaml"))
+    grid.check(validated)
+    model = config["model"]
+    assert model["source"] == "random_init" and model["init_device"] == "auto"
+    assert {k: model["architecture"][k] for k in LLAMA_31_8B} == LLAMA_31_8B
+    assert model["architecture"]["rope_parameters"]["rope_type"] == "llama3"
+    assert model["architecture"]["rope_parameters"]["rope_theta"] == 500000.0
+    assert architecture_parameters(model["architecture"]) == 8_030_261_248  # Llama-3.1-8B's count
+    assert model["tokenizer"]["source"] == "gguf"
+    # Table 2: every hyperparameter of the paper preset, batch and checkpointing included.
+    assert config["training"]["lora"] == PAPER["training"]["lora"]
+    assert config["training"]["warmup"] == PAPER["training"]["warmup"]
+    assert config["training"]["adapt"] == PAPER["training"]["adapt"]
+    for hp in [config["training"]["warmup"], *config["training"]["adapt"].values()]:
+        assert (hp["batch_size"], hp["grad_accum"], hp["max_length"], hp["gradient_checkpointing"]) == (8, 2, 2048, True)
+    assert config["evaluation"]["gsm8k"]["max_new_tokens"] == 512
+    assert "limit" not in config["datasets"]["math"]["eval"], "GSM8K is evaluated on all 1,319 test questions"
+    # >= 50 optimizer steps per training stage, by the trainer's own count.
+    warm_rows = config["datasets"]["warmup"]["train"]["limit"] - 2  # at most the 2 empty Alpaca outputs drop
+    assert _total_steps(warm_rows, config["training"]["warmup"]) >= 50
+    for method in ("sft", "dpo", "orpo"):
+        n = paper_scale.cell_n(config, method)
+        assert _total_steps(n, config["training"]["adapt"][method]) >= 50, method
+    assert config["datasets"]["math"]["train"]["from"]["limit"] >= max(paper_scale.cell_n(config, m) for m in ("sft", "dpo"))
+
+
+def test_architecture_parameters_counts_what_transformers_builds():
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    for arch in ({"vocab_size": 300, "hidden_size": 32, "intermediate_size": 48, "num_hidden_layers": 2,
+                  "num_attention_heads": 4, "num_key_value_heads": 2, "tie_word_embeddings": False},
+                 {"vocab_size": 300, "hidden_size": 64, "intermediate_size": 96, "num_hidden_layers": 1,
+                  "num_attention_heads": 4, "head_dim": 8}):
+        built = LlamaForCausalLM(LlamaConfig(**{"tie_word_embeddings": True, **arch}))
+        assert architecture_parameters(arch) == sum(p.numel() for p in built.parameters())
+
+
+class _Tokenizer:
+    bos_token_id, eos_token_id, pad_token_id = 1, 2, 2
+
+    def __len__(self):
+        return 100
+
+
+def test_random_init_on_a_device_in_the_stored_dtype_and_wider_vocabulary():
+    import torch
+
+    arch = {"hidden_size": 16, "intermediate_size": 32, "num_hidden_layers": 1, "num_attention_heads": 2,
+            "vocab_size": 128, "tie_word_embeddings": False}
+    model = _random_init({"architecture": arch, "init_device": "cpu", "seed": 0}, _Tokenizer(), torch.bfloat16)
+    assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
+    assert model.config.vocab_size == 128 and model.lm_head.weight.shape == (128, 16)
+    old = _random_init({"architecture": arch, "seed": 0}, _Tokenizer(), torch.float32)  # no init_device: the old path
+    torch.manual_seed(0)
+    from transformers import LlamaConfig, LlamaForCausalLM
+    reference = LlamaForCausalLM(LlamaConfig(bos_token_id=1, eos_token_id=2, pad_token_id=2, **arch))
+    assert all(torch.equal(a, b) for a, b in zip(old.state_dict().values(), reference.state_dict().values()))
+    with pytest.raises(ModelSourceError, match=r"model\.architecture\.vocab_size: 50 rows cannot hold the tokenizer's 100"):
+        _random_init({"architecture": {**arch, "vocab_size": 50}}, _Tokenizer(), torch.float32)
+
+
+# ----------------------------------------------------------------------------- data and estimate
+
+
+def test_standin_negatives_are_other_questions_solutions(tmp_path):
+    raw = [{"question": f"What is {i} + {i}?", "answer": f"{i} and {i} make {2 * i}.\n#### {2 * i}"} for i in range(5)]
+    raw.append({"question": "Twice 0?", "answer": "Still 0.\n#### 0"})  # its next neighbour (row 0) also answers 0
+    write_jsonl(tmp_path / "train.jsonl", raw)
+    source = {"source": "onpolicy", "from": {"source": "local", "data_files": str(tmp_path / "train.jsonl"), "format": "gsm8k"}}
+    manifest = standin_negatives(source, "{question} Box it.", 0, tmp_path / "negatives.jsonl")
+    rows = read_jsonl(tmp_path / "negatives.jsonl")
+    assert len(rows) == manifest["rows"] == 6
+    for i, row in enumerate(rows):
+        shift = 2 if i == 5 else 1  # same final answer in round 1: the next round shifts by two
+        other = raw[(i + shift) % len(raw)]
+        assert row["rejected"].startswith(other["answer"].split("\n####")[0])
+        assert row["rejected_answer"] != row["reference_answer"]
+    assert manifest["stats"]["rounds"] == 2
+
+
+def test_grid_estimate_is_cells_times_tokens_over_rates():
+    rates = {"warmup": 1000.0, "sft": 2000.0, "dpo": 1000.0, "orpo": 1500.0}
+    per_row = {"warmup": 100.0, "math_sft": 200.0, "math_preference": 400.0, "titles_sft": 250.0}
+    result = estimate(PAPER, rates, per_row, job_overhead_s=30.0, gsm8k_seconds=300.0)
+    assert result["complete"] and not result["missing"]
+    parts = {(p["task"], p["method"]): p for p in result["training"]}
+    assert parts[("warmup", "sft")]["tokens"] == PAPER_WARMUP_ROWS * 100
+    dpo = parts[("math", "dpo")]
+    # 2 inits x (100 + 200 + 500 + 1,000 + 2,000 + 5,000 + 10,000) rows x 4 epochs.
+    assert dpo["cells"] == 14 and dpo["rows_x_epochs"] == 2 * 18_800 * 4
+    assert dpo["tokens"] == 2 * 18_800 * 4 * 400 and _close(dpo["gpu_hours"], dpo["tokens"] / 1000 / 3600, 1e-3)
+    assert parts[("titles", "sft")]["rows_x_epochs"] == 2 * (1000 + 2000 + 5000 + 6970) * 3
+    assert result["training_job_overhead"]["jobs"] == len(grid.training_cells(PAPER)) + 1
+    assert result["gsm8k_evaluation"]["jobs"] == 44 and _close(result["gsm8k_evaluation"]["gpu_hours"], 44 * 300 / 3600, 1e-3)
+    total = sum(p["gpu_hours"] for p in result["training"]) + result["training_job_overhead"]["gpu_hours"] \
+        + result["gsm8k_evaluation"]["gpu_hours"]
+    assert _close(result["total_gpu_hours"], total, 1e-3)
+    partial = estimate(PAPER, {k: v for k, v in rates.items() if k != "dpo"}, per_row, None, None)
+    assert not partial["complete"]
+    assert any("math/dpo" in m for m in partial["missing"]) and any("gsm8k" in m for m in partial["missing"])
+
+
+def test_a_failed_stage_is_recorded_and_the_summary_still_written(tmp_path):
+    summary = {"device": {"device": "cpu"}, "methods": {}, "errors": {}, "stages_done": [], "tokens_per_row": {}}
+    run = paper_scale.Run({}, tmp_path, summary)
+
+    def out_of_memory():
+        raise RuntimeError("CUDA out of memory")
+
+    paper_scale._stage(run, "dpo", out_of_memory)
+    written = json.loads((tmp_path / "summary.json").read_text())
+    assert written["errors"] == {"dpo": "RuntimeError: CUDA out of memory"}
+    assert written["stages_done"] == [] and "grid_estimate" in written
+
+
+# ----------------------------------------------------------------------------- the tiny run
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    """One run of the script at the tiny shape; snapshots of summary.json after every write."""
+    out = tmp_path_factory.mktemp("paper_scale")
+    snapshots = []
+    original = paper_scale.Run.write
+
+    def write(self):
+        original(self)
+        snapshots.append(json.loads((self.out / "summary.json").read_text()))
+
+    paper_scale.Run.write = write
+    try:
+        summary = paper_scale.main(["--shape", "tiny", "--device", "cpu", "--out", str(out)])
+    finally:
+        paper_scale.Run.write = original
+    return out, summary, snapshots
+
+
+@NEEDS_DATA
+def test_tiny_run_completes_every_stage_and_writes_the_summary(tiny_run):
+    out, summary, _ = tiny_run
+    assert summary["status"] == "complete" and summary["errors"] == {}
+    assert summary["stages_done"] == list(paper_scale.DEFAULT_ORDER) == ["warmup", "sft", "gsm8k", "dpo", "orpo"]
+    on_disk = json.loads((out / "summary.json").read_text())
+    assert on_disk["methods"] == json.loads(json.dumps(summary["methods"]))
+    assert set(on_disk["versions"]) >= {"torch", "transformers", "peft", "trl", "git_commit"}
+    assert on_disk["config"]["model"]["architecture"] == paper_scale.TINY_ARCH
+    assert _positive(on_disk["device"]["peak_flops"]) and on_disk["device"]["name"]
+    base = on_disk["base_model"]
+    assert _positive(base["seconds"]) and base["init_device"] == "cpu" and _positive(base["parameters"])
+    assert base["seconds"] >= base["init_seconds"] + base["hash_seconds"] - 0.01
+
+
+@NEEDS_DATA
+def test_tiny_run_writes_each_stage_as_it_ends(tiny_run):
+    _, _, snapshots = tiny_run
+    # One write per stage, in order: a run cut off after a stage keeps every stage before it.
+    seen = [tuple(s["stages_done"]) for s in snapshots]
+    for k in range(1, 6):
+        assert tuple(paper_scale.DEFAULT_ORDER[:k]) in seen
+    after_warmup = next(s for s in snapshots if s["stages_done"] == ["warmup"])
+    assert set(after_warmup["methods"]) == {"warmup"} and "gsm8k" not in after_warmup
+    assert after_warmup["grid_estimate"]["missing"], "an estimate from one stage lists what it lacks"
+
+
+@NEEDS_DATA
+@pytest.mark.parametrize("method", METHODS)
+def test_tiny_run_training_numbers_are_consistent(tiny_run, method):
+    _, summary, _ = tiny_run
+    m = summary["methods"][method]
+    training = summary["config"]["training"]
+    hp = training["warmup"] if method == "warmup" else training["adapt"][method]
+    for key in ("train_tokens", "train_seconds", "tokens_per_second", "seconds_per_step", "mfu", "steps",
+                "model_parameters", "stage_seconds", "load_seconds", "grad_norm_mean", "tokens_per_row"):
+        assert _positive(m[key]), (method, key, m[key])
+    assert _close(m["tokens_per_second"] * m["train_seconds"], m["train_tokens"])
+    assert _close(m["seconds_per_step"] * m["steps"], m["train_seconds"])
+    assert _close(m["mfu"], 4 * m["model_parameters"] * m["train_tokens"] / m["train_seconds"] / summary["device"]["peak_flops"])
+    assert m["steps"] == math.ceil(m["rows"] / (m["batch_size"] * m["grad_accum"])) * m["epochs"]
+    assert (m["batch_size"], m["grad_accum"], m["max_length"], m["gradient_checkpointing"]) == \
+        (hp["batch_size"], hp["grad_accum"], hp["max_length"], hp["gradient_checkpointing"])
+    assert m["gradient_checkpointing"] is True  # the paper's setting, kept at the tiny shape
+    assert m["rows"] == (2 if method != "warmup" else summary["data"]["warmup"]["counts"]["train"])
+    assert 0 <= m["load_seconds"] <= m["overhead_seconds"] + 0.01
+    assert _close(m["stage_seconds"] - m["train_seconds"], m["overhead_seconds"], 0.05)
+    assert m["peak_allocated_gib"] is None and m["fits_80gb"] is None  # not measured on a CPU
+    if method in ("dpo", "orpo"):
+        assert m["tokens_per_row"] > 1.5 * summary["methods"]["sft"]["tokens_per_row"], "both answers are counted"
+        assert m["init"] == "d2lora"
+
+
+@NEEDS_DATA
+def test_tiny_run_gsm8k_counts_every_generated_token(tiny_run):
+    _, summary, _ = tiny_run
+    g = summary["gsm8k"]
+    assert g["items"] == 3 and g["max_new_tokens"] == 4 and g["adapter"].endswith("sft")
+    assert sum(c["rows"] for c in g["generate_calls"]) == 3
+    assert g["generated_tokens"] == sum(c["rows"] * c["new_tokens"] for c in g["generate_calls"])
+    assert 0 < g["generated_tokens_to_stop"] <= g["generated_tokens"] <= 3 * 4
+    assert _close(g["generated_tokens_per_second"] * g["generate_seconds"], g["generated_tokens"], 0.01)
+    assert 0 < g["generate_seconds"] <= g["eval_seconds"] and _positive(g["load_seconds"])
+
+
+@NEEDS_DATA
+def test_tiny_run_estimates_the_whole_paper_grid(tiny_run):
+    _, summary, _ = tiny_run
+    est = summary["grid_estimate"]
+    assert est["complete"], est["missing"]
+    assert sum(p["cells"] for p in est["training"]) == len(grid.training_cells(PAPER)) + 1
+    assert all(_positive(p["gpu_hours"]) for p in est["training"])
+    rates = {(p["task"], p["method"]): p["tokens_per_second"] for p in est["training"]}
+    assert rates[("math", "dpo")] == round(summary["methods"]["dpo"]["tokens_per_second"], 1)
+    assert rates[("warmup", "sft")] == round(summary["methods"]["warmup"]["tokens_per_second"], 1)
+    per_row = summary["tokens_per_row"]
+    assert per_row["math_preference"] > per_row["math_sft"] > 0 and per_row["titles_sft"] > 0
+    assert _positive(est["total_gpu_hours"])
+    assert est["gsm8k_evaluation"]["seconds_per_job"] == summary["gsm8k"]["eval_seconds"]
+
+
+def test_tiny_shape_refuses_a_config_of_another_layout(tmp_path):
+    config = copy.deepcopy(yaml.safe_load(SHAPE.read_text()))
+    config["datasets"]["math"]["train"] = {"source": "local", "data_files": "x.jsonl", "format": "gsm8k"}
+    path = tmp_path / "other.yaml"
+    path.write_text(yaml.safe_dump(config))
+    with pytest.raises(KeyError, match=r"no 'datasets\.math\.train\.from\.limit'"):
+        paper_scale.load_config(path, "tiny", "cpu")
