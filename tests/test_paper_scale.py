@@ -140,12 +140,13 @@ def test_grid_estimate_is_cells_times_tokens_over_rates():
     parts = {(p["task"], p["method"]): p for p in result["training"]}
     assert parts[("warmup", "sft")]["tokens"] == PAPER_WARMUP_ROWS * 100
     dpo = parts[("math", "dpo")]
-    # 2 inits x (100 + 200 + 500 + 1,000 + 2,000 + 5,000 + 10,000) rows x 4 epochs.
-    assert dpo["cells"] == 14 and dpo["rows_x_epochs"] == 2 * 18_800 * 4
-    assert dpo["tokens"] == 2 * 18_800 * 4 * 400 and _close(dpo["gpu_hours"], dpo["tokens"] / 1000 / 3600, 1e-3)
+    # 2 inits x (1,000 + 2,000 + 5,000 + 10,000) rows x 4 epochs (Figure 4's low-data cells are ORPO only).
+    assert dpo["cells"] == 8 and dpo["rows_x_epochs"] == 2 * 18_000 * 4
+    assert dpo["tokens"] == 2 * 18_000 * 4 * 400 and _close(dpo["gpu_hours"], dpo["tokens"] / 1000 / 3600, 1e-3)
     assert parts[("titles", "sft")]["rows_x_epochs"] == 2 * (1000 + 2000 + 5000 + 6970) * 3
     assert result["training_job_overhead"]["jobs"] == len(grid.training_cells(PAPER)) + 1
-    assert result["gsm8k_evaluation"]["jobs"] == 44 and _close(result["gsm8k_evaluation"]["gpu_hours"], 44 * 300 / 3600, 1e-3)
+    # 3 methods x 2 inits x 4 n, ORPO's 3 extra low-data n x 2 inits, and the 2 n = 0 cells.
+    assert result["gsm8k_evaluation"]["jobs"] == 32 and _close(result["gsm8k_evaluation"]["gpu_hours"], 32 * 300 / 3600, 1e-3)
     total = sum(p["gpu_hours"] for p in result["training"]) + result["training_job_overhead"]["gpu_hours"] \
         + result["gsm8k_evaluation"]["gpu_hours"]
     assert _close(result["total_gpu_hours"], total, 1e-3)
