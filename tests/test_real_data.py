@@ -292,7 +292,8 @@ def test_embedded_default_reads_the_shipped_subsets_with_the_gpu_presets_formats
         warmup = prepare_role("warmup", default["datasets"]["warmup"], tmp_path / "warmup", seed=0)
     finally:
         os.chdir(cwd)
-    assert titles["counts"] == {"train": 64, "eval": 16} and warmup["counts"]["train"] == 64
+    # 80 titles: the first 12 of the seeded order held out, the next 68 for training; 32 warm-up rows.
+    assert titles["counts"] == {"train": 68, "eval": 12} and warmup["counts"]["train"] == 32
     held_out = {r["id"] for r in load_prepared(tmp_path / "titles", "eval")}
     assert not held_out & {r["id"] for r in load_prepared(tmp_path / "titles", "train")}
 

@@ -597,3 +597,47 @@ def test_report_describes_the_config_that_ran(preset, expected, absent):
     table3 = _render_caption("comparison_table.rst", config, wildcards=types.SimpleNamespace(table="table3"))
     model = config["model"]
     assert (model.get("id") or model.get("file") or "a randomly initialised model") in table3
+
+
+# ----------------------------------------------------------------------------- cost: the Pareto view
+
+
+def test_pareto_front_keeps_only_cells_nothing_beats():
+    from d2lora.results.cost import pareto_front
+
+    points = pd.DataFrame({
+        "label": ["base", "warm n0", "a", "b", "c", "d", "e"],
+        "hours": [0.0, 0.1, 0.2, 0.2, 0.5, 0.9, 1.0],
+        "value": [10.0, 9.0, 20.0, 25.0, 22.0, 30.0, 30.0],
+    })
+    front = pareto_front(points)
+    # warm n0 (costs more, scores less than base), a (b is as cheap and better), c (b is cheaper
+    # and better) and e (d is as good and cheaper) are beaten.
+    assert front["label"].tolist() == ["base", "b", "d"]
+
+
+def test_score_vs_cost_is_a_labelled_pareto_view_with_zero_cost_at_zero(tmp_path, monkeypatch):
+    from d2lora.results.cost import cell_label, plot_score_vs_cost
+
+    metrics = pd.DataFrame([
+        {"task": "math", "method": m, "init": i, "n": n, "seed": 0, "metric": "gsm8k_accuracy", "value": v}
+        for m, i, n, v in [("none", "lora", 0, 9.0), ("none", "d2lora", 0, 9.5), ("sft", "lora", 4, 12.0),
+                           ("sft", "lora", 16, 25.0), ("sft", "d2lora", 4, 14.0), ("sft", "d2lora", 16, 24.0)]])
+    cost = metrics[["task", "method", "init", "n", "seed"]].assign(
+        total_device_hours=[0.0, 0.002, 0.004, 0.01, 0.006, 0.012])
+    figures = []
+    import matplotlib.pyplot as plt
+
+    monkeypatch.setattr(plt, "close", lambda fig=None: figures.append(fig))
+    spec = {"table3": {"task": "math", "metric": "gsm8k_accuracy"}}
+    plot_score_vs_cost(metrics, cost, spec, tmp_path / "c.png", tmp_path / "c.pdf", labels={"lora": "LoRA", "d2lora": "D2LoRA"})
+    (fig,) = figures
+    ax = fig.axes[0]
+    texts = {t.get_text() for t in ax.texts}
+    assert {"LoRA n=0", "D2LoRA n=0", "SFT LoRA n=16", "SFT D2LoRA n=4"} <= texts
+    assert ax.get_xscale() == "symlog" and ax.get_xlim()[0] == 0  # the untrained base sits at 0, no stand-in
+    (frontier,) = [line for line in ax.get_lines() if line.get_label() == "Pareto frontier"]
+    # base, the warm-up alone, SFT LoRA n4, SFT D2LoRA n4, SFT LoRA n16; SFT D2LoRA n16 costs more for less.
+    assert list(frontier.get_xdata()) == [0.0, 0.002, 0.004, 0.006, 0.01]
+    assert cell_label("orpo", "d2lora", 100, {"d2lora": "D2LoRA"}) == "ORPO D2LoRA n=100"
+    assert (tmp_path / "c.png").stat().st_size > 1000 and (tmp_path / "c.pdf").stat().st_size > 1000

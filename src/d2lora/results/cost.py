@@ -74,10 +74,35 @@ def write_cost_table(table: pd.DataFrame, path) -> None:
         table.to_csv(tmp, sep="\t", index=False, float_format="%.6g")
 
 
+def pareto_front(points: pd.DataFrame, cost: str = "hours", score: str = "value") -> pd.DataFrame:
+    """The points no other point beats: none costs at most as much and scores at least as high,
+    with one of the two strictly. Sorted by cost (then score, highest first)."""
+    ordered = points.sort_values([cost, score], ascending=[True, False], kind="mergesort")
+    keep, best = [], float("-inf")
+    for index, row in ordered.iterrows():
+        if row[score] > best:
+            keep.append(index)
+            best = row[score]
+    return ordered.loc[keep]
+
+
+def cell_label(method: str, init: str, n: int, labels: dict | None = None) -> str:
+    """'SFT LoRA n=16'; an n = 0 cell is its init alone ('base' for plain LoRA, the warm-up for D2LoRA)."""
+    init_text = (labels or {}).get(init, init)
+    if int(n) == 0:
+        return f"{init_text} n=0"
+    return f"{method.upper()} {init_text} n={int(n)}"
+
+
 def plot_score_vs_cost(metrics: pd.DataFrame, cost: pd.DataFrame, experiments: dict, out_png, out_pdf=None,
                        labels: dict | None = None) -> None:
-    """Score (y) against training device-hours including the amortized warm-up (x, log), one panel
-    per (task, metric) of the grid, one line per (method, init) through its n values, seeds averaged."""
+    """Pareto view: score (y) against training device-hours including the amortized warm-up (x), one
+    point per cell (seeds averaged), labelled by variant and n, the frontier drawn through the cells
+    no other cell beats. One panel per (task, metric) of the grid.
+
+    The x axis is symmetric-log: linear through 0, where a cell that trained nothing (plain LoRA at
+    n = 0) really sits, logarithmic above the cheapest trained cell.
+    """
     import matplotlib
 
     matplotlib.use("Agg")
@@ -87,29 +112,36 @@ def plot_score_vs_cost(metrics: pd.DataFrame, cost: pd.DataFrame, experiments: d
     key = ["task", "method", "init", "n", "seed"]
     panels = sorted({(spec["task"], spec["metric"]) for spec in experiments.values()})
     hours = cost.set_index(key)["total_device_hours"].rename("hours")
-    fig, axes = plt.subplots(1, len(panels), figsize=(4.5 * len(panels), 3.6), squeeze=False)
+    fig, axes = plt.subplots(1, len(panels), figsize=(5.2 * len(panels), 4.4), squeeze=False, layout="constrained")
+    colors = plt.get_cmap("tab10").colors
     for ax, (task, metric) in zip(axes[0], panels):
         scores = metrics[(metrics["task"] == task) & (metrics["metric"] == metric)]
         joined = scores.join(hours, on=key, how="inner")
         if joined.empty:
             raise DataFileError(f"score_vs_cost: no cell of task '{task}' has both a '{metric}' score and a cost")
-        joined = joined.groupby(["method", "init", "n"], as_index=False)[["value", "hours"]].mean()
-        base = joined[joined["method"] == "none"]
-        for (method, init), line in joined[joined["method"] != "none"].groupby(["method", "init"]):
-            line = pd.concat([base[base["init"] == init], line]).sort_values("n")
-            # A cell that cost nothing (a plain init at n = 0) sits at the left edge of the log axis.
-            ax.plot(line["hours"].clip(lower=1e-6), line["value"], marker="o",
-                    label=f"{method.upper()} {labels.get(init, init)}")
-        ax.set_xscale("log")
+        points = joined.groupby(["method", "init", "n"], as_index=False)[["value", "hours"]].mean()
+        variants = sorted({(m, i) for m, i in zip(points["method"], points["init"])})
+        for (method, init), color in zip(variants, colors * (len(variants) // len(colors) + 1)):
+            group = points[(points["method"] == method) & (points["init"] == init)]
+            name = f"{labels.get(init, init)} n=0" if method == "none" else f"{method.upper()} {labels.get(init, init)}"
+            ax.scatter(group["hours"], group["value"], color=color, label=name, zorder=3, s=22)
+        for row in points.itertuples():
+            ax.annotate(cell_label(row.method, row.init, row.n, labels), (row.hours, row.value),
+                        textcoords="offset points", xytext=(3, 3), fontsize=6, color="0.25")
+        front = pareto_front(points)
+        ax.step(front["hours"], front["value"], where="post", color="0.2", linewidth=1.0, linestyle="--",
+                label="Pareto frontier", zorder=2)
+        trained = points.loc[points["hours"] > 0, "hours"]
+        ax.set_xscale("symlog", linthresh=float(trained.min()) if not trained.empty else 1e-3)
+        ax.set_xlim(left=0)
         ax.set_xlabel("training device-hours (incl. amortized warm-up)")
-        ax.set_ylabel("score")
+        ax.set_ylabel(metric)
         ax.set_title(f"{task}: {metric}")
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=7)
-    fig.tight_layout()
+        ax.legend(fontsize=7, loc="best")
     with atomic_path(out_png) as tmp:
-        fig.savefig(tmp, format="png", dpi=150)
+        fig.savefig(tmp, format="png", dpi=150, metadata={"Software": None})
     if out_pdf:
         with atomic_path(out_pdf) as tmp:
-            fig.savefig(tmp, format="pdf")
+            fig.savefig(tmp, format="pdf", metadata={"CreationDate": None, "Creator": None, "Producer": None})
     plt.close(fig)
