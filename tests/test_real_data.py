@@ -58,19 +58,43 @@ def test_orpo_dpo_mix_single_turn():
     assert row == {"id": "src-000000", "prompt": "Capital of France?", "chosen": "Paris.", "rejected": "Rome."}
 
 
-def test_orpo_dpo_mix_keeps_system_and_earlier_turns_as_context():
-    context = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"},
-               {"role": "assistant", "content": "Hello!"}]
-    (row,) = _map([_orpo_row(context=context)], "orpo_dpo_mix", "pairs")
-    assert row["prompt"] == "System: Be brief.\n\nUser: Hi\n\nAssistant: Hello!\n\nUser: Capital of France?"
+CONTEXT = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"},
+           {"role": "assistant", "content": "Hello!"}]
+
+
+def test_orpo_dpo_mix_gives_multi_turn_prompts_to_the_chat_template_as_messages(tokenizer):
+    from d2lora.training.run import conversational
+
+    (row,) = _map([_orpo_row(context=CONTEXT)], "orpo_dpo_mix", "pairs")
+    assert row["prompt"] == [*CONTEXT, {"role": "user", "content": "Capital of France?"}]
     assert row["chosen"] == "Paris." and row["rejected"] == "Rome."
+    (sft,) = conversational([row], "sft")
+    assert sft["prompt"] == row["prompt"] and sft["completion"] == [{"role": "assistant", "content": "Paris."}]
+    # The chat template renders every turn in its own role markers: no "System: ... User: ..." transcript.
+    text = tokenizer.apply_chat_template(sft["prompt"] + sft["completion"], tokenize=False)
+    assert "<|im_start|>system\nBe brief.<|im_end|>" in text and "<|im_start|>assistant\nHello!<|im_end|>" in text
+    assert "User:" not in text
+
+
+def test_warmup_prepares_rows_whose_rejected_is_missing_or_odd(tmp_path):
+    rows = [_orpo_row(), {k: v for k, v in _orpo_row().items() if k != "rejected"},
+            {**_orpo_row(), "rejected": "not a conversation"},
+            {**_orpo_row(), "rejected": [{"role": "user", "content": "Capital of Spain?"},
+                                         {"role": "assistant", "content": "Madrid."}]},
+            _orpo_row(rejected_reply="  ")]
+    path = _write_jsonl(tmp_path / "mix.jsonl", rows)
+    manifest = prepare_role("warmup", {"train": {"source": "local", "data_files": str(path), "format": "orpo_dpo_mix"}},
+                            tmp_path / "warmup", seed=0)
+    prepared = sorted(load_prepared(tmp_path / "warmup", "train"), key=lambda r: r["id"])  # stored in the seeded order
+    assert manifest["counts"]["train"] == 5 and [r["chosen"] for r in prepared] == ["Paris."] * 5
+    assert [r["rejected"] for r in prepared] == ["Rome.", None, None, None, None]
 
 
 @pytest.mark.parametrize("mutate, message", [
     (lambda r: r.pop("chosen"), "row 2: missing field 'chosen'"),
     (lambda r: r.update(chosen="Paris."), "row 2: field 'chosen' must be a non-empty list"),
     (lambda r: r["chosen"].pop(), "row 2: field 'chosen' must end with a user turn and an assistant reply"),
-    (lambda r: r["rejected"][0].update(content="Capital of Spain?"), "row 2: 'chosen' and 'rejected' differ"),
+    (lambda r: r["chosen"][-1].update(content=" "), "row 2: field 'chosen' ends with an empty reply"),
 ])
 def test_orpo_dpo_mix_bad_rows_name_row(mutate, message):
     bad = json.loads(json.dumps(_orpo_row()))  # no dicts shared between chosen and rejected

@@ -66,8 +66,32 @@ def _check_multiple_choice(row: dict, where: str) -> None:
         raise DataFileError(f"{where}: field 'answer_index' = {index} is outside 0..{len(choices) - 1}")
 
 
+MESSAGE_ROLES = ("system", "user", "assistant")
+
+
+def prompt_messages(prompt: str | list) -> list[dict]:
+    """A pair's prompt as chat messages: one user turn, or the conversation it already is."""
+    return [{"role": "user", "content": prompt}] if isinstance(prompt, str) else [dict(m) for m in prompt]
+
+
+def _check_conversation(value: list, field: str, where: str) -> None:
+    """A multi-turn prompt: {role, content} messages (system, user, assistant) ending with a user turn."""
+    for number, message in enumerate(value, start=1):
+        ok = (isinstance(message, dict) and set(message) == {"role", "content"} and message["role"] in MESSAGE_ROLES
+              and isinstance(message["content"], str) and message["content"].strip())
+        if not ok:
+            raise DataFileError(f"{where}: field '{field}' message {number} must be {{role, content}} with a role "
+                                f"in {MESSAGE_ROLES} and non-empty text")
+    if not value or value[-1]["role"] != "user":
+        raise DataFileError(f"{where}: field '{field}' must end with a user turn")
+
+
 def validate_row(row: Any, form: str, where: str) -> None:
-    """Check one row against `form`; `where` prefixes any error message."""
+    """Check one row against `form`; `where` prefixes any error message.
+
+    A pair's prompt is text (one user turn) or a list of chat messages ending with a user turn
+    (a multi-turn conversation, given to the chat template as it is).
+    """
     if not isinstance(row, dict):
         raise DataFileError(f"{where}: expected an object, got {type(row).__name__}")
     for field in FORM_FIELDS[form]:
@@ -75,6 +99,9 @@ def validate_row(row: Any, form: str, where: str) -> None:
             raise DataFileError(f"{where}: missing field '{field}' (form {form})")
     for field in FORM_FIELDS[form]:
         if field in ("choices", "labels", "answer_index"):
+            continue
+        if form == "pairs" and field == "prompt" and isinstance(row[field], list):
+            _check_conversation(row[field], field, where)
             continue
         _check_text(row, field, where, nullable=(form, field) in NULLABLE)
     if form == "multiple_choice":

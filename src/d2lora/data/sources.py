@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from d2lora.data import synthetic
-from d2lora.data.schema import FORM_FIELDS, validate_rows
+from d2lora.data.schema import FORM_FIELDS, MESSAGE_ROLES, validate_rows
 from d2lora.io import DataFileError, read_jsonl
 
 SOURCE_KINDS = ("synthetic", "hub", "local", "onpolicy")
@@ -494,15 +494,12 @@ def _messages(row: dict, field: str, index: int, ctx: MappingContext) -> list[di
     return value
 
 
-_SPEAKER = {"system": "System", "user": "User", "assistant": "Assistant"}
+def _split_conversation(messages: list[dict], field: str, index: int, ctx: MappingContext) -> tuple[str | list, str]:
+    """(prompt, final assistant reply) of one chat conversation.
 
-
-def _split_conversation(messages: list[dict], field: str, index: int, ctx: MappingContext) -> tuple[str, str]:
-    """(user prompt, final assistant reply) of one chat conversation.
-
-    Our pairs hold ONE user turn. A system message or earlier turns are kept, not dropped: they
-    are written in front of the last user message as a plain transcript, so the reply still has
-    the context it answers.
+    The prompt is the last user message's text when nothing comes before it; otherwise it is the
+    conversation up to and including that message (system prompt, earlier turns), kept as messages
+    so the chat template renders every turn as the model was trained to read it.
     """
     if messages[-1]["role"] != "assistant" or len(messages) < 2 or messages[-2]["role"] != "user":
         raise DataFileError(
@@ -511,23 +508,34 @@ def _split_conversation(messages: list[dict], field: str, index: int, ctx: Mappi
     *context, user, reply = messages
     if not context:
         return user["content"], reply["content"]
-    unknown = sorted({m["role"] for m in context} - set(_SPEAKER))
+    unknown = sorted({m["role"] for m in context} - set(MESSAGE_ROLES))
     if unknown:
         raise DataFileError(f"{_where(index, ctx)}: field '{field}' has unknown role(s) {unknown} (format {ctx.fmt})")
-    transcript = "\n\n".join(f"{_SPEAKER[m['role']]}: {m['content']}" for m in context)
-    return f"{transcript}\n\nUser: {user['content']}", reply["content"]
+    return [{"role": m["role"], "content": m["content"]} for m in (*context, user)], reply["content"]
 
 
 @register_format("orpo_dpo_mix", "pairs")
 def _orpo_dpo_mix_pair(row: dict, index: int, ctx: MappingContext) -> dict:
     """mlabonne/orpo-dpo-mix-40k: `chosen` / `rejected` are whole conversations (lists of
     {role, content}) that share every turn but the last; `source` names the sub-dataset.
-    The warm-up trains on prompt + chosen; rejected is kept for completeness."""
+
+    The warm-up trains on prompt + chosen, so only `chosen` must be a well-formed conversation with
+    a non-empty reply. A missing, malformed or empty `rejected`, or one whose earlier turns differ
+    from chosen's, leaves the pair without a rejected answer (null) instead of stopping the
+    preparation; a preference method given such a row says so when it trains."""
     prompt, chosen = _split_conversation(_messages(row, "chosen", index, ctx), "chosen", index, ctx)
-    rejected_prompt, rejected = _split_conversation(_messages(row, "rejected", index, ctx), "rejected", index, ctx)
-    if rejected_prompt != prompt:
-        raise DataFileError(f"{_where(index, ctx)}: 'chosen' and 'rejected' differ before their last reply (format {ctx.fmt})")
-    return {"id": row_id(row, index, ctx), "prompt": prompt, "chosen": chosen, "rejected": rejected}
+    if not chosen.strip():
+        raise DataFileError(f"{_where(index, ctx)}: field 'chosen' ends with an empty reply (format {ctx.fmt})")
+    return {"id": row_id(row, index, ctx), "prompt": prompt, "chosen": chosen,
+            "rejected": _matching_rejected(row, prompt, index, ctx)}
+
+
+def _matching_rejected(row: dict, prompt, index: int, ctx: MappingContext) -> str | None:
+    try:
+        rejected_prompt, rejected = _split_conversation(_messages(row, "rejected", index, ctx), "rejected", index, ctx)
+    except DataFileError:
+        return None
+    return rejected if rejected_prompt == prompt and rejected.strip() else None
 
 
 def _step_dpo_parts(row: dict, index: int, ctx: MappingContext) -> tuple[str, str]:

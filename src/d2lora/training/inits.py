@@ -46,6 +46,7 @@ import json
 import re
 from pathlib import Path
 
+from d2lora.data.schema import prompt_messages
 from d2lora.training.adapters import AdapterError, check_adapter_matches, lora_config
 
 # init name -> peft's init_lora_weights value
@@ -160,7 +161,7 @@ def calibration_texts(rows: list[dict], tokenizer) -> list[str]:
     """prompt + chosen as the trainer sees them: one user and one assistant turn through the chat template."""
     texts = []
     for row in rows:
-        messages = [{"role": "user", "content": row["prompt"]}, {"role": "assistant", "content": row["chosen"]}]
+        messages = [*prompt_messages(row["prompt"]), {"role": "assistant", "content": row["chosen"]}]
         texts.append(tokenizer.apply_chat_template(messages, tokenize=False))
     return texts
 

@@ -33,6 +33,7 @@ from pathlib import Path
 
 from d2lora.cost import base_parameter_count, parameter_count, peak_memory_mb, reset_peak_memory, sequence_tokens, synchronize
 from d2lora.data.prepare import subset
+from d2lora.data.schema import prompt_messages
 from d2lora.io import read_json, read_jsonl, sha256_file, sha256_tree, staged_dir, write_json, write_text
 from d2lora.provenance import MANIFEST_NAME, build_manifest, package_versions, write_manifest
 from d2lora.models import load_model, load_tokenizer, resolve_device
@@ -47,7 +48,7 @@ def conversational(rows: list[dict], method: str) -> list[dict]:
     """Canonical pairs → TRL's conversational prompt/completion or prompt/chosen/rejected rows."""
     out = []
     for row in rows:
-        prompt = [{"role": "user", "content": row["prompt"]}]
+        prompt = prompt_messages(row["prompt"])
         if method in PREFERENCE_METHODS:
             if row.get("rejected") is None:
                 raise ValueError(f"row {row['id']}: method '{method}' needs a rejected answer and this row has none")
