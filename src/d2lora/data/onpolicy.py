@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Sequence
 
 from d2lora.data.sources import load_raw, source_format, source_name, source_origin, to_canonical
-from d2lora.evaluation.answers import extract_with_rule
+from d2lora.evaluation.answers import answers_match, extract_with_rule
 from d2lora.io import sha256_file, write_json, write_jsonl
 from d2lora.precision import resolve_dtype
 
@@ -94,12 +94,6 @@ def round_seed(seed: int, round_index: int) -> int:
     return 1_000_003 * int(seed) + round_index
 
 
-def _is_right(answer: str, reference: str) -> bool:
-    from d2lora.evaluation.answers import answers_match
-
-    return answers_match(answer, reference)
-
-
 def find_negatives(questions: list[dict], generate, prompt_template: str | None, samples: int, seed: int):
     """(negative rows, stats) for canonical math_eval rows `questions` (id, question, answer).
 
@@ -124,7 +118,7 @@ def find_negatives(questions: list[dict], generate, prompt_template: str | None,
             if answer is None:
                 stats["unanswered_samples"] += 1
                 still.append(i)
-            elif _is_right(answer, questions[i]["answer"]):
+            elif answers_match(answer, questions[i]["answer"]):
                 stats["correct_samples"] += 1
                 still.append(i)
             else:

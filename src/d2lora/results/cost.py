@@ -87,7 +87,7 @@ def pareto_front(points: pd.DataFrame, cost: str = "hours", score: str = "value"
 
 
 def cell_label(method: str, init: str, n: int, labels: dict | None = None) -> str:
-    """'SFT LoRA n=16'; an n = 0 cell is its init alone ('base' for plain LoRA, the warm-up for D2LoRA)."""
+    """'SFT LoRA n=16'; an n = 0 cell trained nothing, so it is named by its init alone ('LoRA n=0')."""
     init_text = (labels or {}).get(init, init)
     if int(n) == 0:
         return f"{init_text} n=0"

@@ -157,7 +157,7 @@ def drawn_values(ax) -> list[float]:
     return values
 
 
-def finish_axes(ax, spec: dict, ns: Sequence[int], ylabel: str | None) -> None:
+def finish_axes(ax, ns: Sequence[int], ylabel: str | None) -> None:
     ax.set_xticks(range(len(ns)), [n_label(n) for n in ns])
     ax.set_xlim(-0.5, len(ns) - 0.5)
     ax.set_xlabel("task samples n")
@@ -259,7 +259,7 @@ def plot_curves(metrics_df: pd.DataFrame, spec: dict, reference_df: pd.DataFrame
                 if len(paper) >= MIN_PAPER_POINTS:
                     draw_paper(ax, paper, x_of, line_color(spec, method, init),
                                f"{PAPER_LABEL}, {line_label(method, init, spec, labels)}", overlay=True)
-        finish_axes(ax, spec, ns, metric_label if index == 0 else None)
+        finish_axes(ax, ns, metric_label if index == 0 else None)
         if mode == "own_row":
             title = f"this run: {title}" if title else "this run"
         ax.set_title(title)
@@ -274,7 +274,7 @@ def plot_curves(metrics_df: pd.DataFrame, spec: dict, reference_df: pd.DataFrame
                 if len(paper) >= MIN_PAPER_POINTS:
                     draw_paper(ax, paper, paper_x, line_color(spec, method, init),
                                line_label(method, init, spec, labels), overlay=False)
-            finish_axes(ax, spec, paper_ns, f"{metric_label}, paper" if index == 0 else None)
+            finish_axes(ax, paper_ns, f"{metric_label}, paper" if index == 0 else None)
             ax.set_title(f"{PAPER_LABEL}, its own n grid" + (f": {title}" if title else ""), color="0.3")
         share_fitted_limits(list(axes[1]))
     entries, ncol = legend_layout(list(axes[0]), band)

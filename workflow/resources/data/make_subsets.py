@@ -13,17 +13,10 @@ import argparse
 import hashlib
 import json
 import random
-import re
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 SEED = 0
-
-
-def _two_step(row: dict) -> bool:
-    # GSM8K solutions write one reasoning step a line, each calculation as <<expr=value>>.
-    reasoning = row["answer"].split("####")[0].strip().splitlines()
-    return len(reasoning) <= 2 and len(re.findall(r"<<", row["answer"])) <= 2
 
 
 SUBSETS = {
