@@ -14,6 +14,14 @@ same cost); GSM8K on the SFT cell's adapter (the base model when there is none).
 the preference cells by default: it is the grid's costliest job type, so a time-limited run that
 ends early should lose a preference cell rather than it.
 
+Lever stages (issue 15, item 2): levers_sft, levers_dpo, levers_orpo, levers_gsm8k run each speed
+setting of LEVERS[method] against the plain path (today's settings) in this one process, and record
+under summary["levers"][method][lever] the same figures plus the ratio to plain
+(`speedup_tokens_per_second`; `speedup_with_setup` also counts the trainer's setup, where a precomputed
+DPO reference does its pass; for GSM8K `speedup_generate` and the fraction of answers identical to
+plain). `lever_ratios` holds DPO's seconds per pair over SFT's per example (fastest of each).
+    python benchmarks/paper_scale.py --stages levers_sft,levers_dpo,levers_orpo,levers_gsm8k
+
 <out>/summary.json is rewritten after every stage, so a run cut off mid-way keeps what finished.
 Heavy outputs (the 16 GB base model, adapters, predictions) go to <out>/work/.
 
@@ -50,8 +58,40 @@ sys.path[:0] = [str(ROOT / "src"), str(Path(__file__).resolve().parent)]
 from d2lora import grid  # noqa: E402
 from d2lora.io import read_json, write_json  # noqa: E402
 
-STAGES = ("warmup", "sft", "dpo", "orpo", "gsm8k")
+STAGES = ("warmup", "sft", "dpo", "orpo", "gsm8k", "levers_sft", "levers_dpo", "levers_orpo", "levers_gsm8k")
 DEFAULT_ORDER = ("warmup", "sft", "gsm8k", "dpo", "orpo")
+# Speed levers (issue 15, item 2), each measured against the plain path (today's settings, first in
+# its list) in the same process: name -> setting overrides, applied in order. Training variants run
+# fewer epochs than a paper cell (LEVER_EPOCHS): the rates, not the result, are what they measure.
+# The plain settings are config/paper_shape.yaml's (Table 2): float32 base, checkpointing, 8 x 2.
+NO_CHECKPOINTING = {"base_dtype": "bfloat16", "gradient_checkpointing": False}
+LEVERS = {
+    "sft": {
+        "plain": {},
+        "bf16_base": {"base_dtype": "bfloat16"},
+        "bf16_base_no_checkpointing": NO_CHECKPOINTING,
+        "no_checkpointing_padding_free": {**NO_CHECKPOINTING, "padding_free": True},
+        "no_checkpointing_padding_free_batch16x1": {**NO_CHECKPOINTING, "padding_free": True, "batch_size": 16, "grad_accum": 1},
+        "no_checkpointing_group_by_length": {**NO_CHECKPOINTING, "group_by_length": True},
+    },
+    "dpo": {
+        "plain": {},
+        "bf16_base_no_checkpointing": NO_CHECKPOINTING,
+        "no_checkpointing_precompute_reference": {**NO_CHECKPOINTING, "precompute_reference": True},
+    },
+    "orpo": {
+        "plain": {},
+        "bf16_base_no_checkpointing": NO_CHECKPOINTING,
+    },
+    # GSM8K: 1,319 prompts x 256 new tokens (a random model never stops: every row runs to the limit).
+    "gsm8k": {
+        "plain": {},
+        "merged": {"merge_adapter": True},
+        "merged_static_cache": {"merge_adapter": True, "cache": "static"},
+    },
+}
+LEVER_EPOCHS = {"sft": 1, "dpo": 2, "orpo": 1}  # DPO: two epochs, so a precomputed reference is reused once
+LEVER_GSM8K_TOKENS = 256
 FITS_GIB = 79.0
 COMMIT_ENV = "D2LORA_GIT_COMMIT"
 TINY_ARCH = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4,
@@ -324,6 +364,10 @@ def method_summary(record: dict, stage_seconds: float, load_seconds: float, peak
         "batch_size": int(hp["batch_size"]), "grad_accum": int(hp.get("grad_accum", 1)),
         "rows_per_step": int(hp["batch_size"]) * int(hp.get("grad_accum", 1)), "max_length": int(hp.get("max_length", 1024)),
         "gradient_checkpointing": bool(hp.get("gradient_checkpointing", False)), "bf16": bool(hp["bf16"]),
+        "base_dtype": record.get("base_weights_dtype"), "padding_free": bool(hp.get("padding_free", False)),
+        "group_by_length": bool(hp.get("group_by_length", False)),
+        "precompute_reference": bool(hp.get("precompute_reference", False)),
+        "trainer_setup_seconds": record.get("trainer_setup_seconds"),
         "precision": record["precision"],
         "train_tokens": tokens, "tokens_per_row": round(record["sequence_tokens_per_epoch"] / record["rows_trained"], 2),
         "train_seconds": seconds, "tokens_per_second": round(tokens / seconds, 2), "seconds_per_step": round(seconds / steps, 4),
@@ -337,26 +381,30 @@ def method_summary(record: dict, stage_seconds: float, load_seconds: float, peak
     }
 
 
-def train_stage(run: Run, stage: str) -> dict:
+def train_stage(run: Run, stage: str, overrides: dict | None = None, name: str | None = None) -> dict:
+    """One training stage: the warm-up or one cell of `stage`'s method, its hyperparameters updated
+    with `overrides`, the adapter written as `name` (default: the stage)."""
     from d2lora.training import run as training
 
     cfg, seed = run.config, int(run.config["seed"])
+    name = name or stage
+    hparams = dict(cfg["training"]["warmup"] if stage == "warmup" else cfg["training"]["adapt"][stage], **(overrides or {}))
     lora, checkpoints = cfg["training"]["lora"], int(cfg["training"].get("checkpoint_steps", 0))
     loads: list[float] = []
     start = time.perf_counter()
     with timed(training, "load_model", run.device, loads):
         if stage == "warmup":
-            record = training.run_warmup(run.model_dir, run.data_dir / "warmup" / "train.jsonl", lora, cfg["training"]["warmup"],
-                                         run.adapter(stage), seed, device=run.device, checkpoint_steps=checkpoints)
+            record = training.run_warmup(run.model_dir, run.data_dir / "warmup" / "train.jsonl", lora, hparams,
+                                         run.adapter(name), seed, device=run.device, checkpoint_steps=checkpoints)
         else:
             warm = run.trained("warmup")
             record = training.run_adaptation(
                 run.model_dir, run.data_dir / "math" / "train.jsonl", stage, "d2lora" if warm else "lora", cell_n(cfg, stage),
-                lora, cfg["training"]["adapt"][stage], run.adapter(stage), seed,
+                lora, hparams, run.adapter(name), seed,
                 warmup_dir=run.adapter("warmup") if warm else None, device=run.device, checkpoint_steps=checkpoints)
     result = method_summary(record, time.perf_counter() - start, sum(loads), run.summary["device"]["peak_flops"],
                             reserved_gib(run.device))
-    log(f"{stage}: {result['steps']} steps, {result['tokens_per_second']:.0f} tokens/s, {result['seconds_per_step']:.2f} s/step, "
+    log(f"{name}: {result['steps']} steps, {result['tokens_per_second']:.0f} tokens/s, {result['seconds_per_step']:.2f} s/step, "
         f"peak {result['peak_allocated_gib']} GiB allocated / {result['peak_reserved_gib']} reserved")
     return result
 
@@ -372,21 +420,22 @@ def eval_settings(config: dict) -> dict:
     return settings
 
 
-def gsm8k_stage(run: Run) -> dict:
+def gsm8k_stage(run: Run, overrides: dict | None = None, name: str = "gsm8k", adapter_stage: str = "sft") -> dict:
     from d2lora.evaluation import run as evaluation
     from d2lora.evaluation.partial import sidecar_path
 
-    adapter = run.adapter("sft") if run.trained("sft") else None
+    adapter = run.adapter(adapter_stage) if run.trained(adapter_stage) else None
     init = read_json(adapter / "training.json")["init"] if adapter else "lora"
     cell = {"task": "math", "method": "sft" if adapter else "none", "init": init,
             "n": cell_n(run.config, "sft") if adapter else 0, "seed": int(run.config["seed"])}
-    out = run.work / "eval" / "gsm8k"
+    out = run.work / "eval" / name
     predictions = out / "predictions.jsonl"
     sidecar_path(predictions).unlink(missing_ok=True)  # measure a whole run, not a resumed one
     loads: list[float] = []
     with counting_generate(run.device) as calls, timed(evaluation, "load_model", run.device, loads):
-        record = evaluation.evaluate_cell("gsm8k", cell, run.model_dir, adapter, run.data_dir / "math", eval_settings(run.config),
-                                          out / "scores.json", predictions, device=run.device)
+        record = evaluation.evaluate_cell("gsm8k", cell, run.model_dir, adapter, run.data_dir / "math",
+                                          {**eval_settings(run.config), **(overrides or {})}, out / "scores.json", predictions,
+                                          device=run.device)
     generated = sum(c["rows"] * c["new_tokens"] for c in calls)
     generate_seconds = sum(c["seconds"] for c in calls)
     reserved = reserved_gib(run.device)
@@ -394,6 +443,7 @@ def gsm8k_stage(run: Run) -> dict:
         "cell": cell, "adapter": str(adapter) if adapter else None, "items": record["n_items"],
         "max_new_tokens": int(record["settings"]["max_new_tokens"]), "batch_size": int(record["settings"]["batch_size"]),
         "dtype": record["settings"]["dtype"], "merge_adapter": bool(record["settings"].get("merge_adapter", False)),
+        "cache": record["settings"].get("cache", "dynamic"),
         "eval_seconds": record["eval_seconds"], "load_seconds": round(sum(loads), 2), "generate_seconds": round(generate_seconds, 3),
         "generated_tokens": generated, "generated_tokens_to_stop": sum(c["tokens_to_stop"] for c in calls),
         "generated_tokens_per_second": round(generated / generate_seconds, 2) if generate_seconds else None,
@@ -402,9 +452,92 @@ def gsm8k_stage(run: Run) -> dict:
         "fits_80gb": None if reserved is None else reserved <= FITS_GIB,
         "accuracy_random_weights": record["metrics"]["accuracy"], "generate_calls": calls,
     }
-    log(f"gsm8k: {result['items']} items, {generated:,} tokens in {generate_seconds:.1f} s of generate, "
+    log(f"{name}: {result['items']} items, {generated:,} tokens in {generate_seconds:.1f} s of generate, "
         f"{record['eval_seconds']:.1f} s in all")
     return result
+
+
+def _same_outputs(a: Path, b: Path) -> float | None:
+    """Fraction of items whose generated text is identical in two predictions files."""
+    from d2lora.io import read_jsonl
+
+    if not (a.is_file() and b.is_file()):
+        return None
+    left, right = {r["id"]: r["output"] for r in read_jsonl(a)}, {r["id"]: r["output"] for r in read_jsonl(b)}
+    return round(sum(left[i] == right.get(i) for i in left) / len(left), 4) if left else None
+
+
+def lever_stage(run: Run, method: str) -> dict:
+    """Every lever of LEVERS[method] in turn, each against the plain path (the first) in this process:
+    results by lever name, each with its speed-up over plain. One lever failing (say, out of memory)
+    is recorded and the next one runs."""
+    results = run.summary.setdefault("levers", {}).setdefault(method, {})
+    for lever, overrides in LEVERS[method].items():
+        name = f"levers_{method}_{lever}"
+        log(f"lever {method}/{lever}: {overrides or 'plain'}")
+        free_memory(run.device)
+        try:
+            if method == "gsm8k":
+                tokens = min(LEVER_GSM8K_TOKENS, int(run.config["evaluation"]["gsm8k"]["max_new_tokens"]))
+                result = gsm8k_stage(run, {"max_new_tokens": tokens, **overrides}, name=name,
+                                     adapter_stage="levers_sft_plain")
+            else:
+                result = train_stage(run, method, {"epochs": LEVER_EPOCHS[method], **overrides}, name=name)
+        except Exception as err:  # noqa: BLE001 -- the next lever still runs
+            import traceback
+
+            traceback.print_exc()
+            results[lever] = {"overrides": overrides, "error": f"{type(err).__name__}: {err}"[:2000]}
+            log(f"lever {method}/{lever} failed: {type(err).__name__}: {str(err)[:300]}")
+        else:
+            results[lever] = {"overrides": overrides, **result}
+        finally:
+            free_memory(run.device)
+        _compare_to_plain(run, method, results)
+        run.write()
+    return results
+
+
+def _compare_to_plain(run: Run, method: str, results: dict) -> None:
+    plain = results.get("plain")
+    if not plain or "error" in plain:
+        return
+    for lever, result in results.items():
+        if "error" in result:
+            continue
+        if method == "gsm8k":
+            result["speedup_generate"] = round(plain["generate_seconds"] / result["generate_seconds"], 3)
+            result["speedup_eval"] = round(plain["eval_seconds"] / result["eval_seconds"], 3)
+            result["outputs_equal_to_plain"] = _same_outputs(
+                run.work / "eval" / f"levers_gsm8k_plain" / "predictions.jsonl",
+                run.work / "eval" / f"levers_gsm8k_{lever}" / "predictions.jsonl")
+        else:
+            # Training time plus the trainer's setup (tokenizing; a precomputed reference's pass).
+            def cost(r):
+                return r["train_seconds"] + (r.get("trainer_setup_seconds") or 0.0)
+
+            result["speedup_tokens_per_second"] = round(result["tokens_per_second"] / plain["tokens_per_second"], 3)
+            result["speedup_with_setup"] = round(cost(plain) / cost(result), 3)
+            result["seconds_per_row_epoch"] = round(cost(result) / (result["rows"] * result["epochs"]), 4)
+
+
+def lever_ratios(levers: dict) -> dict:
+    """The issue's per-method comparisons, from the fastest lever of each method that ran."""
+    def best(method, key):
+        runs = [r for r in levers.get(method, {}).values() if "error" not in r and key in r]
+        return min(runs, key=lambda r: r[key]) if runs else None
+
+    out = {}
+    sft, dpo = best("sft", "seconds_per_row_epoch"), best("dpo", "seconds_per_row_epoch")
+    if sft and dpo:
+        out["dpo_pair_over_sft_example"] = round(dpo["seconds_per_row_epoch"] / sft["seconds_per_row_epoch"], 3)
+    fastest = best("sft", "seconds_per_row_epoch")
+    if fastest:
+        out["sft_best_mfu"] = fastest["mfu"]
+    gen = best("gsm8k", "generate_seconds")
+    if gen:
+        out["gsm8k_best_generate_seconds"] = gen["generate_seconds"]
+    return out
 
 
 def grid_estimate(run: Run) -> dict:
@@ -436,6 +569,8 @@ def _stage(run: Run, stage: str, work) -> None:
     else:
         if stage == "gsm8k":
             run.summary["gsm8k"] = result
+        elif stage.startswith("levers_"):
+            run.summary["lever_ratios"] = lever_ratios(run.summary["levers"])
         else:
             run.summary["methods"][stage] = result
         run.summary["stages_done"].append(stage)
@@ -443,6 +578,12 @@ def _stage(run: Run, stage: str, work) -> None:
         free_memory(run.device)
     run.summary["grid_estimate"] = grid_estimate(run)
     run.write()
+
+
+def stage_work(run: Run, stage: str):
+    if stage.startswith("levers_"):
+        return lever_stage(run, stage.removeprefix("levers_"))
+    return gsm8k_stage(run) if stage == "gsm8k" else train_stage(run, stage)
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -490,7 +631,7 @@ def main(argv=None) -> dict:
     summary["data"]["seconds"] = round(time.perf_counter() - start, 2)
     run.write()
     for stage in summary["stages_requested"]:
-        _stage(run, stage, (lambda s=stage: gsm8k_stage(run) if s == "gsm8k" else train_stage(run, s)))
+        _stage(run, stage, lambda s=stage: stage_work(run, s))
     summary["status"] = "complete" if not summary["errors"] else "complete with errors"
     summary["wall_seconds"] = round(time.perf_counter() - began, 2)
     run.write()

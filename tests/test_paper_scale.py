@@ -278,3 +278,32 @@ def test_tiny_shape_refuses_a_config_of_another_layout(tmp_path):
     path.write_text(yaml.safe_dump(config))
     with pytest.raises(KeyError, match=r"no 'datasets\.math\.train\.from\.limit'"):
         paper_scale.load_config(path, "tiny", "cpu")
+
+
+# ----------------------------------------------------------------------------- the speed levers
+
+
+@NEEDS_DATA
+def test_levers_run_each_setting_against_the_plain_path_in_one_process(tmp_path, monkeypatch):
+    """A few levers of each kind at the tiny shape: each is recorded with its settings as they took effect
+    and its ratio to plain, and a lever that fails is recorded without stopping the next."""
+    levers = {"sft": {k: paper_scale.LEVERS["sft"][k] for k in ("plain", "no_checkpointing_padding_free")},
+              "dpo": {k: paper_scale.LEVERS["dpo"][k] for k in ("plain", "no_checkpointing_precompute_reference")},
+              "gsm8k": {"plain": {}, "merged": {"merge_adapter": True}, "broken": {"cache": "paged"}}}
+    monkeypatch.setattr(paper_scale, "LEVERS", levers)
+    summary = paper_scale.main(["--shape", "tiny", "--device", "cpu", "--out", str(tmp_path),
+                                "--stages", "levers_sft,levers_dpo,levers_gsm8k"])
+    sft, dpo, gsm8k = (summary["levers"][m] for m in ("sft", "dpo", "gsm8k"))
+    assert sft["plain"]["speedup_tokens_per_second"] == 1.0
+    plain, fast = sft["plain"], sft["no_checkpointing_padding_free"]
+    assert (plain["base_dtype"], plain["gradient_checkpointing"], plain["padding_free"]) == ("float32", True, False)
+    assert (fast["base_dtype"], fast["gradient_checkpointing"], fast["padding_free"]) == ("bfloat16", False, True)
+    assert fast["speedup_tokens_per_second"] == pytest.approx(fast["tokens_per_second"] / plain["tokens_per_second"], abs=1e-3)
+    assert plain["epochs"] == paper_scale.LEVER_EPOCHS["sft"] and dpo["plain"]["epochs"] == paper_scale.LEVER_EPOCHS["dpo"]
+    assert dpo["no_checkpointing_precompute_reference"]["precompute_reference"] is True
+    assert summary["lever_ratios"]["dpo_pair_over_sft_example"] > 0
+    assert gsm8k["merged"]["merge_adapter"] is True and gsm8k["merged"]["outputs_equal_to_plain"] is not None
+    assert gsm8k["merged"]["adapter"].endswith("levers_sft_plain")
+    assert "cache" in gsm8k["broken"]["error"] and summary["errors"] == {}
+    written = json.loads((tmp_path / "summary.json").read_text())
+    assert set(written["levers"]["gsm8k"]) == {"plain", "merged", "broken"}

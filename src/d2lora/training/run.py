@@ -243,13 +243,24 @@ def _fit(method: str, build_model, tokenizer, rows: list[dict], hp: dict, out_di
             if initial_dir is not None:
                 with staged_dir(initial_dir) as staging:
                     inits.save_initial_adapter(model, staging)
+        record["base_weights_dtype"] = _frozen_dtype(model)
         # The adaptive adapters' callbacks first: they write their state into a checkpoint before
         # the marker says the checkpoint is complete.
         callbacks = list(extra_callbacks or []) + ([_mark_complete_callback()] if checkpoint_steps > 0 else [])
+        started = time.perf_counter()
         trainer = build_trainer(method, model, tokenizer, _dataset(rows, method), hp, trainer_dir, seed, device == "cpu",
                                 checkpoint_steps=checkpoint_steps, callbacks=callbacks or None)
+        synchronize(device)
+        # Tokenizing the rows, and with precompute_reference the reference pass over every pair.
+        record["trainer_setup_seconds"] = round(time.perf_counter() - started, 3)
         _check_rows_kept(trainer, rows, record, hp)
         return _train_and_save(trainer, model, out_dir, record, resume_from, inputs, variant)
+
+
+def _frozen_dtype(model) -> str | None:
+    """The dtype the frozen base weights were loaded in (base_dtype as it took effect)."""
+    frozen = next((p for p in model.parameters() if not p.requires_grad), None)
+    return None if frozen is None else str(frozen.dtype).removeprefix("torch.")
 
 
 def _check_rows_kept(trainer, rows: list[dict], record: dict, hp: dict) -> None:
@@ -305,10 +316,22 @@ def _check_reference(method: str, hp: dict, variant: dict) -> None:
             "use 'initial_policy'")
 
 
-def _resolve_precision(hp: dict, device: str) -> tuple[dict, dict]:
-    """The hyperparameters with `bf16` resolved for this device (auto: native bf16 or not), and why."""
+def _resolve_precision(hp: dict, device: str, variant: dict) -> tuple[dict, dict]:
+    """The hyperparameters with `bf16` resolved for this device (auto: native bf16 or not) and the
+    frozen base's dtype resolved from it (base_dtype auto), and why."""
     precision = resolve_bf16_flag(hp.get("bf16"), device)
-    return {**hp, "bf16": precision.bf16}, precision.record()
+    record = precision.record()
+    setting = hp.get("base_dtype", "auto")
+    if setting != "auto":
+        base_dtype, why = setting, "set in the config"
+    elif not precision.bf16:
+        base_dtype, why = "float32", "bf16 autocast is off"
+    elif inits.is_residual(variant):
+        base_dtype, why = "float32", f"init '{variant['init_lora_weights']}' rewrites the base weights (W - s*B0A0)"
+    else:
+        base_dtype, why = "bfloat16", "bf16 autocast casts every base weight to bf16 for its matmul"
+    record["base_dtype"] = {"setting": setting, "dtype": base_dtype, "reason": why}
+    return {**hp, "bf16": precision.bf16, "base_dtype": base_dtype}, record
 
 
 def run_warmup(model_dir, train_path, lora: dict, hp: dict, out_dir, seed: int, device: str = "auto",
@@ -321,7 +344,7 @@ def run_warmup(model_dir, train_path, lora: dict, hp: dict, out_dir, seed: int, 
     variant["warmup"] = True
     set_seed(seed)
     device = resolve_device(device)
-    hp, precision = _resolve_precision(hp, device)
+    hp, precision = _resolve_precision(hp, device, variant)
     rows = read_jsonl(train_path)
     tokenizer = load_tokenizer(model_dir)
     texts, calibration = _calibration(rows, variant, tokenizer, "warmup", hp)
@@ -330,7 +353,7 @@ def run_warmup(model_dir, train_path, lora: dict, hp: dict, out_dir, seed: int, 
               "precision": precision}
 
     def build_model(initial_dir):
-        base = load_model(model_dir, device=device)
+        base = load_model(model_dir, dtype=hp["base_dtype"], device=device)
         if initial_dir is not None:
             return inits.residual_from_initial(base, initial_dir, variant["init_lora_weights"]), []
         return inits.fresh_adapter(base, lora, variant, texts, tokenizer, max_length=int(hp.get("max_length", 1024))), []
@@ -351,7 +374,7 @@ def run_adaptation(model_dir, train_path, method: str, init: str, n: int, lora: 
     variant = inits.normalize_variant(variant, init)
     set_seed(seed)
     device = resolve_device(device)
-    hp, precision = _resolve_precision(hp, device)
+    hp, precision = _resolve_precision(hp, device, variant)
     rows = subset(read_jsonl(train_path), n)
     _check_reference(method, hp, variant)
     warm = variant["warmup"]
@@ -374,7 +397,7 @@ def run_adaptation(model_dir, train_path, method: str, init: str, n: int, lora: 
         record["residual_base"] = inits.residual_record(warmup_dir)
 
     def build_model(initial_dir):
-        base = load_model(model_dir, device=device)
+        base = load_model(model_dir, dtype=hp["base_dtype"], device=device)
         if variant["adapter"] != "lora":
             return _adaptive_adapter(base, lora, variant, _total_steps(len(rows), hp), seed)
         if warm:

@@ -59,11 +59,21 @@ def build_trainer(method: str, model, tokenizer, train_dataset, hp: dict, output
     if method == "sft":
         from trl import SFTConfig, SFTTrainer
 
-        return SFTTrainer(model=model, args=SFTConfig(**args), train_dataset=train_dataset, processing_class=tokenizer,
-                          callbacks=callbacks)
+        if hp.get("padding_free"):
+            # TRL enforces no max_length without packing when padding-free (it would not truncate);
+            # check_padding_free_lengths refuses the rows that max_length would have cut instead.
+            args.update(padding_free=True, max_length=None)
+        trainer = SFTTrainer(model=model, args=SFTConfig(**args), train_dataset=train_dataset, processing_class=tokenizer,
+                             callbacks=callbacks)
+        if hp.get("padding_free"):
+            check_padding_free_lengths(trainer, int(hp.get("max_length", 1024)))
+        return trainer
     if method == "dpo":
         from trl import DPOConfig, DPOTrainer
 
+        if hp.get("precompute_reference"):
+            # Same batch size as training, so the precompute pass needs no more memory than a step.
+            args.update(precompute_ref_log_probs=True, precompute_ref_batch_size=int(hp["batch_size"]))
         trainer = DPOTrainer(
             model=model,
             args=DPOConfig(beta=float(hp["beta"]), **args),
@@ -87,12 +97,18 @@ def build_trainer(method: str, model, tokenizer, train_dataset, hp: dict, output
     raise ValueError(f"unknown method '{method}' (known: sft, dpo, orpo)")
 
 
+def check_padding_free_lengths(trainer, max_length: int) -> None:
+    """Padding-free SFT trains untruncated rows: refuse any longer than max_length, which a padded
+    batch would have cut, so that the lever never changes what a cell trains on."""
+    lengths = [len(ids) for ids in trainer.train_dataset["input_ids"]]
+    longest = max(lengths, default=0)
+    if longest > max_length:
+        raise ValueError(f"padding_free: {sum(n > max_length for n in lengths)} of {len(lengths)} rows are longer than "
+                         f"max_length={max_length} tokens (longest {longest}); padded batches would truncate them. "
+                         "Raise max_length or turn padding_free off")
+
+
 def drop_reference_adapter(model) -> None:
     if REF_ADAPTER in getattr(model, "peft_config", {}):
         model.delete_adapter(REF_ADAPTER)
         model.set_adapter("default")
-
-
-def reference_logps(trainer, batch) -> Any:
-    """Reference log-probs of chosen and rejected for one collated batch, as DPO computes them."""
-    return trainer.compute_ref_log_probs(trainer.model, batch)

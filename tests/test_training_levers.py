@@ -1,0 +1,129 @@
+"""Training speed settings (GitHub issue 15): each one trains what the plain path trains.
+
+padding_free (SFT), precompute_reference (DPO) and base_dtype are checked against the plain path on
+the tiny model in float32 on the CPU, where the only differences left are summation order.
+"""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from d2lora.io import write_jsonl
+from d2lora.training.run import _resolve_precision, conversational, run_adaptation, run_warmup
+from d2lora.training.trainers import build_trainer
+
+LORA = {"rank": 4, "alpha": 8, "dropout": 0.0, "target_modules": "all-linear"}
+HP = {"learning_rate": 5e-3, "epochs": 2, "scheduler": "constant", "batch_size": 3, "max_length": 160}
+
+
+def _rows(count: int) -> list[dict]:
+    """Prompts and answers of different lengths, so padded batches carry padding."""
+    return [{"id": f"row-{i}", "prompt": "Add these numbers: " + " plus ".join(str(j) for j in range(i + 1)) + ".",
+             "chosen": f"The sum is {sum(range(i + 1))}. " * (1 + i % 3) + f"\\boxed{{{sum(range(i + 1))}}}",
+             "rejected": f"I think it is {i}. \\boxed{{{i}}}"} for i in range(count)]
+
+
+@pytest.fixture(scope="module")
+def train_file(tmp_path_factory):
+    path = tmp_path_factory.mktemp("levers") / "train.jsonl"
+    write_jsonl(path, _rows(6))
+    return path
+
+
+@pytest.fixture(scope="module")
+def warmup_adapter(tiny_model_dir, train_file, tmp_path_factory):
+    out = tmp_path_factory.mktemp("levers_warmup") / "adapter"
+    run_warmup(tiny_model_dir, train_file, LORA, dict(HP, epochs=1), out, seed=0, device="cpu")
+    return out
+
+
+def _losses(record: dict) -> list[float]:
+    return [e["loss"] for e in record["log_history"] if "loss" in e]
+
+
+def _adapter(folder):
+    from safetensors.torch import load_file
+
+    return load_file(str(folder / "adapter_model.safetensors"))
+
+
+def test_padding_free_sft_trains_what_padded_batches_train(tiny_model_dir, train_file, tmp_path):
+    records = {}
+    for name, extra in (("padded", {}), ("padding_free", {"padding_free": True})):
+        records[name] = run_adaptation(tiny_model_dir, train_file, "sft", "lora", 6, LORA, dict(HP, **extra),
+                                       tmp_path / name, seed=0, device="cpu")
+    plain, free = _losses(records["padded"]), _losses(records["padding_free"])
+    assert len(plain) == len(free) == 4  # 6 rows / batch 3 x 2 epochs: the same steps
+    assert plain == pytest.approx(free, rel=1e-4, abs=1e-5)
+    # The steps moved the adapter (lr 5e-3): equal adapters are evidence, not an untrained pair.
+    assert plain[0] != pytest.approx(plain[-1], rel=1e-3)
+    padded, packed = _adapter(tmp_path / "padded"), _adapter(tmp_path / "padding_free")
+    assert padded.keys() == packed.keys()
+    for key in padded:
+        torch.testing.assert_close(packed[key], padded[key], atol=1e-5, rtol=1e-4)
+    assert records["padding_free"]["hparams"]["padding_free"] is True
+    assert records["padding_free"]["train_tokens"] == records["padded"]["train_tokens"]
+
+
+def test_padding_free_refuses_rows_that_padded_batches_would_truncate(tiny_model_dir, train_file, tmp_path):
+    with pytest.raises(ValueError, match=r"padding_free: \d+ of 6 rows are longer than max_length=40"):
+        run_adaptation(tiny_model_dir, train_file, "sft", "lora", 6, LORA, dict(HP, max_length=40, padding_free=True),
+                       tmp_path / "a", seed=0, device="cpu")
+    assert not (tmp_path / "a").exists()
+
+
+def test_precomputed_dpo_reference_equals_the_per_step_reference(tiny_model_dir, warmup_adapter, tmp_path):
+    from datasets import Dataset
+
+    from d2lora.models import load_model, load_tokenizer
+    from d2lora.training.adapters import warm_started_adapter
+
+    model = warm_started_adapter(load_model(tiny_model_dir), warmup_adapter, LORA, tiny_model_dir)
+    dataset = Dataset.from_list(conversational(_rows(6), "dpo"))
+    hp = dict(HP, beta=0.1, precompute_reference=True)
+    trainer = build_trainer("dpo", model, load_tokenizer(tiny_model_dir), dataset, hp, str(tmp_path / "t"), 0, True)
+    assert {"ref_chosen_logps", "ref_rejected_logps"} <= set(trainer.train_dataset.column_names)
+    batch = trainer.data_collator([{k: v for k, v in trainer.train_dataset[i].items() if not k.startswith("ref_")}
+                                   for i in range(6)])
+    trainer.model.eval()
+    with torch.no_grad():
+        chosen, rejected = trainer.compute_ref_log_probs(trainer.model, batch)
+    torch.testing.assert_close(torch.tensor(trainer.train_dataset["ref_chosen_logps"]), chosen, atol=1e-4, rtol=1e-5)
+    torch.testing.assert_close(torch.tensor(trainer.train_dataset["ref_rejected_logps"]), rejected, atol=1e-4, rtol=1e-5)
+
+
+def test_precomputed_dpo_reference_gives_the_same_training(tiny_model_dir, train_file, warmup_adapter, tmp_path):
+    records = {}
+    for name, extra in (("per_step", {}), ("precomputed", {"precompute_reference": True})):
+        records[name] = run_adaptation(tiny_model_dir, train_file, "dpo", "d2lora", 6, LORA, dict(HP, beta=0.1, **extra),
+                                       tmp_path / name, seed=0, warmup_dir=warmup_adapter, device="cpu")
+    per_step, precomputed = _losses(records["per_step"]), _losses(records["precomputed"])
+    assert len(per_step) == 4 and per_step == pytest.approx(precomputed, rel=1e-4, abs=1e-5)
+    assert per_step[0] != pytest.approx(per_step[-1], rel=1e-3)
+    assert records["precomputed"]["trainer_setup_seconds"] > 0
+
+
+def test_base_dtype_auto_follows_bf16_autocast_and_keeps_residual_bases_float32(monkeypatch):
+    from d2lora.training.inits import normalize_variant
+
+    lora = normalize_variant(None, "lora")
+    pissa = normalize_variant({"init_lora_weights": "pissa"}, "pissa")
+    monkeypatch.setenv("D2LORA_NATIVE_BF16", "1")
+    hp, record = _resolve_precision({"bf16": "auto"}, "cpu", lora)
+    assert (hp["bf16"], hp["base_dtype"]) == (True, "bfloat16") and record["base_dtype"]["setting"] == "auto"
+    assert _resolve_precision({"bf16": "auto"}, "cpu", pissa)[0]["base_dtype"] == "float32"
+    hp, record = _resolve_precision({"bf16": "auto", "base_dtype": "float32"}, "cpu", lora)
+    assert hp["base_dtype"] == "float32" and record["base_dtype"]["reason"] == "set in the config"
+    monkeypatch.setenv("D2LORA_NATIVE_BF16", "0")
+    assert _resolve_precision({"bf16": "auto"}, "cpu", lora)[0]["base_dtype"] == "float32"
+
+
+def test_a_bf16_base_trains_a_float32_adapter(tiny_model_dir, train_file, tmp_path):
+    record = run_adaptation(tiny_model_dir, train_file, "sft", "lora", 3, LORA, dict(HP, epochs=1, bf16=True),
+                            tmp_path / "a", seed=0, device="cpu")
+    assert record["hparams"]["base_dtype"] == "bfloat16" and record["base_weights_dtype"] == "bfloat16"
+    assert {str(t.dtype) for t in _adapter(tmp_path / "a").values()} == {"torch.float32"}
+    saved = json.loads((tmp_path / "a" / "training.json").read_text())
+    assert saved["precision"]["base_dtype"]["dtype"] == "bfloat16"
