@@ -73,14 +73,17 @@ LEVERS = {
         "no_checkpointing_padding_free": {**NO_CHECKPOINTING, "padding_free": True},
         "no_checkpointing_padding_free_batch16x1": {**NO_CHECKPOINTING, "padding_free": True, "batch_size": 16, "grad_accum": 1},
         "no_checkpointing_group_by_length": {**NO_CHECKPOINTING, "group_by_length": True},
+        "no_checkpointing_batch16x1": {**NO_CHECKPOINTING, "batch_size": 16, "grad_accum": 1},
     },
     "dpo": {
         "plain": {},
         "bf16_base_no_checkpointing": NO_CHECKPOINTING,
         "no_checkpointing_precompute_reference": {**NO_CHECKPOINTING, "precompute_reference": True},
+        "bf16_base_precompute_reference": {"base_dtype": "bfloat16", "precompute_reference": True},
     },
     "orpo": {
         "plain": {},
+        "bf16_base": {"base_dtype": "bfloat16"},
         "bf16_base_no_checkpointing": NO_CHECKPOINTING,
     },
     # GSM8K: 1,319 prompts x 256 new tokens (a random model never stops: every row runs to the limit).
@@ -301,6 +304,7 @@ class Run:
         self.model_dir = self.work / "model" / "base"
         self.data_dir = self.work / "data"
         self.device = summary["device"]["device"]
+        self.levers: dict[str, set] = {}  # lever stages: method -> the levers to run (none named: all)
         self.write()
 
     def write(self) -> None:
@@ -472,7 +476,10 @@ def lever_stage(run: Run, method: str) -> dict:
     results by lever name, each with its speed-up over plain. One lever failing (say, out of memory)
     is recorded and the next one runs."""
     results = run.summary.setdefault("levers", {}).setdefault(method, {})
+    chosen = run.levers.get(method)
     for lever, overrides in LEVERS[method].items():
+        if chosen is not None and lever not in chosen:
+            continue
         name = f"levers_{method}_{lever}"
         log(f"lever {method}/{lever}: {overrides or 'plain'}")
         free_memory(run.device)
@@ -593,10 +600,21 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--stages", default=",".join(DEFAULT_ORDER),
                         help=f"comma-separated subset of {','.join(STAGES)}, run in the order given")
     parser.add_argument("--device", choices=["auto", "cpu", "cuda"], help="overrides the config's device")
+    parser.add_argument("--levers", default="",
+                        help="lever stages run only these levers, e.g. sft:plain,sft:no_checkpointing_batch16x1 "
+                             "(plain is always run too, so every ratio has its plain run beside it)")
     parser.add_argument("--shape", choices=["paper", "tiny"], default="paper",
                         help="tiny: a 2-layer model, a few rows, steps, prompts and tokens (tests, CPU)")
     args = parser.parse_args(argv)
     args.stages = list(dict.fromkeys(s.strip() for s in args.stages.split(",") if s.strip()))
+    levers: dict[str, set] = {}
+    for item in filter(None, (x.strip() for x in args.levers.split(","))):
+        method, _, lever = item.partition(":")
+        if method not in LEVERS or lever not in LEVERS[method]:
+            parser.error(f"--levers: unknown '{item}'; known: "
+                         + ", ".join(f"{m}:{name}" for m in LEVERS for name in LEVERS[m]))
+        levers.setdefault(method, {"plain"}).add(lever)
+    args.levers = levers
     unknown = sorted(set(args.stages) - set(STAGES))
     if unknown:
         parser.error(f"--stages: unknown {unknown}; known: {', '.join(STAGES)}")
@@ -619,6 +637,7 @@ def main(argv=None) -> dict:
                "stages_done": [], "errors": {}, "methods": {}, "versions": versions(), "device": device_info(device),
                "config": config}
     run = Run(config, args.out.resolve(), summary)
+    run.levers = args.levers
     log(f"device {summary['device']['name']}: peak {summary['device']['peak_flops'] / 1e12:.1f} TFLOP/s")
     summary["base_model"] = ensure_base_model(run)
     run.write()
