@@ -74,17 +74,20 @@ LEVERS = {
         "no_checkpointing_padding_free_batch16x1": {**NO_CHECKPOINTING, "padding_free": True, "batch_size": 16, "grad_accum": 1},
         "no_checkpointing_group_by_length": {**NO_CHECKPOINTING, "group_by_length": True},
         "no_checkpointing_batch16x1": {**NO_CHECKPOINTING, "batch_size": 16, "grad_accum": 1},
+        "no_checkpointing_batch4x4": {**NO_CHECKPOINTING, "batch_size": 4, "grad_accum": 4},
     },
     "dpo": {
         "plain": {},
         "bf16_base_no_checkpointing": NO_CHECKPOINTING,
         "no_checkpointing_precompute_reference": {**NO_CHECKPOINTING, "precompute_reference": True},
         "bf16_base_precompute_reference": {"base_dtype": "bfloat16", "precompute_reference": True},
+        "no_checkpointing_batch4x4": {**NO_CHECKPOINTING, "batch_size": 4, "grad_accum": 4},
     },
     "orpo": {
         "plain": {},
         "bf16_base": {"base_dtype": "bfloat16"},
         "bf16_base_no_checkpointing": NO_CHECKPOINTING,
+        "no_checkpointing_batch4x4": {**NO_CHECKPOINTING, "batch_size": 4, "grad_accum": 4},
     },
     # GSM8K: 1,319 prompts x 256 new tokens (a random model never stops: every row runs to the limit).
     "gsm8k": {
