@@ -127,3 +127,29 @@ def test_a_bf16_base_trains_a_float32_adapter(tiny_model_dir, train_file, tmp_pa
     assert {str(t.dtype) for t in _adapter(tmp_path / "a").values()} == {"torch.float32"}
     saved = json.loads((tmp_path / "a" / "training.json").read_text())
     assert saved["precision"]["base_dtype"]["dtype"] == "bfloat16"
+
+
+def test_the_reference_fingerprint_is_cheap_content_based_and_restored(tiny_model_dir, warmup_adapter, tmp_path):
+    import trl.trainer.dpo_trainer as dpo_module
+    from datasets import Dataset
+
+    from d2lora.models import load_model, load_tokenizer
+    from d2lora.training import trainers
+    from d2lora.training.adapters import warm_started_adapter
+
+    seen = []
+    original = trainers.module_fingerprint
+    trainers.module_fingerprint = lambda module: seen.append(original(module)) or seen[-1]
+    try:
+        model = warm_started_adapter(load_model(tiny_model_dir), warmup_adapter, LORA, tiny_model_dir)
+        build_trainer("dpo", model, load_tokenizer(tiny_model_dir), Dataset.from_list(conversational(_rows(2), "dpo")),
+                      dict(HP, beta=0.1, precompute_reference=True), str(tmp_path / "t"), 0, True)
+    finally:
+        trainers.module_fingerprint = original
+    assert len(seen) == 1 and dpo_module.hash_module is not trainers.module_fingerprint
+    base = load_model(tiny_model_dir)
+    before = original(base)
+    assert original(load_model(tiny_model_dir)) == before
+    with torch.no_grad():
+        base.model.layers[0].mlp.down_proj.weight[0, 0] += 1.0
+    assert original(base) != before
