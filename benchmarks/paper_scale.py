@@ -60,14 +60,19 @@ from d2lora.io import read_json, write_json  # noqa: E402
 
 STAGES = ("warmup", "sft", "dpo", "orpo", "gsm8k", "levers_sft", "levers_dpo", "levers_orpo", "levers_gsm8k")
 DEFAULT_ORDER = ("warmup", "sft", "gsm8k", "dpo", "orpo")
-# Speed levers (issue 15, item 2), each measured against the plain path (today's settings, first in
-# its list) in the same process: name -> setting overrides, applied in order. Training variants run
-# fewer epochs than a paper cell (LEVER_EPOCHS): the rates, not the result, are what they measure.
-# The plain settings are config/paper_shape.yaml's (Table 2): float32 base, checkpointing, 8 x 2.
+# Speed levers (issue 15, item 2), each measured against the plain path (first in its list) in the
+# same process: name -> setting overrides, applied in order. Training variants run fewer epochs than
+# a paper cell (LEVER_EPOCHS): the rates, not the result, are what they measure. Plain is the code
+# path before the levers: config/paper_shape.yaml's Table 2 settings (checkpointing, 8 x 2) on a
+# float32 base (base_dtype auto now picks bf16 under bf16 autocast, so plain pins float32).
+# Each training lever stage starts with a 2-step throwaway run (summary["lever_warmups"]): the first
+# training of a process pays CUDA/cuBLAS start-up, which once made plain look 2x slower than the same
+# settings run second (2026-12-02, benchmarks/RESULTS.md).
+FLOAT32_BASE = {"base_dtype": "float32"}
 NO_CHECKPOINTING = {"base_dtype": "bfloat16", "gradient_checkpointing": False}
 LEVERS = {
     "sft": {
-        "plain": {},
+        "plain": FLOAT32_BASE,
         "bf16_base": {"base_dtype": "bfloat16"},
         "bf16_base_no_checkpointing": NO_CHECKPOINTING,
         "no_checkpointing_padding_free": {**NO_CHECKPOINTING, "padding_free": True},
@@ -77,14 +82,14 @@ LEVERS = {
         "no_checkpointing_batch4x4": {**NO_CHECKPOINTING, "batch_size": 4, "grad_accum": 4},
     },
     "dpo": {
-        "plain": {},
+        "plain": FLOAT32_BASE,
         "bf16_base_no_checkpointing": NO_CHECKPOINTING,
         "no_checkpointing_precompute_reference": {**NO_CHECKPOINTING, "precompute_reference": True},
         "bf16_base_precompute_reference": {"base_dtype": "bfloat16", "precompute_reference": True},
         "no_checkpointing_batch4x4": {**NO_CHECKPOINTING, "batch_size": 4, "grad_accum": 4},
     },
     "orpo": {
-        "plain": {},
+        "plain": FLOAT32_BASE,
         "bf16_base": {"base_dtype": "bfloat16"},
         "bf16_base_no_checkpointing": NO_CHECKPOINTING,
         "no_checkpointing_batch4x4": {**NO_CHECKPOINTING, "batch_size": 4, "grad_accum": 4},
@@ -388,9 +393,11 @@ def method_summary(record: dict, stage_seconds: float, load_seconds: float, peak
     }
 
 
-def train_stage(run: Run, stage: str, overrides: dict | None = None, name: str | None = None) -> dict:
-    """One training stage: the warm-up or one cell of `stage`'s method, its hyperparameters updated
-    with `overrides`, the adapter written as `name` (default: the stage)."""
+def train_stage(run: Run, stage: str, overrides: dict | None = None, name: str | None = None,
+                n: int | None = None) -> dict:
+    """One training stage: the warm-up or one cell of `stage`'s method (n rows: the config's cell by
+    default), its hyperparameters updated with `overrides`, the adapter written as `name` (default: the
+    stage)."""
     from d2lora.training import run as training
 
     cfg, seed = run.config, int(run.config["seed"])
@@ -406,7 +413,7 @@ def train_stage(run: Run, stage: str, overrides: dict | None = None, name: str |
         else:
             warm = run.trained("warmup")
             record = training.run_adaptation(
-                run.model_dir, run.data_dir / "math" / "train.jsonl", stage, "d2lora" if warm else "lora", cell_n(cfg, stage),
+                run.model_dir, run.data_dir / "math" / "train.jsonl", stage, "d2lora" if warm else "lora", n or cell_n(cfg, stage),
                 lora, hparams, run.adapter(name), seed,
                 warmup_dir=run.adapter("warmup") if warm else None, device=run.device, checkpoint_steps=checkpoints)
     result = method_summary(record, time.perf_counter() - start, sum(loads), run.summary["device"]["peak_flops"],
@@ -479,6 +486,8 @@ def lever_stage(run: Run, method: str) -> dict:
     results by lever name, each with its speed-up over plain. One lever failing (say, out of memory)
     is recorded and the next one runs."""
     results = run.summary.setdefault("levers", {}).setdefault(method, {})
+    if method != "gsm8k":
+        process_warmup(run, method)
     chosen = run.levers.get(method)
     for lever, overrides in LEVERS[method].items():
         if chosen is not None and lever not in chosen:
@@ -506,6 +515,21 @@ def lever_stage(run: Run, method: str) -> dict:
         _compare_to_plain(run, method, results)
         run.write()
     return results
+
+
+def process_warmup(run: Run, method: str) -> None:
+    """Two optimizer steps of plain `method`, thrown away, so that no measured lever pays the process's
+    first-training costs (CUDA context, cuBLAS handles and heuristics, the caching allocator's growth)."""
+    hp = run.config["training"]["adapt"][method]
+    rows = int(hp["batch_size"]) * int(hp.get("grad_accum", 1)) * 2
+    start = time.perf_counter()
+    try:
+        train_stage(run, method, {"epochs": 1, **LEVERS[method]["plain"]}, name=f"levers_{method}_process_warmup", n=rows)
+        outcome = {"rows": rows, "seconds": round(time.perf_counter() - start, 2)}
+    except Exception as err:  # noqa: BLE001 -- a failed warm-up only means the levers run cold
+        outcome = {"rows": rows, "error": f"{type(err).__name__}: {err}"[:500]}
+    run.summary.setdefault("lever_warmups", {})[method] = outcome
+    free_memory(run.device)
 
 
 def _compare_to_plain(run: Run, method: str, results: dict) -> None:

@@ -305,5 +305,8 @@ def test_levers_run_each_setting_against_the_plain_path_in_one_process(tmp_path,
     assert gsm8k["merged"]["merge_adapter"] is True and gsm8k["merged"]["outputs_equal_to_plain"] is not None
     assert gsm8k["merged"]["adapter"].endswith("levers_sft_plain")
     assert "cache" in gsm8k["broken"]["error"] and summary["errors"] == {}
+    # Every training lever stage began with a throwaway run of plain, outside the results.
+    assert set(summary["lever_warmups"]) == {"sft", "dpo"} and all("error" not in w for w in summary["lever_warmups"].values())
+    assert "process_warmup" not in sft
     written = json.loads((tmp_path / "summary.json").read_text())
     assert set(written["levers"]["gsm8k"]) == {"plain", "merged", "broken"}
