@@ -81,10 +81,10 @@ def generation_bench(args, device, results):
     if not adapter_dir.exists():
         import torch
 
-        from d2lora.training.adapters import fresh_adapter
+        from d2lora.training.inits import BUILTIN_VARIANTS, fresh_adapter
 
         torch.manual_seed(0)
-        peft_model = fresh_adapter(load_model(args.model, dtype="float32", device="cpu"), LORA)
+        peft_model = fresh_adapter(load_model(args.model, dtype="float32", device="cpu"), LORA, BUILTIN_VARIANTS["lora"])
         for name, param in peft_model.named_parameters():
             if "lora_B" in name:
                 torch.nn.init.normal_(param, std=0.02)
@@ -103,7 +103,7 @@ def training_bench(args, device, results, peak_flops):
 
     from d2lora.cost import sequence_tokens
     from d2lora.models import load_model, load_tokenizer
-    from d2lora.training.adapters import fresh_adapter
+    from d2lora.training.inits import BUILTIN_VARIANTS, fresh_adapter
     from d2lora.training.run import conversational, set_seed
     from d2lora.training.trainers import build_trainer
 
@@ -122,7 +122,7 @@ def training_bench(args, device, results, peak_flops):
     runs = results.setdefault("training", {})
     for name, extra in settings.items():
         set_seed(0)
-        model = fresh_adapter(load_model(args.model, dtype="float32", device=device), LORA)
+        model = fresh_adapter(load_model(args.model, dtype="float32", device=device), LORA, BUILTIN_VARIANTS["lora"])
         hp = {"learning_rate": 1e-4, "epochs": 1, "scheduler": "cosine", "max_length": 768, **extra}
         trainer = build_trainer("sft", model, tokenizer, dataset, hp, str(Path(args.out) / f"trainer_{name}"), 0,
                                 device == "cpu")

@@ -168,10 +168,11 @@ def test_merged_adapter_matches_the_unmerged_one(tiny_model_dir, tmp_path):
     import torch
 
     from d2lora.models import load_model
-    from d2lora.training.adapters import fresh_adapter
+    from d2lora.training.inits import BUILTIN_VARIANTS, fresh_adapter
 
     torch.manual_seed(0)
-    peft_model = fresh_adapter(load_model(tiny_model_dir), {"rank": 4, "alpha": 8, "target_modules": "all-linear"})
+    peft_model = fresh_adapter(load_model(tiny_model_dir), {"rank": 4, "alpha": 8, "target_modules": "all-linear"},
+                               BUILTIN_VARIANTS["lora"])
     for name, param in peft_model.named_parameters():
         if "lora_B" in name:
             torch.nn.init.normal_(param, std=0.05)

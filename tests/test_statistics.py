@@ -12,6 +12,7 @@ import pytest
 from d2lora.grid import ConfigError
 from d2lora.io import DataFileError
 from d2lora.results.metrics import BENCHMARK_METRICS, collect_metrics
+from d2lora.grid import check_statistics_config, comparison_targets, statistics_settings
 from d2lora.results.statistics import (
     EXAMPLE_METRICS,
     INTERVAL_COLUMNS,
@@ -21,8 +22,6 @@ from d2lora.results.statistics import (
     bootstrap_means,
     cell_examples,
     check_against_metrics,
-    check_statistics_config,
-    comparison_targets,
     holm,
     interval_table,
     load_examples,
@@ -33,7 +32,6 @@ from d2lora.results.statistics import (
     read_intervals,
     read_predictions,
     significance_table,
-    statistics_settings,
     write_intervals,
     write_significance,
 )

@@ -101,9 +101,9 @@ def _dpo_trainer(tiny_model_dir, warmup_adapter, reference, tmp_path):
     from datasets import Dataset
 
     from d2lora.models import load_model, load_tokenizer
-    from d2lora.training.adapters import warm_started_adapter
+    from d2lora.training.inits import warm_started_adapter
 
-    model = warm_started_adapter(load_model(tiny_model_dir), warmup_adapter, LORA, tiny_model_dir)
+    model = warm_started_adapter(load_model(tiny_model_dir), warmup_adapter, LORA, None, tiny_model_dir)
     dataset = Dataset.from_list(conversational(_pairs(4), "dpo"))
     hp = dict(HP, beta=0.1, reference=reference)
     return build_trainer("dpo", model, load_tokenizer(tiny_model_dir), dataset, hp, str(tmp_path), 0, True)

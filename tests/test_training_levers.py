@@ -78,9 +78,9 @@ def test_precomputed_dpo_reference_equals_the_per_step_reference(tiny_model_dir,
     from datasets import Dataset
 
     from d2lora.models import load_model, load_tokenizer
-    from d2lora.training.adapters import warm_started_adapter
+    from d2lora.training.inits import warm_started_adapter
 
-    model = warm_started_adapter(load_model(tiny_model_dir), warmup_adapter, LORA, tiny_model_dir)
+    model = warm_started_adapter(load_model(tiny_model_dir), warmup_adapter, LORA, None, tiny_model_dir)
     dataset = Dataset.from_list(conversational(_rows(6), "dpo"))
     hp = dict(HP, beta=0.1, precompute_reference=True)
     trainer = build_trainer("dpo", model, load_tokenizer(tiny_model_dir), dataset, hp, str(tmp_path / "t"), 0, True)
@@ -135,13 +135,13 @@ def test_the_reference_fingerprint_is_cheap_content_based_and_restored(tiny_mode
 
     from d2lora.models import load_model, load_tokenizer
     from d2lora.training import trainers
-    from d2lora.training.adapters import warm_started_adapter
+    from d2lora.training.inits import warm_started_adapter
 
     seen = []
     original = trainers.module_fingerprint
     trainers.module_fingerprint = lambda module: seen.append(original(module)) or seen[-1]
     try:
-        model = warm_started_adapter(load_model(tiny_model_dir), warmup_adapter, LORA, tiny_model_dir)
+        model = warm_started_adapter(load_model(tiny_model_dir), warmup_adapter, LORA, None, tiny_model_dir)
         build_trainer("dpo", model, load_tokenizer(tiny_model_dir), Dataset.from_list(conversational(_rows(2), "dpo")),
                       dict(HP, beta=0.1, precompute_reference=True), str(tmp_path / "t"), 0, True)
     finally:

@@ -7,6 +7,7 @@ shared by every method (method "none"): the base model (lora) or base + warm-up 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Mapping
 
 from d2lora.data.prepare import ROLE_FORMS
 from d2lora.data.sources import FORMATS, available_rows, source_origin
@@ -251,7 +252,91 @@ def check(config: dict) -> None:
             raise ConfigError(f"datasets.{role}.eval: benchmark '{benchmark}' is in the grid but has no evaluation source")
     if needs_warmup(config) and "train" not in config["datasets"]["warmup"]:
         raise ConfigError("datasets.warmup.train: d2lora cells need a warm-up training source")
-    # Imported here: d2lora.results imports this module.
-    from d2lora.results.statistics import check_statistics_config
-
     check_statistics_config(config)
+
+
+# ----------------------------------------------------------------------------- the statistics block
+# Defaults of `statistics` (intervals and the D2LoRA-vs-LoRA tests of d2lora.results.statistics).
+DEFAULT_BOOTSTRAP_SAMPLES = 10_000
+DEFAULT_CONFIDENCE = 0.95
+DEFAULT_SEED = 0
+DEFAULT_COMPARISONS = (("lora", "d2lora"),)
+
+
+def comparison_targets(config: Mapping) -> list[tuple[str, str]]:
+    """The (task, metric) pairs the experiments report, in config order: the significance
+    table's families."""
+    return list(dict.fromkeys((spec["task"], spec["metric"]) for spec in config["experiments"].values()))
+
+
+def comparisons(config: Mapping) -> list[tuple[str, str]]:
+    """The configured (A, B) pairs; by default lora vs d2lora where the grid has both."""
+    block = config.get("statistics") or {}
+    if "comparisons" in block:
+        return [(str(a), str(b)) for a, b in block["comparisons"]]
+    inits = set(inits_in_grid(config))
+    return [pair for pair in DEFAULT_COMPARISONS if set(pair) <= inits]
+
+
+def statistics_settings(config: Mapping) -> dict:
+    """The `statistics` block with defaults filled in (bootstrap_samples, confidence, seed,
+    comparisons as a list of [a, b])."""
+    block = config.get("statistics") or {}
+    return {
+        "bootstrap_samples": int(block.get("bootstrap_samples", DEFAULT_BOOTSTRAP_SAMPLES)),
+        "confidence": float(block.get("confidence", DEFAULT_CONFIDENCE)),
+        "seed": int(block.get("seed", DEFAULT_SEED)),
+        "comparisons": [list(pair) for pair in comparisons(config)],
+    }
+
+
+def compared_cells(config: Mapping, a: str, b: str) -> list[tuple[str, str, str, int]]:
+    """(task, metric, method, n) where the grid evaluates both inits on a reported metric."""
+    evaluated = {(c.task, benchmark, c.method, c.n, c.init) for benchmark, c in evaluation_jobs(config)}
+    found = []
+    for task, metric in comparison_targets(config):
+        benchmark = BENCHMARK_OF_METRIC[metric]
+        for t, bm, method, n, init in sorted(evaluated):
+            if (t, bm, init) == (task, benchmark, a) and (t, bm, method, n, b) in evaluated:
+                found.append((task, metric, method, n))
+    return found
+
+
+def check_statistics_config(config: Mapping) -> None:
+    """Cross-field rules of the `statistics` block (part of check).
+
+    Raises ConfigError naming the key: a comparison must name two different inits of
+    the grid that are evaluated together on at least one reported metric, and no pair twice.
+    """
+    block = config.get("statistics") or {}
+    if not isinstance(block, Mapping):
+        raise ConfigError(f"statistics: expected a mapping, got {type(block).__name__}")
+    samples = block.get("bootstrap_samples", DEFAULT_BOOTSTRAP_SAMPLES)
+    if isinstance(samples, bool) or not isinstance(samples, int) or samples < 1:
+        raise ConfigError(f"statistics.bootstrap_samples: must be a positive integer, got {samples!r}")
+    confidence = block.get("confidence", DEFAULT_CONFIDENCE)
+    if isinstance(confidence, bool) or not isinstance(confidence, (int, float)) or not 0 < confidence < 1:
+        raise ConfigError(f"statistics.confidence: must lie strictly between 0 and 1, got {confidence!r}")
+    seed = block.get("seed", DEFAULT_SEED)
+    if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
+        raise ConfigError(f"statistics.seed: must be a non-negative integer, got {seed!r}")
+    if "comparisons" not in block:
+        return
+    inits = inits_in_grid(config)
+    seen = set()
+    for index, pair in enumerate(block["comparisons"]):
+        key = f"statistics.comparisons[{index}]"
+        if not isinstance(pair, (list, tuple)) or len(pair) != 2 or not all(isinstance(i, str) for i in pair):
+            raise ConfigError(f"{key}: expected a pair [a, b] of init names, got {pair!r}")
+        a, b = pair
+        if a == b:
+            raise ConfigError(f"{key}: compares '{a}' with itself")
+        for init in pair:
+            if init not in inits:
+                raise ConfigError(f"{key}: '{init}' is not an init of the grid (inits: {', '.join(inits)})")
+        if (a, b) in seen:
+            raise ConfigError(f"{key}: [{a}, {b}] is listed twice")
+        seen.add((a, b))
+        if not compared_cells(config, a, b):
+            raise ConfigError(f"{key}: no experiment evaluates '{a}' and '{b}' on the same task, metric, method "
+                              "and n, so there is nothing to compare")

@@ -2,7 +2,7 @@
 # per-example predictions. The plotting, table and statistics code is an input, so editing it
 # reruns these jobs and nothing upstream.
 from d2lora.results.labels import init_labels  # noqa: E402
-from d2lora.results.statistics import comparison_targets, statistics_settings  # noqa: E402
+from d2lora.grid import comparison_targets, statistics_settings  # noqa: E402
 
 FIGURE_CODE = "src/d2lora/results/figures.py"
 TABLE_CODE = "src/d2lora/results/tables.py"

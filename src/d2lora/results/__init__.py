@@ -1,7 +1,6 @@
 """From evaluation scores to the report's figures and tables.
 
-Names are imported on first use, so that importing one submodule (d2lora.grid reads
-d2lora.results.statistics while Snakemake parses the workflow) does not import matplotlib.
+Names are imported on first use, so that importing one submodule does not import matplotlib.
 """
 from __future__ import annotations
 
@@ -18,7 +17,6 @@ _EXPORTS = {
     "spec_cells": "metrics",
     "write_metrics": "metrics",
     "bootstrap_ci": "statistics",
-    "check_statistics_config": "statistics",
     "holm": "statistics",
     "interval_table": "statistics",
     "load_examples": "statistics",
@@ -27,7 +25,6 @@ _EXPORTS = {
     "paired_bootstrap": "statistics",
     "read_intervals": "statistics",
     "significance_table": "statistics",
-    "statistics_settings": "statistics",
     "write_intervals": "statistics",
     "write_significance": "statistics",
     "comparison_table": "tables",

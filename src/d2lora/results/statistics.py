@@ -39,15 +39,12 @@ from typing import TYPE_CHECKING, Iterable, Mapping, NamedTuple, Sequence
 
 import numpy as np
 
+from d2lora.grid import DEFAULT_BOOTSTRAP_SAMPLES, DEFAULT_CONFIDENCE, DEFAULT_SEED
 from d2lora.io import DataFileError, atomic_path, read_jsonl
 
 if TYPE_CHECKING:
     import pandas as pd
 
-DEFAULT_BOOTSTRAP_SAMPLES = 10_000
-DEFAULT_CONFIDENCE = 0.95
-DEFAULT_SEED = 0
-DEFAULT_COMPARISONS = (("lora", "d2lora"),)
 # Resampled indices are drawn in blocks of at most this many (rows x examples), so 10,000
 # resamples of thousands of examples never hold one huge index matrix. The block size depends
 # only on the number of examples, so the random stream and the results do not depend on it.
@@ -503,93 +500,3 @@ def spec_intervals(intervals: "pd.DataFrame", spec: Mapping) -> "pd.DataFrame":
     rows = pd.concat([rows[rows["method"] != "none"], *[base.assign(method=m) for m in spec["methods"]]])
     rows = rows[rows["method"].isin(spec["methods"]) & rows["init"].isin(spec["inits"]) & rows["n"].isin(spec["n"])]
     return rows[["method", "init", "n", "ci_low", "ci_high"]].reset_index(drop=True)
-
-
-# --------------------------------------------------------------------------------------------
-# Config
-# --------------------------------------------------------------------------------------------
-
-
-def comparison_targets(config: Mapping) -> list[tuple[str, str]]:
-    """The (task, metric) pairs the experiments report, in config order: the significance
-    table's families."""
-    return list(dict.fromkeys((spec["task"], spec["metric"]) for spec in config["experiments"].values()))
-
-
-def comparisons(config: Mapping) -> list[tuple[str, str]]:
-    """The configured (A, B) pairs; by default lora vs d2lora where the grid has both."""
-    block = config.get("statistics") or {}
-    if "comparisons" in block:
-        return [(str(a), str(b)) for a, b in block["comparisons"]]
-    from d2lora import grid
-
-    inits = set(grid.inits_in_grid(config))
-    return [pair for pair in DEFAULT_COMPARISONS if set(pair) <= inits]
-
-
-def statistics_settings(config: Mapping) -> dict:
-    """The `statistics` block with defaults filled in (bootstrap_samples, confidence, seed,
-    comparisons as a list of [a, b])."""
-    block = config.get("statistics") or {}
-    return {
-        "bootstrap_samples": int(block.get("bootstrap_samples", DEFAULT_BOOTSTRAP_SAMPLES)),
-        "confidence": float(block.get("confidence", DEFAULT_CONFIDENCE)),
-        "seed": int(block.get("seed", DEFAULT_SEED)),
-        "comparisons": [list(pair) for pair in comparisons(config)],
-    }
-
-
-def compared_cells(config: Mapping, a: str, b: str) -> list[tuple[str, str, str, int]]:
-    """(task, metric, method, n) where the grid evaluates both inits on a reported metric."""
-    from d2lora import grid
-
-    evaluated = {(c.task, benchmark, c.method, c.n, c.init) for benchmark, c in grid.evaluation_jobs(config)}
-    found = []
-    for task, metric in comparison_targets(config):
-        benchmark = EXAMPLE_METRICS[metric].benchmark
-        for t, bm, method, n, init in sorted(evaluated):
-            if (t, bm, init) == (task, benchmark, a) and (t, bm, method, n, b) in evaluated:
-                found.append((task, metric, method, n))
-    return found
-
-
-def check_statistics_config(config: Mapping) -> None:
-    """Cross-field rules of the `statistics` block (called from d2lora.grid.check).
-
-    Raises d2lora.grid.ConfigError naming the key: a comparison must name two different inits of
-    the grid that are evaluated together on at least one reported metric, and no pair twice.
-    """
-    from d2lora.grid import ConfigError, inits_in_grid
-
-    block = config.get("statistics") or {}
-    if not isinstance(block, Mapping):
-        raise ConfigError(f"statistics: expected a mapping, got {type(block).__name__}")
-    samples = block.get("bootstrap_samples", DEFAULT_BOOTSTRAP_SAMPLES)
-    if isinstance(samples, bool) or not isinstance(samples, int) or samples < 1:
-        raise ConfigError(f"statistics.bootstrap_samples: must be a positive integer, got {samples!r}")
-    confidence = block.get("confidence", DEFAULT_CONFIDENCE)
-    if isinstance(confidence, bool) or not isinstance(confidence, (int, float)) or not 0 < confidence < 1:
-        raise ConfigError(f"statistics.confidence: must lie strictly between 0 and 1, got {confidence!r}")
-    seed = block.get("seed", DEFAULT_SEED)
-    if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
-        raise ConfigError(f"statistics.seed: must be a non-negative integer, got {seed!r}")
-    if "comparisons" not in block:
-        return
-    inits = inits_in_grid(config)
-    seen = set()
-    for index, pair in enumerate(block["comparisons"]):
-        key = f"statistics.comparisons[{index}]"
-        if not isinstance(pair, (list, tuple)) or len(pair) != 2 or not all(isinstance(i, str) for i in pair):
-            raise ConfigError(f"{key}: expected a pair [a, b] of init names, got {pair!r}")
-        a, b = pair
-        if a == b:
-            raise ConfigError(f"{key}: compares '{a}' with itself")
-        for init in pair:
-            if init not in inits:
-                raise ConfigError(f"{key}: '{init}' is not an init of the grid (inits: {', '.join(inits)})")
-        if (a, b) in seen:
-            raise ConfigError(f"{key}: [{a}, {b}] is listed twice")
-        seen.add((a, b))
-        if not compared_cells(config, a, b):
-            raise ConfigError(f"{key}: no experiment evaluates '{a}' and '{b}' on the same task, metric, method "
-                              "and n, so there is nothing to compare")

@@ -1,8 +1,8 @@
 """LoRA adapters: a fresh one (vanilla LoRA) or the warm-up adapter, loaded trainable (D2LoRA).
 
-The init variants (peft's `init_lora_weights`: gaussian, PiSSA, OLoRA, EVA, CorDA) and the residual
-bases some of them need live in d2lora.training.inits; the two functions here are its built-in
-cases ("lora": default init; "d2lora": the default-init warm-up), kept for existing callers.
+Building adapters (every init variant: peft's `init_lora_weights`, gaussian, PiSSA, OLoRA, EVA, CorDA,
+and the residual bases some of them need) is d2lora.training.inits; this module holds what it and
+the workflow check a saved adapter against: the LoRA config and the shape/base-model checks.
 """
 from __future__ import annotations
 
@@ -27,13 +27,6 @@ def lora_config(lora: dict):
     )
 
 
-def fresh_adapter(base_model, lora: dict, variant: dict | None = None, calibration_texts=None, tokenizer=None, **kwargs):
-    from d2lora.training import inits
-
-    variant = variant if variant is not None else inits.BUILTIN_VARIANTS["lora"]
-    return inits.fresh_adapter(base_model, lora, variant, calibration_texts, tokenizer, **kwargs)
-
-
 def check_adapter_matches(adapter_dir: str | Path, lora: dict, base_model_dir: str | Path) -> None:
     """Refuse a warm-up adapter of another rank/alpha, or one trained on another base model."""
     from d2lora.models import ModelSourceError, require_safetensors_adapter
@@ -56,10 +49,3 @@ def check_adapter_config(adapter_cfg: dict, where, lora: dict, base_model_dir: s
     trained_on = adapter_cfg.get("base_model_name_or_path")
     if trained_on and Path(trained_on).resolve() != Path(base_model_dir).resolve():
         raise AdapterError(f"{where}: adapter was trained on base model {trained_on}, not {base_model_dir}")
-
-
-def warm_started_adapter(base_model, adapter_dir: str | Path, lora: dict, base_model_dir: str | Path,
-                         variant: dict | None = None):
-    from d2lora.training import inits
-
-    return inits.warm_started_adapter(base_model, adapter_dir, lora, variant, base_model_dir)

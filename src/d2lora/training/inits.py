@@ -47,7 +47,7 @@ import re
 from pathlib import Path
 
 from d2lora.data.schema import prompt_messages
-from d2lora.training.adapters import AdapterError, check_adapter_matches, lora_config
+from d2lora.training.adapters import AdapterError, check_adapter_config, check_adapter_matches, lora_config
 
 # init name -> peft's init_lora_weights value
 INITS = {
@@ -428,8 +428,6 @@ def _warmup_variant(adapter_dir: Path) -> dict | None:
 
 def check_warmup_matches(adapter_dir: str | Path, lora: dict, variant: dict, base_model_dir: str | Path) -> None:
     """Refuse a warm-up adapter made with another init (or calibration size), rank, alpha or base model."""
-    from d2lora.training.adapters import check_adapter_config
-
     adapter_dir = Path(adapter_dir)
     variant = normalize_variant(variant)
     record = residual_record(adapter_dir)
