@@ -543,7 +543,7 @@ def _compare_to_plain(run: Run, method: str, results: dict) -> None:
             result["speedup_generate"] = round(plain["generate_seconds"] / result["generate_seconds"], 3)
             result["speedup_eval"] = round(plain["eval_seconds"] / result["eval_seconds"], 3)
             result["outputs_equal_to_plain"] = _same_outputs(
-                run.work / "eval" / f"levers_gsm8k_plain" / "predictions.jsonl",
+                run.work / "eval" / "levers_gsm8k_plain" / "predictions.jsonl",
                 run.work / "eval" / f"levers_gsm8k_{lever}" / "predictions.jsonl")
         else:
             # Training time plus the trainer's setup (tokenizing; a precomputed reference's pass).

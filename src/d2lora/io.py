@@ -20,6 +20,16 @@ class DataFileError(ValueError):
     """A data file that cannot be used; the message names the file and, where known, the line."""
 
 
+def canonical_json(obj: Any) -> str:
+    """One text per value: keys sorted, no whitespace, non-JSON values as str(). What every
+    content hash in the project (configs, manifests' params, resume fingerprints) is taken of."""
+    return json.dumps(obj, sort_keys=True, separators=(",", ":"), default=str)
+
+
+def json_sha256(obj: Any) -> str:
+    return hashlib.sha256(canonical_json(obj).encode("utf-8")).hexdigest()
+
+
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary path beside `path`; rename it onto `path` only if the block succeeds."""

@@ -18,7 +18,7 @@ from typing import Iterable
 import pandas as pd
 import yaml
 
-from d2lora.io import atomic_path, read_json
+from d2lora.io import atomic_path, canonical_json, json_sha256, read_json
 
 PACKAGES = (
     "d2lora", "torch", "transformers", "peft", "trl", "accelerate", "datasets", "gguf",
@@ -69,10 +69,6 @@ def runtime_table(benchmark_tsv_paths: Iterable[str | os.PathLike]) -> pd.DataFr
     return table.sort_values(["rule", "cell"], kind="mergesort").reset_index(drop=True)
 
 
-def compact(obj) -> str:
-    return json.dumps(obj, sort_keys=True, separators=(",", ":"), default=str)
-
-
 def row_count(rows: dict, filename: str):
     """Rows of a prepared file; manifests key counts by split ('train') or by file name."""
     for key in (filename, Path(filename).stem):
@@ -91,7 +87,7 @@ def source_records(manifest: dict) -> list[tuple[str, dict]]:
 
 def source_rows(role: str, split: str, record: dict) -> list[dict]:
     """One row per raw file; a generated source is identified by its generator code's hash."""
-    base = {"role": role, "stage": "source", "split": split, "config": compact(record.get("config")),
+    base = {"role": role, "stage": "source", "split": split, "config": canonical_json(record.get("config")),
             "rows": record.get("rows")}
     rows = [{**base, "file": entry["path"], "sha256": entry["sha256"]} for entry in record.get("files", [])]
     generator = record.get("generator")
@@ -207,10 +203,7 @@ REDACTED = "***"
 
 def config_sha256(config: dict) -> str:
     """sha256 of the config as canonical JSON (key order and YAML layout do not matter)."""
-    import hashlib
-
-    text = json.dumps(json.loads(json.dumps(config, default=str)), sort_keys=True, separators=(",", ":"))
-    return hashlib.sha256(text.encode("utf-8")).hexdigest()
+    return json_sha256(config)
 
 
 def secret_values() -> list[str]:

@@ -13,17 +13,13 @@ results equal those of an uninterrupted run.
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import sys
 from pathlib import Path
 from typing import Any
 
-
-def fingerprint_sha256(fingerprint: dict) -> str:
-    text = json.dumps(fingerprint, sort_keys=True, separators=(",", ":"), default=str)
-    return hashlib.sha256(text.encode("utf-8")).hexdigest()
+from d2lora.io import json_sha256
 
 
 def sidecar_path(predictions_path: str | os.PathLike) -> Path:
@@ -36,7 +32,7 @@ class PartialResults:
 
     def __init__(self, path: str | os.PathLike, fingerprint: dict):
         self.path = Path(path)
-        self.key = fingerprint_sha256(fingerprint)
+        self.key = json_sha256(fingerprint)
         self.done: dict[int, Any] = {}
         self._load()
         self.resumed = len(self.done)

@@ -21,7 +21,6 @@ Trainer loads the checkpoint's A/B on top.
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import math
 import os
@@ -34,7 +33,7 @@ from pathlib import Path
 from d2lora.cost import base_parameter_count, parameter_count, peak_memory_mb, reset_peak_memory, sequence_tokens, synchronize
 from d2lora.data.prepare import subset
 from d2lora.data.schema import prompt_messages
-from d2lora.io import read_json, read_jsonl, sha256_file, sha256_tree, staged_dir, write_json, write_text
+from d2lora.io import canonical_json, json_sha256, read_json, read_jsonl, sha256_file, sha256_tree, staged_dir, write_json, write_text
 from d2lora.provenance import MANIFEST_NAME, build_manifest, package_versions, write_manifest
 from d2lora.models import load_model, load_tokenizer, resolve_device
 from d2lora.precision import resolve_bf16_flag
@@ -126,8 +125,7 @@ def _fingerprint(record: dict, inputs: dict) -> dict:
     run["inputs"] = {name: input_record(path) for name, path in sorted(inputs.items()) if path is not None}
     versions = package_versions(FINGERPRINT_PACKAGES)
     run["versions"] = {name: versions[name] for name in FINGERPRINT_PACKAGES}
-    text = json.dumps(run, sort_keys=True, default=str)
-    return {"sha256": hashlib.sha256(text.encode()).hexdigest(), "run": json.loads(text)}
+    return {"sha256": json_sha256(run), "run": json.loads(canonical_json(run))}
 
 
 @contextlib.contextmanager
