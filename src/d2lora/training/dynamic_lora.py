@@ -342,7 +342,7 @@ class AdaLoRAController:
 
     variant = "adalora"
 
-    def __init__(self, model, options: dict, schedule: Schedule, init_r: int):
+    def __init__(self, model, lora: dict, options: dict, schedule: Schedule, init_r: int):
         self.model = model
         self.options = dict(options)
         self.schedule = schedule
@@ -376,7 +376,7 @@ class AdaLoRAController:
         )
         model = get_peft_model(base_model, config)
         _allow_frozen_adalora_copies(model)
-        controller = cls(model, options, schedule, init_r)
+        controller = cls(model, lora, options, schedule, init_r)
         setattr(model, CONTROLLER_ATTR, controller)
         return controller
 
@@ -690,7 +690,7 @@ class DynamicLoRAController:
 
     variant = "dynamic"
 
-    def __init__(self, model, options: dict, schedule: Schedule, slots: list[_Slot], max_rank: int):
+    def __init__(self, model, lora: dict, options: dict, schedule: Schedule, slots: list[_Slot], max_rank: int):
         self.model = model
         self.options = dict(options)
         self.schedule = schedule
@@ -747,7 +747,7 @@ class DynamicLoRAController:
                 a, b = _DynamicA(old_a, r, sliced), _DynamicB(old_b, r, sliced)
                 layer.lora_A[ADAPTER], layer.lora_B[ADAPTER] = a, b
                 slots.append(_Slot(key, layer, a, b, ema[i], [-1] * max_rank))
-        controller = cls(model, options, schedule, slots, max_rank)
+        controller = cls(model, lora, options, schedule, slots, max_rank)
         controller.ema = ema
         setattr(model, CONTROLLER_ATTR, controller)
         return controller
