@@ -188,143 +188,45 @@ def data_dirs():
 
 
 
-# Job resources for cluster runs: runtime (minutes) and host memory (MB) of every job, sized from
-# the config so that a preset asks for what it needs without editing rules. They are rough upper
-# bounds from the model's size, the rows a job trains on or evaluates and the device; where jobs
-# go (account, partition, GPU type) is the profile's business (profiles/slurm, docs/cluster.md).
-# Override any of them per rule: --set-resources adapt:runtime=720. A retry (--retries) gets
-# `attempt` times the time and more memory.
-import functools  # noqa: E402
-import math  # noqa: E402
-import re  # noqa: E402
+# Job resources for cluster runs (runtime in minutes, host memory in MB), estimated from the config
+# by d2lora.resources; override any of them per rule: --set-resources adapt:runtime=720. A retry
+# (--retries) gets `attempt` times the time and more memory.
+from d2lora.resources import ResourceModel  # noqa: E402
 
-from d2lora.data.sources import available_rows  # noqa: E402
-
-GPU_FLOPS = 2e14  # sustained training FLOP/s of one GPU (a quarter of an H100's 8e14 bf16 matmul, SPEC)
-CPU_FLOPS = 2e10  # the same for one CPU core
-UNKNOWN_ROWS = {"train": 50_000, "eval": 2_500}  # hub sources, whose size is known only once loaded
-METHOD_PASSES = {"sft": 1, "orpo": 2, "dpo": 3}  # chosen + rejected; DPO also runs its reference
-# auto is sized as float32: the job may resolve it either way, and the estimate must hold for both.
-DTYPE_BYTES = {"auto": 4, "float32": 4, "bfloat16": 2, "float16": 2}
-
-
-@functools.cache
-def model_params_b():
-    """The configured model's size in billions of parameters, read from its name ('8B', '135M').
-
-    A random_init model is counted from its architecture (at least 0.01: the tiny ones); a name
-    without a size counts as 8B (ask for too much, not too little).
-    """
-    model = config["model"]
-    if model["source"] == "random_init":
-        from d2lora.models import architecture_parameters
-
-        return max(0.01, architecture_parameters(model.get("architecture") or {}) / 1e9)
-    name = Path(str(model.get("id") or model.get("file") or model.get("path") or "")).name
-    sizes = re.findall(r"(?<![A-Za-z0-9.])(\d+(?:\.\d+)?)([MB])(?![A-Za-z])", name)
-    if not sizes:
-        return 8.0
-    number, unit = sizes[-1]
-    return float(number) / (1000 if unit == "M" else 1)
-
-
-def _on_gpu():
-    return config.get("device", "auto") != "cpu"
-
-
-def _weights_mb(dtype=None):
-    return model_params_b() * 1000 * DTYPE_BYTES[dtype or config["model"].get("dtype", "auto")]
-
-
-@functools.cache
-def _source_rows(role, split):
-    source = config["datasets"].get(role, {}).get(split)
-    if not source:
-        return 0
-    if source["source"] == "onpolicy":
-        source = {**source["from"], **{k: source[k] for k in ("limit", "skip") if k in source}}
-    return available_rows(source) or UNKNOWN_ROWS[split]
-
-
-def _minutes(seconds, attempt):
-    """Loading the model (a minute per billion parameters, at least 5) plus `seconds` of work,
-    rounded up to 5 minutes, times the attempt."""
-    load = 60 * max(5.0, model_params_b())
-    return int(attempt * 5 * math.ceil((load + seconds) / 300))
-
-
-def _train_seconds(rows, hp, method):
-    """6 FLOPs per parameter and token (forward, backward, recomputation), every example padded
-    to max_length."""
-    tokens = rows * hp["epochs"] * hp.get("max_length", 1024) * METHOD_PASSES[method]
-    return 6 * model_params_b() * 1e9 * tokens / (GPU_FLOPS if _on_gpu() else CPU_FLOPS)
-
-
-def _generate_seconds(rows, batch_size, max_new_tokens, rounds=1):
-    """One decoding step per new token and batch; a step reads every weight once."""
-    steps = rounds * math.ceil(rows / batch_size) * max_new_tokens
-    if _on_gpu():
-        step = 0.1 + _weights_mb() * 1e6 / 1e12  # overhead, and the weights at 1 TB/s
-    else:
-        step = 0.2 + _weights_mb() * 1e6 / 1e10
-    return steps * step
+RESOURCES = ResourceModel(config, EVAL_ROLE)
 
 
 def warmup_runtime(wildcards, attempt):
-    return _minutes(_train_seconds(_source_rows("warmup", "train"), config["training"]["warmup"], "sft"), attempt)
+    return RESOURCES.warmup_runtime(attempt)
 
 
 def adapt_runtime(wildcards, attempt):
-    hp = config["training"]["adapt"][wildcards.method]
-    return _minutes(_train_seconds(int(wildcards.n), hp, wildcards.method), attempt)
+    return RESOURCES.adapt_runtime(wildcards.method, int(wildcards.n), attempt)
 
 
 def evaluate_runtime(wildcards, attempt):
-    settings = config["evaluation"][wildcards.benchmark]
-    rows = _source_rows(EVAL_ROLE[wildcards.benchmark], "eval")
-    if wildcards.benchmark == "arc_easy":  # four scored choices of ~256 tokens, forward only
-        flops = rows * 4 * 256 * 2 * model_params_b() * 1e9
-        return _minutes(flops / (GPU_FLOPS if _on_gpu() else CPU_FLOPS), attempt)
-    return _minutes(_generate_seconds(rows, settings["batch_size"], settings["max_new_tokens"]), attempt)
+    return RESOURCES.evaluate_runtime(wildcards.benchmark, attempt)
 
 
 def sample_negatives_runtime(wildcards, attempt):
-    source = config["datasets"][wildcards.task]["train"]
-    settings = {"samples": 4, "max_new_tokens": 384, "batch_size": 64, **source}  # d2lora.data.onpolicy defaults
-    rows = _source_rows(wildcards.task, "train")
-    return _minutes(
-        _generate_seconds(rows, settings["batch_size"], settings["max_new_tokens"], settings["samples"]), attempt
-    )
-
-
-def model_job_mem_mb(wildcards, attempt):
-    """Host memory of a job that loads the model: the weights pass through RAM as they load (on a
-    CPU device they stay, with activations and LoRA optimizer state), 4 GB for Python, torch and
-    data on top; half as much again on each retry."""
-    need = 4000 + (1.5 if _on_gpu() else 3) * _weights_mb()
-    return int(1000 * math.ceil(need * (1 + 0.5 * (attempt - 1)) / 1000))
-
-
-def prepare_model_mem_mb(wildcards, attempt):
-    """Loading (a .gguf is dequantized to float32) and writing the weights once more."""
-    weights = _weights_mb("float32" if config["model"]["source"] == "gguf" else None)
-    return int(1000 * math.ceil(max(8000, 4000 + 2 * weights) * (1 + 0.5 * (attempt - 1)) / 1000))
+    return RESOURCES.sample_negatives_runtime(wildcards.task, attempt)
 
 
 def prepare_model_runtime(wildcards, attempt):
-    download = _weights_mb() / 20 if config["model"]["source"] == "hub" else 0  # at 20 MB/s
-    return _minutes(download, attempt)
-
-
-def _reads_files(role):
-    """Whether a role's data come from hub or local files (read, maybe downloaded, and hashed)
-    rather than being generated in seconds."""
-    return any(part.get("source") != "synthetic" for part in config["datasets"][role].values() if isinstance(part, dict))
+    return RESOURCES.prepare_model_runtime(attempt)
 
 
 def data_runtime(wildcards, attempt):
-    return attempt * (30 if _reads_files(wildcards.role) else 10)
+    return RESOURCES.data_runtime(wildcards.role, attempt)
+
+
+def model_job_mem_mb(wildcards, attempt):
+    return RESOURCES.model_job_mem_mb(attempt)
+
+
+def prepare_model_mem_mb(wildcards, attempt):
+    return RESOURCES.prepare_model_mem_mb(attempt)
 
 
 def data_mem_mb(wildcards, attempt):
-    return attempt * (8000 if _reads_files(wildcards.role) else 2000)
+    return RESOURCES.data_mem_mb(wildcards.role, attempt)
