@@ -15,6 +15,18 @@ grid.check(config)
 RESULTS = "results"
 LOGS = "logs"
 CELL = "{task}/{method}/{init}/n{n}/s{seed}"
+
+
+def adapter_dir(cell):
+    """A cell's adapter folder; `cell` is a rule's wildcards or a grid cell's wildcards dict."""
+    return f"{RESULTS}/adapters/{CELL.format(**cell)}"
+
+
+def eval_file(benchmark, cell, name):
+    """One file (scores.json, predictions.jsonl, manifest.json) of a cell's evaluation on a benchmark."""
+    return f"{RESULTS}/eval/{benchmark}/{CELL.format(**cell)}/{name}"
+
+
 FIGURES = ["figure1", "figure2", "figure3", "figure4"]
 COMPARISON_TABLES = ["table1", "table3"]
 ALL_TABLES = ["table1", "table2", "table3"]
@@ -38,7 +50,7 @@ EVAL_ROLE = {"gsm8k": "math", "titles": "titles", "arc_easy": "forgetting"}
 
 def eval_score_paths():
     return [
-        f"{RESULTS}/eval/{benchmark}/" + CELL.format(**cell.wildcards) + "/scores.json"
+        eval_file(benchmark, cell.wildcards, "scores.json")
         for benchmark, cell in grid.evaluation_jobs(config)
     ]
 
@@ -59,7 +71,7 @@ ONPOLICY = f"{RESULTS}/onpolicy/{{task}}"
 
 
 def onpolicy_output(task):
-    return ONPOLICY.format(task=task) + "/negatives.jsonl"
+    return f"{RESULTS}/onpolicy/{task}/negatives.jsonl"
 
 
 def resolved_role_config(role):
@@ -109,7 +121,7 @@ def adapter_for_cell(wildcards):
     """The adapter an evaluation loads: trained (n > 0), the variant's warm-up (warm-started, n = 0),
     none (the base model: every other variant at n = 0, whose adapter starts as the identity)."""
     if int(wildcards.n) > 0:
-        return {"adapter": f"{RESULTS}/adapters/" + CELL.format(**wildcards)}
+        return {"adapter": adapter_dir(wildcards)}
     if grid.variant(config, wildcards.init)["warmup"]:
         return {"adapter": warmup_adapter_path(wildcards.init)}
     return {}
@@ -169,7 +181,7 @@ def benchmark_paths():
     paths += [f"{RESULTS}/benchmarks/warmup/{init}.tsv" for init in grid.warm_inits(config)]
     paths += [f"{RESULTS}/benchmarks/adapt/{cell}.tsv" for cell in cells]
     paths += [
-        f"{RESULTS}/benchmarks/evaluate/{benchmark}/" + CELL.format(**cell.wildcards) + ".tsv"
+        f"{RESULTS}/benchmarks/evaluate/{benchmark}/{CELL.format(**cell.wildcards)}.tsv"
         for benchmark, cell in grid.evaluation_jobs(config)
     ]
     return paths
@@ -230,3 +242,54 @@ def prepare_model_mem_mb(wildcards, attempt):
 
 def data_mem_mb(wildcards, attempt):
     return RESOURCES.data_mem_mb(wildcards.role, attempt)
+
+
+# ----------------------------------------------------------------------------- inputs of the result rules
+# Figures (figures.smk)
+def figure_reference(figure):
+    if figure not in FIGURES_WITH_PAPER_VALUES:
+        return []
+    return [REFERENCE[config["experiments"][figure]["task"]]]
+
+
+def prediction_cells():
+    """Every evaluation of the grid (benchmark and cell), in the order of prediction_paths()."""
+    return [{"benchmark": benchmark, **cell.wildcards} for benchmark, cell in grid.evaluation_jobs(config)]
+
+
+def prediction_paths():
+    return [eval_file(c["benchmark"], c, "predictions.jsonl") for c in prediction_cells()]
+
+
+def spec_labels(artifact):
+    """Labels of the inits one figure or table draws (a label edit reruns only what shows it)."""
+    return {init: INIT_LABELS[init] for init in config["experiments"][artifact]["inits"]}
+
+
+
+# Cost (cost.smk)
+def cost_cells():
+    cells = []
+    for cell in sorted({cell for _, cell in grid.evaluation_jobs(config)}):
+        warm = grid.variant(config, cell.init)["warmup"]
+        cells.append({
+            **cell.wildcards,
+            "training": f"{adapter_dir(cell.wildcards)}/training.json" if cell.n > 0 else None,
+            "warmup": cell.init if warm else None,
+        })
+    return cells
+
+
+def cost_inputs():
+    adapters = [adapter_dir(cell.wildcards) for cell in grid.training_cells(config)]
+    return {"adapters": adapters, "warmups": [warmup_adapter_path(init) for init in grid.warm_inits(config)]}
+
+
+
+# Provenance (manifests.smk)
+def result_manifest_inputs():
+    adapters = [adapter_dir(cell.wildcards) for cell in grid.training_cells(config)]
+    adapters += [warmup_adapter_path(init) for init in grid.warm_inits(config)]
+    evaluations = [eval_file(benchmark, cell.wildcards, "manifest.json") for benchmark, cell in grid.evaluation_jobs(config)]
+    return {"adapters": adapters, "evaluations": evaluations}
+

@@ -5,23 +5,6 @@
 COST_CODE = "src/d2lora/results/cost.py"
 
 
-def cost_cells():
-    cells = []
-    for cell in sorted({cell for _, cell in grid.evaluation_jobs(config)}):
-        warm = grid.variant(config, cell.init)["warmup"]
-        cells.append({
-            **cell.wildcards,
-            "training": f"{RESULTS}/adapters/" + CELL.format(**cell.wildcards) + "/training.json" if cell.n > 0 else None,
-            "warmup": cell.init if warm else None,
-        })
-    return cells
-
-
-def cost_inputs():
-    adapters = [f"{RESULTS}/adapters/" + CELL.format(**cell.wildcards) for cell in grid.training_cells(config)]
-    return {"adapters": adapters, "warmups": [warmup_adapter_path(init) for init in grid.warm_inits(config)]}
-
-
 rule cost_table:
     input:
         **cost_inputs(),
@@ -41,7 +24,7 @@ rule cost_table:
         pdf=f"{RESULTS}/figures/score_vs_cost.pdf",
     params:
         cells=cost_cells(),
-        warmups={init: warmup_adapter_path(init) + "/training.json" for init in grid.warm_inits(config)},
+        warmups={init: f"{warmup_adapter_path(init)}/training.json" for init in grid.warm_inits(config)},
         experiments=config["experiments"],
         labels=INIT_LABELS,
     log:

@@ -19,26 +19,6 @@ REFERENCE = {
 FIGURES_WITH_PAPER_VALUES = ("figure1", "figure2")
 
 
-def figure_reference(figure):
-    if figure not in FIGURES_WITH_PAPER_VALUES:
-        return []
-    return [REFERENCE[config["experiments"][figure]["task"]]]
-
-
-def prediction_cells():
-    """Every evaluation of the grid (benchmark and cell), in the order of prediction_paths()."""
-    return [{"benchmark": benchmark, **cell.wildcards} for benchmark, cell in grid.evaluation_jobs(config)]
-
-
-def prediction_paths():
-    return [f"{RESULTS}/eval/{c['benchmark']}/" + CELL.format(**c) + "/predictions.jsonl" for c in prediction_cells()]
-
-
-def spec_labels(artifact):
-    """Labels of the inits one figure or table draws (a label edit reruns only what shows it)."""
-    return {init: INIT_LABELS[init] for init in config["experiments"][artifact]["inits"]}
-
-
 rule intervals:
     input:
         predictions=prediction_paths(),

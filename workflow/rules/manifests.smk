@@ -4,13 +4,6 @@
 # report; `python -m d2lora.verify results/` re-hashes the files against them.
 
 
-def result_manifest_inputs():
-    adapters = [f"{RESULTS}/adapters/" + CELL.format(**cell.wildcards) for cell in grid.training_cells(config)]
-    adapters += [warmup_adapter_path(init) for init in grid.warm_inits(config)]
-    evaluations = [path.replace("/scores.json", "/manifest.json") for path in eval_score_paths()]
-    return {"adapters": adapters, "evaluations": evaluations}
-
-
 rule manifest_table:
     input:
         **result_manifest_inputs(),
