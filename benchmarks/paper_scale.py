@@ -15,7 +15,7 @@ the preference cells by default: it is the grid's costliest job type, so a time-
 ends early should lose a preference cell rather than it.
 
 Lever stages (issue 15, item 2): levers_sft, levers_dpo, levers_orpo, levers_gsm8k run each speed
-setting of LEVERS[method] against the plain path (today's settings) in this one process, and record
+setting of LEVERS[method] against the plain path (the code path before the levers) in this one process, and record
 under summary["levers"][method][lever] the same figures plus the ratio to plain
 (`speedup_tokens_per_second`; `speedup_with_setup` also counts the trainer's setup, where a precomputed
 DPO reference does its pass; for GSM8K `speedup_generate` and the fraction of answers identical to
