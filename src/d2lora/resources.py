@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Mapping
 
 from d2lora.data.sources import available_rows
+from d2lora.models import architecture_parameters
 
 GPU_FLOPS = 2e14  # sustained training FLOP/s of one GPU (a quarter of an H100's 8e14 bf16 matmul, SPEC)
 CPU_FLOPS = 2e10  # the same for one CPU core
@@ -48,9 +49,6 @@ class ResourceModel:
         0.01, the tiny ones), else from its name."""
         model = self.config["model"]
         if model["source"] == "random_init":
-            # Imported here: d2lora.models imports torch, which the workflow must not load while parsing.
-            from d2lora.models import architecture_parameters
-
             return max(0.01, architecture_parameters(model.get("architecture") or {}) / 1e9)
         found = params_from_name(str(model.get("id") or model.get("file") or model.get("path") or ""))
         return DEFAULT_PARAMS_B if found is None else found
