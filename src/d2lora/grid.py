@@ -9,18 +9,15 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Mapping
 
+from d2lora.benchmarks import BENCHMARKS, METRICS, eval_roles
 from d2lora.data.prepare import ROLE_FORMS
 from d2lora.data.sources import FORMATS, available_rows, source_origin
 
 TASKS = ("math", "titles")
-BENCHMARK_OF_METRIC = {
-    "gsm8k_accuracy": "gsm8k",
-    "arc_easy_accuracy": "arc_easy",
-    "rouge1": "titles",
-    "rouge2": "titles",
-    "rougeL": "titles",
-}
-TASK_OF_BENCHMARK = {"gsm8k": "math", "arc_easy": "math", "titles": "titles"}
+# Each metric's benchmark and each benchmark's task, from the benchmark catalog (the schema's enum
+# says which metrics an experiment may plot).
+BENCHMARK_OF_METRIC = {name: bench.name for name, (bench, _) in METRICS.items()}
+TASK_OF_BENCHMARK = {name: bench.task for name, bench in BENCHMARKS.items()}
 PREFERENCE_METHODS = ("dpo", "orpo")
 BASE_METHOD = "none"
 
@@ -245,7 +242,7 @@ def check(config: dict) -> None:
                 f"datasets.{role}.prompt_template: doubled braces; templates are filled by replacing "
                 f"{{{placeholder}}} (not str.format), so write a literal box as \\boxed{{}}"
             )
-    needed_eval = {"gsm8k": "math", "titles": "titles", "arc_easy": "forgetting"}
+    needed_eval = eval_roles()
     for benchmark, _ in evaluation_jobs(config):
         role = needed_eval[benchmark]
         if "eval" not in config["datasets"].get(role, {}):

@@ -45,7 +45,9 @@ wildcard_constraints:
     table="|".join(COMPARISON_TABLES),
 
 
-EVAL_ROLE = {"gsm8k": "math", "titles": "titles", "arc_easy": "forgetting"}
+from d2lora.benchmarks import eval_roles  # noqa: E402
+
+EVAL_ROLE = eval_roles()
 
 
 def eval_score_paths():

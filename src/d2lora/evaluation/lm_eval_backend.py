@@ -20,10 +20,11 @@ import os
 import re
 from pathlib import Path
 
+from d2lora.benchmarks import BENCHMARKS
 from d2lora.evaluation.answers import answers_match, extract_with_rule
 from d2lora.precision import resolve_dtype
 
-TASK_NAMES = {"gsm8k": "d2lora_gsm8k", "arc_easy": "d2lora_arc_easy"}
+TASK_NAMES = {name: b.lm_eval_task for name, b in BENCHMARKS.items() if b.lm_eval_task}
 GSM8K_FILTER = "boxed_else_last_number"
 SUPPORTED = tuple(TASK_NAMES)
 TEMPLATE_DIR = Path(__file__).resolve().parents[3] / "workflow" / "resources" / "lm_eval"

@@ -25,18 +25,12 @@ from matplotlib.patches import Patch  # noqa: E402
 import pandas as pd  # noqa: E402
 
 from d2lora.io import atomic_path  # noqa: E402
+from d2lora.benchmarks import METRICS  # noqa: E402
 from d2lora.results.labels import init_label  # noqa: E402
 from d2lora.results.metrics import reference_rows, spec_cells  # noqa: E402
 from d2lora.results.statistics import spec_intervals  # noqa: E402
 
-METRIC_LABELS = {
-    "gsm8k_accuracy": "GSM8K accuracy (%)",
-    "arc_easy_accuracy": "ARC-Easy accuracy (%)",
-    "arc_easy_accuracy_norm": "ARC-Easy accuracy, length-normalised (%)",
-    "rouge1": "ROUGE-1",
-    "rouge2": "ROUGE-2",
-    "rougeL": "ROUGE-L",
-}
+METRIC_LABELS = {name: metric.label for name, (_, metric) in METRICS.items()}
 METHOD_LABELS = {"sft": "SFT", "dpo": "DPO", "orpo": "ORPO"}
 PAPER_LABEL = "paper (Llama-3.1-8B)"
 # A lone paper point has no shape to compare.

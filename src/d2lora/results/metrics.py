@@ -13,24 +13,16 @@ from typing import Iterable, Sequence
 
 import pandas as pd
 
+from d2lora.benchmarks import BENCHMARKS
 from d2lora.io import DataFileError, atomic_path, read_json
 
 COLUMNS = ["task", "method", "init", "n", "seed", "metric", "value"]
 KEY = ["task", "method", "init", "n", "seed", "metric"]
 BASE_METHOD = "none"
 
-# benchmark -> {metric in scores.json: (name in the table, scale to the report's unit)}
+# benchmark -> {metric in scores.json: (name in the table, scale to the report's unit)}, from the catalog
 BENCHMARK_METRICS: dict[str, dict[str, tuple[str, float]]] = {
-    "gsm8k": {"accuracy": ("gsm8k_accuracy", 100.0)},
-    "arc_easy": {
-        "accuracy": ("arc_easy_accuracy", 100.0),
-        "accuracy_norm": ("arc_easy_accuracy_norm", 100.0),
-    },
-    "titles": {
-        "rouge1": ("rouge1", 1.0),
-        "rouge2": ("rouge2", 1.0),
-        "rougeL": ("rougeL", 1.0),
-    },
+    name: {m.score_key: (m.name, m.score_scale) for m in bench.metrics} for name, bench in BENCHMARKS.items()
 }
 
 # Raw ranges the evaluation promises; a value outside means a unit mix-up upstream, which

@@ -39,6 +39,7 @@ from typing import TYPE_CHECKING, Iterable, Mapping, NamedTuple, Sequence
 
 import numpy as np
 
+from d2lora.benchmarks import METRICS
 from d2lora.grid import DEFAULT_BOOTSTRAP_SAMPLES, DEFAULT_CONFIDENCE, DEFAULT_SEED
 from d2lora.io import DataFileError, atomic_path, read_jsonl
 
@@ -68,12 +69,7 @@ class ExampleMetric:
 
 # metric (the metrics table's name, d2lora.results.metrics.BENCHMARK_METRICS) -> per-example source
 EXAMPLE_METRICS: dict[str, ExampleMetric] = {
-    "gsm8k_accuracy": ExampleMetric("gsm8k", "correct", 100.0, True),
-    "arc_easy_accuracy": ExampleMetric("arc_easy", "correct", 100.0, True),
-    "arc_easy_accuracy_norm": ExampleMetric("arc_easy", "correct_norm", 100.0, True),
-    "rouge1": ExampleMetric("titles", "rouge1", 100.0, False),
-    "rouge2": ExampleMetric("titles", "rouge2", 100.0, False),
-    "rougeL": ExampleMetric("titles", "rougeL", 100.0, False),
+    name: ExampleMetric(bench.name, m.example_field, m.example_scale, m.binary) for name, (bench, m) in METRICS.items()
 }
 
 INTERVAL_COLUMNS = ["task", "benchmark", "metric", "method", "init", "n", "seeds", "examples",
