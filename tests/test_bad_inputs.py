@@ -85,6 +85,8 @@ CONFIG_CASES = [
     ("d2lora without warm-up data", _delete("datasets.warmup.train"), r"datasets\.warmup\.train"),
     ("unknown data format", _set("datasets.titles.eval", {"source": "local", "data_files": "t.jsonl", "format": "econ"}),
      r"datasets\.titles\.eval\.format: unknown format 'econ'; known formats: .*alpaca.*arxiv_titles"),
+    ("length-grouped batches for a preference method", _set("training.adapt.orpo.group_by_length", True),
+     r"training\.adapt\.orpo\.group_by_length: SFT only"),
     ("padding-free batches for a preference method", _set("training.adapt.dpo.padding_free", True),
      r"training\.adapt\.dpo\.padding_free: SFT only"),
     ("precomputed reference outside DPO", _set("training.warmup.precompute_reference", True),

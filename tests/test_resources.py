@@ -10,13 +10,12 @@ import yaml
 from d2lora.resources import DEFAULT_PARAMS_B, ResourceModel, params_from_name
 
 REPO = Path(__file__).resolve().parents[1]
-EVAL_ROLES = {"gsm8k": "math", "titles": "titles", "arc_easy": "forgetting"}
 
 
 def _model(preset: str, **changes) -> ResourceModel:
     config = yaml.safe_load((REPO / "config" / preset).read_text())
     config.update(copy.deepcopy(changes))
-    return ResourceModel(config, EVAL_ROLES)
+    return ResourceModel(config)
 
 
 @pytest.mark.parametrize("name, expected", [

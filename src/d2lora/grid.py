@@ -166,8 +166,9 @@ def _check_formats(datasets: dict) -> None:
                                   f"(it produces: {', '.join(sorted(FORMATS[fmt]))})")
 
 
-# Training options that exist for one method only: anywhere else they would be silently ignored.
-METHOD_ONLY_OPTIONS = {"padding_free": "sft", "precompute_reference": "dpo"}
+# Training options that exist for one method only: anywhere else they would be silently ignored
+# (group_by_length: preference rows have no single length).
+METHOD_ONLY_OPTIONS = {"group_by_length": "sft", "padding_free": "sft", "precompute_reference": "dpo"}
 
 
 def _check_method_options(training: dict) -> None:
@@ -210,8 +211,6 @@ def check(config: dict) -> None:
                 raise ConfigError(f"{key}.methods: '{method}' has no hyperparameters under training.adapt.{method}")
             if method in PREFERENCE_METHODS and "beta" not in adapt[method]:
                 raise ConfigError(f"training.adapt.{method}.beta: required for a preference method")
-            if method in PREFERENCE_METHODS and adapt[method].get("group_by_length"):
-                raise ConfigError(f"training.adapt.{method}.group_by_length: SFT only (preference rows have no single length)")
             if method in PREFERENCE_METHODS and experiment["task"] == "titles":
                 raise ConfigError(f"{key}.methods: '{method}' needs rejected answers, and the titles task has none")
     _check_method_options(config["training"])

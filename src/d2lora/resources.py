@@ -15,6 +15,7 @@ import re
 from pathlib import Path
 from typing import Mapping
 
+from d2lora.benchmarks import eval_roles
 from d2lora.data.sources import available_rows
 from d2lora.models import architecture_parameters
 
@@ -37,11 +38,11 @@ def params_from_name(name: str) -> float | None:
 
 
 class ResourceModel:
-    """The estimates for one validated config; eval_roles maps a benchmark to the data role it reads."""
+    """The estimates for one validated config."""
 
-    def __init__(self, config: Mapping, eval_roles: Mapping[str, str]):
+    def __init__(self, config: Mapping):
         self.config = config
-        self.eval_roles = dict(eval_roles)
+        self.eval_roles = eval_roles()
 
     @functools.cached_property
     def params_b(self) -> float:

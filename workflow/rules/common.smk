@@ -207,7 +207,7 @@ def data_dirs():
 # (--retries) gets `attempt` times the time and more memory.
 from d2lora.resources import ResourceModel  # noqa: E402
 
-RESOURCES = ResourceModel(config, EVAL_ROLE)
+RESOURCES = ResourceModel(config)
 
 
 def warmup_runtime(wildcards, attempt):
@@ -247,6 +247,19 @@ def data_mem_mb(wildcards, attempt):
 
 
 # ----------------------------------------------------------------------------- inputs of the result rules
+from d2lora.results.labels import init_labels  # noqa: E402
+
+# init name -> label (config `variants`, else LoRA / D2LoRA / name)
+INIT_LABELS = init_labels(config)
+REFERENCE = {
+    "math": "workflow/resources/reference/paper_table3_gsm8k.csv",
+    "titles": "workflow/resources/reference/paper_table1_rouge.csv",
+}
+# The paper's values exist only as Tables 1 and 3, which are also Figures 1 and 2's points; its
+# Figures 3 (ARC-Easy) and 4 (n = 100..1,000) were never transcribed. Draw nothing it did not report.
+FIGURES_WITH_PAPER_VALUES = ("figure1", "figure2")
+
+
 # Figures (figures.smk)
 def figure_reference(figure):
     if figure not in FIGURES_WITH_PAPER_VALUES:

@@ -1,22 +1,13 @@
 # Figures, tables and provenance, all regenerated from the cached metrics table and the
 # per-example predictions. The plotting, table and statistics code is an input, so editing it
 # reruns these jobs and nothing upstream.
-from d2lora.results.labels import init_labels  # noqa: E402
 from d2lora.grid import comparison_targets, statistics_settings  # noqa: E402
 
 FIGURE_CODE = "src/d2lora/results/figures.py"
 TABLE_CODE = "src/d2lora/results/tables.py"
 STATS_CODE = "src/d2lora/results/statistics.py"
-# config `statistics` with defaults; init name -> label (config `variants`, else LoRA / D2LoRA / name)
+# config `statistics` with defaults
 STATISTICS = statistics_settings(config)
-INIT_LABELS = init_labels(config)
-REFERENCE = {
-    "math": "workflow/resources/reference/paper_table3_gsm8k.csv",
-    "titles": "workflow/resources/reference/paper_table1_rouge.csv",
-}
-# The paper's values exist only as Tables 1 and 3, which are also Figures 1 and 2's points; its
-# Figures 3 (ARC-Easy) and 4 (n = 100..1,000) were never transcribed. Draw nothing it did not report.
-FIGURES_WITH_PAPER_VALUES = ("figure1", "figure2")
 
 
 rule intervals:
