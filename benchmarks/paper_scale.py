@@ -58,7 +58,8 @@ sys.path[:0] = [str(ROOT / "src"), str(Path(__file__).resolve().parent)]
 from d2lora import grid  # noqa: E402
 from d2lora.io import read_json, write_json  # noqa: E402
 
-STAGES = ("warmup", "sft", "dpo", "orpo", "gsm8k", "levers_sft", "levers_dpo", "levers_orpo", "levers_gsm8k")
+STAGES = ("warmup", "sft", "dpo", "orpo", "gsm8k", "levers_sft", "levers_dpo", "levers_orpo", "levers_gsm8k",
+          "levers_gsm8k_small")
 DEFAULT_ORDER = ("warmup", "sft", "gsm8k", "dpo", "orpo")
 # Speed levers (issue 15, item 2), each measured against the plain path (first in its list) in the
 # same process: name -> setting overrides, applied in order. Training variants run fewer epochs than
@@ -95,12 +96,23 @@ LEVERS = {
         "no_checkpointing_batch4x4": {**NO_CHECKPOINTING, "batch_size": 4, "grad_accum": 4},
     },
     # GSM8K: 1,319 prompts x 256 new tokens (a random model never stops: every row runs to the limit).
+    # The static cache gives every batch one shape, so the compiled step is built once per process.
     "gsm8k": {
         "plain": {},
         "merged": {"merge_adapter": True},
+        "merged_static_cache_eager": {"merge_adapter": True, "cache": "static", "compile": False},
         "merged_static_cache": {"merge_adapter": True, "cache": "static"},
     },
+    # GSM8K on the real SmolLM2-135M-Instruct (SMALL_MODEL_CONFIG: its model and GSM8K settings, no
+    # adapter): real answers that stop at their end, so these times depend on what the model writes.
+    "gsm8k_small": {
+        "plain": {},
+        "static_cache_eager": {"cache": "static", "compile": False},
+        "static_cache": {"cache": "static"},
+    },
 }
+SMALL_MODEL_CONFIG = ROOT / "config" / "mini.yaml"
+GSM8K_LEVERS = ("gsm8k", "gsm8k_small")
 LEVER_EPOCHS = {"sft": 1, "dpo": 2, "orpo": 1}  # DPO: two epochs, so a precomputed reference is reused once
 LEVER_GSM8K_TOKENS = 256
 FITS_GIB = 79.0
@@ -434,11 +446,34 @@ def eval_settings(config: dict) -> dict:
     return settings
 
 
-def gsm8k_stage(run: Run, overrides: dict | None = None, name: str = "gsm8k", adapter_stage: str = "sft") -> dict:
+def small_model(run: Run) -> tuple[Path, dict]:
+    """SMALL_MODEL_CONFIG's real model, prepared once into work/model/small, and its GSM8K settings."""
+    import yaml
+
+    from d2lora import models
+
+    config = yaml.safe_load(SMALL_MODEL_CONFIG.read_text())
+    folder = run.work / "model" / "small"
+    if not (folder / "source.json").is_file():
+        start = time.perf_counter()
+        record = models.prepare_base_model(config["model"], folder)
+        run.summary["small_model"] = {"config": str(SMALL_MODEL_CONFIG.relative_to(ROOT)), "parameters": record["parameters"],
+                                      "seconds": round(time.perf_counter() - start, 2)}
+        log(f"small model: {record['parameters']:,} parameters in {folder}")
+    settings = eval_settings(config)
+    if run.summary["shape"] == "tiny":
+        settings.update(TINY["evaluation.gsm8k"], dtype=TINY["evaluation.dtype"])
+    return folder, settings
+
+
+def gsm8k_stage(run: Run, overrides: dict | None = None, name: str = "gsm8k", adapter_stage: str | None = "sft",
+                model_dir: Path | None = None, settings: dict | None = None) -> dict:
+    """One GSM8K evaluation through the pipeline's evaluator: by default the paper-shape model with the
+    `adapter_stage` adapter (if trained) at the config's settings; `model_dir`/`settings` name another."""
     from d2lora.evaluation import run as evaluation
     from d2lora.evaluation.partial import sidecar_path
 
-    adapter = run.adapter(adapter_stage) if run.trained(adapter_stage) else None
+    adapter = run.adapter(adapter_stage) if adapter_stage and run.trained(adapter_stage) else None
     init = read_json(adapter / "training.json")["init"] if adapter else "lora"
     cell = {"task": "math", "method": "sft" if adapter else "none", "init": init,
             "n": cell_n(run.config, "sft") if adapter else 0, "seed": int(run.config["seed"])}
@@ -447,9 +482,9 @@ def gsm8k_stage(run: Run, overrides: dict | None = None, name: str = "gsm8k", ad
     sidecar_path(predictions).unlink(missing_ok=True)  # measure a whole run, not a resumed one
     loads: list[float] = []
     with counting_generate(run.device) as calls, timed(evaluation, "load_model", run.device, loads):
-        record = evaluation.evaluate_cell("gsm8k", cell, run.model_dir, adapter, run.data_dir / "math",
-                                          {**eval_settings(run.config), **(overrides or {})}, out / "scores.json", predictions,
-                                          device=run.device)
+        record = evaluation.evaluate_cell("gsm8k", cell, model_dir or run.model_dir, adapter, run.data_dir / "math",
+                                          {**(settings or eval_settings(run.config)), **(overrides or {})},
+                                          out / "scores.json", predictions, device=run.device)
     generated = sum(c["rows"] * c["new_tokens"] for c in calls)
     generate_seconds = sum(c["seconds"] for c in calls)
     reserved = reserved_gib(run.device)
@@ -457,14 +492,14 @@ def gsm8k_stage(run: Run, overrides: dict | None = None, name: str = "gsm8k", ad
         "cell": cell, "adapter": str(adapter) if adapter else None, "items": record["n_items"],
         "max_new_tokens": int(record["settings"]["max_new_tokens"]), "batch_size": int(record["settings"]["batch_size"]),
         "dtype": record["settings"]["dtype"], "merge_adapter": bool(record["settings"].get("merge_adapter", False)),
-        "cache": record["settings"].get("cache", "dynamic"),
+        "cache": record["settings"].get("cache", "dynamic"), "compile": record["settings"].get("compile", True),
         "eval_seconds": record["eval_seconds"], "load_seconds": round(sum(loads), 2), "generate_seconds": round(generate_seconds, 3),
         "generated_tokens": generated, "generated_tokens_to_stop": sum(c["tokens_to_stop"] for c in calls),
         "generated_tokens_per_second": round(generated / generate_seconds, 2) if generate_seconds else None,
         "generated_tokens_per_eval_second": round(generated / record["eval_seconds"], 2),
         "peak_allocated_gib": _gib(record["peak_gpu_memory_mb"]), "peak_reserved_gib": reserved,
         "fits_80gb": None if reserved is None else reserved <= FITS_GIB,
-        "accuracy_random_weights": record["metrics"]["accuracy"], "generate_calls": calls,
+        "accuracy": record["metrics"]["accuracy"], "random_weights": model_dir is None, "generate_calls": calls,
     }
     log(f"{name}: {result['items']} items, {generated:,} tokens in {generate_seconds:.1f} s of generate, "
         f"{record['eval_seconds']:.1f} s in all")
@@ -486,8 +521,9 @@ def lever_stage(run: Run, method: str) -> dict:
     results by lever name, each with its speed-up over plain. One lever failing (say, out of memory)
     is recorded and the next one runs."""
     results = run.summary.setdefault("levers", {}).setdefault(method, {})
-    if method != "gsm8k":
+    if method not in GSM8K_LEVERS:
         process_warmup(run, method)
+    small = small_model(run) if method == "gsm8k_small" else None
     chosen = run.levers.get(method)
     for lever, overrides in LEVERS[method].items():
         if chosen is not None and lever not in chosen:
@@ -500,6 +536,8 @@ def lever_stage(run: Run, method: str) -> dict:
                 tokens = min(LEVER_GSM8K_TOKENS, int(run.config["evaluation"]["gsm8k"]["max_new_tokens"]))
                 result = gsm8k_stage(run, {"max_new_tokens": tokens, **overrides}, name=name,
                                      adapter_stage="levers_sft_plain")
+            elif method == "gsm8k_small":
+                result = gsm8k_stage(run, overrides, name=name, adapter_stage=None, model_dir=small[0], settings=small[1])
             else:
                 result = train_stage(run, method, {"epochs": LEVER_EPOCHS[method], **overrides}, name=name)
         except Exception as err:  # noqa: BLE001 -- the next lever still runs
@@ -539,12 +577,12 @@ def _compare_to_plain(run: Run, method: str, results: dict) -> None:
     for lever, result in results.items():
         if "error" in result:
             continue
-        if method == "gsm8k":
+        if method in GSM8K_LEVERS:
             result["speedup_generate"] = round(plain["generate_seconds"] / result["generate_seconds"], 3)
             result["speedup_eval"] = round(plain["eval_seconds"] / result["eval_seconds"], 3)
             result["outputs_equal_to_plain"] = _same_outputs(
-                run.work / "eval" / "levers_gsm8k_plain" / "predictions.jsonl",
-                run.work / "eval" / f"levers_gsm8k_{lever}" / "predictions.jsonl")
+                run.work / "eval" / f"levers_{method}_plain" / "predictions.jsonl",
+                run.work / "eval" / f"levers_{method}_{lever}" / "predictions.jsonl")
         else:
             # Training time plus the trainer's setup (tokenizing; a precomputed reference's pass).
             def cost(r):
@@ -568,9 +606,10 @@ def lever_ratios(levers: dict) -> dict:
     fastest = best("sft", "seconds_per_row_epoch")
     if fastest:
         out["sft_best_mfu"] = fastest["mfu"]
-    gen = best("gsm8k", "generate_seconds")
-    if gen:
-        out["gsm8k_best_generate_seconds"] = gen["generate_seconds"]
+    for method in GSM8K_LEVERS:
+        gen = best(method, "generate_seconds")
+        if gen:
+            out[f"{method}_best_generate_seconds"] = gen["generate_seconds"]
     return out
 
 

@@ -158,6 +158,38 @@ def test_static_kv_cache_gives_the_same_answers(varied_model, tokenizer, single_
     assert static == single_outputs
 
 
+def test_static_cache_gives_every_batch_one_shape(varied_model, tokenizer, single_outputs, monkeypatch):
+    # One shape for the whole run is what lets the compiled decoding step be built once: every batch
+    # gets the longest prompt's width and a full batch of rows (padding rows repeat the last prompt
+    # and are dropped); the answers stay those of one prompt at a time.
+    shapes, configs = [], []
+    generate = varied_model.generate
+
+    def spy(*args, **kwargs):
+        shapes.append(tuple(kwargs["input_ids"].shape))
+        configs.append(kwargs["generation_config"])
+        return generate(*args, **kwargs)
+
+    monkeypatch.setattr(varied_model, "generate", spy)
+    static = greedy_generate(varied_model, tokenizer, PROMPTS, max_new_tokens=16, batch_size=4, cache="static",
+                             compile=False)
+    assert static == single_outputs
+    assert len(PROMPTS) % 4 != 0 and len(shapes) == -(-len(PROMPTS) // 4)
+    assert len(set(shapes)) == 1 and shapes[0][0] == 4
+    width = max(len(ids) for ids in generation.encode_chat_prompts(tokenizer, PROMPTS))
+    assert shapes[0][1] == width
+    assert {(c.max_cache_len, c.disable_compile) for c in configs} == {(width + 16, True)}
+
+
+def test_dynamic_cache_keeps_each_batch_its_own_shape(varied_model, tokenizer, monkeypatch):
+    shapes = []
+    generate = varied_model.generate
+    monkeypatch.setattr(varied_model, "generate",
+                        lambda *a, **k: shapes.append(tuple(k["input_ids"].shape)) or generate(*a, **k))
+    greedy_generate(varied_model, tokenizer, PROMPTS, max_new_tokens=2, batch_size=4)
+    assert shapes[-1][0] == len(PROMPTS) % 4 and len({width for _, width in shapes}) > 1
+
+
 def test_unknown_cache_kind_is_refused(varied_model, tokenizer):
     with pytest.raises(ValueError, match="cache must be one of"):
         greedy_generate(varied_model, tokenizer, PROMPTS[:1], max_new_tokens=2, batch_size=1, cache="paged")

@@ -289,10 +289,11 @@ def test_levers_run_each_setting_against_the_plain_path_in_one_process(tmp_path,
     and its ratio to plain, and a lever that fails is recorded without stopping the next."""
     levers = {"sft": {k: paper_scale.LEVERS["sft"][k] for k in ("plain", "no_checkpointing_padding_free")},
               "dpo": {k: paper_scale.LEVERS["dpo"][k] for k in ("plain", "no_checkpointing_precompute_reference")},
-              "gsm8k": {"plain": {}, "merged": {"merge_adapter": True}, "broken": {"cache": "paged"}}}
+              "gsm8k": {"plain": {}, "merged": {"merge_adapter": True}, "broken": {"cache": "paged"}},
+              "gsm8k_small": {k: paper_scale.LEVERS["gsm8k_small"][k] for k in ("plain", "static_cache_eager")}}
     monkeypatch.setattr(paper_scale, "LEVERS", levers)
     summary = paper_scale.main(["--shape", "tiny", "--device", "cpu", "--out", str(tmp_path),
-                                "--stages", "levers_sft,levers_dpo,levers_gsm8k"])
+                                "--stages", "levers_sft,levers_dpo,levers_gsm8k,levers_gsm8k_small"])
     sft, dpo, gsm8k = (summary["levers"][m] for m in ("sft", "dpo", "gsm8k"))
     assert sft["plain"]["speedup_tokens_per_second"] == 1.0
     plain, fast = sft["plain"], sft["no_checkpointing_padding_free"]
@@ -308,5 +309,11 @@ def test_levers_run_each_setting_against_the_plain_path_in_one_process(tmp_path,
     # Every training lever stage began with a throwaway run of plain, outside the results.
     assert set(summary["lever_warmups"]) == {"sft", "dpo"} and all("error" not in w for w in summary["lever_warmups"].values())
     assert "process_warmup" not in sft
+    # The real small model (the mini preset's), no adapter: the static cache changes no answer in float32.
+    small = summary["levers"]["gsm8k_small"]
+    assert small["plain"]["adapter"] is None and small["plain"]["random_weights"] is False
+    assert small["static_cache_eager"]["cache"] == "static" and small["static_cache_eager"]["compile"] is False
+    assert small["static_cache_eager"]["outputs_equal_to_plain"] == 1.0
+    assert summary["small_model"]["parameters"] > 100_000_000
     written = json.loads((tmp_path / "summary.json").read_text())
     assert set(written["levers"]["gsm8k"]) == {"plain", "merged", "broken"}

@@ -39,10 +39,15 @@ def longest_first_batches(lengths: Sequence[int], batch_size: int) -> list[list[
     return [order[start : start + batch_size] for start in range(0, len(order), batch_size)]
 
 
-def left_pad(sequences: Sequence[Sequence[int]], pad_id: int, device):
+def left_pad(sequences: Sequence[Sequence[int]], pad_id: int, device, width: int | None = None, rows: int | None = None):
+    """Left-padded ids and mask; `width` and `rows` (at least the batch's own) give every batch of a
+    run one shape: extra rows repeat the last sequence and are dropped by the caller."""
     import torch
 
-    width = max(len(seq) for seq in sequences)
+    sequences = list(sequences)
+    if rows is not None and rows > len(sequences):
+        sequences += [sequences[-1]] * (rows - len(sequences))
+    width = max([len(seq) for seq in sequences] + [width or 0])
     input_ids = torch.full((len(sequences), width), pad_id, dtype=torch.long)
     attention_mask = torch.zeros((len(sequences), width), dtype=torch.long)
     for row, seq in enumerate(sequences):
@@ -69,14 +74,20 @@ def stop_token_ids(model, tokenizer) -> list[int]:
 CACHE_KINDS = ("dynamic", "static")
 
 
-def greedy_config(max_new_tokens: int, eos_ids: list[int], pad_id: int, cache: str = "dynamic"):
+def greedy_config(max_new_tokens: int, eos_ids: list[int], pad_id: int, cache: str = "dynamic",
+                  compile: bool = True, max_cache_len: int | None = None):
     from transformers import GenerationConfig
 
     if cache not in CACHE_KINDS:
         raise ValueError(f"evaluation cache must be one of {CACHE_KINDS}, got {cache!r}")
-    # "static" preallocates the KV cache at its final length, which lets transformers compile the
-    # decoding step (CUDA graphs) instead of growing the cache by concatenation every token.
-    extra = {"cache_implementation": "static"} if cache == "static" else {}
+    # "static" preallocates the KV cache at its final length instead of growing it by concatenation
+    # every token, and lets transformers compile the decoding step (CUDA graphs) unless `compile` is
+    # off. One `max_cache_len` for every batch keeps one compiled graph for the whole run.
+    extra = {}
+    if cache == "static":
+        extra = {"cache_implementation": "static", "disable_compile": not compile}
+        if max_cache_len is not None:
+            extra["max_cache_len"] = max_cache_len
 
     # do_sample is set explicitly so that sampling settings inherited from the model's own
     # generation_config.json (temperature, top_p) are ignored without a warning per call.
@@ -121,11 +132,14 @@ def greedy_generate(
     progress_desc: str | None = None,
     partial=None,
     cache: str = "dynamic",
+    compile: bool = True,
 ) -> list[str]:
     """Greedy completions of each prompt (as a chat user turn), in the order given.
 
     `partial` (d2lora.evaluation.partial.PartialResults, optional) holds batches finished by an
     earlier, killed run: they are taken from it, and every new batch is recorded in it.
+    With the static cache every batch gets the run's longest prompt width and a full batch of rows,
+    so that the compiled decoding step (one graph per shape) is built once, not once per batch.
     """
     import torch
 
@@ -134,9 +148,13 @@ def greedy_generate(
     device = model_device(model)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     eos_ids = stop_token_ids(model, tokenizer)
-    config = greedy_config(max_new_tokens, eos_ids, pad_id, cache)
     encoded = encode_chat_prompts(tokenizer, user_prompts)
     batches = longest_first_batches([len(ids) for ids in encoded], batch_size)
+    fixed_shape = cache == "static"
+    width = max(len(ids) for ids in encoded) if fixed_shape else None
+    rows = len(batches[0]) if fixed_shape else None
+    config = greedy_config(max_new_tokens, eos_ids, pad_id, cache, compile=compile,
+                           max_cache_len=width + max_new_tokens if fixed_shape else None)
     desc = progress_desc or "generate"
 
     outputs: list[str | None] = [None] * len(user_prompts)
@@ -152,7 +170,7 @@ def greedy_generate(
                     outputs[index] = partial.done[index]
                 done += len(batch)
                 continue
-            input_ids, attention_mask = left_pad([encoded[i] for i in batch], pad_id, device)
+            input_ids, attention_mask = left_pad([encoded[i] for i in batch], pad_id, device, width=width, rows=rows)
             generated = model.generate(input_ids=input_ids, attention_mask=attention_mask, generation_config=config)
             new_tokens = generated[:, input_ids.shape[1] :].cpu()
             for row, index in enumerate(batch):

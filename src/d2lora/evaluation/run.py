@@ -19,7 +19,8 @@ def score_benchmark(benchmark: str, model, tokenizer, rows: list[dict], settings
         from d2lora.evaluation.math_eval import evaluate_math
 
         return evaluate_math(model, tokenizer, rows, settings["prompt_template"], settings["max_new_tokens"],
-                             settings["batch_size"], partial=partial, cache=settings.get("cache", "dynamic"))
+                             settings["batch_size"], partial=partial, cache=settings.get("cache", "dynamic"),
+                             compile=settings.get("compile", True))
     if benchmark == "titles":
         from d2lora.evaluation.titles_eval import evaluate_titles
 
