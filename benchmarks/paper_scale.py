@@ -14,7 +14,8 @@ same cost); GSM8K on the SFT cell's adapter (the base model when there is none).
 the preference cells by default: it is the grid's costliest job type, so a time-limited run that
 ends early should lose a preference cell rather than it.
 
-Lever stages (issue 15, item 2): levers_sft, levers_dpo, levers_orpo, levers_gsm8k run each speed
+Lever stages (issue 15, item 2): levers_sft, levers_dpo, levers_orpo, levers_gsm8k (and levers_gsm8k_small,
+on the mini preset's real 135M model) run each speed
 setting of LEVERS[method] against the plain path (the code path before the levers) in this one process, and record
 under summary["levers"][method][lever] the same figures plus the ratio to plain
 (`speedup_tokens_per_second`; `speedup_with_setup` also counts the trainer's setup, where a precomputed
@@ -82,12 +83,13 @@ LEVERS = {
         "no_checkpointing_batch16x1": {**NO_CHECKPOINTING, "batch_size": 16, "grad_accum": 1},
         "no_checkpointing_batch4x4": {**NO_CHECKPOINTING, "batch_size": 4, "grad_accum": 4},
     },
+    # DPO: the presets precompute the reference now, so every DPO lever names its choice.
     "dpo": {
-        "plain": FLOAT32_BASE,
-        "bf16_base_no_checkpointing": NO_CHECKPOINTING,
+        "plain": {**FLOAT32_BASE, "precompute_reference": False},
+        "bf16_base_no_checkpointing": {**NO_CHECKPOINTING, "precompute_reference": False},
         "no_checkpointing_precompute_reference": {**NO_CHECKPOINTING, "precompute_reference": True},
         "bf16_base_precompute_reference": {"base_dtype": "bfloat16", "precompute_reference": True},
-        "no_checkpointing_batch4x4": {**NO_CHECKPOINTING, "batch_size": 4, "grad_accum": 4},
+        "no_checkpointing_batch4x4": {**NO_CHECKPOINTING, "batch_size": 4, "grad_accum": 4, "precompute_reference": False},
     },
     "orpo": {
         "plain": FLOAT32_BASE,
