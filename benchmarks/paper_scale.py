@@ -111,6 +111,8 @@ LEVERS = {
         "plain": {},
         "static_cache_eager": {"cache": "static", "compile": False},
         "static_cache": {"cache": "static"},
+        "static_cache_eager_rows_leave": {"cache": "static", "compile": False, "rows_leave_every": 32},
+        "rows_leave": {"rows_leave_every": 32},
     },
 }
 SMALL_MODEL_CONFIG = ROOT / "config" / "mini.yaml"
@@ -451,10 +453,12 @@ def eval_settings(config: dict) -> dict:
 def small_model(run: Run) -> tuple[Path, dict]:
     """SMALL_MODEL_CONFIG's real model, prepared once into work/model/small, and its GSM8K settings."""
     import yaml
+    from snakemake.utils import validate
 
     from d2lora import models
 
     config = yaml.safe_load(SMALL_MODEL_CONFIG.read_text())
+    validate(config, str(ROOT / "workflow" / "schemas" / "config.schema.yaml"))  # fills the schema's defaults
     folder = run.work / "model" / "small"
     if not (folder / "source.json").is_file():
         start = time.perf_counter()
@@ -495,6 +499,7 @@ def gsm8k_stage(run: Run, overrides: dict | None = None, name: str = "gsm8k", ad
         "max_new_tokens": int(record["settings"]["max_new_tokens"]), "batch_size": int(record["settings"]["batch_size"]),
         "dtype": record["settings"]["dtype"], "merge_adapter": bool(record["settings"].get("merge_adapter", False)),
         "cache": record["settings"].get("cache", "dynamic"), "compile": record["settings"].get("compile", True),
+        "rows_leave_every": record["settings"]["rows_leave_every"],
         "eval_seconds": record["eval_seconds"], "load_seconds": round(sum(loads), 2), "generate_seconds": round(generate_seconds, 3),
         "generated_tokens": generated, "generated_tokens_to_stop": sum(c["tokens_to_stop"] for c in calls),
         "generated_tokens_per_second": round(generated / generate_seconds, 2) if generate_seconds else None,

@@ -190,6 +190,40 @@ def test_dynamic_cache_keeps_each_batch_its_own_shape(varied_model, tokenizer, m
     assert shapes[-1][0] == len(PROMPTS) % 4 and len({width for _, width in shapes}) > 1
 
 
+@pytest.mark.parametrize("cache", ["dynamic", "static"])
+def test_finished_rows_leave_the_batch_without_changing_an_answer(varied_model, tokenizer, monkeypatch, cache):
+    # A random model never emits EOS in 16 tokens; a token that some rows write early and others
+    # late (or never) stands in for it, so rows end at different steps and leave at different rounds.
+    plain_ids = greedy_generate(varied_model, tokenizer, PROMPTS, max_new_tokens=16, batch_size=6)
+    encoded = generation.encode_chat_prompts(tokenizer, [PROMPTS[0]])
+    first = varied_model.generate(input_ids=torch.tensor(encoded), max_new_tokens=4, do_sample=False)
+    stop = int(first[0, -1])
+    monkeypatch.setattr(generation, "stop_token_ids", lambda model, tok: [tok.eos_token_id, stop])
+    plain = greedy_generate(varied_model, tokenizer, PROMPTS, max_new_tokens=16, batch_size=6, cache=cache,
+                            compile=False)
+    assert len({len(text) for text in plain}) > 2, "rows must end at different steps for the test to mean anything"
+    assert plain != plain_ids
+
+    rounds = []
+    real_generate = varied_model.generate
+
+    def spy(**kwargs):
+        rounds.append(kwargs["input_ids"].shape[0])
+        return real_generate(**kwargs)
+
+    monkeypatch.setattr(varied_model, "generate", spy)
+    leaving = greedy_generate(varied_model, tokenizer, PROMPTS, max_new_tokens=16, batch_size=6, cache=cache,
+                              compile=False, rows_leave_every=2)
+    assert leaving == plain
+    assert rounds[0] == 6 and rounds == sorted(rounds, reverse=True) and rounds[-1] < 6, rounds
+
+
+def test_rows_leaving_refuses_a_compiled_static_cache(varied_model, tokenizer):
+    with pytest.raises(ValueError, match="evaluation.gsm8k.compile"):
+        greedy_generate(varied_model, tokenizer, PROMPTS[:1], max_new_tokens=2, batch_size=1, cache="static",
+                        rows_leave_every=2)
+
+
 def test_unknown_cache_kind_is_refused(varied_model, tokenizer):
     with pytest.raises(ValueError, match="cache must be one of"):
         greedy_generate(varied_model, tokenizer, PROMPTS[:1], max_new_tokens=2, batch_size=1, cache="paged")

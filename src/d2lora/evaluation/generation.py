@@ -101,6 +101,45 @@ def greedy_config(max_new_tokens: int, eos_ids: list[int], pad_id: int, cache: s
     )
 
 
+def _generate_rows_leaving(model, input_ids, attention_mask, config, eos_ids: list[int], pad_id: int,
+                           cache: str, every: int):
+    """New tokens of one batch, generated `every` at a time: after each round, rows that emitted a stop
+    token leave the batch and their rows of the KV cache go with them, so the longest answer no longer
+    keeps every finished row computing to the end. Rows still running continue from the cache as it
+    is (transformers' `generate` feeds only the tokens the cache lacks), so each row's tokens are the
+    ones one `generate` call gives. Returns [rows, generated] token ids, pad_id after a row's stop."""
+    import copy
+
+    import torch
+    from transformers import DynamicCache, StaticCache
+
+    total = config.max_new_tokens
+    width = input_ids.shape[1]
+    kv = (StaticCache(config=model.config, max_cache_len=width + total) if cache == "static"
+          else DynamicCache(config=model.config))
+    # A cache of our own carries the kind; leaving rows change the batch, which a compiled step cannot follow.
+    round_config = copy.deepcopy(config)
+    round_config.cache_implementation = None
+    round_config.disable_compile = True
+    stop = torch.tensor(eos_ids, device=input_ids.device)
+    tokens = torch.full((input_ids.shape[0], total), pad_id, dtype=torch.long)
+    running = torch.arange(input_ids.shape[0])
+    ids, mask, made = input_ids, attention_mask, 0
+    while made < total and len(running):
+        round_config.max_new_tokens = min(every, total - made)
+        out = model.generate(input_ids=ids, attention_mask=mask, past_key_values=kv, generation_config=round_config)
+        new = out[:, ids.shape[1]:]
+        tokens[running, made : made + new.shape[1]] = new.cpu()
+        made += new.shape[1]
+        mask = torch.cat([mask, mask.new_ones((mask.shape[0], new.shape[1]))], dim=1)
+        keep = (~torch.isin(new, stop).any(dim=1)).nonzero().squeeze(1)
+        if len(keep) < len(running):
+            kv.reorder_cache(keep)
+            out, mask, running = out[keep], mask[keep], running[keep.cpu()]
+        ids = out
+    return tokens
+
+
 def decode_new_tokens(tokenizer, new_tokens, eos_ids: list[int]) -> str:
     """Text of the generated tokens up to the first stop token."""
     tokens = new_tokens.tolist()
@@ -133,6 +172,7 @@ def greedy_generate(
     partial=None,
     cache: str = "dynamic",
     compile: bool = True,
+    rows_leave_every: int = 0,
 ) -> list[str]:
     """Greedy completions of each prompt (as a chat user turn), in the order given.
 
@@ -140,9 +180,15 @@ def greedy_generate(
     earlier, killed run: they are taken from it, and every new batch is recorded in it.
     With the static cache every batch gets the run's longest prompt width and a full batch of rows,
     so that the compiled decoding step (one graph per shape) is built once, not once per batch.
+    `rows_leave_every` > 0: finished rows leave the batch every that many new tokens (eager only).
     """
     import torch
 
+    if rows_leave_every < 0:
+        raise ValueError(f"rows_leave_every must be >= 0, got {rows_leave_every}")
+    if rows_leave_every and cache == "static" and compile:
+        raise ValueError("finished rows leaving the batch change its shape, which a compiled decoding step cannot "
+                         "follow: with the static cache set compile: false (evaluation.gsm8k.compile)")
     if not user_prompts:
         return []
     device = model_device(model)
@@ -171,8 +217,12 @@ def greedy_generate(
                 done += len(batch)
                 continue
             input_ids, attention_mask = left_pad([encoded[i] for i in batch], pad_id, device, width=width, rows=rows)
-            generated = model.generate(input_ids=input_ids, attention_mask=attention_mask, generation_config=config)
-            new_tokens = generated[:, input_ids.shape[1] :].cpu()
+            if rows_leave_every:
+                new_tokens = _generate_rows_leaving(model, input_ids, attention_mask, config, eos_ids, pad_id,
+                                                    cache, rows_leave_every)
+            else:
+                generated = model.generate(input_ids=input_ids, attention_mask=attention_mask, generation_config=config)
+                new_tokens = generated[:, input_ids.shape[1] :].cpu()
             for row, index in enumerate(batch):
                 outputs[index] = decode_new_tokens(tokenizer, new_tokens[row], eos_ids)
             if partial is not None:
