@@ -246,6 +246,10 @@ def check(config: dict) -> None:
         role = needed_eval[benchmark]
         if "eval" not in config["datasets"].get(role, {}):
             raise ConfigError(f"datasets.{role}.eval: benchmark '{benchmark}' is in the grid but has no evaluation source")
+    gsm8k = config["evaluation"]["gsm8k"]
+    if gsm8k["rows_leave_every"] and gsm8k.get("cache") == "static" and gsm8k["compile"]:
+        raise ConfigError("evaluation.gsm8k.rows_leave_every: finished rows leaving change the batch's shape, which "
+                          "a compiled decoding step cannot follow; with cache: static set compile: false")
     if needs_warmup(config) and "train" not in config["datasets"]["warmup"]:
         raise ConfigError("datasets.warmup.train: d2lora cells need a warm-up training source")
     check_statistics_config(config)
