@@ -499,7 +499,7 @@ def gsm8k_stage(run: Run, overrides: dict | None = None, name: str = "gsm8k", ad
         "max_new_tokens": int(record["settings"]["max_new_tokens"]), "batch_size": int(record["settings"]["batch_size"]),
         "dtype": record["settings"]["dtype"], "merge_adapter": bool(record["settings"].get("merge_adapter", False)),
         "cache": record["settings"].get("cache", "dynamic"), "compile": record["settings"].get("compile", True),
-        "rows_leave_every": record["settings"]["rows_leave_every"],
+        "rows_leave_every": record["settings"].get("rows_leave_every", 0),
         "eval_seconds": record["eval_seconds"], "load_seconds": round(sum(loads), 2), "generate_seconds": round(generate_seconds, 3),
         "generated_tokens": generated, "generated_tokens_to_stop": sum(c["tokens_to_stop"] for c in calls),
         "generated_tokens_per_second": round(generated / generate_seconds, 2) if generate_seconds else None,

@@ -20,7 +20,7 @@ def score_benchmark(benchmark: str, model, tokenizer, rows: list[dict], settings
 
         return evaluate_math(model, tokenizer, rows, settings["prompt_template"], settings["max_new_tokens"],
                              settings["batch_size"], partial=partial, cache=settings.get("cache", "dynamic"),
-                             compile=settings.get("compile", True), rows_leave_every=settings["rows_leave_every"])
+                             compile=settings.get("compile", True), rows_leave_every=settings.get("rows_leave_every", 0))
     if benchmark == "titles":
         from d2lora.evaluation.titles_eval import evaluate_titles
 
