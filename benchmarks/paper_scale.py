@@ -104,6 +104,8 @@ LEVERS = {
         "merged": {"merge_adapter": True},
         "merged_static_cache_eager": {"merge_adapter": True, "cache": "static", "compile": False},
         "merged_static_cache": {"merge_adapter": True, "cache": "static"},
+        # The compiled step folds the query heads onto the 8 KV heads instead of copying K and V 4x.
+        "merged_static_cache_packed_gqa": {"merge_adapter": True, "cache": "static", "packed_gqa": True},
     },
     # GSM8K on the real SmolLM2-135M-Instruct (SMALL_MODEL_CONFIG: its model and GSM8K settings, no
     # adapter): real answers that stop at their end, so these times depend on what the model writes.
@@ -113,6 +115,7 @@ LEVERS = {
         "static_cache": {"cache": "static"},
         "static_cache_eager_rows_leave": {"cache": "static", "compile": False, "rows_leave_every": 32},
         "rows_leave": {"rows_leave_every": 32},
+        "static_cache_packed_gqa": {"cache": "static", "packed_gqa": True},
     },
 }
 SMALL_MODEL_CONFIG = ROOT / "config" / "mini.yaml"
@@ -500,6 +503,7 @@ def gsm8k_stage(run: Run, overrides: dict | None = None, name: str = "gsm8k", ad
         "dtype": record["settings"]["dtype"], "merge_adapter": bool(record["settings"].get("merge_adapter", False)),
         "cache": record["settings"].get("cache", "dynamic"), "compile": record["settings"].get("compile", True),
         "rows_leave_every": record["settings"].get("rows_leave_every", 0),
+        "packed_gqa": record["settings"].get("packed_gqa", False),
         "eval_seconds": record["eval_seconds"], "load_seconds": round(sum(loads), 2), "generate_seconds": round(generate_seconds, 3),
         "generated_tokens": generated, "generated_tokens_to_stop": sum(c["tokens_to_stop"] for c in calls),
         "generated_tokens_per_second": round(generated / generate_seconds, 2) if generate_seconds else None,

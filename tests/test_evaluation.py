@@ -218,6 +218,44 @@ def test_finished_rows_leave_the_batch_without_changing_an_answer(varied_model, 
     assert rounds[0] == 6 and rounds == sorted(rounds, reverse=True) and rounds[-1] < 6, rounds
 
 
+def test_packed_gqa_attention_equals_sdpa_for_a_decoding_step():
+    # One query token, 8 query heads on 2 KV heads, a padding mask shared by the heads: folding the
+    # heads onto the KV heads must give SDPA's result over repeated K and V.
+    from transformers.integrations.sdpa_attention import repeat_kv
+
+    from d2lora.evaluation.packed_gqa import packed_gqa_attention_forward
+
+    torch.manual_seed(0)
+    module = SimpleNamespace(num_key_value_groups=4, is_causal=True)
+    query, key, value = torch.randn(3, 8, 1, 16), torch.randn(3, 2, 9, 16), torch.randn(3, 2, 9, 16)
+    mask = torch.ones(3, 1, 1, 9, dtype=torch.bool)
+    mask[0, ..., :4] = False  # left padding of the first row
+    packed, _ = packed_gqa_attention_forward(module, query, key, value, mask, scaling=0.25)
+    expected = torch.nn.functional.scaled_dot_product_attention(query, repeat_kv(key, 4), repeat_kv(value, 4),
+                                                                attn_mask=mask, scale=0.25).transpose(1, 2)
+    assert packed.shape == (3, 1, 8, 16)
+    torch.testing.assert_close(packed, expected)
+
+
+@pytest.mark.parametrize("cache", ["dynamic", "static"])
+def test_packed_gqa_attention_gives_the_same_answers(varied_model, tokenizer, single_outputs, monkeypatch, cache):
+    from d2lora.evaluation import packed_gqa
+
+    assert varied_model.config.num_key_value_heads < varied_model.config.num_attention_heads
+    query_lengths, real = [], packed_gqa.packed_gqa_attention_forward
+
+    def spy(module, query, *args, **kwargs):
+        query_lengths.append(query.shape[2])
+        return real(module, query, *args, **kwargs)
+
+    monkeypatch.setattr(packed_gqa, "packed_gqa_attention_forward", spy)  # what register() installs
+    packed = greedy_generate(varied_model, tokenizer, PROMPTS, max_new_tokens=16, batch_size=4, cache=cache,
+                             compile=False, packed_gqa=True)
+    assert packed == single_outputs
+    assert 1 in query_lengths and max(query_lengths) > 1, "prefill and decoding steps both go through it"
+    assert varied_model.config._attn_implementation == "sdpa", "the model's own attention is restored"
+
+
 def test_rows_leaving_refuses_a_compiled_static_cache(varied_model, tokenizer):
     with pytest.raises(ValueError, match="evaluation.gsm8k.compile"):
         greedy_generate(varied_model, tokenizer, PROMPTS[:1], max_new_tokens=2, batch_size=1, cache="static",

@@ -173,6 +173,7 @@ def greedy_generate(
     cache: str = "dynamic",
     compile: bool = True,
     rows_leave_every: int = 0,
+    packed_gqa: bool = False,
 ) -> list[str]:
     """Greedy completions of each prompt (as a chat user turn), in the order given.
 
@@ -181,8 +182,11 @@ def greedy_generate(
     With the static cache every batch gets the run's longest prompt width and a full batch of rows,
     so that the compiled decoding step (one graph per shape) is built once, not once per batch.
     `rows_leave_every` > 0: finished rows leave the batch every that many new tokens (eager only).
+    `packed_gqa`: decode with d2lora.evaluation.packed_gqa's attention (no KV head copies when compiled).
     """
     import torch
+
+    from d2lora.evaluation.packed_gqa import packed_gqa_attention
 
     if rows_leave_every < 0:
         raise ValueError(f"rows_leave_every must be >= 0, got {rows_leave_every}")
@@ -209,7 +213,7 @@ def greedy_generate(
         print(f"[{desc}] resuming: {sum(partial.has_all(b) for b in batches)} of {len(batches)} batches already done",
               file=sys.stderr, flush=True)
     started, done = time.perf_counter(), 0
-    with torch.inference_mode():
+    with torch.inference_mode(), packed_gqa_attention(model, enabled=packed_gqa):
         for number, batch in enumerate(batches, start=1):
             if partial is not None and partial.has_all(batch):
                 for index in batch:

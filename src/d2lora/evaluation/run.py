@@ -20,7 +20,8 @@ def score_benchmark(benchmark: str, model, tokenizer, rows: list[dict], settings
 
         return evaluate_math(model, tokenizer, rows, settings["prompt_template"], settings["max_new_tokens"],
                              settings["batch_size"], partial=partial, cache=settings.get("cache", "dynamic"),
-                             compile=settings.get("compile", True), rows_leave_every=settings.get("rows_leave_every", 0))
+                             compile=settings.get("compile", True), rows_leave_every=settings.get("rows_leave_every", 0),
+                             packed_gqa=settings.get("packed_gqa", False))
     if benchmark == "titles":
         from d2lora.evaluation.titles_eval import evaluate_titles
 
