@@ -13,7 +13,7 @@ from contextlib import contextmanager
 
 import torch
 from transformers import AttentionInterface
-from transformers.integrations.sdpa_attention import sdpa_attention_forward
+from transformers.integrations.sdpa_attention import pack_gqa, sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 PACKED_GQA = "sdpa_packed_gqa"
@@ -22,7 +22,7 @@ PACKED_GQA = "sdpa_packed_gqa"
 def packed_gqa_attention_forward(module, query, key, value, attention_mask, dropout=0.0, scaling=None,
                                  is_causal=None, **kwargs):
     groups = getattr(module, "num_key_value_groups", 1)
-    batch, heads, q_length, head_dim = query.shape
+    batch, heads, q_length, _ = query.shape
     mask_shared_by_heads = attention_mask is None or attention_mask.shape[1] == 1
     if (groups == 1 or q_length != 1 or not mask_shared_by_heads or kwargs.get("position_bias") is not None
             or kwargs.get("cache") is not None or kwargs.get("softcap") is not None):
@@ -30,7 +30,7 @@ def packed_gqa_attention_forward(module, query, key, value, attention_mask, drop
                                       is_causal=is_causal, **kwargs)
     # (batch, heads, 1, d) -> (batch, kv_heads, groups, d): each KV head attends for its group of
     # query heads as if they were query positions; a (batch, 1, 1, kv) mask broadcasts over both.
-    folded = query.reshape(batch, heads // groups, groups, head_dim)
+    folded = pack_gqa(query, groups)
     output = torch.nn.functional.scaled_dot_product_attention(folded, key, value, attn_mask=attention_mask,
                                                               dropout_p=dropout, scale=scaling, is_causal=False)
     return output.reshape(batch, heads, 1, value.shape[-1]).transpose(1, 2).contiguous(), None
