@@ -6,7 +6,7 @@
 
 What is measured. The Dynamic LoRA abstract (arXiv 2501.14859) claims "only 0.1% more resources
 than standard LoRA" without saying which resource. Here: for plain LoRA of rank r, peft's AdaLoRA
-and our Dynamic LoRA at the same rank budget (d2lora.training.dynamic_lora), on the same model,
+and our Dynamic LoRA at the same rank budget (d2lora.training.adaptive), on the same model,
 the same batches and the same seed, the wall-clock time of each optimizer step (forward, backward,
 gradient clipping, the variants' callbacks, optimizer step, zero_grad; the batch is already
 loaded), timed from the Trainer's on_step_begin to on_step_end with the device synchronized. The
@@ -16,8 +16,8 @@ allocated during training. The overhead ratio is variant / LoRA. Training is a
 `transformers.Trainer` with a causal-LM loss computed outside the model (as TRL does), so
 AdaLoRA's in-forward regularizer is not computed; its gradient is added by our callback.
 
-Needs only torch, transformers, peft (and safetensors); imports d2lora.training.dynamic_lora from
-this checkout's src/ (that file imports nothing else from the package). Ends with one JSON line.
+Needs only torch, transformers, peft (and safetensors); imports d2lora.training.adaptive from
+this checkout's src/ (that package imports nothing else from d2lora). Ends with one JSON line.
 """
 from __future__ import annotations
 
@@ -36,7 +36,7 @@ sys.path.insert(0, str(ROOT / "src"))
 import torch  # noqa: E402
 from transformers import Trainer, TrainerCallback, TrainingArguments  # noqa: E402
 
-from d2lora.training.dynamic_lora import adapter_report, adaptive_adapter  # noqa: E402
+from d2lora.training.adaptive import adapter_report, adaptive_adapter  # noqa: E402
 
 CLAIM = ("Dynamic LoRA abstract: 'only 0.1% more resources than standard LoRA' (resource unspecified). "
          "Measured here: wall-clock seconds per optimizer step (mean incl. reallocation steps, median, max) "
@@ -68,7 +68,7 @@ def parse_args(argv=None):
     p.add_argument("--alpha", type=float, default=16)
     p.add_argument("--target-modules", default="all-linear")
     p.add_argument("--variants", nargs="+", default=["lora", "adalora", "dynamic"],
-                   help="variants, each NAME or NAME:option=value:... (options of dynamic_lora.DEFAULTS), "
+                   help="variants, each NAME or NAME:option=value:... (options of d2lora.training.adaptive.DEFAULTS), "
                         "e.g. dynamic:forward=active")
     p.add_argument("--rounds", type=int, default=1, help="repeat the variants, interleaved, this many times")
     p.add_argument("--seed", type=int, default=0)

@@ -1,4 +1,4 @@
-"""Adaptive-rank adapters (d2lora.training.dynamic_lora): AdaLoRA and Dynamic LoRA.
+"""Adaptive-rank adapters (d2lora.training.adaptive): AdaLoRA and Dynamic LoRA.
 
 Budgets, reallocation under a fixed budget, TRL runs with the callbacks, save -> reload on a fresh
 base, determinism, resume from a checkpoint, and where AdaLoRA's orthogonality regularizer goes.
@@ -11,7 +11,9 @@ import shutil
 import pytest
 import torch
 
-from d2lora.training import dynamic_lora as dl
+from d2lora.training import adaptive as dl
+from d2lora.training.adaptive import base as adaptive_base
+from d2lora.training.adaptive.rank_moves import plan_moves
 from d2lora.training.run import conversational
 from d2lora.training.trainers import build_trainer
 
@@ -95,18 +97,18 @@ def test_budgets_are_equal_at_the_same_rank(tiny_model_dir):
 def test_plan_moves_gives_rank_where_the_weakest_component_matters_most():
     strong, weak, flat = [5.0, 4.0, 3.0, 2.0], [0.1, 0.05, 0.02, 0.01], [3.0, 2.5, 2.0, 1.5]
     none = [[False] * 8] * 3
-    moves = dl.plan_moves([strong + [0] * 4, weak + [0] * 4, flat + [0] * 4], [4, 4, 4], none, [[0, 1, 2]],
+    moves = plan_moves([strong + [0] * 4, weak + [0] * 4, flat + [0] * 4], [4, 4, 4], none, [[0, 1, 2]],
                           min_rank=1, max_rank=8, hysteresis=0.5, max_moves=[10])
     # The weak module gives its weakest components (0.01, 0.02, 0.05) to the strongest tail (2.0);
     # the flat one (tail 1.5 > 0.5 * 2.0) keeps its rank;
     # the weak module keeps min_rank.
     assert moves == [(1, 3, 0), (1, 2, 0), (1, 1, 0)]
     # Same spectra everywhere: nothing moves (hysteresis), and nothing crosses a group.
-    assert dl.plan_moves([strong + [0] * 4] * 2, [4, 4], none[:2], [[0, 1]], 1, 8, 0.5, [10]) == []
-    assert dl.plan_moves([strong + [0] * 4, weak + [0] * 4], [4, 4], none[:2], [[0], [1]], 1, 8, 0.5, [10, 10]) == []
+    assert plan_moves([strong + [0] * 4] * 2, [4, 4], none[:2], [[0, 1]], 1, 8, 0.5, [10]) == []
+    assert plan_moves([strong + [0] * 4, weak + [0] * 4], [4, 4], none[:2], [[0], [1]], 1, 8, 0.5, [10, 10]) == []
     # Protected (just granted) components are never pruned; max_moves caps a round.
     protected = [[False] * 8, [False, False, False, True] + [False] * 4]
-    assert dl.plan_moves([strong + [0] * 4, weak + [0] * 4], [4, 4], protected, [[0, 1]], 1, 8, 0.5, [1]) == [(1, 2, 0)]
+    assert plan_moves([strong + [0] * 4, weak + [0] * 4], [4, 4], protected, [[0, 1]], 1, 8, 0.5, [1]) == [(1, 2, 0)]
 
 
 # --------------------------------------------------------------------------------------------
@@ -179,7 +181,7 @@ def test_three_step_sft_runs_the_callback(adapter, sft_runs):
         assert report["final_allocation"] == "scheduled" and report["allocations"] >= 1
         assert report["last_orth_reg"] is not None and report["last_orth_reg"] > 0
         # Masked triplets have a zero singular value in the live model.
-        for key, layer in dl._lora_layers(model):
+        for key, layer in adaptive_base.lora_layers(model):
             assert int((layer.lora_E["default"] != 0).sum()) <= report["rank_pattern"][key]
     else:
         assert report["reallocations"] == 1 and report["input_scale"]["set_at_step"] == 0
@@ -289,7 +291,7 @@ def test_resume_from_a_checkpoint_gives_the_uninterrupted_result(adapter, tiny_m
     full, _, _ = _train(tiny_model_dir, tokenizer, tmp_path, {"adapter": adapter}, rows=12, checkpoint_steps=3,
                         out_name="full")
     checkpoint = tmp_path / "full" / "checkpoint-3"
-    assert (checkpoint / f"{dl.STATE_FILE}.json").is_file()
+    assert (checkpoint / f"{adaptive_base.STATE_FILE}.json").is_file()
     # As in d2lora.training.run: the killed run's checkpoints sit in the Trainer's output_dir.
     shutil.copytree(checkpoint, tmp_path / "resumed" / "checkpoint-3")
     resumed, _, result = _train(tiny_model_dir, tokenizer, tmp_path, {"adapter": adapter}, rows=12,

@@ -326,7 +326,7 @@ def test_a_bad_variant_fails_naming_its_key(variant, message, tiny_model_dir, tr
 
 
 def test_adaptive_adapters_dispatch_to_dynamic_lora(tiny_model_dir, train_file, tmp_path, monkeypatch):
-    """AdaLoRA and Dynamic LoRA are built by d2lora.training.dynamic_lora with the variant's options, the
+    """AdaLoRA and Dynamic LoRA are built by d2lora.training.adaptive with the variant's options, the
     run's step count and, for Dynamic LoRA only (it draws the A rows of granted rank), the run's seed;
     the callbacks it returns join the trainer."""
     from peft import get_peft_model
@@ -344,11 +344,11 @@ def test_adaptive_adapters_dispatch_to_dynamic_lora(tiny_model_dir, train_file, 
         calls.append((variant, total_steps))
         return get_peft_model(base_model, lora_config(lora)), [Count()]
 
-    fake = types.ModuleType("d2lora.training.dynamic_lora")
+    fake = types.ModuleType("d2lora.training.adaptive")
     fake.adaptive_adapter = adaptive_adapter
     fake.DEFAULTS = {"adalora": {"reallocations": 10}, "dynamic": {"reallocations": 10, "seed": 0}}
     fake.adapter_report = lambda model: {"ranks": "reported"}
-    monkeypatch.setitem(sys.modules, "d2lora.training.dynamic_lora", fake)
+    monkeypatch.setitem(sys.modules, "d2lora.training.adaptive", fake)
     record = run_adaptation(tiny_model_dir, train_file, "sft", "adalora", 4, LORA, HP, tmp_path / "a", seed=7,
                             device="cpu", variant={"adapter": "adalora", "options": {"reallocations": 3}})
     assert calls == [({"adapter": "adalora", "reallocations": 3}, 2)] and steps == [1, 2]

@@ -123,7 +123,7 @@ def normalize_variant(variant: dict | None, init: str | None = None) -> dict:
     out["adapter"] = adapter
     out["warmup"] = bool(variant.get("warmup", False))
     if adapter != "lora":
-        # Built by d2lora.training.dynamic_lora, which owns (and checks) its own keys.
+        # Built by d2lora.training.adaptive, which owns (and checks) its own keys.
         return out
     unknown = sorted(set(variant) - set(VARIANT_KEYS))
     if unknown:
@@ -198,7 +198,7 @@ def fresh_adapter(base_model, lora: dict, variant: dict, calibration_texts: list
 
     variant = normalize_variant(variant)
     if variant["adapter"] != "lora":
-        raise VariantError(f"adapter: '{variant['adapter']}' adapters are built by d2lora.training.dynamic_lora")
+        raise VariantError(f"adapter: '{variant['adapter']}' adapters are built by d2lora.training.adaptive")
     name = variant["init_lora_weights"]
     config = _config(lora, variant)
     if needs_calibration(variant):

@@ -201,7 +201,7 @@ def _train_and_save(trainer, model, out_dir: Path, record: dict, resume_from: Pa
     record["model_parameters"] = base_parameter_count(model)
     record["trainable_parameters"] = parameter_count(model, trainable=True)
     if (variant or {}).get("adapter", "lora") != "lora":
-        from d2lora.training.dynamic_lora import adapter_report
+        from d2lora.training.adaptive import adapter_report
 
         record["adapter"] = adapter_report(model)
     variant = variant if variant is not None else record.get("variant") or inits.BUILTIN_VARIANTS["lora"]
@@ -296,9 +296,9 @@ def _total_steps(rows: int, hp: dict) -> int:
 
 
 def _adaptive_adapter(base, lora: dict, variant: dict, total_steps: int, seed: int):
-    """AdaLoRA or Dynamic LoRA (d2lora.training.dynamic_lora): the variant's `options` plus, for
+    """AdaLoRA or Dynamic LoRA (d2lora.training.adaptive): the variant's `options` plus, for
     Dynamic LoRA, the run's seed (it draws the A rows of the rank it grants)."""
-    from d2lora.training.dynamic_lora import DEFAULTS, adaptive_adapter
+    from d2lora.training.adaptive import DEFAULTS, adaptive_adapter
 
     options = dict(variant.get("options") or {})
     if "seed" in DEFAULTS.get(variant["adapter"], {}):
