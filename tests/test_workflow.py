@@ -6,6 +6,7 @@ run must find nothing to do, and editing the plotting code must rerun only figur
 """
 from __future__ import annotations
 
+import json
 import re
 import shutil
 import subprocess
@@ -90,6 +91,29 @@ def test_metrics_table_has_exactly_the_grid_rows(finished_run):
     joined = means.merge(intervals, on=["task", "method", "init", "n", "metric"], how="outer", validate="1:1")
     assert len(joined) == len(means) and (joined["value"] - joined["mean"]).abs().max() < 1e-4
     assert ((joined["ci_low"] <= joined["mean"] + 1e-9) & (joined["mean"] <= joined["ci_high"] + 1e-9)).all()
+
+
+def test_metrics_table_is_byte_identical_to_the_committed_fixture(finished_run):
+    """Refactoring must not change what the pipeline computes (GitHub issue 14, item 6). The tiny
+    config pins float32 on the CPU, so its metrics do not depend on the machine. A change that is
+    meant to move the numbers regenerates the fixture (its commit says why):
+    `cp <run>/results/metrics/metrics.tsv tests/fixtures/tiny_metrics.tsv`."""
+    fixture = REPO / "tests" / "fixtures" / "tiny_metrics.tsv"
+    assert (finished_run / "results" / "metrics" / "metrics.tsv").read_bytes() == fixture.read_bytes()
+
+
+def test_arc_choice_logprobs_match_the_committed_fixture(finished_run):
+    """Most of the tiny grid's metrics are 0 (a random 2-layer model), so the fixture above would miss
+    a change of training or scoring that leaves them there; the ARC choice log-likelihoods of the
+    base, warm-up and trained cells move with any such change (cells differ by 1e-3 to 1e-2)."""
+    fixture = json.loads((REPO / "tests" / "fixtures" / "tiny_arc_choice_logprobs.json").read_text())
+    eval_dir = finished_run / "results" / "eval" / "arc_easy"
+    for cell, expected in fixture.items():
+        rows = [json.loads(line) for line in (eval_dir / cell / "predictions.jsonl").read_text().splitlines()]
+        got = [row["choice_logprobs"] for row in rows]
+        assert len(got) == len(expected), cell
+        for item, (got_item, expected_item) in enumerate(zip(got, expected)):
+            assert got_item == pytest.approx(expected_item, abs=3e-4), (cell, item)
 
 
 def test_per_example_outputs_sit_beside_every_score(finished_run):
