@@ -8,10 +8,11 @@ from pathlib import Path
 
 import pytest
 
-from d2lora.data import schema, sources, synthetic
+from d2lora.data import formats, schema, sources, synthetic
 from d2lora.data.prepare import load_prepared, prepare_role, subset
 from d2lora.data.schema import validate_rows
-from d2lora.data.sources import load_raw, to_canonical
+from d2lora.data.formats import to_canonical
+from d2lora.data.sources import load_raw
 from d2lora.data.synthetic import generate
 from d2lora.io import DataFileError, read_json, read_jsonl
 
@@ -199,14 +200,14 @@ def test_unknown_format_lists_known_ones():
 def test_register_format_extends_the_registry():
     name = "test_only_qa"
 
-    @sources.register_format(name, "math_eval")
+    @formats.register_format(name, "math_eval")
     def _qa(row, index, ctx):
-        return {"id": sources.row_id(row, index, ctx), "question": row["q"], "answer": row["a"]}
+        return {"id": formats.row_id(row, index, ctx), "question": row["q"], "answer": row["a"]}
 
     try:
         assert to_canonical([{"q": "1+1?", "a": "2"}], name, "math_eval", None, "qa")[0]["answer"] == "2"
     finally:
-        sources.FORMATS.pop(name)
+        formats.FORMATS.pop(name)
 
 
 # ----------------------------------------------------------------------------- validation and file errors

@@ -14,7 +14,8 @@ import yaml
 from d2lora import grid
 from d2lora.data import onpolicy
 from d2lora.data.prepare import load_prepared, prepare_role, subset
-from d2lora.data.sources import available_rows, load_raw, source_origin, to_canonical
+from d2lora.data.formats import to_canonical
+from d2lora.data.sources import available_rows, load_raw, source_origin
 from d2lora.evaluation.math_eval import render_math_prompt, score_math_output
 from d2lora.io import DataFileError, sha256_file
 
@@ -283,7 +284,7 @@ def test_alpaca_prompt_is_instruction_and_input_and_empty_outputs_are_dropped_an
 
 
 def test_a_format_without_a_drop_rule_may_not_drop_rows():
-    from d2lora.data.sources import FORMATS, register_format
+    from d2lora.data.formats import FORMATS, register_format
 
     register_format("test_silent_drop", "pairs")(lambda row, index, ctx: None)
     try:

@@ -11,7 +11,8 @@ from typing import Mapping
 
 from d2lora.benchmarks import BENCHMARKS, METRICS, eval_roles
 from d2lora.data.prepare import ROLE_FORMS
-from d2lora.data.sources import FORMATS, available_rows, source_origin
+from d2lora.data.formats import FORMATS
+from d2lora.data.sources import available_rows, source_origin
 
 TASKS = ("math", "titles")
 # Each metric's benchmark and each benchmark's task, from the benchmark catalog (the schema's enum

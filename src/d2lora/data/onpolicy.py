@@ -27,7 +27,9 @@ import time
 from pathlib import Path
 from typing import Sequence
 
-from d2lora.data.sources import load_raw, source_format, source_name, source_origin, to_canonical
+from d2lora.data.formats import to_canonical
+from d2lora.data.mapping import fill_template
+from d2lora.data.sources import load_raw, source_format, source_name, source_origin
 from d2lora.evaluation.answers import answers_match, extract_with_rule
 from d2lora.io import sha256_file, write_json, write_jsonl
 from d2lora.precision import resolve_dtype
@@ -100,8 +102,6 @@ def find_negatives(questions: list[dict], generate, prompt_template: str | None,
     `generate(prompts, seed) -> texts` samples one solution per prompt; it is a parameter so the
     selection logic is tested without a model.
     """
-    from d2lora.data.sources import fill_template
-
     pending = list(range(len(questions)))
     found: dict[int, dict] = {}
     stats = {"questions": len(questions), "rounds": 0, "samples_drawn": 0, "correct_samples": 0, "unanswered_samples": 0}

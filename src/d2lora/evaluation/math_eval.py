@@ -9,7 +9,7 @@ paper's template (App. A) holds a literal `\\boxed{}` with single braces. In YAM
 """
 from __future__ import annotations
 
-from d2lora.data.sources import fill_template
+from d2lora.data.mapping import fill_template
 from d2lora.evaluation.answers import answers_match, extract_with_rule
 from d2lora.evaluation.generation import greedy_generate
 
