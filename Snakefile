@@ -12,7 +12,6 @@ if not workflow.config_settings.configfiles:
     configfile: "config/config.yaml"
 
 
-
 report: "report/workflow.rst"
 
 
@@ -28,7 +27,7 @@ include: "workflow/rules/manifests.smk"
 
 
 rule all:
+    default_target: True
     input:
         get_final_output(),
         f"{RESULTS}/provenance/manifests.tsv",
-    default_target: True

@@ -19,6 +19,7 @@ AdaLoRA's in-forward regularizer is not computed; its gradient is added by our c
 Needs only torch, transformers, peft (and safetensors); imports d2lora.training.adaptive from
 this checkout's src/ (that package imports nothing else from d2lora). Ends with one JSON line.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -38,18 +39,35 @@ from transformers import Trainer, TrainerCallback, TrainingArguments  # noqa: E4
 
 from d2lora.training.adaptive import adapter_report, adaptive_adapter  # noqa: E402
 
-CLAIM = ("Dynamic LoRA abstract: 'only 0.1% more resources than standard LoRA' (resource unspecified). "
-         "Measured here: wall-clock seconds per optimizer step (mean incl. reallocation steps, median, max) "
-         "and peak CUDA memory, same model/batches/seed; ratio = variant / LoRA.")
+CLAIM = (
+    "Dynamic LoRA abstract: 'only 0.1% more resources than standard LoRA' (resource unspecified). "
+    "Measured here: wall-clock seconds per optimizer step (mean incl. reallocation steps, median, max) "
+    "and peak CUDA memory, same model/batches/seed; ratio = variant / LoRA."
+)
 
 ARCHS = {
-    "tiny": {"vocab_size": 2048, "hidden_size": 256, "intermediate_size": 688, "num_hidden_layers": 4,
-             "num_attention_heads": 8, "num_key_value_heads": 4, "max_position_embeddings": 2048},
+    "tiny": {
+        "vocab_size": 2048,
+        "hidden_size": 256,
+        "intermediate_size": 688,
+        "num_hidden_layers": 4,
+        "num_attention_heads": 8,
+        "num_key_value_heads": 4,
+        "max_position_embeddings": 2048,
+    },
     # The shapes of SmolLM2-135M-Instruct (the pipeline's stand-in model), random weights: the
     # adapters' cost depends on the shapes only.
-    "smollm2-135m": {"vocab_size": 49152, "hidden_size": 576, "intermediate_size": 1536, "num_hidden_layers": 30,
-                     "num_attention_heads": 9, "num_key_value_heads": 3, "max_position_embeddings": 8192,
-                     "rope_theta": 100000.0, "tie_word_embeddings": True},
+    "smollm2-135m": {
+        "vocab_size": 49152,
+        "hidden_size": 576,
+        "intermediate_size": 1536,
+        "num_hidden_layers": 30,
+        "num_attention_heads": 9,
+        "num_key_value_heads": 3,
+        "max_position_embeddings": 8192,
+        "rope_theta": 100000.0,
+        "tie_word_embeddings": True,
+    },
 }
 
 
@@ -58,8 +76,12 @@ def parse_args(argv=None):
     p.add_argument("--model", help="a saved causal LM folder; default: a random Llama of --arch built here")
     p.add_argument("--arch", default="tiny", choices=sorted(ARCHS), help="shapes of the random model (no --model)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", choices=["cpu", "cuda"])
-    p.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=None,
-                   help="bf16 autocast (default: on for CUDA, off for CPU), fp32 weights as in the pipeline")
+    p.add_argument(
+        "--bf16",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="bf16 autocast (default: on for CUDA, off for CPU), fp32 weights as in the pipeline",
+    )
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--seq-len", type=int, default=128)
     p.add_argument("--steps", type=int, default=30, help="measured optimizer steps per variant")
@@ -67,9 +89,13 @@ def parse_args(argv=None):
     p.add_argument("--rank", type=int, default=16)
     p.add_argument("--alpha", type=float, default=16)
     p.add_argument("--target-modules", default="all-linear")
-    p.add_argument("--variants", nargs="+", default=["lora", "adalora", "dynamic"],
-                   help="variants, each NAME or NAME:option=value:... (options of d2lora.training.adaptive.DEFAULTS), "
-                        "e.g. dynamic:forward=active")
+    p.add_argument(
+        "--variants",
+        nargs="+",
+        default=["lora", "adalora", "dynamic"],
+        help="variants, each NAME or NAME:option=value:... (options of d2lora.training.adaptive.DEFAULTS), "
+        "e.g. dynamic:forward=active",
+    )
     p.add_argument("--rounds", type=int, default=1, help="repeat the variants, interleaved, this many times")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json-out", help="also write the result JSON here")
@@ -152,16 +178,28 @@ def run_variant(spec: str, args) -> dict:
     bf16 = args.bf16 if args.bf16 is not None else args.device == "cuda"
     with tempfile.TemporaryDirectory() as out:
         targs = TrainingArguments(
-            output_dir=out, max_steps=total, per_device_train_batch_size=args.batch, learning_rate=1e-4,
-            lr_scheduler_type="constant", logging_strategy="no", save_strategy="no", report_to=[],
-            use_cpu=args.device == "cpu", bf16=bf16, seed=args.seed, data_seed=args.seed, dataloader_num_workers=0,
-            disable_tqdm=True, remove_unused_columns=False,
+            output_dir=out,
+            max_steps=total,
+            per_device_train_batch_size=args.batch,
+            learning_rate=1e-4,
+            lr_scheduler_type="constant",
+            logging_strategy="no",
+            save_strategy="no",
+            report_to=[],
+            use_cpu=args.device == "cpu",
+            bf16=bf16,
+            seed=args.seed,
+            data_seed=args.seed,
+            dataloader_num_workers=0,
+            disable_tqdm=True,
+            remove_unused_columns=False,
         )
         data = Batches(total * args.batch, args.seq_len, base.config.vocab_size, args.seed)
-        trainer = Trainer(model=model, args=targs, train_dataset=data, callbacks=[*callbacks, timer],
-                          compute_loss_func=causal_lm_loss)
+        trainer = Trainer(
+            model=model, args=targs, train_dataset=data, callbacks=[*callbacks, timer], compute_loss_func=causal_lm_loss
+        )
         trainer.train()
-    measured = timer.times[args.warmup:]
+    measured = timer.times[args.warmup :]
     report = adapter_report(model)
     result = {
         "mean_s": statistics.fmean(measured),
@@ -169,8 +207,9 @@ def run_variant(spec: str, args) -> dict:
         "max_s": max(measured),
         "steps_measured": len(measured),
         "trainable_parameters": report["trainable_parameters"],
-        "allocated_parameters": report.get("peak_allocated_parameters",
-                                           report.get("peak_trainable_parameters", report["allocated_parameters"])),
+        "allocated_parameters": report.get(
+            "peak_allocated_parameters", report.get("peak_trainable_parameters", report["allocated_parameters"])
+        ),
         "total_rank": report["total_rank"],
         "reallocations": report.get("reallocations", report.get("allocations", 0)),
         "peak_memory_mib": torch.cuda.max_memory_allocated() / 2**20 if args.device == "cuda" else None,
@@ -205,27 +244,41 @@ def main(argv=None) -> dict:
         r["memory_ratio"] = (r["peak_memory_mib"] / ref["peak_memory_mib"]) if args.device == "cuda" else None
 
     print(f"\n{CLAIM}")
-    print(f"model={args.model or 'random Llama ' + args.arch + ' ' + json.dumps(ARCHS[args.arch])} device={args.device} "
-          f"batch={args.batch} seq_len={args.seq_len} steps={args.steps} (+{args.warmup} warm-up) rank={args.rank} "
-          f"rounds={args.rounds} torch threads={torch.get_num_threads()}")
+    print(
+        f"model={args.model or 'random Llama ' + args.arch + ' ' + json.dumps(ARCHS[args.arch])} device={args.device} "
+        f"batch={args.batch} seq_len={args.seq_len} steps={args.steps} (+{args.warmup} warm-up) rank={args.rank} "
+        f"rounds={args.rounds} torch threads={torch.get_num_threads()}"
+    )
     width = max(9, *(len(n) for n in results))
-    header = (f"{'variant':<{width}} {'mean ms':>9} {'median ms':>10} {'max ms':>9} {'x LoRA mean':>12} {'x LoRA med':>11} "
-              f"{'peak MiB':>9} {'x LoRA mem':>11} {'trainable':>10} {'allocated':>10} {'realloc':>7}")
+    header = (
+        f"{'variant':<{width}} {'mean ms':>9} {'median ms':>10} {'max ms':>9} {'x LoRA mean':>12} {'x LoRA med':>11} "
+        f"{'peak MiB':>9} {'x LoRA mem':>11} {'trainable':>10} {'allocated':>10} {'realloc':>7}"
+    )
     print(header)
     print("-" * len(header))
     for name, r in results.items():
         mem = f"{r['peak_memory_mib']:9.1f}" if r["peak_memory_mib"] is not None else f"{'-':>9}"
         memr = f"{r['memory_ratio']:11.4f}" if r["memory_ratio"] is not None else f"{'-':>11}"
-        print(f"{name:<{width}} {r['mean_s'] * 1e3:9.2f} {r['median_s'] * 1e3:10.2f} {r['max_s'] * 1e3:9.2f} "
-              f"{r['time_ratio_mean']:12.4f} {r['time_ratio_median']:11.4f} {mem} {memr} "
-              f"{r['trainable_parameters']:10d} {r['allocated_parameters']:10d} {r['reallocations']:7d}")
+        print(
+            f"{name:<{width}} {r['mean_s'] * 1e3:9.2f} {r['median_s'] * 1e3:10.2f} {r['max_s'] * 1e3:9.2f} "
+            f"{r['time_ratio_mean']:12.4f} {r['time_ratio_median']:11.4f} {mem} {memr} "
+            f"{r['trainable_parameters']:10d} {r['allocated_parameters']:10d} {r['reallocations']:7d}"
+        )
     summary = {
-        "benchmark": "dynamic_lora_overhead", "claim_checked": CLAIM, "model": args.model or f"random-llama-{args.arch}",
+        "benchmark": "dynamic_lora_overhead",
+        "claim_checked": CLAIM,
+        "model": args.model or f"random-llama-{args.arch}",
         "device": args.device,
         "device_name": torch.cuda.get_device_name() if args.device == "cuda" else "cpu",
         "bf16": args.bf16 if args.bf16 is not None else args.device == "cuda",
-        "batch": args.batch, "seq_len": args.seq_len, "steps": args.steps, "warmup": args.warmup, "rank": args.rank,
-        "rounds": args.rounds, "torch": torch.__version__, "results": results,
+        "batch": args.batch,
+        "seq_len": args.seq_len,
+        "steps": args.steps,
+        "warmup": args.warmup,
+        "rank": args.rank,
+        "rounds": args.rounds,
+        "torch": torch.__version__,
+        "results": results,
     }
     if args.json_out:
         Path(args.json_out).write_text(json.dumps(summary, indent=1))

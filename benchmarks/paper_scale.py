@@ -41,6 +41,7 @@ GSM8K: generated_tokens = rows x new-token columns of every generate call (what 
 generate runs a batch until its last row stops), generate_seconds = those calls' time,
 eval_seconds = evaluate_cell's (model load included).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -59,8 +60,18 @@ sys.path[:0] = [str(ROOT / "src"), str(Path(__file__).resolve().parent)]
 from d2lora import grid  # noqa: E402
 from d2lora.io import read_json, write_json  # noqa: E402
 
-STAGES = ("warmup", "sft", "dpo", "orpo", "gsm8k", "levers_sft", "levers_dpo", "levers_orpo", "levers_gsm8k",
-          "levers_gsm8k_small")
+STAGES = (
+    "warmup",
+    "sft",
+    "dpo",
+    "orpo",
+    "gsm8k",
+    "levers_sft",
+    "levers_dpo",
+    "levers_orpo",
+    "levers_gsm8k",
+    "levers_gsm8k_small",
+)
 DEFAULT_ORDER = ("warmup", "sft", "gsm8k", "dpo", "orpo")
 # Speed levers (issue 15, item 2), each measured against the plain path (first in its list) in the
 # same process: name -> setting overrides, applied in order. Training variants run fewer epochs than
@@ -78,7 +89,12 @@ LEVERS = {
         "bf16_base": {"base_dtype": "bfloat16"},
         "bf16_base_no_checkpointing": NO_CHECKPOINTING,
         "no_checkpointing_padding_free": {**NO_CHECKPOINTING, "padding_free": True},
-        "no_checkpointing_padding_free_batch16x1": {**NO_CHECKPOINTING, "padding_free": True, "batch_size": 16, "grad_accum": 1},
+        "no_checkpointing_padding_free_batch16x1": {
+            **NO_CHECKPOINTING,
+            "padding_free": True,
+            "batch_size": 16,
+            "grad_accum": 1,
+        },
         "no_checkpointing_group_by_length": {**NO_CHECKPOINTING, "group_by_length": True},
         "no_checkpointing_batch16x1": {**NO_CHECKPOINTING, "batch_size": 16, "grad_accum": 1},
         "no_checkpointing_batch4x4": {**NO_CHECKPOINTING, "batch_size": 4, "grad_accum": 4},
@@ -89,7 +105,12 @@ LEVERS = {
         "bf16_base_no_checkpointing": {**NO_CHECKPOINTING, "precompute_reference": False},
         "no_checkpointing_precompute_reference": {**NO_CHECKPOINTING, "precompute_reference": True},
         "bf16_base_precompute_reference": {"base_dtype": "bfloat16", "precompute_reference": True},
-        "no_checkpointing_batch4x4": {**NO_CHECKPOINTING, "batch_size": 4, "grad_accum": 4, "precompute_reference": False},
+        "no_checkpointing_batch4x4": {
+            **NO_CHECKPOINTING,
+            "batch_size": 4,
+            "grad_accum": 4,
+            "precompute_reference": False,
+        },
     },
     "orpo": {
         "plain": FLOAT32_BASE,
@@ -124,8 +145,14 @@ LEVER_EPOCHS = {"sft": 1, "dpo": 2, "orpo": 1}  # DPO: two epochs, so a precompu
 LEVER_GSM8K_TOKENS = 256
 FITS_GIB = 79.0
 COMMIT_ENV = "D2LORA_GIT_COMMIT"
-TINY_ARCH = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4,
-             "num_key_value_heads": 2, "max_position_embeddings": 1024}
+TINY_ARCH = {
+    "hidden_size": 32,
+    "intermediate_size": 64,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "max_position_embeddings": 1024,
+}
 # The tiny shape: config/paper_shape.yaml on a 2-layer model in float32 on the CPU, two rows per cell,
 # one epoch, a few prompts and tokens; every stage runs the same code as at 8B (checkpointing
 # included). max_length stays above the longest GSM8K prompt: a cell refuses rows TRL would drop.
@@ -269,14 +296,27 @@ def counting_generate(device: str):
         output = original(self, *args, **kwargs)
         synchronize(device)
         seconds = time.perf_counter() - start
-        new = output[:, input_ids.shape[1]:]
+        new = output[:, input_ids.shape[1] :]
         stops = getattr(kwargs.get("generation_config"), "eos_token_id", None)
         stops = [stops] if isinstance(stops, int) else list(stops or [])
         # A row needs its tokens up to and including its first stop token; a row that never stops, all.
-        is_stop = torch.isin(new, torch.tensor(stops, device=new.device)) if stops else torch.zeros_like(new, dtype=torch.bool)
-        first = torch.where(is_stop.any(dim=1), is_stop.int().argmax(dim=1) + 1, torch.full_like(new[:, 0], new.shape[1]))
-        calls.append({"rows": int(new.shape[0]), "prompt_width": int(input_ids.shape[1]), "new_tokens": int(new.shape[1]),
-                      "tokens_to_stop": int(first.sum()), "seconds": round(seconds, 3)})
+        is_stop = (
+            torch.isin(new, torch.tensor(stops, device=new.device))
+            if stops
+            else torch.zeros_like(new, dtype=torch.bool)
+        )
+        first = torch.where(
+            is_stop.any(dim=1), is_stop.int().argmax(dim=1) + 1, torch.full_like(new[:, 0], new.shape[1])
+        )
+        calls.append(
+            {
+                "rows": int(new.shape[0]),
+                "prompt_width": int(input_ids.shape[1]),
+                "new_tokens": int(new.shape[1]),
+                "tokens_to_stop": int(first.sum()),
+                "seconds": round(seconds, 3),
+            }
+        )
         log(f"generate: {new.shape[0]} rows x {new.shape[1]} new tokens in {seconds:.1f} s")
         return output
 
@@ -295,12 +335,20 @@ def device_info(device: str) -> dict:
     info = {"device": device}
     if _cuda(device):
         props = torch.cuda.get_device_properties(device)
-        info.update(name=props.name, total_memory_gib=round(props.total_memory / 2**30, 2), cuda=torch.version.cuda,
-                    peak_flops=measure_matmul_peak(device), peak_flops_source="bf16 8192^3 matmul, mean of 10 (d2lora.cost)")
+        info.update(
+            name=props.name,
+            total_memory_gib=round(props.total_memory / 2**30, 2),
+            cuda=torch.version.cuda,
+            peak_flops=measure_matmul_peak(device),
+            peak_flops_source="bf16 8192^3 matmul, mean of 10 (d2lora.cost)",
+        )
     else:
         # A small product: the tiny shape's MFU is a smoke figure, not a CPU benchmark.
-        info.update(name=f"cpu ({os.cpu_count()} cores)", peak_flops=measure_matmul_peak("cpu", size=256, repeats=3),
-                    peak_flops_source="bf16 256^3 matmul on the CPU, mean of 3 (d2lora.cost)")
+        info.update(
+            name=f"cpu ({os.cpu_count()} cores)",
+            peak_flops=measure_matmul_peak("cpu", size=256, repeats=3),
+            peak_flops_source="bf16 256^3 matmul on the CPU, mean of 3 (d2lora.cost)",
+        )
     return info
 
 
@@ -314,9 +362,16 @@ def versions() -> dict:
 
     from d2lora.provenance import git_commit
 
-    return {"torch": torch.__version__, "transformers": transformers.__version__, "peft": peft.__version__,
-            "trl": trl.__version__, "accelerate": accelerate.__version__, "datasets": datasets.__version__,
-            "python": sys.version.split()[0], "git_commit": os.environ.get(COMMIT_ENV) or git_commit(ROOT)}
+    return {
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "peft": peft.__version__,
+        "trl": trl.__version__,
+        "accelerate": accelerate.__version__,
+        "datasets": datasets.__version__,
+        "python": sys.version.split()[0],
+        "git_commit": os.environ.get(COMMIT_ENV) or git_commit(ROOT),
+    }
 
 
 # ----------------------------------------------------------------------------- stages
@@ -349,8 +404,14 @@ def ensure_base_model(run: Run) -> dict:
     from d2lora import models
 
     timing_path = run.work / "model" / "prepare.json"
-    wanted = {k: run.config["model"].get(k) for k in ("source", "architecture", "tokenizer", "seed", "dtype", "init_device")}
-    if (run.model_dir / "source.json").is_file() and timing_path.is_file() and read_json(timing_path)["wanted"] == wanted:
+    wanted = {
+        k: run.config["model"].get(k) for k in ("source", "architecture", "tokenizer", "seed", "dtype", "init_device")
+    }
+    if (
+        (run.model_dir / "source.json").is_file()
+        and timing_path.is_file()
+        and read_json(timing_path)["wanted"] == wanted
+    ):
         log(f"base model: reusing {run.model_dir}")
         return {**read_json(timing_path)["result"], "reused": True}
     log(f"base model: {run.config['model']['source']} {run.config['model'].get('architecture')}")
@@ -361,10 +422,18 @@ def ensure_base_model(run: Run) -> dict:
         record = models.prepare_base_model(run.config["model"], run.model_dir)
     seconds = time.perf_counter() - start
     weights = sum(p.stat().st_size for p in run.model_dir.glob("*.safetensors"))
-    result = {"seconds": round(seconds, 2), "init_seconds": round(sum(init_s), 2), "hash_seconds": round(sum(hash_s), 2),
-              "save_and_tokenizer_seconds": round(seconds - sum(init_s) - sum(hash_s), 2),
-              "parameters": record["parameters"], "dtype": record["dtype"], "init_device": record.get("init_device", "cpu"),
-              "weights_gb": round(weights / 1e9, 3), "folder": str(run.model_dir), "reused": False}
+    result = {
+        "seconds": round(seconds, 2),
+        "init_seconds": round(sum(init_s), 2),
+        "hash_seconds": round(sum(hash_s), 2),
+        "save_and_tokenizer_seconds": round(seconds - sum(init_s) - sum(hash_s), 2),
+        "parameters": record["parameters"],
+        "dtype": record["dtype"],
+        "init_device": record.get("init_device", "cpu"),
+        "weights_gb": round(weights / 1e9, 3),
+        "folder": str(run.model_dir),
+        "reused": False,
+    }
     write_json(timing_path, {"wanted": wanted, "result": result})
     log(f"base model: {record['parameters']:,} parameters, {result['weights_gb']} GB in {seconds:.1f} s")
     return result
@@ -381,8 +450,9 @@ def _gib(mb: float | None) -> float | None:
     return None if mb is None else round(mb / 1024, 2)
 
 
-def method_summary(record: dict, stage_seconds: float, load_seconds: float, peak_flops: float | None,
-                   reserved: float | None) -> dict:
+def method_summary(
+    record: dict, stage_seconds: float, load_seconds: float, peak_flops: float | None, reserved: float | None
+) -> dict:
     """Rates of one training record (training.json), in the units the summary reports."""
     hp = record["hparams"]
     tokens, seconds, steps = int(record["train_tokens"]), float(record["train_seconds"]), int(record["global_steps"])
@@ -390,30 +460,47 @@ def method_summary(record: dict, stage_seconds: float, load_seconds: float, peak
     grad_norms = [float(e["grad_norm"]) for e in record["log_history"] if "grad_norm" in e]
     allocated = _gib(record.get("peak_gpu_memory_mb"))
     return {
-        "phase": record["phase"], "method": record["method"], "init": record.get("init", "d2lora warm-up"),
-        "n": record.get("n"), "rows": record["rows_trained"], "epochs": hp["epochs"], "steps": steps,
-        "batch_size": int(hp["batch_size"]), "grad_accum": int(hp.get("grad_accum", 1)),
-        "rows_per_step": int(hp["batch_size"]) * int(hp.get("grad_accum", 1)), "max_length": int(hp.get("max_length", 1024)),
-        "gradient_checkpointing": bool(hp.get("gradient_checkpointing", False)), "bf16": bool(hp["bf16"]),
-        "base_dtype": record.get("base_weights_dtype"), "padding_free": bool(hp.get("padding_free", False)),
+        "phase": record["phase"],
+        "method": record["method"],
+        "init": record.get("init", "d2lora warm-up"),
+        "n": record.get("n"),
+        "rows": record["rows_trained"],
+        "epochs": hp["epochs"],
+        "steps": steps,
+        "batch_size": int(hp["batch_size"]),
+        "grad_accum": int(hp.get("grad_accum", 1)),
+        "rows_per_step": int(hp["batch_size"]) * int(hp.get("grad_accum", 1)),
+        "max_length": int(hp.get("max_length", 1024)),
+        "gradient_checkpointing": bool(hp.get("gradient_checkpointing", False)),
+        "bf16": bool(hp["bf16"]),
+        "base_dtype": record.get("base_weights_dtype"),
+        "padding_free": bool(hp.get("padding_free", False)),
         "group_by_length": bool(hp.get("group_by_length", False)),
         "precompute_reference": bool(hp.get("precompute_reference", False)),
         "trainer_setup_seconds": record.get("trainer_setup_seconds"),
         "precision": record["precision"],
-        "train_tokens": tokens, "tokens_per_row": round(record["sequence_tokens_per_epoch"] / record["rows_trained"], 2),
-        "train_seconds": seconds, "tokens_per_second": round(tokens / seconds, 2), "seconds_per_step": round(seconds / steps, 4),
+        "train_tokens": tokens,
+        "tokens_per_row": round(record["sequence_tokens_per_epoch"] / record["rows_trained"], 2),
+        "train_seconds": seconds,
+        "tokens_per_second": round(tokens / seconds, 2),
+        "seconds_per_step": round(seconds / steps, 4),
         "mfu": 4.0 * params * tokens / seconds / peak_flops if peak_flops else None,
-        "model_parameters": params, "trainable_parameters": int(record["trainable_parameters"]),
-        "peak_allocated_gib": allocated, "peak_reserved_gib": reserved,
+        "model_parameters": params,
+        "trainable_parameters": int(record["trainable_parameters"]),
+        "peak_allocated_gib": allocated,
+        "peak_reserved_gib": reserved,
         "fits_80gb": None if reserved is None else reserved <= FITS_GIB,
-        "stage_seconds": round(stage_seconds, 2), "load_seconds": round(load_seconds, 2),
+        "stage_seconds": round(stage_seconds, 2),
+        "load_seconds": round(load_seconds, 2),
         "overhead_seconds": round(stage_seconds - seconds, 2),
-        "grad_norm_mean": sum(grad_norms) / len(grad_norms) if grad_norms else None, "train_loss": record["train_loss"],
+        "grad_norm_mean": sum(grad_norms) / len(grad_norms) if grad_norms else None,
+        "train_loss": record["train_loss"],
     }
 
 
-def train_stage(run: Run, stage: str, overrides: dict | None = None, name: str | None = None,
-                n: int | None = None) -> dict:
+def train_stage(
+    run: Run, stage: str, overrides: dict | None = None, name: str | None = None, n: int | None = None
+) -> dict:
     """One training stage: the warm-up or one cell of `stage`'s method (n rows: the config's cell by
     default), its hyperparameters updated with `overrides`, the adapter written as `name` (default: the
     stage)."""
@@ -421,24 +508,47 @@ def train_stage(run: Run, stage: str, overrides: dict | None = None, name: str |
 
     cfg, seed = run.config, int(run.config["seed"])
     name = name or stage
-    hparams = dict(cfg["training"]["warmup"] if stage == "warmup" else cfg["training"]["adapt"][stage], **(overrides or {}))
+    hparams = dict(
+        cfg["training"]["warmup"] if stage == "warmup" else cfg["training"]["adapt"][stage], **(overrides or {})
+    )
     lora, checkpoints = cfg["training"]["lora"], int(cfg["training"].get("checkpoint_steps", 0))
     loads: list[float] = []
     start = time.perf_counter()
     with timed(training, "load_model", run.device, loads):
         if stage == "warmup":
-            record = training.run_warmup(run.model_dir, run.data_dir / "warmup" / "train.jsonl", lora, hparams,
-                                         run.adapter(name), seed, device=run.device, checkpoint_steps=checkpoints)
+            record = training.run_warmup(
+                run.model_dir,
+                run.data_dir / "warmup" / "train.jsonl",
+                lora,
+                hparams,
+                run.adapter(name),
+                seed,
+                device=run.device,
+                checkpoint_steps=checkpoints,
+            )
         else:
             warm = run.trained("warmup")
             record = training.run_adaptation(
-                run.model_dir, run.data_dir / "math" / "train.jsonl", stage, "d2lora" if warm else "lora", n or cell_n(cfg, stage),
-                lora, hparams, run.adapter(name), seed,
-                warmup_dir=run.adapter("warmup") if warm else None, device=run.device, checkpoint_steps=checkpoints)
-    result = method_summary(record, time.perf_counter() - start, sum(loads), run.summary["device"]["peak_flops"],
-                            reserved_gib(run.device))
-    log(f"{name}: {result['steps']} steps, {result['tokens_per_second']:.0f} tokens/s, {result['seconds_per_step']:.2f} s/step, "
-        f"peak {result['peak_allocated_gib']} GiB allocated / {result['peak_reserved_gib']} reserved")
+                run.model_dir,
+                run.data_dir / "math" / "train.jsonl",
+                stage,
+                "d2lora" if warm else "lora",
+                n or cell_n(cfg, stage),
+                lora,
+                hparams,
+                run.adapter(name),
+                seed,
+                warmup_dir=run.adapter("warmup") if warm else None,
+                device=run.device,
+                checkpoint_steps=checkpoints,
+            )
+    result = method_summary(
+        record, time.perf_counter() - start, sum(loads), run.summary["device"]["peak_flops"], reserved_gib(run.device)
+    )
+    log(
+        f"{name}: {result['steps']} steps, {result['tokens_per_second']:.0f} tokens/s, {result['seconds_per_step']:.2f} s/step, "
+        f"peak {result['peak_allocated_gib']} GiB allocated / {result['peak_reserved_gib']} reserved"
+    )
     return result
 
 
@@ -466,8 +576,11 @@ def small_model(run: Run) -> tuple[Path, dict]:
     if not (folder / "source.json").is_file():
         start = time.perf_counter()
         record = models.prepare_base_model(config["model"], folder)
-        run.summary["small_model"] = {"config": str(SMALL_MODEL_CONFIG.relative_to(ROOT)), "parameters": record["parameters"],
-                                      "seconds": round(time.perf_counter() - start, 2)}
+        run.summary["small_model"] = {
+            "config": str(SMALL_MODEL_CONFIG.relative_to(ROOT)),
+            "parameters": record["parameters"],
+            "seconds": round(time.perf_counter() - start, 2),
+        }
         log(f"small model: {record['parameters']:,} parameters in {folder}")
     settings = eval_settings(config)
     if run.summary["shape"] == "tiny":
@@ -475,8 +588,14 @@ def small_model(run: Run) -> tuple[Path, dict]:
     return folder, settings
 
 
-def gsm8k_stage(run: Run, overrides: dict | None = None, name: str = "gsm8k", adapter_stage: str | None = "sft",
-                model_dir: Path | None = None, settings: dict | None = None) -> dict:
+def gsm8k_stage(
+    run: Run,
+    overrides: dict | None = None,
+    name: str = "gsm8k",
+    adapter_stage: str | None = "sft",
+    model_dir: Path | None = None,
+    settings: dict | None = None,
+) -> dict:
     """One GSM8K evaluation through the pipeline's evaluator: by default the paper-shape model with the
     `adapter_stage` adapter (if trained) at the config's settings; `model_dir`/`settings` name another."""
     from d2lora.evaluation import run as evaluation
@@ -484,36 +603,62 @@ def gsm8k_stage(run: Run, overrides: dict | None = None, name: str = "gsm8k", ad
 
     adapter = run.adapter(adapter_stage) if adapter_stage and run.trained(adapter_stage) else None
     init = read_json(adapter / "training.json")["init"] if adapter else "lora"
-    cell = {"task": "math", "method": "sft" if adapter else "none", "init": init,
-            "n": cell_n(run.config, "sft") if adapter else 0, "seed": int(run.config["seed"])}
+    cell = {
+        "task": "math",
+        "method": "sft" if adapter else "none",
+        "init": init,
+        "n": cell_n(run.config, "sft") if adapter else 0,
+        "seed": int(run.config["seed"]),
+    }
     out = run.work / "eval" / name
     predictions = out / "predictions.jsonl"
     sidecar_path(predictions).unlink(missing_ok=True)  # measure a whole run, not a resumed one
     loads: list[float] = []
     with counting_generate(run.device) as calls, timed(evaluation, "load_model", run.device, loads):
-        record = evaluation.evaluate_cell("gsm8k", cell, model_dir or run.model_dir, adapter, run.data_dir / "math",
-                                          {**(settings or eval_settings(run.config)), **(overrides or {})},
-                                          out / "scores.json", predictions, device=run.device)
+        record = evaluation.evaluate_cell(
+            "gsm8k",
+            cell,
+            model_dir or run.model_dir,
+            adapter,
+            run.data_dir / "math",
+            {**(settings or eval_settings(run.config)), **(overrides or {})},
+            out / "scores.json",
+            predictions,
+            device=run.device,
+        )
     generated = sum(c["rows"] * c["new_tokens"] for c in calls)
     generate_seconds = sum(c["seconds"] for c in calls)
     reserved = reserved_gib(run.device)
     result = {
-        "cell": cell, "adapter": str(adapter) if adapter else None, "items": record["n_items"],
-        "max_new_tokens": int(record["settings"]["max_new_tokens"]), "batch_size": int(record["settings"]["batch_size"]),
-        "dtype": record["settings"]["dtype"], "merge_adapter": bool(record["settings"].get("merge_adapter", False)),
-        "cache": record["settings"].get("cache", "dynamic"), "compile": record["settings"].get("compile", True),
+        "cell": cell,
+        "adapter": str(adapter) if adapter else None,
+        "items": record["n_items"],
+        "max_new_tokens": int(record["settings"]["max_new_tokens"]),
+        "batch_size": int(record["settings"]["batch_size"]),
+        "dtype": record["settings"]["dtype"],
+        "merge_adapter": bool(record["settings"].get("merge_adapter", False)),
+        "cache": record["settings"].get("cache", "dynamic"),
+        "compile": record["settings"].get("compile", True),
         "rows_leave_every": record["settings"].get("rows_leave_every", 0),
         "packed_gqa": record["settings"].get("packed_gqa", False),
-        "eval_seconds": record["eval_seconds"], "load_seconds": round(sum(loads), 2), "generate_seconds": round(generate_seconds, 3),
-        "generated_tokens": generated, "generated_tokens_to_stop": sum(c["tokens_to_stop"] for c in calls),
+        "eval_seconds": record["eval_seconds"],
+        "load_seconds": round(sum(loads), 2),
+        "generate_seconds": round(generate_seconds, 3),
+        "generated_tokens": generated,
+        "generated_tokens_to_stop": sum(c["tokens_to_stop"] for c in calls),
         "generated_tokens_per_second": round(generated / generate_seconds, 2) if generate_seconds else None,
         "generated_tokens_per_eval_second": round(generated / record["eval_seconds"], 2),
-        "peak_allocated_gib": _gib(record["peak_gpu_memory_mb"]), "peak_reserved_gib": reserved,
+        "peak_allocated_gib": _gib(record["peak_gpu_memory_mb"]),
+        "peak_reserved_gib": reserved,
         "fits_80gb": None if reserved is None else reserved <= FITS_GIB,
-        "accuracy": record["metrics"]["accuracy"], "random_weights": model_dir is None, "generate_calls": calls,
+        "accuracy": record["metrics"]["accuracy"],
+        "random_weights": model_dir is None,
+        "generate_calls": calls,
     }
-    log(f"{name}: {result['items']} items, {generated:,} tokens in {generate_seconds:.1f} s of generate, "
-        f"{record['eval_seconds']:.1f} s in all")
+    log(
+        f"{name}: {result['items']} items, {generated:,} tokens in {generate_seconds:.1f} s of generate, "
+        f"{record['eval_seconds']:.1f} s in all"
+    )
     return result
 
 
@@ -545,10 +690,13 @@ def lever_stage(run: Run, method: str) -> dict:
         try:
             if method == "gsm8k":
                 tokens = min(LEVER_GSM8K_TOKENS, int(run.config["evaluation"]["gsm8k"]["max_new_tokens"]))
-                result = gsm8k_stage(run, {"max_new_tokens": tokens, **overrides}, name=name,
-                                     adapter_stage="levers_sft_plain")
+                result = gsm8k_stage(
+                    run, {"max_new_tokens": tokens, **overrides}, name=name, adapter_stage="levers_sft_plain"
+                )
             elif method == "gsm8k_small":
-                result = gsm8k_stage(run, overrides, name=name, adapter_stage=None, model_dir=small[0], settings=small[1])
+                result = gsm8k_stage(
+                    run, overrides, name=name, adapter_stage=None, model_dir=small[0], settings=small[1]
+                )
             else:
                 result = train_stage(run, method, {"epochs": LEVER_EPOCHS[method], **overrides}, name=name)
         except Exception as err:  # noqa: BLE001 -- the next lever still runs
@@ -573,7 +721,9 @@ def process_warmup(run: Run, method: str) -> None:
     rows = int(hp["batch_size"]) * int(hp.get("grad_accum", 1)) * 2
     start = time.perf_counter()
     try:
-        train_stage(run, method, {"epochs": 1, **LEVERS[method]["plain"]}, name=f"levers_{method}_process_warmup", n=rows)
+        train_stage(
+            run, method, {"epochs": 1, **LEVERS[method]["plain"]}, name=f"levers_{method}_process_warmup", n=rows
+        )
         outcome = {"rows": rows, "seconds": round(time.perf_counter() - start, 2)}
     except Exception as err:  # noqa: BLE001 -- a failed warm-up only means the levers run cold
         outcome = {"rows": rows, "error": f"{type(err).__name__}: {err}"[:500]}
@@ -593,7 +743,8 @@ def _compare_to_plain(run: Run, method: str, results: dict) -> None:
             result["speedup_eval"] = round(plain["eval_seconds"] / result["eval_seconds"], 3)
             result["outputs_equal_to_plain"] = _same_outputs(
                 run.work / "eval" / f"levers_{method}_plain" / "predictions.jsonl",
-                run.work / "eval" / f"levers_{method}_{lever}" / "predictions.jsonl")
+                run.work / "eval" / f"levers_{method}_{lever}" / "predictions.jsonl",
+            )
         else:
             # Training time plus the trainer's setup (tokenizing; a precomputed reference's pass).
             def cost(r):
@@ -606,6 +757,7 @@ def _compare_to_plain(run: Run, method: str, results: dict) -> None:
 
 def lever_ratios(levers: dict) -> dict:
     """The issue's per-method comparisons, from the fastest lever of each method that ran."""
+
     def best(method, key):
         runs = [r for r in levers.get(method, {}).values() if "error" not in r and key in r]
         return min(runs, key=lambda r: r[key]) if runs else None
@@ -633,9 +785,13 @@ def grid_estimate(run: Run) -> dict:
     overheads = [m["overhead_seconds"] for m in methods.values()]
     gsm8k = run.summary.get("gsm8k")
     paper = yaml.safe_load((ROOT / "config" / "paper.yaml").read_text())
-    return estimate(paper, {k: m["tokens_per_second"] for k, m in methods.items()},
-                    {k: v for k, v in run.summary["tokens_per_row"].items() if isinstance(v, (int, float))},
-                    sum(overheads) / len(overheads) if overheads else None, gsm8k["eval_seconds"] if gsm8k else None)
+    return estimate(
+        paper,
+        {k: m["tokens_per_second"] for k, m in methods.items()},
+        {k: v for k, v in run.summary["tokens_per_row"].items() if isinstance(v, (int, float))},
+        sum(overheads) / len(overheads) if overheads else None,
+        gsm8k["eval_seconds"] if gsm8k else None,
+    )
 
 
 def _stage(run: Run, stage: str, work) -> None:
@@ -674,22 +830,33 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--config", type=Path, default=ROOT / "config" / "paper_shape.yaml")
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results_paper_scale")
-    parser.add_argument("--stages", default=",".join(DEFAULT_ORDER),
-                        help=f"comma-separated subset of {','.join(STAGES)}, run in the order given")
+    parser.add_argument(
+        "--stages",
+        default=",".join(DEFAULT_ORDER),
+        help=f"comma-separated subset of {','.join(STAGES)}, run in the order given",
+    )
     parser.add_argument("--device", choices=["auto", "cpu", "cuda"], help="overrides the config's device")
-    parser.add_argument("--levers", default="",
-                        help="lever stages run only these levers, e.g. sft:plain,sft:no_checkpointing_batch16x1 "
-                             "(plain is always run too, so every ratio has its plain run beside it)")
-    parser.add_argument("--shape", choices=["paper", "tiny"], default="paper",
-                        help="tiny: a 2-layer model, a few rows, steps, prompts and tokens (tests, CPU)")
+    parser.add_argument(
+        "--levers",
+        default="",
+        help="lever stages run only these levers, e.g. sft:plain,sft:no_checkpointing_batch16x1 "
+        "(plain is always run too, so every ratio has its plain run beside it)",
+    )
+    parser.add_argument(
+        "--shape",
+        choices=["paper", "tiny"],
+        default="paper",
+        help="tiny: a 2-layer model, a few rows, steps, prompts and tokens (tests, CPU)",
+    )
     args = parser.parse_args(argv)
     args.stages = list(dict.fromkeys(s.strip() for s in args.stages.split(",") if s.strip()))
     levers: dict[str, set] = {}
     for item in filter(None, (x.strip() for x in args.levers.split(","))):
         method, _, lever = item.partition(":")
         if method not in LEVERS or lever not in LEVERS[method]:
-            parser.error(f"--levers: unknown '{item}'; known: "
-                         + ", ".join(f"{m}:{name}" for m in LEVERS for name in LEVERS[m]))
+            parser.error(
+                f"--levers: unknown '{item}'; known: " + ", ".join(f"{m}:{name}" for m in LEVERS for name in LEVERS[m])
+            )
         levers.setdefault(method, {"plain"}).add(lever)
     args.levers = levers
     unknown = sorted(set(args.stages) - set(STAGES))
@@ -709,10 +876,20 @@ def main(argv=None) -> dict:
     config = load_config(args.config, args.shape, args.device)
     device = resolve_device(config.get("device", "auto"))
     log(f"config {args.config} (shape {args.shape}) on {device}; out {args.out}")
-    summary = {"kind": "paper_scale", "status": "running", "shape": args.shape, "started_utc": _now(),
-               "config_path": str(args.config), "stages_requested": args.stages,
-               "stages_done": [], "errors": {}, "methods": {}, "versions": versions(), "device": device_info(device),
-               "config": config}
+    summary = {
+        "kind": "paper_scale",
+        "status": "running",
+        "shape": args.shape,
+        "started_utc": _now(),
+        "config_path": str(args.config),
+        "stages_requested": args.stages,
+        "stages_done": [],
+        "errors": {},
+        "methods": {},
+        "versions": versions(),
+        "device": device_info(device),
+        "config": config,
+    }
     run = Run(config, args.out.resolve(), summary)
     run.levers = args.levers
     log(f"device {summary['device']['name']}: peak {summary['device']['peak_flops'] / 1e12:.1f} TFLOP/s")
@@ -722,8 +899,9 @@ def main(argv=None) -> dict:
     summary["data"] = prepare_data(config, run.data_dir)
     from d2lora.models import load_tokenizer
 
-    summary["tokens_per_row"] = tokens_per_row(load_tokenizer(run.model_dir), run.data_dir,
-                                               int(config["training"]["warmup"].get("max_length", 1024)))
+    summary["tokens_per_row"] = tokens_per_row(
+        load_tokenizer(run.model_dir), run.data_dir, int(config["training"]["warmup"].get("max_length", 1024))
+    )
     summary["data"]["seconds"] = round(time.perf_counter() - start, 2)
     run.write()
     for stage in summary["stages_requested"]:
@@ -731,8 +909,10 @@ def main(argv=None) -> dict:
     summary["status"] = "complete" if not summary["errors"] else "complete with errors"
     summary["wall_seconds"] = round(time.perf_counter() - began, 2)
     run.write()
-    log(f"done: {run.out / 'summary.json'}; paper grid ~{summary['grid_estimate']['total_gpu_hours']} GPU-hours"
-        f"{'' if summary['grid_estimate']['complete'] else ' (partial: ' + '; '.join(summary['grid_estimate']['missing']) + ')'}")
+    log(
+        f"done: {run.out / 'summary.json'}; paper grid ~{summary['grid_estimate']['total_gpu_hours']} GPU-hours"
+        f"{'' if summary['grid_estimate']['complete'] else ' (partial: ' + '; '.join(summary['grid_estimate']['missing']) + ')'}"
+    )
     return summary
 
 

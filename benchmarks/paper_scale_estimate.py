@@ -7,6 +7,7 @@ Tokens per row come from the local stand-ins (the paper's hub sets are not on ou
 these are estimates: GSM8K-based pairs for Math-Step-DPO-10K, Alpaca for orpo-dpo-mix-40k (whose
 replies are longer), arXiv abstracts for the economics titles.
 """
+
 from __future__ import annotations
 
 from d2lora import grid
@@ -38,19 +39,33 @@ def _training_groups(paper: dict) -> dict[tuple[str, str], dict]:
     return groups
 
 
-def estimate(paper: dict, rates: dict[str, float], tokens_per_row: dict[str, float], job_overhead_s: float | None,
-             gsm8k_seconds: float | None) -> dict:
+def estimate(
+    paper: dict,
+    rates: dict[str, float],
+    tokens_per_row: dict[str, float],
+    job_overhead_s: float | None,
+    gsm8k_seconds: float | None,
+) -> dict:
     """GPU-hours of `paper`'s grid. rates: tokens/s per method (warmup, sft, dpo, orpo);
     tokens_per_row: per tokens_key and "warmup"; what is missing is listed, not guessed."""
     missing: list[str] = []
     parts: list[dict] = []
 
     def part(name: str, task: str, method: str, cells: int, rows_x_epochs: float, key: str, n=None) -> None:
-        entry = {"part": name, "task": task, "method": method, "cells": cells, "rows_x_epochs": rows_x_epochs,
-                 "tokens_per_row_from": key, "n": n}
+        entry = {
+            "part": name,
+            "task": task,
+            "method": method,
+            "cells": cells,
+            "rows_x_epochs": rows_x_epochs,
+            "tokens_per_row_from": key,
+            "n": n,
+        }
         per_row, rate = tokens_per_row.get(key), rates.get(method if name != "warmup" else "warmup")
         if per_row is None or not rate:
-            missing.append(f"{name} {task}/{method}: " + ("no tokens per row" if per_row is None else "no measured rate"))
+            missing.append(
+                f"{name} {task}/{method}: " + ("no tokens per row" if per_row is None else "no measured rate")
+            )
         else:
             entry["tokens_per_row"] = round(per_row, 1)
             entry["tokens"] = int(round(rows_x_epochs * per_row))
@@ -63,7 +78,9 @@ def estimate(paper: dict, rates: dict[str, float], tokens_per_row: dict[str, flo
         epochs = float(paper["training"]["warmup"]["epochs"])
         part("warmup", "warmup", "sft", warm_jobs, warm_jobs * PAPER_WARMUP_ROWS * epochs, "warmup")
     for (task, method), group in sorted(_training_groups(paper).items()):
-        part("adapt", task, method, group["cells"], group["rows_x_epochs"], tokens_key(task, method), sorted(group["n"]))
+        part(
+            "adapt", task, method, group["cells"], group["rows_x_epochs"], tokens_key(task, method), sorted(group["n"])
+        )
 
     training_jobs = warm_jobs + len(grid.training_cells(paper))
     eval_counts: dict[str, int] = {}
@@ -74,8 +91,11 @@ def estimate(paper: dict, rates: dict[str, float], tokens_per_row: dict[str, flo
         missing.append("training job overhead: no training stage measured")
     else:
         overhead["gpu_hours"] = _hours(training_jobs * job_overhead_s)
-    gsm8k = {"jobs": eval_counts.get("gsm8k", 0), "seconds_per_job": gsm8k_seconds,
-             "note": "every answer 512 tokens (a random model never stops): an upper bound for trained models"}
+    gsm8k = {
+        "jobs": eval_counts.get("gsm8k", 0),
+        "seconds_per_job": gsm8k_seconds,
+        "note": "every answer 512 tokens (a random model never stops): an upper bound for trained models",
+    }
     if gsm8k_seconds is None:
         missing.append("gsm8k evaluation: not measured")
     else:
@@ -84,8 +104,10 @@ def estimate(paper: dict, rates: dict[str, float], tokens_per_row: dict[str, flo
     known = [p["gpu_hours"] for p in parts if "gpu_hours" in p]
     known += [x["gpu_hours"] for x in (overhead, gsm8k) if "gpu_hours" in x]
     return {
-        "basis": ("estimates: config/paper.yaml's cells (n x epochs) x tokens per row of the LOCAL STAND-IN data "
-                  f"(warm-up: {PAPER_WARMUP_ROWS:,} rows, the paper's count) / the tokens per second measured here"),
+        "basis": (
+            "estimates: config/paper.yaml's cells (n x epochs) x tokens per row of the LOCAL STAND-IN data "
+            f"(warm-up: {PAPER_WARMUP_ROWS:,} rows, the paper's count) / the tokens per second measured here"
+        ),
         "training": parts,
         "training_job_overhead": overhead,
         "gsm8k_evaluation": gsm8k,

@@ -10,6 +10,7 @@ rate, measured here (an 8192^3 bf16 product, METHOD.md) and stored in <out>/devi
 Training tokens are counted from the tokenized training set (d2lora.cost.sequence_tokens), so
 they are comparable across SFT, DPO and ORPO; the DPO reference forward is not counted.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -44,15 +45,29 @@ def measure_device(out: Path) -> dict:
 
 
 def run_workflow(config: str, cores: int, gpu_jobs: int, out: Path, extra: list[str]) -> float:
-    cmd = [sys.executable, "-m", "snakemake", "--cores", str(cores), "--resources", f"gpu={gpu_jobs}",
-           "--rerun-incomplete", "--keep-going", *extra, "all", "--configfile", config]
+    cmd = [
+        sys.executable,
+        "-m",
+        "snakemake",
+        "--cores",
+        str(cores),
+        "--resources",
+        f"gpu={gpu_jobs}",
+        "--rerun-incomplete",
+        "--keep-going",
+        *extra,
+        "all",
+        "--configfile",
+        config,
+    ]
     print("running:", " ".join(cmd), flush=True)
     start = time.perf_counter()
     with open(out / "snakemake.log", "w") as log:
         code = subprocess.call(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
     wall = time.perf_counter() - start
-    (out / "workflow_wall.json").write_text(json.dumps({"wall_seconds": round(wall, 1), "exit_code": code,
-                                                         "command": cmd}, indent=2) + "\n")
+    (out / "workflow_wall.json").write_text(
+        json.dumps({"wall_seconds": round(wall, 1), "exit_code": code, "command": cmd}, indent=2) + "\n"
+    )
     print(f"workflow finished with exit code {code} in {wall:.0f} s", flush=True)
     return wall
 
@@ -94,15 +109,27 @@ def job_rows(results: Path, peak_flops: float | None) -> list[dict]:
         rel = tsv.relative_to(results / "benchmarks").with_suffix("")
         rule, job = rel.parts[0], "/".join(rel.parts[1:])
         bench = _read_tsv(tsv)
-        row = {"rule": rule, "job": job, "wall_s": float(bench.get("s", "nan")),
-               "max_rss_mb": bench.get("max_rss", ""), "peak_gpu_mb": None, "train_tokens": None,
-               "train_s": None, "tokens_per_s": None, "samples_per_s": None, "mfu": None,
-               "items": None, "items_per_s": None}
+        row = {
+            "rule": rule,
+            "job": job,
+            "wall_s": float(bench.get("s", "nan")),
+            "max_rss_mb": bench.get("max_rss", ""),
+            "peak_gpu_mb": None,
+            "train_tokens": None,
+            "train_s": None,
+            "tokens_per_s": None,
+            "samples_per_s": None,
+            "mfu": None,
+            "items": None,
+            "items_per_s": None,
+        }
         record = {}
         if rule == "adapt":
             record = _json(results / "adapters" / job / "training.json")
         elif rule == "warmup":
-            record = _json(results / "warmup" / job / "training.json") or _json(results / "warmup" / "adapter" / "training.json")
+            record = _json(results / "warmup" / job / "training.json") or _json(
+                results / "warmup" / "adapter" / "training.json"
+            )
         elif rule == "evaluate":
             record = _json(results / "eval" / job / "scores.json")
         if rule in ("adapt", "warmup") and record:
@@ -114,8 +141,11 @@ def job_rows(results: Path, peak_flops: float | None) -> list[dict]:
             if record.get("rows_trained") and seconds:
                 row["samples_per_s"] = round(record["rows_trained"] * float(record["hparams"]["epochs"]) / seconds, 2)
         if rule == "evaluate" and record:
-            row.update(peak_gpu_mb=record.get("peak_gpu_memory_mb"), items=record.get("n_items"),
-                       items_per_s=record.get("items_per_second"))
+            row.update(
+                peak_gpu_mb=record.get("peak_gpu_memory_mb"),
+                items=record.get("n_items"),
+                items_per_s=record.get("items_per_second"),
+            )
         rows.append(row)
     return rows
 
@@ -145,26 +175,44 @@ def write_table(results: Path, out: Path) -> None:
     lines = ["# Timing table", ""]
     if device:
         flops = device.get("bf16_matmul_flops")
-        lines.append(f"Device: {device.get('name', 'cpu')}; measured bf16 matmul rate "
-                     f"{flops / 1e12:.0f} TFLOP/s (MFU denominator)." if flops else "Device: CPU.")
+        lines.append(
+            f"Device: {device.get('name', 'cpu')}; measured bf16 matmul rate "
+            f"{flops / 1e12:.0f} TFLOP/s (MFU denominator)."
+            if flops
+            else "Device: CPU."
+        )
     if wall:
         lines.append(f"Workflow wall clock: {wall['wall_seconds']:.0f} s (exit code {wall['exit_code']}).")
-    lines += ["", "## Per rule", "", "| rule | jobs | sum of job wall s | mean s | max s | mean tokens/s | mean MFU | mean items/s |",
-              "|---|---|---|---|---|---|---|---|"]
+    lines += [
+        "",
+        "## Per rule",
+        "",
+        "| rule | jobs | sum of job wall s | mean s | max s | mean tokens/s | mean MFU | mean items/s |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
     for rule, group in sorted(by_rule.items()):
         walls = [r["wall_s"] for r in group]
         tps = [r["tokens_per_s"] for r in group if r["tokens_per_s"]]
         mfus = [r["mfu"] for r in group if r["mfu"]]
         ips = [r["items_per_s"] for r in group if r["items_per_s"]]
         mean = lambda xs: sum(xs) / len(xs) if xs else None  # noqa: E731
-        lines.append(f"| {rule} | {len(group)} | {sum(walls):.0f} | {mean(walls):.1f} | {max(walls):.1f} | "
-                     f"{_fmt(mean(tps))} | {_fmt(mean(mfus) * 100 if mfus else None, 2)}{'%' if mfus else ''} | {_fmt(mean(ips))} |")
-    lines += ["", "## Per job", "", "| rule | job | wall s | peak GPU MiB | train tokens | tokens/s | samples/s | MFU | items | items/s |",
-              "|---|---|---|---|---|---|---|---|---|---|"]
+        lines.append(
+            f"| {rule} | {len(group)} | {sum(walls):.0f} | {mean(walls):.1f} | {max(walls):.1f} | "
+            f"{_fmt(mean(tps))} | {_fmt(mean(mfus) * 100 if mfus else None, 2)}{'%' if mfus else ''} | {_fmt(mean(ips))} |"
+        )
+    lines += [
+        "",
+        "## Per job",
+        "",
+        "| rule | job | wall s | peak GPU MiB | train tokens | tokens/s | samples/s | MFU | items | items/s |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
     for r in rows:
-        lines.append(f"| {r['rule']} | {r['job']} | {r['wall_s']:.1f} | {_fmt(r['peak_gpu_mb'], 0)} | {_fmt(r['train_tokens'])} | "
-                     f"{_fmt(r['tokens_per_s'])} | {_fmt(r['samples_per_s'])} | "
-                     f"{_fmt(r['mfu'] * 100 if r['mfu'] else None, 2)}{'%' if r['mfu'] else ''} | {_fmt(r['items'])} | {_fmt(r['items_per_s'])} |")
+        lines.append(
+            f"| {r['rule']} | {r['job']} | {r['wall_s']:.1f} | {_fmt(r['peak_gpu_mb'], 0)} | {_fmt(r['train_tokens'])} | "
+            f"{_fmt(r['tokens_per_s'])} | {_fmt(r['samples_per_s'])} | "
+            f"{_fmt(r['mfu'] * 100 if r['mfu'] else None, 2)}{'%' if r['mfu'] else ''} | {_fmt(r['items'])} | {_fmt(r['items_per_s'])} |"
+        )
     (out / "timing.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines[: 12 + len(by_rule)]))
     write_summary(results, out, rows, device, wall)
@@ -205,8 +253,10 @@ def write_summary(results: Path, out: Path, rows: list[dict], device: dict, wall
         "gsm8k_items": max((r["items"] or 0 for r in gsm8k), default=None),
         "gsm8k_eval_jobs": len(gsm8k),
         "gsm8k_eval_s_mean": round(sum(r["wall_s"] for r in gsm8k) / len(gsm8k), 1) if gsm8k else None,
-        "job_seconds_by_rule": {rule: round(sum(r["wall_s"] for r in rows if r["rule"] == rule), 1)
-                                for rule in sorted({r["rule"] for r in rows})},
+        "job_seconds_by_rule": {
+            rule: round(sum(r["wall_s"] for r in rows if r["rule"] == rule), 1)
+            for rule in sorted({r["rule"] for r in rows})
+        },
     }
     (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     return summary
@@ -217,8 +267,12 @@ def main(argv=None) -> None:
     parser.add_argument("action", choices=["run", "table"])
     parser.add_argument("--config", default="config/mini.yaml")
     parser.add_argument("--cores", type=int, default=max(os.cpu_count() or 1, 1))
-    parser.add_argument("--gpu-jobs", type=int, default=1,
-                        help="jobs sharing the one GPU at a time (--resources gpu=N); small models leave it idle at 1")
+    parser.add_argument(
+        "--gpu-jobs",
+        type=int,
+        default=1,
+        help="jobs sharing the one GPU at a time (--resources gpu=N); small models leave it idle at 1",
+    )
     parser.add_argument("--results", default="results")
     parser.add_argument("--out", default="benchmarks/out")
     # Anything else (e.g. --scheduler greedy) goes to snakemake, before the target.

@@ -2,6 +2,7 @@
 
 Loading the tokenizer from GGUF takes a few seconds, so both are built once per session.
 """
+
 from __future__ import annotations
 
 import os

@@ -7,6 +7,7 @@
 `delay_s` sleeps after every training step / evaluation batch (nothing else changes), so that
 the test can SIGKILL the process after its first checkpoint appears and before it finishes.
 """
+
 from __future__ import annotations
 
 import json
@@ -55,21 +56,46 @@ def chain(model_dir: str, out: str) -> None:
 
     out_path = Path(out)
     template = "{question} Please reason step by step, and put your final answer within \\boxed{}."
-    role_cfg = {"prompt_template": template, "train": {"source": "synthetic", "kind": "math", "rows": 8},
-                "eval": {"source": "synthetic", "kind": "math", "rows": 4}}
+    role_cfg = {
+        "prompt_template": template,
+        "train": {"source": "synthetic", "kind": "math", "rows": 8},
+        "eval": {"source": "synthetic", "kind": "math", "rows": 4},
+    }
     prepare_role("math", role_cfg, out_path / "data" / "math", seed=0, max_n=4)
     lora = {"rank": 4, "alpha": 8, "dropout": 0.1, "target_modules": "all-linear"}
     hp = {"learning_rate": 5e-3, "epochs": 1, "scheduler": "cosine", "batch_size": 2, "max_length": 96}
     adapter = out_path / "adapters" / "math" / "sft" / "lora" / "n4" / "s0"
-    run_adaptation(model_dir, out_path / "data" / "math" / "train.jsonl", "sft", "lora", 4, lora, hp, adapter, seed=0,
-                   device="cpu", checkpoint_steps=1)
+    run_adaptation(
+        model_dir,
+        out_path / "data" / "math" / "train.jsonl",
+        "sft",
+        "lora",
+        4,
+        lora,
+        hp,
+        adapter,
+        seed=0,
+        device="cpu",
+        checkpoint_steps=1,
+    )
     scores = []
-    for cell_adapter, cell in ((None, {"task": "math", "method": "none", "init": "lora", "n": 0, "seed": 0}),
-                               (adapter, {"task": "math", "method": "sft", "init": "lora", "n": 4, "seed": 0})):
+    for cell_adapter, cell in (
+        (None, {"task": "math", "method": "none", "init": "lora", "n": 0, "seed": 0}),
+        (adapter, {"task": "math", "method": "sft", "init": "lora", "n": 4, "seed": 0}),
+    ):
         cell_dir = out_path / "eval" / "gsm8k" / cell["task"] / cell["method"] / cell["init"] / f"n{cell['n']}" / "s0"
         settings = {"max_new_tokens": 8, "batch_size": 2, "prompt_template": template, "dtype": "float32"}
-        evaluate_cell("gsm8k", cell, model_dir, cell_adapter, out_path / "data" / "math", settings,
-                      cell_dir / "scores.json", cell_dir / "predictions.jsonl", device="cpu")
+        evaluate_cell(
+            "gsm8k",
+            cell,
+            model_dir,
+            cell_adapter,
+            out_path / "data" / "math",
+            settings,
+            cell_dir / "scores.json",
+            cell_dir / "predictions.jsonl",
+            device="cpu",
+        )
         scores.append(cell_dir / "scores.json")
     write_metrics(collect_metrics(scores), out_path / "metrics" / "metrics.tsv")
 

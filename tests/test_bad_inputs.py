@@ -6,6 +6,7 @@ Config cases go through what the workflow runs first (common.smk): the schema
 a few of them, and the file-level ones, through a real `snakemake -n` on a copy of the repository.
 Data, model and adapter cases go through the Python functions the rules call.
 """
+
 from __future__ import annotations
 
 import copy
@@ -35,12 +36,14 @@ TINY = yaml.safe_load((REPO / "config" / "tiny.yaml").read_text())
 
 def _set(path: str, value):
     """A mutation that sets config[a][b]... = value (dotted path)."""
+
     def mutate(config):
         *parents, last = path.split(".")
         node = config
         for key in parents:
             node = node[key]
         node[last] = value
+
     return mutate
 
 
@@ -51,6 +54,7 @@ def _delete(path: str):
         for key in parents:
             node = node[key]
         del node[last]
+
     return mutate
 
 
@@ -58,47 +62,94 @@ def _delete(path: str):
 CONFIG_CASES = [
     ("unknown top-level key", _set("learning_rate", 1e-4), r"'learning_rate' was unexpected"),
     ("unknown nested key (typo)", _set("training.lora.rnak", 16), r"'rnak' was unexpected"),
-    ("wrong type", _set("training.lora.rank", "16"), r"'16' is not of type 'integer'[\s\S]*\['training'\]\['lora'\]\['rank'\]"),
-    ("negative n", _set("experiments.figure1.n", [-1, 2]), r"-1 is less than the minimum of 0[\s\S]*\['figure1'\]\['n'\]"),
+    (
+        "wrong type",
+        _set("training.lora.rank", "16"),
+        r"'16' is not of type 'integer'[\s\S]*\['training'\]\['lora'\]\['rank'\]",
+    ),
+    (
+        "negative n",
+        _set("experiments.figure1.n", [-1, 2]),
+        r"-1 is less than the minimum of 0[\s\S]*\['figure1'\]\['n'\]",
+    ),
     ("duplicate grid cells (n)", _set("experiments.figure2.n", [0, 2, 2]), r"non-unique[\s\S]*\['figure2'\]\['n'\]"),
     ("duplicate seeds", _set("seeds", [0, 0]), r"non-unique[\s\S]*\['seeds'\]"),
     ("unknown method", _set("experiments.figure1.methods", ["sft", "ppo"]), r"'ppo' is not one of"),
-    ("unknown init", _set("experiments.figure2.inits", ["lora", "pissa"]), r"experiments\.figure2\.inits: 'pissa' is not a known variant[\s\S]*define it under `variants`"),
+    (
+        "unknown init",
+        _set("experiments.figure2.inits", ["lora", "pissa"]),
+        r"experiments\.figure2\.inits: 'pissa' is not a known variant[\s\S]*define it under `variants`",
+    ),
     ("path traversal in run_name", _set("run_name", "../../etc"), r"does not match[\s\S]*\['run_name'\]"),
     ("run_name '..'", _set("run_name", ".."), r"does not match[\s\S]*\['run_name'\]"),
     ("negative checkpoint interval", _set("training.checkpoint_steps", -5), r"\['training'\]\['checkpoint_steps'\]"),
     ("unknown device", _set("device", "tpu"), r"'tpu' is not one of[\s\S]*\['device'\]"),
     ("hub model without id", _set("model", {"source": "hub"}), r"'id' is a required property[\s\S]*\['model'\]"),
     ("token value in hf_token_env", _set("hf_token_env", "hf_abc/def"), r"\['hf_token_env'\]"),
-    ("n larger than the data", _set("experiments.figure4.n", [2, 400]),
-     r"datasets\.math\.train: the grid asks for n=400 but this source provides only 8 rows"),
-    ("method without hyperparameters", _delete("training.adapt.dpo"), r"'dpo' has no hyperparameters under training\.adapt\.dpo"),
+    (
+        "n larger than the data",
+        _set("experiments.figure4.n", [2, 400]),
+        r"datasets\.math\.train: the grid asks for n=400 but this source provides only 8 rows",
+    ),
+    (
+        "method without hyperparameters",
+        _delete("training.adapt.dpo"),
+        r"'dpo' has no hyperparameters under training\.adapt\.dpo",
+    ),
     ("preference method without beta", _delete("training.adapt.orpo.beta"), r"training\.adapt\.orpo\.beta"),
-    ("DPO on a task without rejected answers", _set("experiments.table1.methods", ["sft", "dpo"]),
-     r"experiments\.table1\.methods: 'dpo' needs rejected answers"),
+    (
+        "DPO on a task without rejected answers",
+        _set("experiments.table1.methods", ["sft", "dpo"]),
+        r"experiments\.table1\.methods: 'dpo' needs rejected answers",
+    ),
     ("metric of another task", _set("experiments.table1.metric", "gsm8k_accuracy"), r"experiments\.table1\.metric"),
-    ("prompt template without its placeholder", _set("datasets.math.prompt_template", "Solve: {q}"),
-     r"datasets\.math\.prompt_template: must contain \{question\}"),
-    ("prompt template with str.format braces", _set("datasets.math.prompt_template", "{question} in \\boxed{{}}"),
-     r"datasets\.math\.prompt_template: doubled braces"),
+    (
+        "prompt template without its placeholder",
+        _set("datasets.math.prompt_template", "Solve: {q}"),
+        r"datasets\.math\.prompt_template: must contain \{question\}",
+    ),
+    (
+        "prompt template with str.format braces",
+        _set("datasets.math.prompt_template", "{question} in \\boxed{{}}"),
+        r"datasets\.math\.prompt_template: doubled braces",
+    ),
     ("benchmark without evaluation source", _delete("datasets.forgetting.eval"), r"datasets\.forgetting\.eval"),
     ("d2lora without warm-up data", _delete("datasets.warmup.train"), r"datasets\.warmup\.train"),
-    ("unknown data format", _set("datasets.titles.eval", {"source": "local", "data_files": "t.jsonl", "format": "econ"}),
-     r"datasets\.titles\.eval\.format: unknown format 'econ'; known formats: .*alpaca.*arxiv_titles"),
-    ("length-grouped batches for a preference method", _set("training.adapt.orpo.group_by_length", True),
-     r"training\.adapt\.orpo\.group_by_length: SFT only"),
-    ("padding-free batches for a preference method", _set("training.adapt.dpo.padding_free", True),
-     r"training\.adapt\.dpo\.padding_free: SFT only"),
-    ("rows leaving a compiled static cache", _set("evaluation.gsm8k", {"max_new_tokens": 4, "batch_size": 2, "cache": "static",
-                                                                     "rows_leave_every": 2}),
-     r"evaluation\.gsm8k\.rows_leave_every: .*set compile: false"),
-    ("precomputed reference outside DPO", _set("training.warmup.precompute_reference", True),
-     r"training\.warmup\.precompute_reference: DPO only"),
-    ("unknown base dtype", _set("training.adapt.sft.base_dtype", "float16"),
-     r"'float16' is not one of[\s\S]*\['sft'\]\['base_dtype'\]"),
-    ("format that cannot give the split's rows", _set("datasets.forgetting.eval",
-                                                      {"source": "local", "data_files": "a.jsonl", "format": "alpaca"}),
-     r"datasets\.forgetting\.eval\.format: format 'alpaca' cannot produce the multiple_choice rows"),
+    (
+        "unknown data format",
+        _set("datasets.titles.eval", {"source": "local", "data_files": "t.jsonl", "format": "econ"}),
+        r"datasets\.titles\.eval\.format: unknown format 'econ'; known formats: .*alpaca.*arxiv_titles",
+    ),
+    (
+        "length-grouped batches for a preference method",
+        _set("training.adapt.orpo.group_by_length", True),
+        r"training\.adapt\.orpo\.group_by_length: SFT only",
+    ),
+    (
+        "padding-free batches for a preference method",
+        _set("training.adapt.dpo.padding_free", True),
+        r"training\.adapt\.dpo\.padding_free: SFT only",
+    ),
+    (
+        "rows leaving a compiled static cache",
+        _set("evaluation.gsm8k", {"max_new_tokens": 4, "batch_size": 2, "cache": "static", "rows_leave_every": 2}),
+        r"evaluation\.gsm8k\.rows_leave_every: .*set compile: false",
+    ),
+    (
+        "precomputed reference outside DPO",
+        _set("training.warmup.precompute_reference", True),
+        r"training\.warmup\.precompute_reference: DPO only",
+    ),
+    (
+        "unknown base dtype",
+        _set("training.adapt.sft.base_dtype", "float16"),
+        r"'float16' is not one of[\s\S]*\['sft'\]\['base_dtype'\]",
+    ),
+    (
+        "format that cannot give the split's rows",
+        _set("datasets.forgetting.eval", {"source": "local", "data_files": "a.jsonl", "format": "alpaca"}),
+        r"datasets\.forgetting\.eval\.format: format 'alpaca' cannot produce the multiple_choice rows",
+    ),
 ]
 
 
@@ -125,8 +176,11 @@ def test_local_file_with_fewer_rows_than_n_is_refused_naming_the_file(tmp_path):
     write_jsonl(data, [{"question": f"q{i}", "answer": f"#### {i}"} for i in range(3)])
     config = copy.deepcopy(TINY)
     config["datasets"]["math"]["train"] = {"source": "local", "data_files": str(data), "format": "gsm8k"}
-    with pytest.raises(grid.ConfigError, match=r"datasets\.math\.train: the grid asks for n=4 but this source provides "
-                                                r"only 3 rows \(.*gsm8k_train\.jsonl\)"):
+    with pytest.raises(
+        grid.ConfigError,
+        match=r"datasets\.math\.train: the grid asks for n=4 but this source provides "
+        r"only 3 rows \(.*gsm8k_train\.jsonl\)",
+    ):
         _check(config)
 
 
@@ -139,6 +193,7 @@ def test_a_key_written_twice_in_a_config_file_is_refused(tmp_path):
 
 
 # --- Through a real `snakemake -n` -----------------------------------------------------------------
+
 
 @pytest.fixture(scope="module")
 def workflow_copy(tmp_path_factory) -> Path:
@@ -159,11 +214,18 @@ def _dry_run(work: Path, config_text: str, *targets: str) -> subprocess.Complete
 DRY_RUN_CASES = [
     ("unknown key", lambda c: c["training"].update(learning_rate=1e-4), "'learning_rate' was unexpected"),
     ("path traversal in run_name", lambda c: c.update(run_name="../outside"), "['run_name']"),
-    ("n larger than the data", lambda c: c["experiments"]["figure4"].update(n=[2, 400]),
-     "datasets.math.train: the grid asks for n=400"),
-    ("unknown data format", lambda c: c["datasets"]["warmup"].update(
-        train={"source": "local", "data_files": "w.jsonl", "format": "alpaka"}),
-     "datasets.warmup.train.format: unknown format 'alpaka'"),
+    (
+        "n larger than the data",
+        lambda c: c["experiments"]["figure4"].update(n=[2, 400]),
+        "datasets.math.train: the grid asks for n=400",
+    ),
+    (
+        "unknown data format",
+        lambda c: c["datasets"]["warmup"].update(
+            train={"source": "local", "data_files": "w.jsonl", "format": "alpaka"}
+        ),
+        "datasets.warmup.train.format: unknown format 'alpaka'",
+    ),
 ]
 
 
@@ -186,21 +248,32 @@ def test_snakemake_dry_run_refuses_a_duplicated_key(workflow_copy):
 
 def test_snakemake_refuses_a_target_outside_the_wildcard_constraints(workflow_copy):
     """Output paths are built only from constrained wildcards: a '..' cell matches no rule."""
-    result = _dry_run(workflow_copy, (REPO / "config" / "tiny.yaml").read_text(),
-                      "results/eval/gsm8k/math/sft/lora/n2/../../../../../../outside/scores.json")
+    result = _dry_run(
+        workflow_copy,
+        (REPO / "config" / "tiny.yaml").read_text(),
+        "results/eval/gsm8k/math/sft/lora/n2/../../../../../../outside/scores.json",
+    )
     assert result.returncode != 0
-    assert "MissingRuleException" in result.stdout + result.stderr or "No rule to produce" in result.stdout + result.stderr
+    assert (
+        "MissingRuleException" in result.stdout + result.stderr or "No rule to produce" in result.stdout + result.stderr
+    )
     assert not (workflow_copy / "outside").exists()
 
 
 def test_every_wildcard_has_a_constraint():
     """Each {wildcard} in a rule file is constrained in common.smk (so no value can hold '/' or '..')."""
-    rules = "\n".join(line for p in (REPO / "workflow" / "rules").glob("*.smk") for line in p.read_text().splitlines()
-                      if "expand(" not in line)  # expand() fills its own placeholders: not wildcards
+    rules = "\n".join(
+        line
+        for p in (REPO / "workflow" / "rules").glob("*.smk")
+        for line in p.read_text().splitlines()
+        if "expand(" not in line
+    )  # expand() fills its own placeholders: not wildcards
     common = (REPO / "workflow" / "rules" / "common.smk").read_text()
     block = common.split("wildcard_constraints:", 1)[1].split("\n\n", 1)[0]
     constrained = set(re.findall(r"^\s+(\w+)=", block, flags=re.M))
-    used = set(re.findall(r"\{\{(\w+)\}\}", rules)) | set(re.findall(r"\{(\w+)\}", common.split("CELL = ", 1)[1].split("\n")[0]))
+    used = set(re.findall(r"\{\{(\w+)\}\}", rules)) | set(
+        re.findall(r"\{(\w+)\}", common.split("CELL = ", 1)[1].split("\n")[0])
+    )
     assert used and used <= constrained, used - constrained
     for pattern in re.findall(r'^\s+\w+=r?"([^"]+)"', block, flags=re.M):
         assert "." not in pattern.replace(r"\d", ""), pattern
@@ -208,13 +281,18 @@ def test_every_wildcard_has_a_constraint():
 
 # --- Data files -------------------------------------------------------------------------------------
 
+
 def _files(folder: Path) -> set[str]:
     return {str(p.relative_to(folder)) for p in folder.rglob("*")}
 
 
 DATA_CASES = [
     ("empty file", "", r"empty\.jsonl: file is empty"),
-    ("malformed JSONL line", '{"question": "q", "answer": "#### 4"}\n{"question": \n', r"malformed\.jsonl:2: malformed JSON"),
+    (
+        "malformed JSONL line",
+        '{"question": "q", "answer": "#### 4"}\n{"question": \n',
+        r"malformed\.jsonl:2: malformed JSON",
+    ),
     ("line that is not an object", '{"question": "q", "answer": "#### 4"}\n[1, 2]\n', r"not_an_object\.jsonl:2"),
     ("missing dataset field", '{"question": "q"}\n', r"missing_field\.jsonl: row 1: missing field 'answer'"),
 ]
@@ -222,22 +300,31 @@ DATA_CASES = [
 
 @pytest.mark.parametrize("case,text,message", DATA_CASES, ids=[c[0] for c in DATA_CASES])
 def test_bad_data_file_is_refused_naming_file_and_row(tmp_path, case, text, message):
-    name = {"empty file": "empty", "malformed JSONL line": "malformed", "line that is not an object": "not_an_object",
-            "missing dataset field": "missing_field"}[case]
+    name = {
+        "empty file": "empty",
+        "malformed JSONL line": "malformed",
+        "line that is not an object": "not_an_object",
+        "missing dataset field": "missing_field",
+    }[case]
     path = tmp_path / f"{name}.jsonl"
     path.write_text(text)
     before = _files(tmp_path)
     with pytest.raises(DataFileError) as err:
-        prepare_role("math", {"eval": {"source": "local", "data_files": str(path), "format": "gsm8k"}},
-                     tmp_path / "out", seed=0)
+        prepare_role(
+            "math", {"eval": {"source": "local", "data_files": str(path), "format": "gsm8k"}}, tmp_path / "out", seed=0
+        )
     assert re.search(message, str(err.value)), str(err.value)
     assert _files(tmp_path) == before, "a refused preparation leaves nothing behind"
 
 
 def test_missing_data_file_is_refused(tmp_path):
     with pytest.raises(DataFileError, match=r"nope\.jsonl: file does not exist"):
-        prepare_role("math", {"eval": {"source": "local", "data_files": str(tmp_path / "nope.jsonl"), "format": "gsm8k"}},
-                     tmp_path / "out", seed=0)
+        prepare_role(
+            "math",
+            {"eval": {"source": "local", "data_files": str(tmp_path / "nope.jsonl"), "format": "gsm8k"}},
+            tmp_path / "out",
+            seed=0,
+        )
     with pytest.raises(DataFileError, match=r"nope\.jsonl: file does not exist"):
         read_jsonl(tmp_path / "nope.jsonl")
     assert _files(tmp_path) == set()
@@ -264,6 +351,7 @@ def test_multiple_choice_answer_outside_the_choices_is_refused_naming_the_item(t
 
 # --- Models and adapters ------------------------------------------------------------------------------
 
+
 def test_model_path_that_does_not_exist_is_refused(tmp_path):
     with pytest.raises(ModelSourceError, match=r"model\.path: .*no-such-model is not a model folder"):
         prepare_base_model({"source": "local", "path": str(tmp_path / "no-such-model")}, tmp_path / "base")
@@ -289,8 +377,9 @@ def test_tokenizer_without_chat_template_is_refused_and_nothing_is_written(tiny_
 
 def _fake_adapter(folder: Path, rank=4, alpha=8, base=None, weights="adapter_model.safetensors") -> Path:
     folder.mkdir(parents=True)
-    (folder / "adapter_config.json").write_text(json.dumps({"r": rank, "lora_alpha": alpha,
-                                                            "base_model_name_or_path": base}))
+    (folder / "adapter_config.json").write_text(
+        json.dumps({"r": rank, "lora_alpha": alpha, "base_model_name_or_path": base})
+    )
     (folder / weights).write_bytes(b"\0" * 8)
     return folder
 
@@ -336,8 +425,20 @@ def test_training_refuses_bad_arguments_before_writing_anything(tiny_model_dir, 
     with pytest.raises(ValueError, match=r"unknown init 'pissa'"):
         run_adaptation(tiny_model_dir, train, "sft", "pissa", 2, lora, hp, tmp_path / "out", seed=0, device="cpu")
     with pytest.raises(AdapterError, match=r"not an adapter folder"):
-        run_adaptation(tiny_model_dir, train, "sft", "d2lora", 2, lora, hp, tmp_path / "out", seed=0,
-                       warmup_dir=tmp_path / "no-warmup", device="cpu", checkpoint_steps=1)
+        run_adaptation(
+            tiny_model_dir,
+            train,
+            "sft",
+            "d2lora",
+            2,
+            lora,
+            hp,
+            tmp_path / "out",
+            seed=0,
+            warmup_dir=tmp_path / "no-warmup",
+            device="cpu",
+            checkpoint_steps=1,
+        )
     assert _files(tmp_path) == before
 
 
@@ -345,13 +446,26 @@ def test_training_refuses_bad_arguments_before_writing_anything(tiny_model_dir, 
 def test_prompts_longer_than_max_length_are_refused_not_silently_dropped(tiny_model_dir, tmp_path, method):
     """TRL drops rows whose prompt fills max_length: the cell would train on fewer than n rows."""
     train = tmp_path / "train.jsonl"
-    write_jsonl(train, [{"id": f"r{i}", "prompt": "word " * (5 + 40 * (i % 2)), "chosen": "c", "rejected": "r"}
-                        for i in range(4)])
+    write_jsonl(
+        train,
+        [{"id": f"r{i}", "prompt": "word " * (5 + 40 * (i % 2)), "chosen": "c", "rejected": "r"} for i in range(4)],
+    )
     before = _files(tmp_path)
     hp = {"learning_rate": 1e-3, "epochs": 1, "scheduler": "cosine", "batch_size": 2, "max_length": 60, "beta": 0.1}
     with pytest.raises(ValueError, match=rf"training\.adapt\.{method}\.max_length: 2 of 4 training rows have a prompt"):
-        run_adaptation(tiny_model_dir, train, method, "lora", 4, {"rank": 4, "alpha": 8}, hp, tmp_path / "out", seed=0,
-                       device="cpu", checkpoint_steps=1)
+        run_adaptation(
+            tiny_model_dir,
+            train,
+            method,
+            "lora",
+            4,
+            {"rank": 4, "alpha": 8},
+            hp,
+            tmp_path / "out",
+            seed=0,
+            device="cpu",
+            checkpoint_steps=1,
+        )
     assert _files(tmp_path) == before, "a refused run leaves no checkpoint folder behind"
 
 
@@ -371,9 +485,24 @@ def test_every_shipped_preset_passes_what_the_workflow_checks_first(preset, monk
 def test_only_figures_the_paper_gave_numbers_for_get_a_paper_overlay(workflow_copy):
     """Figures 3 and 4 have no transcribed values: their jobs read no reference file."""
     result = subprocess.run(
-        [sys.executable, "-m", "snakemake", "-n", "--cores", "1", "--printshellcmds", "--debug-dag",
-         *(f"results/figures/{f}.png" for f in ("figure2", "figure4")), "--configfile", "config/tiny.yaml"],
-        cwd=workflow_copy, capture_output=True, text=True, timeout=120)
+        [
+            sys.executable,
+            "-m",
+            "snakemake",
+            "-n",
+            "--cores",
+            "1",
+            "--printshellcmds",
+            "--debug-dag",
+            *(f"results/figures/{f}.png" for f in ("figure2", "figure4")),
+            "--configfile",
+            "config/tiny.yaml",
+        ],
+        cwd=workflow_copy,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert result.returncode == 0, result.stderr[-2000:]
     jobs = result.stdout.split("rule figure:")[1:]
     by_figure = {re.search(r"wildcards: figure=(\w+)", job)[1]: job.split("output:")[0] for job in jobs}

@@ -1,4 +1,5 @@
 """The benchmark catalog (d2lora.benchmarks) agrees with everything that reads it or sits beside it."""
+
 from __future__ import annotations
 
 from pathlib import Path

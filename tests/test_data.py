@@ -1,4 +1,5 @@
 """Data preparation: synthetic generators, source loading, format mappings, role folders."""
+
 from __future__ import annotations
 
 import json
@@ -64,7 +65,9 @@ def test_generate_splits_are_disjoint_and_unique(kind):
     assert not set(train) & set(evals)
 
 
-@pytest.mark.parametrize("kind, rows", [("math", 2000), ("arithmetic", 1000), ("titles", 2000), ("science_mc", 500), ("general", 500)])
+@pytest.mark.parametrize(
+    "kind, rows", [("math", 2000), ("arithmetic", 1000), ("titles", 2000), ("science_mc", 500), ("general", 500)]
+)
 def test_generate_capacity_and_speed(kind, rows):
     start = time.perf_counter()
     out = generate(kind, rows, 0, "train")
@@ -175,8 +178,14 @@ def test_gsm8k_without_final_line_names_row():
 
 
 def test_arc_numeric_labels_map_through_labels():
-    raw = [{"id": "q1", "question": "Which?", "choices": {"text": ["a", "b", "c", "d"], "label": ["1", "2", "3", "4"]},
-            "answerKey": "3"}]
+    raw = [
+        {
+            "id": "q1",
+            "question": "Which?",
+            "choices": {"text": ["a", "b", "c", "d"], "label": ["1", "2", "3", "4"]},
+            "answerKey": "3",
+        }
+    ]
     (row,) = to_canonical(raw, "arc", "multiple_choice", None, "arc")
     assert row["answer_index"] == 2 and row["labels"] == ["1", "2", "3", "4"] and row["id"] == "q1"
     raw[0]["answerKey"] = "E"
@@ -275,8 +284,14 @@ def test_hub_source_calls_load_dataset(monkeypatch):
         return datasets.Dataset.from_list([{"question": "q", "answer": "#### 5"}])
 
     monkeypatch.setattr(datasets, "load_dataset", fake_load_dataset)
-    cfg = {"source": "hub", "path": "openai/gsm8k", "name": "main", "split": "test", "revision": "abc",
-           "format": "gsm8k"}
+    cfg = {
+        "source": "hub",
+        "path": "openai/gsm8k",
+        "name": "main",
+        "split": "test",
+        "revision": "abc",
+        "format": "gsm8k",
+    }
     raw, files = load_raw(cfg, 0)
     assert calls == [("openai/gsm8k", "main", {"split": "test", "revision": "abc"})]
     assert raw == [{"question": "q", "answer": "#### 5"}] and files == []
@@ -383,22 +398,30 @@ def _shared(relative: str) -> Path:
 
 def test_real_gsm8k_test_loads_as_math_eval(tmp_path):
     path = _shared("gsm8k/test.jsonl")
-    cfg = {"eval": {"source": "local", "data_files": str(path), "format": "gsm8k"},
-           "train": {"source": "local", "data_files": str(_shared("gsm8k/train.jsonl")), "format": "gsm8k"},
-           "prompt_template": GSM8K_PROMPT}
+    cfg = {
+        "eval": {"source": "local", "data_files": str(path), "format": "gsm8k"},
+        "train": {"source": "local", "data_files": str(_shared("gsm8k/train.jsonl")), "format": "gsm8k"},
+        "prompt_template": GSM8K_PROMPT,
+    }
     manifest = prepare_role("math", cfg, tmp_path / "math", seed=0, max_n=4000)
     rows = load_prepared(tmp_path / "math", "eval")
     assert len(rows) == 1319 and manifest["counts"] == {"train": 7473, "eval": 1319}
     assert all(NUMBER.fullmatch(r["answer"]) for r in rows)
     assert rows[0]["answer"] == "18"
     assert manifest["sources"]["eval"]["files"][0]["sha256"].startswith("3730d312")
-    assert all("<<" not in r["chosen"] and r["chosen"].endswith("}.") for r in load_prepared(tmp_path / "math", "train"))
+    assert all(
+        "<<" not in r["chosen"] and r["chosen"].endswith("}.") for r in load_prepared(tmp_path / "math", "train")
+    )
 
 
 def test_real_arc_easy_test_loads_as_multiple_choice(tmp_path):
     path = _shared("arc_easy/test.jsonl")
-    prepare_role("forgetting", {"eval": {"source": "local", "data_files": str(path), "format": "arc"}},
-                 tmp_path / "forgetting", seed=0)
+    prepare_role(
+        "forgetting",
+        {"eval": {"source": "local", "data_files": str(path), "format": "arc"}},
+        tmp_path / "forgetting",
+        seed=0,
+    )
     rows = load_prepared(tmp_path / "forgetting", "eval")
     assert len(rows) == 2376
     assert {len(r["choices"]) for r in rows} <= {3, 4, 5}

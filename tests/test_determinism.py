@@ -5,6 +5,7 @@ prepare -> train -> evaluate -> collect_metrics (tests/reliability_entry.py `cha
 grid, SFT with LoRA dropout, checkpointing on); metrics.tsv, the adapter weights, the prepared
 data and the per-example predictions must be byte-identical.
 """
+
 from __future__ import annotations
 
 import json
@@ -28,11 +29,20 @@ SAME_BYTES = [
 def test_two_runs_give_byte_identical_metrics(tiny_model_dir, tmp_path):
     procs = []
     for run, hash_seed in (("a", "1"), ("b", "2")):
-        env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", PYTHONHASHSEED=hash_seed,
-                   PYTHONPATH=str(REPO / "src"))
+        env = dict(
+            os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", PYTHONHASHSEED=hash_seed, PYTHONPATH=str(REPO / "src")
+        )
         kwargs = {"model_dir": str(tiny_model_dir), "out": str(tmp_path / run)}
-        procs.append(subprocess.Popen([sys.executable, str(ENTRY), "chain", json.dumps(kwargs)], env=env, cwd=REPO,
-                                      stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True))
+        procs.append(
+            subprocess.Popen(
+                [sys.executable, str(ENTRY), "chain", json.dumps(kwargs)],
+                env=env,
+                cwd=REPO,
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.PIPE,
+                text=True,
+            )
+        )
     for proc in procs:
         _, err = proc.communicate(timeout=300)
         assert proc.returncode == 0, err[-4000:]

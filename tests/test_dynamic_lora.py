@@ -3,6 +3,7 @@
 Budgets, reallocation under a fixed budget, TRL runs with the callbacks, save -> reload on a fresh
 base, determinism, resume from a checkpoint, and where AdaLoRA's orthogonality regularizer goes.
 """
+
 from __future__ import annotations
 
 import json
@@ -26,9 +27,15 @@ MODULES = 14
 
 
 def _pairs(count: int) -> list[dict]:
-    return [{"id": f"row-{i}", "prompt": f"What is {i} plus {i}?",
-             "chosen": f"{i} plus {i} is {2 * i}. The answer is \\boxed{{{2 * i}}}.",
-             "rejected": f"{i} plus {i} is {2 * i + 1}. The answer is \\boxed{{{2 * i + 1}}}."} for i in range(count)]
+    return [
+        {
+            "id": f"row-{i}",
+            "prompt": f"What is {i} plus {i}?",
+            "chosen": f"{i} plus {i} is {2 * i}. The answer is \\boxed{{{2 * i}}}.",
+            "rejected": f"{i} plus {i} is {2 * i + 1}. The answer is \\boxed{{{2 * i + 1}}}.",
+        }
+        for i in range(count)
+    ]
 
 
 def _base(tiny_model_dir, seed: int = 0):
@@ -46,19 +53,41 @@ def _kill_mlp_of_layer_1(model) -> None:
         model.model.layers[1].post_attention_layernorm.weight.zero_()
 
 
-def _train(tiny_model_dir, tokenizer, tmp_path, variant: dict, method: str = "sft", rows: int = 6, seed: int = 0,
-           kill_layer_1_mlp: bool = False, checkpoint_steps: int = 0, resume_from=None, out_name: str = "out"):
+def _train(
+    tiny_model_dir,
+    tokenizer,
+    tmp_path,
+    variant: dict,
+    method: str = "sft",
+    rows: int = 6,
+    seed: int = 0,
+    kill_layer_1_mlp: bool = False,
+    checkpoint_steps: int = 0,
+    resume_from=None,
+    out_name: str = "out",
+):
     from datasets import Dataset
 
     base = _base(tiny_model_dir, seed)
     if kill_layer_1_mlp:
         _kill_mlp_of_layer_1(base)
     steps = rows // HP["batch_size"]
-    model, callbacks = dl.adaptive_adapter(base, LORA, dict(variant, **({"seed": seed} if variant["adapter"] ==
-                                                                        "dynamic" else {})), steps)
+    model, callbacks = dl.adaptive_adapter(
+        base, LORA, dict(variant, **({"seed": seed} if variant["adapter"] == "dynamic" else {})), steps
+    )
     hp = dict(HP, beta=0.1) if method in ("dpo", "orpo") else HP
-    trainer = build_trainer(method, model, tokenizer, Dataset.from_list(conversational(_pairs(rows), method)), hp,
-                            str(tmp_path / out_name), seed, True, checkpoint_steps=checkpoint_steps, callbacks=callbacks)
+    trainer = build_trainer(
+        method,
+        model,
+        tokenizer,
+        Dataset.from_list(conversational(_pairs(rows), method)),
+        hp,
+        str(tmp_path / out_name),
+        seed,
+        True,
+        checkpoint_steps=checkpoint_steps,
+        callbacks=callbacks,
+    )
     result = trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
     return model, callbacks, result
 
@@ -74,8 +103,11 @@ def _adapter_state(model) -> dict[str, torch.Tensor]:
 
 
 def test_budgets_are_equal_at_the_same_rank(tiny_model_dir):
-    base_shapes = [(m.in_features, m.out_features) for name, m in _base(tiny_model_dir).named_modules()
-                   if isinstance(m, torch.nn.Linear) and not name.endswith("lm_head")]
+    base_shapes = [
+        (m.in_features, m.out_features)
+        for name, m in _base(tiny_model_dir).named_modules()
+        if isinstance(m, torch.nn.Linear) and not name.endswith("lm_head")
+    ]
     assert len(base_shapes) == MODULES and sum(i + o for i, o in base_shapes) == SUM_IN_OUT
 
     lora, _ = dl.adaptive_adapter(_base(tiny_model_dir), LORA, {"adapter": "lora"}, 10)
@@ -97,8 +129,16 @@ def test_budgets_are_equal_at_the_same_rank(tiny_model_dir):
 def test_plan_moves_gives_rank_where_the_weakest_component_matters_most():
     strong, weak, flat = [5.0, 4.0, 3.0, 2.0], [0.1, 0.05, 0.02, 0.01], [3.0, 2.5, 2.0, 1.5]
     none = [[False] * 8] * 3
-    moves = plan_moves([strong + [0] * 4, weak + [0] * 4, flat + [0] * 4], [4, 4, 4], none, [[0, 1, 2]],
-                          min_rank=1, max_rank=8, hysteresis=0.5, max_moves=[10])
+    moves = plan_moves(
+        [strong + [0] * 4, weak + [0] * 4, flat + [0] * 4],
+        [4, 4, 4],
+        none,
+        [[0, 1, 2]],
+        min_rank=1,
+        max_rank=8,
+        hysteresis=0.5,
+        max_moves=[10],
+    )
     # The weak module gives its weakest components (0.01, 0.02, 0.05) to the strongest tail (2.0);
     # the flat one (tail 1.5 > 0.5 * 2.0) keeps its rank;
     # the weak module keeps min_rank.
@@ -117,8 +157,14 @@ def test_plan_moves_gives_rank_where_the_weakest_component_matters_most():
 
 @pytest.fixture(scope="module")
 def dead_layer_run(tiny_model_dir, tokenizer, tmp_path_factory):
-    model, callbacks, result = _train(tiny_model_dir, tokenizer, tmp_path_factory.mktemp("dead"), {"adapter": "dynamic"},
-                                      rows=16, kill_layer_1_mlp=True)
+    model, callbacks, result = _train(
+        tiny_model_dir,
+        tokenizer,
+        tmp_path_factory.mktemp("dead"),
+        {"adapter": "dynamic"},
+        rows=16,
+        kill_layer_1_mlp=True,
+    )
     return model, callbacks, result
 
 
@@ -139,7 +185,7 @@ def test_dynamic_moves_rank_to_the_layer_that_matters_under_a_fixed_budget(dead_
         assert entry["trainable_parameters"] == LORA["rank"] * SUM_IN_OUT
         assert sum(entry["ranks"][i] for i in dead + alive) == 6 * LORA["rank"]
     final = report["history"][-1]["ranks"]
-    assert all(final[i] == 1 for i in dead)           # the dead MLP kept only min_rank
+    assert all(final[i] == 1 for i in dead)  # the dead MLP kept only min_rank
     assert sum(final[i] for i in alive) == 6 * LORA["rank"] - 3
     assert report["rank_pattern"] == {k: final[i] for i, k in enumerate(keys)}
     # Saved as a standard LoRA of exactly LoRA's size.
@@ -252,7 +298,7 @@ def test_orthogonal_regularizer_matches_peft_and_is_added_to_the_gradient(tiny_m
         cfg.orth_reg_weight = weight
         return model(input_ids=ids, labels=ids).loss
 
-    peft_term = loss(0.5) - loss(0.0)          # what AdaLoraModel.forward adds to outputs.loss
+    peft_term = loss(0.5) - loss(0.0)  # what AdaLoraModel.forward adds to outputs.loss
     torch.testing.assert_close(peft_term, 0.5 * controller.regularizer_value(), rtol=1e-5, atol=1e-7)
     expected = torch.autograd.grad(peft_term, params)
     cfg.orth_reg_weight = 0.0
@@ -270,8 +316,9 @@ def test_trl_losses_ignore_adaloras_regularizer(method, tiny_model_dir, tokenize
 
     model, callbacks = dl.adaptive_adapter(_base(tiny_model_dir), LORA, {"adapter": "adalora"}, 2)
     hp = dict(HP, beta=0.1) if method != "sft" else HP
-    trainer = build_trainer(method, model, tokenizer, Dataset.from_list(conversational(_pairs(2), method)), hp,
-                            str(tmp_path), 0, True)
+    trainer = build_trainer(
+        method, model, tokenizer, Dataset.from_list(conversational(_pairs(2), method)), hp, str(tmp_path), 0, True
+    )
     batch = trainer._prepare_inputs(next(iter(trainer.get_train_dataloader())))
     cfg = model.peft_config["default"]
     losses = []
@@ -288,15 +335,23 @@ def test_trl_losses_ignore_adaloras_regularizer(method, tiny_model_dir, tokenize
 
 @pytest.mark.parametrize("adapter", ["adalora", "dynamic"])
 def test_resume_from_a_checkpoint_gives_the_uninterrupted_result(adapter, tiny_model_dir, tokenizer, tmp_path):
-    full, _, _ = _train(tiny_model_dir, tokenizer, tmp_path, {"adapter": adapter}, rows=12, checkpoint_steps=3,
-                        out_name="full")
+    full, _, _ = _train(
+        tiny_model_dir, tokenizer, tmp_path, {"adapter": adapter}, rows=12, checkpoint_steps=3, out_name="full"
+    )
     checkpoint = tmp_path / "full" / "checkpoint-3"
     assert (checkpoint / f"{adaptive_base.STATE_FILE}.json").is_file()
     # As in d2lora.training.run: the killed run's checkpoints sit in the Trainer's output_dir.
     shutil.copytree(checkpoint, tmp_path / "resumed" / "checkpoint-3")
-    resumed, _, result = _train(tiny_model_dir, tokenizer, tmp_path, {"adapter": adapter}, rows=12,
-                                checkpoint_steps=3, resume_from=tmp_path / "resumed" / "checkpoint-3",
-                                out_name="resumed")
+    resumed, _, result = _train(
+        tiny_model_dir,
+        tokenizer,
+        tmp_path,
+        {"adapter": adapter},
+        rows=12,
+        checkpoint_steps=3,
+        resume_from=tmp_path / "resumed" / "checkpoint-3",
+        out_name="resumed",
+    )
     assert result.global_step == 6
     full_report, resumed_report = dl.adapter_report(full), dl.adapter_report(resumed)
     assert resumed_report["rank_pattern"] == full_report["rank_pattern"]

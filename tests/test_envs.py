@@ -1,6 +1,7 @@
 """The environments install only what the project uses: the GGUF model package without its
 declared llama.cpp dependencies, in the Makefile's venv and in the conda env that converts the
 model, at the one pinned version."""
+
 from __future__ import annotations
 
 import re

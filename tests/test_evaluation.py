@@ -1,4 +1,5 @@
 """Evaluation: answer extraction, batch-size-independent generation, ROUGE, multiple choice."""
+
 from __future__ import annotations
 
 import math
@@ -171,8 +172,9 @@ def test_static_cache_gives_every_batch_one_shape(varied_model, tokenizer, singl
         return generate(*args, **kwargs)
 
     monkeypatch.setattr(varied_model, "generate", spy)
-    static = greedy_generate(varied_model, tokenizer, PROMPTS, max_new_tokens=16, batch_size=4, cache="static",
-                             compile=False)
+    static = greedy_generate(
+        varied_model, tokenizer, PROMPTS, max_new_tokens=16, batch_size=4, cache="static", compile=False
+    )
     assert static == single_outputs
     assert len(PROMPTS) % 4 != 0 and len(shapes) == -(-len(PROMPTS) // 4)
     assert len(set(shapes)) == 1 and shapes[0][0] == 4
@@ -184,8 +186,9 @@ def test_static_cache_gives_every_batch_one_shape(varied_model, tokenizer, singl
 def test_dynamic_cache_keeps_each_batch_its_own_shape(varied_model, tokenizer, monkeypatch):
     shapes = []
     generate = varied_model.generate
-    monkeypatch.setattr(varied_model, "generate",
-                        lambda *a, **k: shapes.append(tuple(k["input_ids"].shape)) or generate(*a, **k))
+    monkeypatch.setattr(
+        varied_model, "generate", lambda *a, **k: shapes.append(tuple(k["input_ids"].shape)) or generate(*a, **k)
+    )
     greedy_generate(varied_model, tokenizer, PROMPTS, max_new_tokens=2, batch_size=4)
     assert shapes[-1][0] == len(PROMPTS) % 4 and len({width for _, width in shapes}) > 1
 
@@ -199,8 +202,9 @@ def test_finished_rows_leave_the_batch_without_changing_an_answer(varied_model, 
     first = varied_model.generate(input_ids=torch.tensor(encoded), max_new_tokens=4, do_sample=False)
     stop = int(first[0, -1])
     monkeypatch.setattr(generation, "stop_token_ids", lambda model, tok: [tok.eos_token_id, stop])
-    plain = greedy_generate(varied_model, tokenizer, PROMPTS, max_new_tokens=16, batch_size=6, cache=cache,
-                            compile=False)
+    plain = greedy_generate(
+        varied_model, tokenizer, PROMPTS, max_new_tokens=16, batch_size=6, cache=cache, compile=False
+    )
     assert len({len(text) for text in plain}) > 2, "rows must end at different steps for the test to mean anything"
     assert plain != plain_ids
 
@@ -212,8 +216,16 @@ def test_finished_rows_leave_the_batch_without_changing_an_answer(varied_model, 
         return real_generate(**kwargs)
 
     monkeypatch.setattr(varied_model, "generate", spy)
-    leaving = greedy_generate(varied_model, tokenizer, PROMPTS, max_new_tokens=16, batch_size=6, cache=cache,
-                              compile=False, rows_leave_every=2)
+    leaving = greedy_generate(
+        varied_model,
+        tokenizer,
+        PROMPTS,
+        max_new_tokens=16,
+        batch_size=6,
+        cache=cache,
+        compile=False,
+        rows_leave_every=2,
+    )
     assert leaving == plain
     assert rounds[0] == 6 and rounds == sorted(rounds, reverse=True) and rounds[-1] < 6, rounds
 
@@ -231,8 +243,9 @@ def test_packed_gqa_attention_equals_sdpa_for_a_decoding_step():
     mask = torch.ones(3, 1, 1, 9, dtype=torch.bool)
     mask[0, ..., :4] = False  # left padding of the first row
     packed, _ = packed_gqa_attention_forward(module, query, key, value, mask, scaling=0.25)
-    expected = torch.nn.functional.scaled_dot_product_attention(query, repeat_kv(key, 4), repeat_kv(value, 4),
-                                                                attn_mask=mask, scale=0.25).transpose(1, 2)
+    expected = torch.nn.functional.scaled_dot_product_attention(
+        query, repeat_kv(key, 4), repeat_kv(value, 4), attn_mask=mask, scale=0.25
+    ).transpose(1, 2)
     assert packed.shape == (3, 1, 8, 16)
     torch.testing.assert_close(packed, expected)
 
@@ -249,8 +262,9 @@ def test_packed_gqa_attention_gives_the_same_answers(varied_model, tokenizer, si
         return real(module, query, *args, **kwargs)
 
     monkeypatch.setattr(packed_gqa, "packed_gqa_attention_forward", spy)  # what register() installs
-    packed = greedy_generate(varied_model, tokenizer, PROMPTS, max_new_tokens=16, batch_size=4, cache=cache,
-                             compile=False, packed_gqa=True)
+    packed = greedy_generate(
+        varied_model, tokenizer, PROMPTS, max_new_tokens=16, batch_size=4, cache=cache, compile=False, packed_gqa=True
+    )
     assert packed == single_outputs
     assert 1 in query_lengths and max(query_lengths) > 1, "prefill and decoding steps both go through it"
     assert varied_model.config._attn_implementation == "sdpa", "the model's own attention is restored"
@@ -258,8 +272,9 @@ def test_packed_gqa_attention_gives_the_same_answers(varied_model, tokenizer, si
 
 def test_rows_leaving_refuses_a_compiled_static_cache(varied_model, tokenizer):
     with pytest.raises(ValueError, match="evaluation.gsm8k.compile"):
-        greedy_generate(varied_model, tokenizer, PROMPTS[:1], max_new_tokens=2, batch_size=1, cache="static",
-                        rows_leave_every=2)
+        greedy_generate(
+            varied_model, tokenizer, PROMPTS[:1], max_new_tokens=2, batch_size=1, cache="static", rows_leave_every=2
+        )
 
 
 def test_unknown_cache_kind_is_refused(varied_model, tokenizer):
@@ -275,8 +290,9 @@ def test_merged_adapter_matches_the_unmerged_one(tiny_model_dir, tmp_path):
     from d2lora.training.inits import BUILTIN_VARIANTS, fresh_adapter
 
     torch.manual_seed(0)
-    peft_model = fresh_adapter(load_model(tiny_model_dir), {"rank": 4, "alpha": 8, "target_modules": "all-linear"},
-                               BUILTIN_VARIANTS["lora"])
+    peft_model = fresh_adapter(
+        load_model(tiny_model_dir), {"rank": 4, "alpha": 8, "target_modules": "all-linear"}, BUILTIN_VARIANTS["lora"]
+    )
     for name, param in peft_model.named_parameters():
         if "lora_B" in name:
             torch.nn.init.normal_(param, std=0.05)
@@ -300,7 +316,9 @@ def test_generation_returns_original_order(varied_model, tokenizer, single_outpu
 def test_generation_ignores_sampling_defaults_of_the_model(varied_model, tokenizer, single_outputs, capfd):
     # Instruct checkpoints ship do_sample/temperature/top_p in generation_config.json.
     saved = varied_model.generation_config
-    varied_model.generation_config = saved.__class__(**{**saved.to_dict(), "do_sample": True, "temperature": 0.6, "top_p": 0.9})
+    varied_model.generation_config = saved.__class__(
+        **{**saved.to_dict(), "do_sample": True, "temperature": 0.6, "top_p": 0.9}
+    )
     try:
         outputs = greedy_generate(varied_model, tokenizer, PROMPTS[:3], max_new_tokens=16, batch_size=2)
     finally:
@@ -322,7 +340,9 @@ def test_generation_with_peft_model(varied_model, tokenizer, single_outputs):
 
 def test_prompts_are_single_chat_turns_without_extra_special_tokens(tokenizer):
     ids = generation.encode_chat_prompts(tokenizer, ["Hello"])[0]
-    text = tokenizer.apply_chat_template([{"role": "user", "content": "Hello"}], add_generation_prompt=True, tokenize=False)
+    text = tokenizer.apply_chat_template(
+        [{"role": "user", "content": "Hello"}], add_generation_prompt=True, tokenize=False
+    )
     assert ids == tokenizer(text, add_special_tokens=False)["input_ids"]
     assert tokenizer.decode(ids).endswith("<|im_start|>assistant\n")
 
@@ -343,7 +363,11 @@ def test_longest_first_batches():
 # ---------------------------------------------------------------- math
 
 MATH_ROWS = [
-    {"id": "m0", "question": "Natalia sold 48 clips in April and half as many in May. How many in total?", "answer": "72"},
+    {
+        "id": "m0",
+        "question": "Natalia sold 48 clips in April and half as many in May. How many in total?",
+        "answer": "72",
+    },
     {"id": "m1", "question": "What is 2 + 3?", "answer": "5"},
     {"id": "m2", "question": "What is 10 - 1?", "answer": "9"},
 ]
@@ -402,7 +426,10 @@ TITLE_ROWS = [
 
 
 def test_rouge_identical_and_disjoint(monkeypatch, tokenizer):
-    outputs = ['Title: "Monetary Policy and Inflation Expectations"\nThis paper studies...', "Quantum chromodynamics lattice"]
+    outputs = [
+        'Title: "Monetary Policy and Inflation Expectations"\nThis paper studies...',
+        "Quantum chromodynamics lattice",
+    ]
     monkeypatch.setattr(titles_eval, "greedy_generate", lambda *args, **kwargs: outputs)
     per_example, scores = evaluate_titles(None, tokenizer, TITLE_ROWS, 24, 2)
     assert per_example[0]["prediction"] == "Monetary Policy and Inflation Expectations"
@@ -434,13 +461,28 @@ def test_evaluate_titles_runs_the_model(varied_model, tokenizer):
 # ---------------------------------------------------------------- multiple choice
 
 MC_ROWS = [
-    {"id": "a0", "question": "What is the capital of France?", "choices": ["Paris", "London", "Berlin", "Rome"],
-     "labels": ["A", "B", "C", "D"], "answer_index": 2},
-    {"id": "a1", "question": "Which gas do plants absorb from the air?", "choices": ["carbon dioxide", "oxygen", "neon"],
-     "labels": ["A", "B", "C"], "answer_index": 0},
-    {"id": "a2", "question": "A long question about the water cycle: which process turns lake water into vapour "
-     "under strong summer sunlight?", "choices": ["evaporation", "condensation", "precipitation of rain", "runoff"],
-     "labels": ["1", "2", "3", "4"], "answer_index": 0},
+    {
+        "id": "a0",
+        "question": "What is the capital of France?",
+        "choices": ["Paris", "London", "Berlin", "Rome"],
+        "labels": ["A", "B", "C", "D"],
+        "answer_index": 2,
+    },
+    {
+        "id": "a1",
+        "question": "Which gas do plants absorb from the air?",
+        "choices": ["carbon dioxide", "oxygen", "neon"],
+        "labels": ["A", "B", "C"],
+        "answer_index": 0,
+    },
+    {
+        "id": "a2",
+        "question": "A long question about the water cycle: which process turns lake water into vapour "
+        "under strong summer sunlight?",
+        "choices": ["evaporation", "condensation", "precipitation of rain", "runoff"],
+        "labels": ["1", "2", "3", "4"],
+        "answer_index": 0,
+    },
 ]
 
 

@@ -3,6 +3,7 @@
 Every `import d2lora...` counts, at module level or inside a function: a function-local import
 that hides a cycle still ties the two modules together.
 """
+
 from __future__ import annotations
 
 import ast

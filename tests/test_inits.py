@@ -4,6 +4,7 @@ Tiny random Llama on the CPU. Tolerances: logits compared across two float32 com
 same function (W_res + sBA vs W + s(BA - B0A0), merged or not) agree to RELOAD_ATOL; the residual
 base rebuilt from A0/B0 must be bit-identical to the one peft built.
 """
+
 from __future__ import annotations
 
 import json
@@ -29,8 +30,12 @@ INIT_ATOL = 1e-5  # residual inits at initialisation: W_res + sB0A0 vs W
 
 def _rows(count: int) -> list[dict]:
     return [
-        {"id": f"row-{i}", "prompt": f"What is {i} plus {i}?", "chosen": f"{i} plus {i} is {2 * i}. The answer is {2 * i}.",
-         "rejected": f"{i} plus {i} is {2 * i + 1}. The answer is {2 * i + 1}."}
+        {
+            "id": f"row-{i}",
+            "prompt": f"What is {i} plus {i}?",
+            "chosen": f"{i} plus {i} is {2 * i}. The answer is {2 * i}.",
+            "rejected": f"{i} plus {i} is {2 * i + 1}. The answer is {2 * i + 1}.",
+        }
         for i in range(count)
     ]
 
@@ -78,8 +83,11 @@ def _lora_weights(model, which: str) -> list[torch.Tensor]:
 
 def _base_weights(model) -> dict[str, torch.Tensor]:
     """Target-layer weights under the adapter, keyed by their name in the plain model."""
-    return {n.replace("base_model.model.", "").replace(".base_layer", ""): p.detach().clone()
-            for n, p in model.named_parameters() if n.endswith("base_layer.weight")}
+    return {
+        n.replace("base_model.model.", "").replace(".base_layer", ""): p.detach().clone()
+        for n, p in model.named_parameters()
+        if n.endswith("base_layer.weight")
+    }
 
 
 @pytest.mark.parametrize("init", INITS)
@@ -129,8 +137,9 @@ def _train_a_few_steps(model, batch, steps: int = 3) -> None:
 
 
 @pytest.mark.parametrize("init", INITS)
-def test_saved_adapter_loads_on_the_original_base_to_the_trained_function(init, tiny_model_dir, tokenizer, batch,
-                                                                         base_logits, tmp_path):
+def test_saved_adapter_loads_on_the_original_base_to_the_trained_function(
+    init, tiny_model_dir, tokenizer, batch, base_logits, tmp_path
+):
     from peft import PeftModel
 
     from d2lora.models import load_model
@@ -147,8 +156,10 @@ def test_saved_adapter_loads_on_the_original_base_to_the_trained_function(init, 
     merged = load_model(tiny_model_dir, adapter_dir=out, merge_adapter=True)  # evaluation's merged path
     diff_merged = float((_logits(merged, batch) - trained).abs().max())
     config = json.loads((out / "adapter_config.json").read_text())
-    print(f"\n{init}: reload on the original base: max |logits diff| {diff:.2e} (merged {diff_merged:.2e}); "
-          f"saved rank {config['r']}")
+    print(
+        f"\n{init}: reload on the original base: max |logits diff| {diff:.2e} (merged {diff_merged:.2e}); "
+        f"saved rank {config['r']}"
+    )
     assert diff <= RELOAD_ATOL and diff_merged <= RELOAD_ATOL
     assert config["init_lora_weights"] is True
     if init in RESIDUAL:
@@ -174,17 +185,22 @@ def _first_batch_loss(model, tokenizer, tmp_path) -> float:
     from d2lora.training.run import conversational
     from d2lora.training.trainers import build_trainer
 
-    trainer = build_trainer("sft", model, tokenizer, Dataset.from_list(conversational(_rows(4), "sft")), HP,
-                            str(tmp_path), 0, True)
+    trainer = build_trainer(
+        "sft", model, tokenizer, Dataset.from_list(conversational(_rows(4), "sft")), HP, str(tmp_path), 0, True
+    )
     collated = trainer.data_collator([trainer.train_dataset[i] for i in range(2)])
     model.eval()
     with torch.no_grad():
-        return float(model(input_ids=collated["input_ids"], attention_mask=collated["attention_mask"],
-                           labels=collated["labels"]).loss)
+        return float(
+            model(
+                input_ids=collated["input_ids"], attention_mask=collated["attention_mask"], labels=collated["labels"]
+            ).loss
+        )
 
 
-def test_adaptation_continues_a_pissa_warmup_on_the_same_residual_base(pissa_warmup, tiny_model_dir, tokenizer, batch,
-                                                                       base_logits, tiny_model, train_file, tmp_path):
+def test_adaptation_continues_a_pissa_warmup_on_the_same_residual_base(
+    pissa_warmup, tiny_model_dir, tokenizer, batch, base_logits, tiny_model, train_file, tmp_path
+):
     from peft import PeftModel
     from safetensors.torch import load_file
 
@@ -211,22 +227,43 @@ def test_adaptation_continues_a_pissa_warmup_on_the_same_residual_base(pissa_war
     assert all(not torch.equal(original[n], w) for n, w in rewritten.items())
     # The trainer's loss at step 0 is the warm-up's loss.
     loss_started = _first_batch_loss(started, tokenizer, tmp_path / "a")
-    loss_warm = _first_batch_loss(PeftModel.from_pretrained(load_model(tiny_model_dir), str(pissa_warmup),
-                                                            is_trainable=True), tokenizer, tmp_path / "b")
-    print(f"\npissa warm start: max |logits diff| {diff:.2e}; step-0 loss {loss_started:.6f} vs warm-up {loss_warm:.6f}")
+    loss_warm = _first_batch_loss(
+        PeftModel.from_pretrained(load_model(tiny_model_dir), str(pissa_warmup), is_trainable=True),
+        tokenizer,
+        tmp_path / "b",
+    )
+    print(
+        f"\npissa warm start: max |logits diff| {diff:.2e}; step-0 loss {loss_started:.6f} vs warm-up {loss_warm:.6f}"
+    )
     assert loss_started == pytest.approx(loss_warm, abs=1e-5)
 
     # A real adaptation from it: saved against the same A0/B0, loadable on the original base.
     out = tmp_path / "results" / "adapt"
-    result = run_adaptation(tiny_model_dir, train_file, "sft", "d2lora-pissa", 4, LORA, HP, out, seed=0,
-                            warmup_dir=pissa_warmup, device="cpu", variant=variant)
+    result = run_adaptation(
+        tiny_model_dir,
+        train_file,
+        "sft",
+        "d2lora-pissa",
+        4,
+        LORA,
+        HP,
+        out,
+        seed=0,
+        warmup_dir=pissa_warmup,
+        device="cpu",
+        variant=variant,
+    )
     assert result["residual_base"]["init_lora_weights"] == "pissa" and result["global_steps"] == 2
     adapted_initial = load_file(str(out / "residual" / "initial.safetensors"))
-    assert initial.keys() == adapted_initial.keys() and all(torch.equal(initial[k], adapted_initial[k]) for k in initial)
+    assert initial.keys() == adapted_initial.keys() and all(
+        torch.equal(initial[k], adapted_initial[k]) for k in initial
+    )
     chained = inits.warm_started_adapter(load_model(tiny_model_dir), out, LORA, variant, tiny_model_dir)
     plain = PeftModel.from_pretrained(load_model(tiny_model_dir), str(out))
     assert float((_logits(chained, batch) - _logits(plain, batch)).abs().max()) <= RELOAD_ATOL
-    assert float((_logits(plain, batch) - _logits(warm_fn, batch)).abs().max()) > 100 * RELOAD_ATOL, "adaptation moved nothing"
+    assert float((_logits(plain, batch) - _logits(warm_fn, batch)).abs().max()) > 100 * RELOAD_ATOL, (
+        "adaptation moved nothing"
+    )
     from d2lora.verify import verify
 
     findings, checked = verify(tmp_path / "results")
@@ -242,11 +279,20 @@ def test_dpo_reference_copy_does_not_rerun_a_residual_init(pissa_warmup, tiny_mo
     from d2lora.training.run import conversational
     from d2lora.training.trainers import build_trainer
 
-    model = inits.warm_started_adapter(load_model(tiny_model_dir), pissa_warmup, LORA, _variant("pissa", True),
-                                       tiny_model_dir)
+    model = inits.warm_started_adapter(
+        load_model(tiny_model_dir), pissa_warmup, LORA, _variant("pissa", True), tiny_model_dir
+    )
     before = _base_weights(model)
-    trainer = build_trainer("dpo", model, tokenizer, Dataset.from_list(conversational(_rows(4), "dpo")),
-                            dict(HP, beta=0.1), str(tmp_path), 0, True)
+    trainer = build_trainer(
+        "dpo",
+        model,
+        tokenizer,
+        Dataset.from_list(conversational(_rows(4), "dpo")),
+        dict(HP, beta=0.1),
+        str(tmp_path),
+        0,
+        True,
+    )
     assert set(trainer.model.peft_config) == {"default", "ref"}
     after = _base_weights(trainer.model)
     assert before.keys() == after.keys() and all(torch.equal(before[n], after[n]) for n in before)
@@ -259,18 +305,53 @@ def test_dpo_reference_copy_does_not_rerun_a_residual_init(pissa_warmup, tiny_mo
 
 def test_dpo_against_the_bare_base_is_refused_for_residual_inits(tiny_model_dir, train_file, tmp_path):
     with pytest.raises(ValueError, match=r"training\.adapt\.dpo\.reference: 'base'.*'olora'"):
-        run_adaptation(tiny_model_dir, train_file, "dpo", "olora", 4, LORA, dict(HP, beta=0.1, reference="base"),
-                       tmp_path / "out", seed=0, device="cpu", variant=_variant("olora"))
+        run_adaptation(
+            tiny_model_dir,
+            train_file,
+            "dpo",
+            "olora",
+            4,
+            LORA,
+            dict(HP, beta=0.1, reference="base"),
+            tmp_path / "out",
+            seed=0,
+            device="cpu",
+            variant=_variant("olora"),
+        )
     assert not list(tmp_path.iterdir())
 
 
 def test_warmup_of_another_init_is_refused(pissa_warmup, tiny_model_dir, train_file, tmp_path):
     with pytest.raises(AdapterError, match=r"initialised with init_lora_weights 'pissa'.*'olora'"):
-        run_adaptation(tiny_model_dir, train_file, "sft", "d2lora-olora", 4, LORA, HP, tmp_path / "out", seed=0,
-                       warmup_dir=pissa_warmup, device="cpu", variant=_variant("olora", warmup=True))
+        run_adaptation(
+            tiny_model_dir,
+            train_file,
+            "sft",
+            "d2lora-olora",
+            4,
+            LORA,
+            HP,
+            tmp_path / "out",
+            seed=0,
+            warmup_dir=pissa_warmup,
+            device="cpu",
+            variant=_variant("olora", warmup=True),
+        )
     with pytest.raises(AdapterError, match=r"rank 4"):
-        run_adaptation(tiny_model_dir, train_file, "sft", "d2lora-pissa", 4, dict(LORA, rank=8), HP, tmp_path / "out",
-                       seed=0, warmup_dir=pissa_warmup, device="cpu", variant=_variant("pissa", warmup=True))
+        run_adaptation(
+            tiny_model_dir,
+            train_file,
+            "sft",
+            "d2lora-pissa",
+            4,
+            dict(LORA, rank=8),
+            HP,
+            tmp_path / "out",
+            seed=0,
+            warmup_dir=pissa_warmup,
+            device="cpu",
+            variant=_variant("pissa", warmup=True),
+        )
     assert not list(tmp_path.iterdir())
 
 
@@ -281,45 +362,90 @@ def test_data_driven_inits_record_their_calibration_rows(init, tiny_model_dir, t
     from d2lora.models import load_model
 
     out = tmp_path / "adapter"
-    record = run_adaptation(tiny_model_dir, train_file, "sft", init, 4, LORA, HP, out, seed=0, device="cpu",
-                            variant=_variant(init, rows=3))
+    record = run_adaptation(
+        tiny_model_dir, train_file, "sft", init, 4, LORA, HP, out, seed=0, device="cpu", variant=_variant(init, rows=3)
+    )
     saved = json.loads((out / "training.json").read_text())
     assert saved["calibration"]["ids"] == record["train_ids"][:3] == ["row-0", "row-1", "row-2"]
     assert saved["calibration"]["rows"] == 3 and saved["calibration"]["phase"] == "adapt"
     assert saved["variant"] == _variant(init, rows=3)
     PeftModel.from_pretrained(load_model(tiny_model_dir), str(out))  # loads on the original base
     # Other inits read no data and record none.
-    plain = run_adaptation(tiny_model_dir, train_file, "sft", "pissa", 2, LORA, HP, tmp_path / "p", seed=0,
-                           device="cpu", variant=_variant("pissa", rows=3)) if init == "eva" else None
+    plain = (
+        run_adaptation(
+            tiny_model_dir,
+            train_file,
+            "sft",
+            "pissa",
+            2,
+            LORA,
+            HP,
+            tmp_path / "p",
+            seed=0,
+            device="cpu",
+            variant=_variant("pissa", rows=3),
+        )
+        if init == "eva"
+        else None
+    )
     assert plain is None or plain["calibration"] is None
 
 
 def test_warmup_calibration_reads_the_warmup_rows(tiny_model_dir, train_file, tmp_path):
     out = tmp_path / "warmup"
-    record = run_warmup(tiny_model_dir, train_file, LORA, HP, out, seed=0, device="cpu",
-                        variant=_variant("corda", warmup=True, rows=2))
+    record = run_warmup(
+        tiny_model_dir, train_file, LORA, HP, out, seed=0, device="cpu", variant=_variant("corda", warmup=True, rows=2)
+    )
     assert record["calibration"]["ids"] == ["row-0", "row-1"] and record["calibration"]["phase"] == "warmup"
-    adapted = run_adaptation(tiny_model_dir, train_file, "sft", "d2lora-corda", 2, LORA, HP, tmp_path / "adapt",
-                             seed=0, warmup_dir=out, device="cpu", variant=_variant("corda", warmup=True, rows=2))
+    adapted = run_adaptation(
+        tiny_model_dir,
+        train_file,
+        "sft",
+        "d2lora-corda",
+        2,
+        LORA,
+        HP,
+        tmp_path / "adapt",
+        seed=0,
+        warmup_dir=out,
+        device="cpu",
+        variant=_variant("corda", warmup=True, rows=2),
+    )
     assert adapted["calibration"]["ids"] == ["row-0", "row-1"] and adapted["calibration"]["from_warmup"] == str(out)
     with pytest.raises(AdapterError, match=r"read 2 calibration rows.*calibration_rows=256"):
-        run_adaptation(tiny_model_dir, train_file, "sft", "d2lora-corda", 2, LORA, HP, tmp_path / "x", seed=0,
-                       warmup_dir=out, device="cpu", variant=_variant("corda", warmup=True))
+        run_adaptation(
+            tiny_model_dir,
+            train_file,
+            "sft",
+            "d2lora-corda",
+            2,
+            LORA,
+            HP,
+            tmp_path / "x",
+            seed=0,
+            warmup_dir=out,
+            device="cpu",
+            variant=_variant("corda", warmup=True),
+        )
 
 
-@pytest.mark.parametrize("variant, message", [
-    ({"init_lora_weights": "pisa"}, r"init_lora_weights: unknown init 'pisa' \(known: default, gaussian, pissa"),
-    ({"init_lora_weights": "pissa_niter_"}, r"init_lora_weights: unknown init 'pissa_niter_'"),
-    ({"init_lora_weights": "pissa", "rank": 8}, r"rank: unknown key"),
-    ({"adapter": "vera"}, r"adapter: unknown adapter 'vera'"),
-    ({"init_lora_weights": "eva", "calibration_rows": 0}, r"calibration_rows: expected a positive integer"),
-])
+@pytest.mark.parametrize(
+    "variant, message",
+    [
+        ({"init_lora_weights": "pisa"}, r"init_lora_weights: unknown init 'pisa' \(known: default, gaussian, pissa"),
+        ({"init_lora_weights": "pissa_niter_"}, r"init_lora_weights: unknown init 'pissa_niter_'"),
+        ({"init_lora_weights": "pissa", "rank": 8}, r"rank: unknown key"),
+        ({"adapter": "vera"}, r"adapter: unknown adapter 'vera'"),
+        ({"init_lora_weights": "eva", "calibration_rows": 0}, r"calibration_rows: expected a positive integer"),
+    ],
+)
 def test_a_bad_variant_fails_naming_its_key(variant, message, tiny_model_dir, train_file, tmp_path):
     with pytest.raises(inits.VariantError, match=message):
         inits.normalize_variant(variant)
     with pytest.raises(inits.VariantError, match=message):
-        run_adaptation(tiny_model_dir, train_file, "sft", "x", 2, LORA, HP, tmp_path / "out", seed=0, device="cpu",
-                       variant=variant)
+        run_adaptation(
+            tiny_model_dir, train_file, "sft", "x", 2, LORA, HP, tmp_path / "out", seed=0, device="cpu", variant=variant
+        )
     assert not list(tmp_path.iterdir())
     assert inits.normalize_variant(None, "lora") == _variant("default")
     assert inits.normalize_variant(None, "d2lora") == _variant("default", warmup=True)
@@ -349,14 +475,36 @@ def test_adaptive_adapters_dispatch_to_dynamic_lora(tiny_model_dir, train_file, 
     fake.DEFAULTS = {"adalora": {"reallocations": 10}, "dynamic": {"reallocations": 10, "seed": 0}}
     fake.adapter_report = lambda model: {"ranks": "reported"}
     monkeypatch.setitem(sys.modules, "d2lora.training.adaptive", fake)
-    record = run_adaptation(tiny_model_dir, train_file, "sft", "adalora", 4, LORA, HP, tmp_path / "a", seed=7,
-                            device="cpu", variant={"adapter": "adalora", "options": {"reallocations": 3}})
+    record = run_adaptation(
+        tiny_model_dir,
+        train_file,
+        "sft",
+        "adalora",
+        4,
+        LORA,
+        HP,
+        tmp_path / "a",
+        seed=7,
+        device="cpu",
+        variant={"adapter": "adalora", "options": {"reallocations": 3}},
+    )
     assert calls == [({"adapter": "adalora", "reallocations": 3}, 2)] and steps == [1, 2]
     assert record["variant"]["adapter"] == "adalora" and record["adapter"] == {"ranks": "reported"}
 
     calls.clear()
-    run_adaptation(tiny_model_dir, train_file, "sft", "dynamic", 4, LORA, HP, tmp_path / "b", seed=7,
-                   device="cpu", variant={"adapter": "dynamic"})
+    run_adaptation(
+        tiny_model_dir,
+        train_file,
+        "sft",
+        "dynamic",
+        4,
+        LORA,
+        HP,
+        tmp_path / "b",
+        seed=7,
+        device="cpu",
+        variant={"adapter": "dynamic"},
+    )
     assert calls == [({"adapter": "dynamic", "seed": 7}, 2)]
 
 
@@ -373,8 +521,20 @@ def test_resumed_residual_run_rebuilds_the_same_residual_base(tiny_model_dir, tr
     variant = _variant("pissa")
 
     def train(out):
-        return run_adaptation(tiny_model_dir, train_file, "sft", "pissa", 4, lora, hp, out, seed=0, device="cpu",
-                              checkpoint_steps=2, variant=variant)
+        return run_adaptation(
+            tiny_model_dir,
+            train_file,
+            "sft",
+            "pissa",
+            4,
+            lora,
+            hp,
+            out,
+            seed=0,
+            device="cpu",
+            checkpoint_steps=2,
+            variant=variant,
+        )
 
     reference = train(tmp_path / "reference")
 

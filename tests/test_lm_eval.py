@@ -1,5 +1,6 @@
 """lm-eval as the second engine: task templates, lm-eval's extractor against ours on real model
 outputs, and whole cells scored by both engines with the tiny model."""
+
 from __future__ import annotations
 
 import gzip
@@ -55,19 +56,22 @@ def test_titles_always_use_our_engine():
         engine_for("gsm8k", {"engine": "vllm"})
 
 
-@pytest.mark.parametrize("text, expected", [
-    ("so the total is \\boxed{18}.", "18"),
-    ("first \\boxed{5}, then \\boxed{7} dollars", "7"),
-    ("\\boxed{\\frac{3}{4}}", "\\frac{3}{4}"),
-    ("She has 3 apples and buys 4 more, 7 in all.", "7"),
-    ("It costs $1,234.50 in total.", "1,234.50"),
-    ("The temperature is -12 degrees.", "-12"),
-    ("No numbers here.", "[invalid]"),
-    ("I put the final answer within \\boxed{}. So the answer is 3 + 4 = 7.", "7"),
-    ("So, the answer is: $56. Check: 56 - 6 = 50", "56"),
-    ("(1/6) * (1/2) = 1/12", "1/12"),
-    ("pages 1-36", "36"),
-])
+@pytest.mark.parametrize(
+    "text, expected",
+    [
+        ("so the total is \\boxed{18}.", "18"),
+        ("first \\boxed{5}, then \\boxed{7} dollars", "7"),
+        ("\\boxed{\\frac{3}{4}}", "\\frac{3}{4}"),
+        ("She has 3 apples and buys 4 more, 7 in all.", "7"),
+        ("It costs $1,234.50 in total.", "1,234.50"),
+        ("The temperature is -12 degrees.", "-12"),
+        ("No numbers here.", "[invalid]"),
+        ("I put the final answer within \\boxed{}. So the answer is 3 + 4 = 7.", "7"),
+        ("So, the answer is: $56. Check: 56 - 6 = 50", "56"),
+        ("(1/6) * (1/2) = 1/12", "1/12"),
+        ("pages 1-36", "36"),
+    ],
+)
 def test_lm_eval_filter_on_hand_made_texts(text, expected):
     assert backend.lm_eval_extract([text]) == [expected]
 
@@ -86,12 +90,17 @@ def _comparison() -> list[dict]:
     out = []
     for row, lm_answer in zip(rows, theirs):
         ours, rule = extract_with_rule(row["output"])
-        out.append({
-            "id": row["id"], "ours": ours, "rule": rule, "lm_eval": lm_answer,
-            "agree": backend.extractions_agree(lm_answer, ours),
-            "ours_correct": answers_match(ours, row["reference"]),
-            "lm_eval_correct": _lm_eval_exact_match(lm_answer, row["reference"]),
-        })
+        out.append(
+            {
+                "id": row["id"],
+                "ours": ours,
+                "rule": rule,
+                "lm_eval": lm_answer,
+                "agree": backend.extractions_agree(lm_answer, ours),
+                "ours_correct": answers_match(ours, row["reference"]),
+                "lm_eval_correct": _lm_eval_exact_match(lm_answer, row["reference"]),
+            }
+        )
     return out
 
 
@@ -101,8 +110,13 @@ def _lm_eval_exact_match(prediction: str, reference: str) -> bool:
 
     task = yaml.safe_load(backend.template_path("gsm8k").read_text().replace("@", ""))
     (metric,) = task["metric_list"]
-    score = exact_match_hf_evaluate([prediction], [reference], regexes_to_ignore=metric["regexes_to_ignore"],
-                                    ignore_case=metric["ignore_case"], ignore_punctuation=metric["ignore_punctuation"])
+    score = exact_match_hf_evaluate(
+        [prediction],
+        [reference],
+        regexes_to_ignore=metric["regexes_to_ignore"],
+        ignore_case=metric["ignore_case"],
+        ignore_punctuation=metric["ignore_punctuation"],
+    )
     return bool(score["exact_match"])
 
 
@@ -146,9 +160,17 @@ GRADER_CASES = [
 def _fake_lm_eval_samples(outputs: list[str], references: list[str]) -> list[dict]:
     """Samples as simple_evaluate logs them: lm-eval's own filter and exact_match on each output."""
     filtered = backend.lm_eval_extract(outputs)
-    return [{"doc_id": i, "doc": {"id": f"g{i}"}, "arguments": [[f"<chat>{i}"]], "resps": [[output]],
-             "filtered_resps": [answer], "exact_match": float(_lm_eval_exact_match(answer, reference))}
-            for i, (output, answer, reference) in enumerate(zip(outputs, filtered, references))]
+    return [
+        {
+            "doc_id": i,
+            "doc": {"id": f"g{i}"},
+            "arguments": [[f"<chat>{i}"]],
+            "resps": [[output]],
+            "filtered_resps": [answer],
+            "exact_match": float(_lm_eval_exact_match(answer, reference)),
+        }
+        for i, (output, answer, reference) in enumerate(zip(outputs, filtered, references))
+    ]
 
 
 def test_both_engines_score_every_careful_grader_case_alike():
@@ -167,8 +189,9 @@ def test_both_engines_score_every_careful_grader_case_alike():
 def test_a_runaway_number_is_no_match_in_either_engine(runaway):
     # Past Python's int-conversion limit Fraction() raises ValueError; it must read as wrong, not crash.
     assert not answers_match(runaway, "5")
-    (record,) = backend.gsm8k_records(_fake_lm_eval_samples([f"\\boxed{{{runaway}}}"], ["5"]),
-                                      [{"id": "g0", "question": "q", "answer": "5"}], ["q"])
+    (record,) = backend.gsm8k_records(
+        _fake_lm_eval_samples([f"\\boxed{{{runaway}}}"], ["5"]), [{"id": "g0", "question": "q", "answer": "5"}], ["q"]
+    )
     assert record["correct"] is False
 
 
@@ -179,10 +202,20 @@ MATH_ROWS = [
     {"id": "m2", "question": "A box holds 12 eggs. How many eggs are in 2 boxes?", "answer": "24"},
 ]
 MC_ROWS = [
-    {"id": "a1", "question": "Which gas do plants take in to make food?",
-     "choices": ["oxygen", "carbon dioxide", "helium", "nitrogen"], "labels": ["A", "B", "C", "D"], "answer_index": 1},
-    {"id": "a2", "question": "What pulls objects toward Earth?", "choices": ["gravity", "friction", "magnetism"],
-     "labels": ["1", "2", "3"], "answer_index": 0},
+    {
+        "id": "a1",
+        "question": "Which gas do plants take in to make food?",
+        "choices": ["oxygen", "carbon dioxide", "helium", "nitrogen"],
+        "labels": ["A", "B", "C", "D"],
+        "answer_index": 1,
+    },
+    {
+        "id": "a2",
+        "question": "What pulls objects toward Earth?",
+        "choices": ["gravity", "friction", "magnetism"],
+        "labels": ["1", "2", "3"],
+        "answer_index": 0,
+    },
 ]
 
 
@@ -192,8 +225,17 @@ def _cell(benchmark, tiny_model_dir, tmp_path, rows, engine, settings):
     write_jsonl(data / "eval.jsonl", rows)
     out = tmp_path / benchmark / engine
     cell = {"task": "math", "method": "none", "init": "lora", "n": 0, "seed": 0}
-    record = evaluate_cell(benchmark, cell, tiny_model_dir, None, data, {**settings, "engine": engine},
-                           out / "scores.json", out / "predictions.jsonl", device="cpu")
+    record = evaluate_cell(
+        benchmark,
+        cell,
+        tiny_model_dir,
+        None,
+        data,
+        {**settings, "engine": engine},
+        out / "scores.json",
+        out / "predictions.jsonl",
+        device="cpu",
+    )
     return record, read_jsonl(out / "predictions.jsonl")
 
 

@@ -3,6 +3,7 @@
 The script runs here at the tiny shape on the CPU: the same stages, the same pipeline calls, a
 2-layer model and a few rows; the 8B run happens on a GPU node (benchmarks/device/paper_scale.sh).
 """
+
 from __future__ import annotations
 
 import copy
@@ -30,9 +31,18 @@ SHAPE = REPO / "config" / "paper_shape.yaml"
 PAPER = yaml.safe_load((REPO / "config" / "paper.yaml").read_text())
 NEEDS_DATA = pytest.mark.skipif(not (REPO.parent / "shared" / "data").is_dir(), reason="needs ../shared/data")
 METHODS = ("warmup", "sft", "dpo", "orpo")
-LLAMA_31_8B = {"vocab_size": 128256, "hidden_size": 4096, "intermediate_size": 14336, "num_hidden_layers": 32,
-               "num_attention_heads": 32, "num_key_value_heads": 8, "head_dim": 128, "tie_word_embeddings": False,
-               "rms_norm_eps": 1e-5, "max_position_embeddings": 131072}
+LLAMA_31_8B = {
+    "vocab_size": 128256,
+    "hidden_size": 4096,
+    "intermediate_size": 14336,
+    "num_hidden_layers": 32,
+    "num_attention_heads": 32,
+    "num_key_value_heads": 8,
+    "head_dim": 128,
+    "tie_word_embeddings": False,
+    "rms_norm_eps": 1e-5,
+    "max_position_embeddings": 131072,
+}
 
 
 def _close(a: float, b: float, rel: float = 2e-3) -> bool:
@@ -66,7 +76,12 @@ def test_paper_shape_preset_is_the_8b_shape_with_table2_settings(monkeypatch):
     assert config["training"]["warmup"] == PAPER["training"]["warmup"]
     assert config["training"]["adapt"] == PAPER["training"]["adapt"]
     for hp in [config["training"]["warmup"], *config["training"]["adapt"].values()]:
-        assert (hp["batch_size"], hp["grad_accum"], hp["max_length"], hp["gradient_checkpointing"]) == (8, 2, 2048, True)
+        assert (hp["batch_size"], hp["grad_accum"], hp["max_length"], hp["gradient_checkpointing"]) == (
+            8,
+            2,
+            2048,
+            True,
+        )
     assert config["evaluation"]["gsm8k"]["max_new_tokens"] == 512
     assert "limit" not in config["datasets"]["math"]["eval"], "GSM8K is evaluated on all 1,319 test questions"
     # >= 50 optimizer steps per training stage, by the trainer's own count.
@@ -75,16 +90,33 @@ def test_paper_shape_preset_is_the_8b_shape_with_table2_settings(monkeypatch):
     for method in ("sft", "dpo", "orpo"):
         n = paper_scale.cell_n(config, method)
         assert _total_steps(n, config["training"]["adapt"][method]) >= 50, method
-    assert config["datasets"]["math"]["train"]["from"]["limit"] >= max(paper_scale.cell_n(config, m) for m in ("sft", "dpo"))
+    assert config["datasets"]["math"]["train"]["from"]["limit"] >= max(
+        paper_scale.cell_n(config, m) for m in ("sft", "dpo")
+    )
 
 
 def test_architecture_parameters_counts_what_transformers_builds():
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    for arch in ({"vocab_size": 300, "hidden_size": 32, "intermediate_size": 48, "num_hidden_layers": 2,
-                  "num_attention_heads": 4, "num_key_value_heads": 2, "tie_word_embeddings": False},
-                 {"vocab_size": 300, "hidden_size": 64, "intermediate_size": 96, "num_hidden_layers": 1,
-                  "num_attention_heads": 4, "head_dim": 8}):
+    for arch in (
+        {
+            "vocab_size": 300,
+            "hidden_size": 32,
+            "intermediate_size": 48,
+            "num_hidden_layers": 2,
+            "num_attention_heads": 4,
+            "num_key_value_heads": 2,
+            "tie_word_embeddings": False,
+        },
+        {
+            "vocab_size": 300,
+            "hidden_size": 64,
+            "intermediate_size": 96,
+            "num_hidden_layers": 1,
+            "num_attention_heads": 4,
+            "head_dim": 8,
+        },
+    ):
         built = LlamaForCausalLM(LlamaConfig(**{"tie_word_embeddings": True, **arch}))
         assert architecture_parameters(arch) == sum(p.numel() for p in built.parameters())
 
@@ -99,17 +131,26 @@ class _Tokenizer:
 def test_random_init_on_a_device_in_the_stored_dtype_and_wider_vocabulary():
     import torch
 
-    arch = {"hidden_size": 16, "intermediate_size": 32, "num_hidden_layers": 1, "num_attention_heads": 2,
-            "vocab_size": 128, "tie_word_embeddings": False}
+    arch = {
+        "hidden_size": 16,
+        "intermediate_size": 32,
+        "num_hidden_layers": 1,
+        "num_attention_heads": 2,
+        "vocab_size": 128,
+        "tie_word_embeddings": False,
+    }
     model = _random_init({"architecture": arch, "init_device": "cpu", "seed": 0}, _Tokenizer(), torch.bfloat16)
     assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
     assert model.config.vocab_size == 128 and model.lm_head.weight.shape == (128, 16)
     old = _random_init({"architecture": arch, "seed": 0}, _Tokenizer(), torch.float32)  # no init_device: the old path
     torch.manual_seed(0)
     from transformers import LlamaConfig, LlamaForCausalLM
+
     reference = LlamaForCausalLM(LlamaConfig(bos_token_id=1, eos_token_id=2, pad_token_id=2, **arch))
     assert all(torch.equal(a, b) for a, b in zip(old.state_dict().values(), reference.state_dict().values()))
-    with pytest.raises(ModelSourceError, match=r"model\.architecture\.vocab_size: 50 rows cannot hold the tokenizer's 100"):
+    with pytest.raises(
+        ModelSourceError, match=r"model\.architecture\.vocab_size: 50 rows cannot hold the tokenizer's 100"
+    ):
         _random_init({"architecture": {**arch, "vocab_size": 50}}, _Tokenizer(), torch.float32)
 
 
@@ -120,7 +161,10 @@ def test_standin_negatives_are_other_questions_solutions(tmp_path):
     raw = [{"question": f"What is {i} + {i}?", "answer": f"{i} and {i} make {2 * i}.\n#### {2 * i}"} for i in range(5)]
     raw.append({"question": "Twice 0?", "answer": "Still 0.\n#### 0"})  # its next neighbour (row 0) also answers 0
     write_jsonl(tmp_path / "train.jsonl", raw)
-    source = {"source": "onpolicy", "from": {"source": "local", "data_files": str(tmp_path / "train.jsonl"), "format": "gsm8k"}}
+    source = {
+        "source": "onpolicy",
+        "from": {"source": "local", "data_files": str(tmp_path / "train.jsonl"), "format": "gsm8k"},
+    }
     manifest = standin_negatives(source, "{question} Box it.", 0, tmp_path / "negatives.jsonl")
     rows = read_jsonl(tmp_path / "negatives.jsonl")
     assert len(rows) == manifest["rows"] == 6
@@ -146,9 +190,14 @@ def test_grid_estimate_is_cells_times_tokens_over_rates():
     assert parts[("titles", "sft")]["rows_x_epochs"] == 2 * (1000 + 2000 + 5000 + 6970) * 3
     assert result["training_job_overhead"]["jobs"] == len(grid.training_cells(PAPER)) + 1
     # 3 methods x 2 inits x 4 n, ORPO's 3 extra low-data n x 2 inits, and the 2 n = 0 cells.
-    assert result["gsm8k_evaluation"]["jobs"] == 32 and _close(result["gsm8k_evaluation"]["gpu_hours"], 32 * 300 / 3600, 1e-3)
-    total = sum(p["gpu_hours"] for p in result["training"]) + result["training_job_overhead"]["gpu_hours"] \
+    assert result["gsm8k_evaluation"]["jobs"] == 32 and _close(
+        result["gsm8k_evaluation"]["gpu_hours"], 32 * 300 / 3600, 1e-3
+    )
+    total = (
+        sum(p["gpu_hours"] for p in result["training"])
+        + result["training_job_overhead"]["gpu_hours"]
         + result["gsm8k_evaluation"]["gpu_hours"]
+    )
     assert _close(result["total_gpu_hours"], total, 1e-3)
     partial = estimate(PAPER, {k: v for k, v in rates.items() if k != "dpo"}, per_row, None, None)
     assert not partial["complete"]
@@ -224,15 +273,32 @@ def test_tiny_run_training_numbers_are_consistent(tiny_run, method):
     m = summary["methods"][method]
     training = summary["config"]["training"]
     hp = training["warmup"] if method == "warmup" else training["adapt"][method]
-    for key in ("train_tokens", "train_seconds", "tokens_per_second", "seconds_per_step", "mfu", "steps",
-                "model_parameters", "stage_seconds", "load_seconds", "grad_norm_mean", "tokens_per_row"):
+    for key in (
+        "train_tokens",
+        "train_seconds",
+        "tokens_per_second",
+        "seconds_per_step",
+        "mfu",
+        "steps",
+        "model_parameters",
+        "stage_seconds",
+        "load_seconds",
+        "grad_norm_mean",
+        "tokens_per_row",
+    ):
         assert _positive(m[key]), (method, key, m[key])
     assert _close(m["tokens_per_second"] * m["train_seconds"], m["train_tokens"])
     assert _close(m["seconds_per_step"] * m["steps"], m["train_seconds"])
-    assert _close(m["mfu"], 4 * m["model_parameters"] * m["train_tokens"] / m["train_seconds"] / summary["device"]["peak_flops"])
+    assert _close(
+        m["mfu"], 4 * m["model_parameters"] * m["train_tokens"] / m["train_seconds"] / summary["device"]["peak_flops"]
+    )
     assert m["steps"] == math.ceil(m["rows"] / (m["batch_size"] * m["grad_accum"])) * m["epochs"]
-    assert (m["batch_size"], m["grad_accum"], m["max_length"], m["gradient_checkpointing"]) == \
-        (hp["batch_size"], hp["grad_accum"], hp["max_length"], hp["gradient_checkpointing"])
+    assert (m["batch_size"], m["grad_accum"], m["max_length"], m["gradient_checkpointing"]) == (
+        hp["batch_size"],
+        hp["grad_accum"],
+        hp["max_length"],
+        hp["gradient_checkpointing"],
+    )
     assert m["gradient_checkpointing"] is True  # the paper's setting, kept at the tiny shape
     assert m["rows"] == (2 if method != "warmup" else summary["data"]["warmup"]["counts"]["train"])
     assert 0 <= m["load_seconds"] <= m["overhead_seconds"] + 0.01
@@ -287,27 +353,45 @@ def test_tiny_shape_refuses_a_config_of_another_layout(tmp_path):
 def test_levers_run_each_setting_against_the_plain_path_in_one_process(tmp_path, monkeypatch):
     """A few levers of each kind at the tiny shape: each is recorded with its settings as they took effect
     and its ratio to plain, and a lever that fails is recorded without stopping the next."""
-    levers = {"sft": {k: paper_scale.LEVERS["sft"][k] for k in ("plain", "no_checkpointing_padding_free")},
-              "dpo": {k: paper_scale.LEVERS["dpo"][k] for k in ("plain", "no_checkpointing_precompute_reference")},
-              "gsm8k": {"plain": {}, "merged": {"merge_adapter": True}, "broken": {"cache": "paged"}},
-              "gsm8k_small": {k: paper_scale.LEVERS["gsm8k_small"][k] for k in ("plain", "static_cache_eager")}}
+    levers = {
+        "sft": {k: paper_scale.LEVERS["sft"][k] for k in ("plain", "no_checkpointing_padding_free")},
+        "dpo": {k: paper_scale.LEVERS["dpo"][k] for k in ("plain", "no_checkpointing_precompute_reference")},
+        "gsm8k": {"plain": {}, "merged": {"merge_adapter": True}, "broken": {"cache": "paged"}},
+        "gsm8k_small": {k: paper_scale.LEVERS["gsm8k_small"][k] for k in ("plain", "static_cache_eager")},
+    }
     monkeypatch.setattr(paper_scale, "LEVERS", levers)
-    summary = paper_scale.main(["--shape", "tiny", "--device", "cpu", "--out", str(tmp_path),
-                                "--stages", "levers_sft,levers_dpo,levers_gsm8k,levers_gsm8k_small"])
+    summary = paper_scale.main(
+        [
+            "--shape",
+            "tiny",
+            "--device",
+            "cpu",
+            "--out",
+            str(tmp_path),
+            "--stages",
+            "levers_sft,levers_dpo,levers_gsm8k,levers_gsm8k_small",
+        ]
+    )
     sft, dpo, gsm8k = (summary["levers"][m] for m in ("sft", "dpo", "gsm8k"))
     assert sft["plain"]["speedup_tokens_per_second"] == 1.0
     plain, fast = sft["plain"], sft["no_checkpointing_padding_free"]
     assert (plain["base_dtype"], plain["gradient_checkpointing"], plain["padding_free"]) == ("float32", True, False)
     assert (fast["base_dtype"], fast["gradient_checkpointing"], fast["padding_free"]) == ("bfloat16", False, True)
-    assert fast["speedup_tokens_per_second"] == pytest.approx(fast["tokens_per_second"] / plain["tokens_per_second"], abs=1e-3)
-    assert plain["epochs"] == paper_scale.LEVER_EPOCHS["sft"] and dpo["plain"]["epochs"] == paper_scale.LEVER_EPOCHS["dpo"]
+    assert fast["speedup_tokens_per_second"] == pytest.approx(
+        fast["tokens_per_second"] / plain["tokens_per_second"], abs=1e-3
+    )
+    assert (
+        plain["epochs"] == paper_scale.LEVER_EPOCHS["sft"] and dpo["plain"]["epochs"] == paper_scale.LEVER_EPOCHS["dpo"]
+    )
     assert dpo["no_checkpointing_precompute_reference"]["precompute_reference"] is True
     assert summary["lever_ratios"]["dpo_pair_over_sft_example"] > 0
     assert gsm8k["merged"]["merge_adapter"] is True and gsm8k["merged"]["outputs_equal_to_plain"] is not None
     assert gsm8k["merged"]["adapter"].endswith("levers_sft_plain")
     assert "cache" in gsm8k["broken"]["error"] and summary["errors"] == {}
     # Every training lever stage began with a throwaway run of plain, outside the results.
-    assert set(summary["lever_warmups"]) == {"sft", "dpo"} and all("error" not in w for w in summary["lever_warmups"].values())
+    assert set(summary["lever_warmups"]) == {"sft", "dpo"} and all(
+        "error" not in w for w in summary["lever_warmups"].values()
+    )
     assert "process_warmup" not in sft
     # The real small model (the mini preset's), no adapter: the static cache changes no answer in float32.
     small = summary["levers"]["gsm8k_small"]

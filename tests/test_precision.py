@@ -1,5 +1,6 @@
 """Precision chosen by the hardware (d2lora.precision): both outcomes of `auto` with the
 capability faked, the explicit override, and the choice recorded where results are written."""
+
 from __future__ import annotations
 
 import pytest
@@ -51,7 +52,10 @@ def test_an_explicit_setting_wins_over_the_hardware():
     assert resolve_dtype("float32", "cpu", WITH_BF16).reason == "set in the config"
     assert resolve_bf16_flag(True, "cpu", AVX2_ONLY).bf16 is True
     assert resolve_bf16_flag(False, "cpu", WITH_BF16).record() == {
-        "setting": "false", "dtype": "float32", "reason": "set in the config"}
+        "setting": "false",
+        "dtype": "float32",
+        "reason": "set in the config",
+    }
     with pytest.raises(ValueError, match="bf16 must be true, false or 'auto'"):
         resolve_bf16_flag("yes", "cpu", WITH_BF16)
 
@@ -67,7 +71,9 @@ def test_the_environment_override_forces_either_outcome_and_says_so(monkeypatch)
 
 def test_cpu_flags_reads_x86_and_arm_cpuinfo(tmp_path):
     x86 = tmp_path / "x86"
-    x86.write_text("processor\t: 0\nflags\t\t: fpu avx2 avx512_bf16\n\nprocessor\t: 1\nflags\t\t: fpu avx2 avx512_bf16\n")
+    x86.write_text(
+        "processor\t: 0\nflags\t\t: fpu avx2 avx512_bf16\n\nprocessor\t: 1\nflags\t\t: fpu avx2 avx512_bf16\n"
+    )
     arm = tmp_path / "arm"
     arm.write_text("processor\t: 0\nFeatures\t: fp asimd bf16 i8mm\n")
     assert {"avx2", "avx512_bf16"} <= cpu_flags(x86)
@@ -89,8 +95,17 @@ def test_evaluation_records_the_resolved_dtype_and_its_reason(tiny_model_dir, tm
     settings = {"max_new_tokens": 3, "batch_size": 1, "dtype": "auto"}
     out = tmp_path / "eval"
     out.mkdir()
-    record = evaluate_cell("titles", cell, tiny_model_dir, None, data, settings, out / "scores.json",
-                           out / "predictions.jsonl", device="cpu")
+    record = evaluate_cell(
+        "titles",
+        cell,
+        tiny_model_dir,
+        None,
+        data,
+        settings,
+        out / "scores.json",
+        out / "predictions.jsonl",
+        device="cpu",
+    )
     assert record["settings"]["dtype"] == "float32"
     assert record["precision"]["setting"] == "auto" and "D2LORA_NATIVE_BF16=0" in record["precision"]["reason"]
     manifest = json.loads((out / "manifest.json").read_text())

@@ -5,6 +5,7 @@ adapter, an evaluation cell), inside d2lora.runtime.job as a workflow script wou
 a fake hub token in the environment. Then: every result has a manifest that verify accepts;
 tampering with any file is reported (exit code 1); the token appears nowhere.
 """
+
 from __future__ import annotations
 
 import json
@@ -45,18 +46,39 @@ def results(tiny_model_dir, tmp_path_factory) -> Path:
     try:
         with job(fake):
             print(f"a careless library prints the token: {FAKE_TOKEN} and {OTHER_TOKEN}")
-            role = {"prompt_template": TEMPLATE, "train": {"source": "synthetic", "kind": "math", "rows": 4},
-                    "eval": {"source": "synthetic", "kind": "math", "rows": 2}}
+            role = {
+                "prompt_template": TEMPLATE,
+                "train": {"source": "synthetic", "kind": "math", "rows": 4},
+                "eval": {"source": "synthetic", "kind": "math", "rows": 2},
+            }
             prepare_role("math", role, "results/data/math", seed=0, max_n=2)
             hp = {"learning_rate": 1e-3, "epochs": 1, "scheduler": "cosine", "batch_size": 2, "max_length": 512}
-            run_adaptation("results/model/base", "results/data/math/train.jsonl", "sft", "lora", 2,
-                           {"rank": 4, "alpha": 8}, hp, ADAPTER, seed=0, device="cpu", checkpoint_steps=1)
+            run_adaptation(
+                "results/model/base",
+                "results/data/math/train.jsonl",
+                "sft",
+                "lora",
+                2,
+                {"rank": 4, "alpha": 8},
+                hp,
+                ADAPTER,
+                seed=0,
+                device="cpu",
+                checkpoint_steps=1,
+            )
         fake.log = ["logs/evaluate.log"]
         with job(fake):
-            evaluate_cell("gsm8k", {"task": "math", "method": "sft", "init": "lora", "n": 2, "seed": 0},
-                          "results/model/base", ADAPTER, "results/data/math",
-                          {"max_new_tokens": 4, "batch_size": 2, "prompt_template": TEMPLATE},
-                          f"{EVAL}/scores.json", f"{EVAL}/predictions.jsonl", device="cpu")
+            evaluate_cell(
+                "gsm8k",
+                {"task": "math", "method": "sft", "init": "lora", "n": 2, "seed": 0},
+                "results/model/base",
+                ADAPTER,
+                "results/data/math",
+                {"max_new_tokens": 4, "batch_size": 2, "prompt_template": TEMPLATE},
+                f"{EVAL}/scores.json",
+                f"{EVAL}/predictions.jsonl",
+                device="cpu",
+            )
         yield work
     finally:
         mp.undo()
@@ -82,8 +104,12 @@ def test_every_result_carries_a_manifest(results):
 
 
 def test_the_token_appears_nowhere(results):
-    leaks = [str(p) for p in results.rglob("*") if p.is_file()
-             if FAKE_TOKEN.encode() in p.read_bytes() or OTHER_TOKEN.encode() in p.read_bytes()]
+    leaks = [
+        str(p)
+        for p in results.rglob("*")
+        if p.is_file()
+        if FAKE_TOKEN.encode() in p.read_bytes() or OTHER_TOKEN.encode() in p.read_bytes()
+    ]
     assert not leaks
     log = (results / "logs" / "adapt.log").read_text()
     assert "a careless library prints the token: *** and ***" in log
@@ -123,13 +149,17 @@ def test_verify_reports_every_tampered_file(results, tmp_path):
     by_status = {(f.status, Path(f.path).name) for f in findings}
     assert ("CHANGED", "scores.json") in by_status
     assert ("UNLISTED", "notes.txt") in by_status
-    assert ("CHANGED", "train.jsonl") in by_status          # against the data manifest
-    assert ("STALE-INPUT", "train.jsonl") in by_status      # the adapter was trained on other data
-    assert ("CHANGED", "model.safetensors") in by_status    # against the model's source.json
+    assert ("CHANGED", "train.jsonl") in by_status  # against the data manifest
+    assert ("STALE-INPUT", "train.jsonl") in by_status  # the adapter was trained on other data
+    assert ("CHANGED", "model.safetensors") in by_status  # against the model's source.json
 
     (root / EVAL.removeprefix("results/") / "manifest.json").unlink()
-    result = subprocess.run([sys.executable, "-m", "d2lora.verify", str(root)], capture_output=True, text=True,
-                            env={"PYTHONPATH": str(REPO / "src"), "PATH": "/usr/bin:/bin"})
+    result = subprocess.run(
+        [sys.executable, "-m", "d2lora.verify", str(root)],
+        capture_output=True,
+        text=True,
+        env={"PYTHONPATH": str(REPO / "src"), "PATH": "/usr/bin:/bin"},
+    )
     assert result.returncode == 1, result.stderr
     assert "NO-MANIFEST" in result.stdout
     assert "do not match their manifests" in result.stdout

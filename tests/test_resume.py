@@ -6,6 +6,7 @@ that of an uninterrupted run: identical adapter tensors and per-step losses, ide
 predictions and scores. The entry point sleeps after each step/batch so that the kill lands
 mid-run; it changes nothing else.
 """
+
 from __future__ import annotations
 
 import json
@@ -59,11 +60,18 @@ def _kill_when(proc: subprocess.Popen, ready, timeout: float = 120) -> None:
 @pytest.fixture(scope="module")
 def train_file(tmp_path_factory) -> Path:
     path = tmp_path_factory.mktemp("data") / "train.jsonl"
-    write_jsonl(path, [
-        {"id": f"row-{i}", "prompt": f"What is {i} plus {i}?", "chosen": f"{i} plus {i} is \\boxed{{{2 * i}}}.",
-         "rejected": f"{i} plus {i} is \\boxed{{{2 * i + 1}}}."}
-        for i in range(8)
-    ])
+    write_jsonl(
+        path,
+        [
+            {
+                "id": f"row-{i}",
+                "prompt": f"What is {i} plus {i}?",
+                "chosen": f"{i} plus {i} is \\boxed{{{2 * i}}}.",
+                "rejected": f"{i} plus {i} is \\boxed{{{2 * i + 1}}}.",
+            }
+            for i in range(8)
+        ],
+    )
     return path
 
 
@@ -77,8 +85,19 @@ def test_training_killed_mid_epoch_resumes_to_the_same_adapter(tiny_model_dir, t
     from safetensors.torch import load_file
 
     def kwargs(out: Path) -> dict:
-        return dict(model_dir=str(tiny_model_dir), train_path=str(train_file), method="dpo", init="lora", n=8, lora=LORA,
-                    hp=HP, out_dir=str(out), seed=0, device="cpu", checkpoint_steps=2)
+        return dict(
+            model_dir=str(tiny_model_dir),
+            train_path=str(train_file),
+            method="dpo",
+            init="lora",
+            n=8,
+            lora=LORA,
+            hp=HP,
+            out_dir=str(out),
+            seed=0,
+            device="cpu",
+            checkpoint_steps=2,
+        )
 
     reference, resumed = tmp_path / "reference", tmp_path / "resumed"
     checkpoints = checkpoint_dir_for(resumed)
@@ -96,7 +115,10 @@ def test_training_killed_mid_epoch_resumes_to_the_same_adapter(tiny_model_dir, t
 
     assert "resuming from" in log
     assert not checkpoints.exists(), "checkpoints are removed once the adapter is in place"
-    a, b = load_file(str(reference / "adapter_model.safetensors")), load_file(str(resumed / "adapter_model.safetensors"))
+    a, b = (
+        load_file(str(reference / "adapter_model.safetensors")),
+        load_file(str(resumed / "adapter_model.safetensors")),
+    )
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), "adapter tensors differ"
     ra, rb = (json.loads((d / "training.json").read_text()) for d in (reference, resumed))
     assert 2 <= rb["resumed_from_step"] < 8 and ra["resumed_from_step"] is None
@@ -105,23 +127,34 @@ def test_training_killed_mid_epoch_resumes_to_the_same_adapter(tiny_model_dir, t
     assert ra["train_loss"] == rb["train_loss"]
     tokens = [[e["num_tokens"] for e in r["log_history"] if "num_tokens" in e] for r in (ra, rb)]
     assert tokens[0] == tokens[1] and ra["train_tokens"] == rb["train_tokens"] > 0
-    print(f"\nkilled after checkpoint-{rb['resumed_from_step']}; resumed: 8 steps, adapter tensors identical, "
-          f"losses {losses[1]}")
+    print(
+        f"\nkilled after checkpoint-{rb['resumed_from_step']}; resumed: 8 steps, adapter tensors identical, "
+        f"losses {losses[1]}"
+    )
 
 
 def test_evaluation_killed_mid_run_resumes_from_finished_batches(tiny_model_dir, tmp_path):
     from d2lora.data.prepare import prepare_role
 
     data = tmp_path / "data"
-    prepare_role("math", {"prompt_template": TEMPLATE, "eval": {"source": "synthetic", "kind": "math", "rows": 6}},
-                 data, seed=0)
+    prepare_role(
+        "math", {"prompt_template": TEMPLATE, "eval": {"source": "synthetic", "kind": "math", "rows": 6}}, data, seed=0
+    )
     settings = {"max_new_tokens": 8, "batch_size": 2, "prompt_template": TEMPLATE, "dtype": "float32"}
     cell = {"task": "math", "method": "none", "init": "lora", "n": 0, "seed": 0}
 
     def kwargs(out: Path) -> dict:
-        return dict(benchmark="gsm8k", cell=cell, model_dir=str(tiny_model_dir), adapter_dir=None, data_dir=str(data),
-                    settings=settings, scores_path=str(out / "scores.json"),
-                    predictions_path=str(out / "predictions.jsonl"), device="cpu")
+        return dict(
+            benchmark="gsm8k",
+            cell=cell,
+            model_dir=str(tiny_model_dir),
+            adapter_dir=None,
+            data_dir=str(data),
+            settings=settings,
+            scores_path=str(out / "scores.json"),
+            predictions_path=str(out / "predictions.jsonl"),
+            device="cpu",
+        )
 
     reference, resumed = tmp_path / "reference", tmp_path / "resumed"
     uninterrupted = _start("evaluate", kwargs(reference))
@@ -138,15 +171,19 @@ def test_evaluation_killed_mid_run_resumes_from_finished_batches(tiny_model_dir,
     assert (reference / "predictions.jsonl").read_bytes() == (resumed / "predictions.jsonl").read_bytes()
     ra, rb = (json.loads((d / "scores.json").read_text()) for d in (reference, resumed))
     assert ra["metrics"] == rb["metrics"] and ra["n_items"] == rb["n_items"] == 6
-    print(f"\nkilled after {done_batches} of 3 batches; resumed run recomputed {3 - done_batches}; predictions identical")
+    print(
+        f"\nkilled after {done_batches} of 3 batches; resumed run recomputed {3 - done_batches}; predictions identical"
+    )
 
 
 def test_multiple_choice_reuses_recorded_batches(tiny_model, tokenizer, tmp_path):
     """A rerun whose batches are all recorded never calls the model, and gives the same numbers."""
     from d2lora.evaluation.multiple_choice import evaluate_multiple_choice
 
-    rows = [{"id": f"q{i}", "question": f"Which is {i}?", "choices": [str(i), str(i + 1), "none"], "answer_index": 0}
-            for i in range(4)]
+    rows = [
+        {"id": f"q{i}", "question": f"Which is {i}?", "choices": [str(i), str(i + 1), "none"], "answer_index": 0}
+        for i in range(4)
+    ]
     sidecar = tmp_path / ".predictions.jsonl.partial"
     first = PartialResults(sidecar, {"run": 1})
     expected = evaluate_multiple_choice(tiny_model, tokenizer, rows, batch_size=4, partial=first)

@@ -1,5 +1,6 @@
 """benchmarks/run_mini.py's summary: jobs done of planned and the wall clock read from Snakemake's
 log (so a run cut off midway still reports them), and the GSM8K evaluations' mean time."""
+
 from __future__ import annotations
 
 import importlib.util

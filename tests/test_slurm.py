@@ -12,6 +12,7 @@ another; after the fix, what is left to redo is the failed job and what depends 
 Skipped, with the reason, where a cluster cannot be started: not Linux, not root (the daemons and
 the jobs run as root), or SLURM neither installed nor installable with apt-get.
 """
+
 from __future__ import annotations
 
 import os
@@ -89,8 +90,16 @@ def slurm_env(tmp_path_factory):
 def _snakemake(work: Path, env: dict, *args: str, check: bool = True) -> subprocess.CompletedProcess:
     # --configfile takes several values, so it goes last, after any targets.
     cmd = [
-        sys.executable, "-m", "snakemake", "--profile", "profiles/slurm", "--profile", str(TEST_PROFILE),
-        *args, "--configfile", CONFIG,
+        sys.executable,
+        "-m",
+        "snakemake",
+        "--profile",
+        "profiles/slurm",
+        "--profile",
+        str(TEST_PROFILE),
+        *args,
+        "--configfile",
+        CONFIG,
     ]
     result = subprocess.run(cmd, cwd=work, env=env, capture_output=True, text=True, timeout=1800)
     if check and result.returncode != 0:

@@ -1,4 +1,5 @@
 """Statistics: bootstrap CIs over examples, exact McNemar, paired bootstrap, Holm, the tables."""
+
 from __future__ import annotations
 
 import json
@@ -234,14 +235,18 @@ def test_evaluation_records_carry_the_fields_statistics_reads(tmp_path):
 
     records = {
         "gsm8k": [score_math_output({"id": "m1", "answer": "4"}, "2+2?", "so \\boxed{4}")],
-        "arc_easy": [score_item({"id": "s1", "choices": ["ab", "c"], "answer_index": 1, "labels": ["A", "B"]},
-                                [-3.0, -1.0], [2, 1])],
+        "arc_easy": [
+            score_item(
+                {"id": "s1", "choices": ["ab", "c"], "answer_index": 1, "labels": ["A", "B"]}, [-3.0, -1.0], [2, 1]
+            )
+        ],
     }
     pytest.importorskip("rouge_score")
     from d2lora.evaluation.titles_eval import make_scorer, score_title
 
-    records["titles"] = [score_title(make_scorer(), {"id": "t1", "prompt": "p", "reference": "Tax and growth"},
-                                     "Title: Tax and growth")]
+    records["titles"] = [
+        score_title(make_scorer(), {"id": "t1", "prompt": "p", "reference": "Tax and growth"}, "Title: Tax and growth")
+    ]
     for benchmark, rows in records.items():
         path = tmp_path / f"{benchmark}.jsonl"
         path.write_text("".join(json.dumps(row) + "\n" for row in rows))
@@ -339,7 +344,8 @@ def test_write_and_read_intervals_are_byte_stable(tmp_path, evaluated):
     assert (tmp_path / "a.tsv").read_bytes() == (tmp_path / "b.tsv").read_bytes()
     back = read_intervals(tmp_path / "a.tsv")
     assert back[["task", "metric", "init", "n"]].equals(
-        table.sort_values(INTERVAL_COLUMNS[:6]).reset_index(drop=True)[["task", "metric", "init", "n"]])
+        table.sort_values(INTERVAL_COLUMNS[:6]).reset_index(drop=True)[["task", "metric", "init", "n"]]
+    )
     assert (tmp_path / "a.tsv").read_text().splitlines()[0] == "\t".join(INTERVAL_COLUMNS)
 
 
@@ -347,11 +353,15 @@ def test_significance_table(tmp_path, evaluated):
     cells, paths, _ = evaluated
     examples = load_examples(cells, paths)
     targets = [("math", "gsm8k_accuracy"), ("titles", "rougeL")]
-    table = significance_table(examples, targets, [("lora", "d2lora")], samples=2000, seed=0,
-                               labels={"lora": "LoRA", "d2lora": "D2LoRA"})
+    table = significance_table(
+        examples, targets, [("lora", "d2lora")], samples=2000, seed=0, labels={"lora": "LoRA", "d2lora": "D2LoRA"}
+    )
     assert list(table.columns) == SIGNIFICANCE_COLUMNS
     assert table[["task", "metric", "method", "n"]].values.tolist() == [
-        ["math", "gsm8k_accuracy", "none", 0], ["math", "gsm8k_accuracy", "sft", 4], ["titles", "rougeL", "sft", 4]]
+        ["math", "gsm8k_accuracy", "none", 0],
+        ["math", "gsm8k_accuracy", "sft", 4],
+        ["titles", "rougeL", "sft", 4],
+    ]
     base, sft, titles = (table.iloc[i] for i in range(3))
     # n = 0: the same 30 of 60 examples right in both arms: nothing to detect.
     assert (base["test"], base["p_mcnemar"], base["p_bootstrap"], base["significant"]) == ("mcnemar", 1.0, 1.0, "no")
@@ -384,8 +394,11 @@ def test_significance_table_with_one_seed_uses_mcnemar(evaluated):
 
 def test_significance_table_refuses_misaligned_arms(tmp_path, evaluated):
     cells, paths, _ = evaluated
-    lora_sft = next(i for i, c in enumerate(cells)
-                    if (c["benchmark"], c["init"], c["method"], c["seed"]) == ("gsm8k", "lora", "sft", 0))
+    lora_sft = next(
+        i
+        for i, c in enumerate(cells)
+        if (c["benchmark"], c["init"], c["method"], c["seed"]) == ("gsm8k", "lora", "sft", 0)
+    )
     rows = [json.loads(line) for line in paths[lora_sft].read_text().splitlines()]
     rows[0]["id"] = "other"
     paths[lora_sft].write_text("".join(json.dumps(r) + "\n" for r in rows))
@@ -415,8 +428,13 @@ def grid_config(**statistics) -> dict:
         "seeds": [0],
         "experiments": {
             "figure1": {"task": "math", "metric": "gsm8k_accuracy", "methods": ["sft"], "inits": ["lora"], "n": [4]},
-            "figure2": {"task": "math", "metric": "gsm8k_accuracy", "methods": ["sft"], "inits": ["lora", "d2lora"],
-                        "n": [0, 4]},
+            "figure2": {
+                "task": "math",
+                "metric": "gsm8k_accuracy",
+                "methods": ["sft"],
+                "inits": ["lora", "d2lora"],
+                "n": [0, 4],
+            },
             "table1": {"task": "titles", "metric": "rougeL", "methods": ["sft"], "inits": ["lora", "pissa"], "n": [4]},
         },
         "variants": {"pissa": {"init_lora_weights": "pissa", "label": "PiSSA"}},

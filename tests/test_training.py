@@ -1,4 +1,5 @@
 """Training: warm-up and adaptation on the tiny model, and the DPO reference policy."""
+
 from __future__ import annotations
 
 import json
@@ -17,8 +18,12 @@ HP = {"learning_rate": 5e-3, "epochs": 1, "scheduler": "cosine", "batch_size": 2
 
 def _pairs(count: int) -> list[dict]:
     return [
-        {"id": f"row-{i}", "prompt": f"What is {i} plus {i}?", "chosen": f"{i} plus {i} is {2 * i}. The answer is \\boxed{{{2 * i}}}.",
-         "rejected": f"{i} plus {i} is {2 * i + 1}. The answer is \\boxed{{{2 * i + 1}}}."}
+        {
+            "id": f"row-{i}",
+            "prompt": f"What is {i} plus {i}?",
+            "chosen": f"{i} plus {i} is {2 * i}. The answer is \\boxed{{{2 * i}}}.",
+            "rejected": f"{i} plus {i} is {2 * i + 1}. The answer is \\boxed{{{2 * i + 1}}}.",
+        }
         for i in range(count)
     ]
 
@@ -56,8 +61,19 @@ def test_warmup_writes_a_safetensors_adapter_and_a_record(warmup_adapter):
 def test_adaptation_trains_on_the_first_n_rows(method, init, tiny_model_dir, train_file, warmup_adapter, tmp_path):
     out = tmp_path / "adapter"
     hp = dict(HP, beta=0.1) if method in ("dpo", "orpo") else HP
-    record = run_adaptation(tiny_model_dir, train_file, method, init, 4, LORA, hp, out, seed=0,
-                            warmup_dir=warmup_adapter if init == "d2lora" else None, device="cpu")
+    record = run_adaptation(
+        tiny_model_dir,
+        train_file,
+        method,
+        init,
+        4,
+        LORA,
+        hp,
+        out,
+        seed=0,
+        warmup_dir=warmup_adapter if init == "d2lora" else None,
+        device="cpu",
+    )
     assert record["train_ids"] == ["row-0", "row-1", "row-2", "row-3"]
     assert record["global_steps"] == 2
     assert (out / "adapter_model.safetensors").is_file()
@@ -145,8 +161,9 @@ def test_token_counts_are_comparable_across_methods(tiny_model_dir, train_file, 
     records = {}
     for method in ("sft", "dpo", "orpo"):
         hp = dict(HP, beta=0.1) if method != "sft" else HP
-        records[method] = run_adaptation(tiny_model_dir, train_file, method, "lora", 4, LORA, hp, tmp_path / method,
-                                         seed=0, device="cpu")
+        records[method] = run_adaptation(
+            tiny_model_dir, train_file, method, "lora", 4, LORA, hp, tmp_path / method, seed=0, device="cpu"
+        )
     for method, record in records.items():
         assert record["train_tokens"] == round(record["sequence_tokens_per_epoch"] * float(HP["epochs"])), method
         assert record["model_parameters"] > record["trainable_parameters"] > 0

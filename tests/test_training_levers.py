@@ -3,6 +3,7 @@
 padding_free (SFT), precompute_reference (DPO) and base_dtype are checked against the plain path on
 the tiny model in float32 on the CPU, where the only differences left are summation order.
 """
+
 from __future__ import annotations
 
 import json
@@ -20,9 +21,15 @@ HP = {"learning_rate": 5e-3, "epochs": 2, "scheduler": "constant", "batch_size":
 
 def _rows(count: int) -> list[dict]:
     """Prompts and answers of different lengths, so padded batches carry padding."""
-    return [{"id": f"row-{i}", "prompt": "Add these numbers: " + " plus ".join(str(j) for j in range(i + 1)) + ".",
-             "chosen": f"The sum is {sum(range(i + 1))}. " * (1 + i % 3) + f"\\boxed{{{sum(range(i + 1))}}}",
-             "rejected": f"I think it is {i}. \\boxed{{{i}}}"} for i in range(count)]
+    return [
+        {
+            "id": f"row-{i}",
+            "prompt": "Add these numbers: " + " plus ".join(str(j) for j in range(i + 1)) + ".",
+            "chosen": f"The sum is {sum(range(i + 1))}. " * (1 + i % 3) + f"\\boxed{{{sum(range(i + 1))}}}",
+            "rejected": f"I think it is {i}. \\boxed{{{i}}}",
+        }
+        for i in range(count)
+    ]
 
 
 @pytest.fixture(scope="module")
@@ -52,8 +59,9 @@ def _adapter(folder):
 def test_padding_free_sft_trains_what_padded_batches_train(tiny_model_dir, train_file, tmp_path):
     records = {}
     for name, extra in (("padded", {}), ("padding_free", {"padding_free": True})):
-        records[name] = run_adaptation(tiny_model_dir, train_file, "sft", "lora", 6, LORA, dict(HP, **extra),
-                                       tmp_path / name, seed=0, device="cpu")
+        records[name] = run_adaptation(
+            tiny_model_dir, train_file, "sft", "lora", 6, LORA, dict(HP, **extra), tmp_path / name, seed=0, device="cpu"
+        )
     plain, free = _losses(records["padded"]), _losses(records["padding_free"])
     assert len(plain) == len(free) == 4  # 6 rows / batch 3 x 2 epochs: the same steps
     assert plain == pytest.approx(free, rel=1e-4, abs=1e-5)
@@ -69,8 +77,18 @@ def test_padding_free_sft_trains_what_padded_batches_train(tiny_model_dir, train
 
 def test_padding_free_refuses_rows_that_padded_batches_would_truncate(tiny_model_dir, train_file, tmp_path):
     with pytest.raises(ValueError, match=r"padding_free: \d+ of 6 rows are longer than max_length=40"):
-        run_adaptation(tiny_model_dir, train_file, "sft", "lora", 6, LORA, dict(HP, max_length=40, padding_free=True),
-                       tmp_path / "a", seed=0, device="cpu")
+        run_adaptation(
+            tiny_model_dir,
+            train_file,
+            "sft",
+            "lora",
+            6,
+            LORA,
+            dict(HP, max_length=40, padding_free=True),
+            tmp_path / "a",
+            seed=0,
+            device="cpu",
+        )
     assert not (tmp_path / "a").exists()
 
 
@@ -85,20 +103,34 @@ def test_precomputed_dpo_reference_equals_the_per_step_reference(tiny_model_dir,
     hp = dict(HP, beta=0.1, precompute_reference=True)
     trainer = build_trainer("dpo", model, load_tokenizer(tiny_model_dir), dataset, hp, str(tmp_path / "t"), 0, True)
     assert {"ref_chosen_logps", "ref_rejected_logps"} <= set(trainer.train_dataset.column_names)
-    batch = trainer.data_collator([{k: v for k, v in trainer.train_dataset[i].items() if not k.startswith("ref_")}
-                                   for i in range(6)])
+    batch = trainer.data_collator(
+        [{k: v for k, v in trainer.train_dataset[i].items() if not k.startswith("ref_")} for i in range(6)]
+    )
     trainer.model.eval()
     with torch.no_grad():
         chosen, rejected = trainer.compute_ref_log_probs(trainer.model, batch)
     torch.testing.assert_close(torch.tensor(trainer.train_dataset["ref_chosen_logps"]), chosen, atol=1e-4, rtol=1e-5)
-    torch.testing.assert_close(torch.tensor(trainer.train_dataset["ref_rejected_logps"]), rejected, atol=1e-4, rtol=1e-5)
+    torch.testing.assert_close(
+        torch.tensor(trainer.train_dataset["ref_rejected_logps"]), rejected, atol=1e-4, rtol=1e-5
+    )
 
 
 def test_precomputed_dpo_reference_gives_the_same_training(tiny_model_dir, train_file, warmup_adapter, tmp_path):
     records = {}
     for name, extra in (("per_step", {}), ("precomputed", {"precompute_reference": True})):
-        records[name] = run_adaptation(tiny_model_dir, train_file, "dpo", "d2lora", 6, LORA, dict(HP, beta=0.1, **extra),
-                                       tmp_path / name, seed=0, warmup_dir=warmup_adapter, device="cpu")
+        records[name] = run_adaptation(
+            tiny_model_dir,
+            train_file,
+            "dpo",
+            "d2lora",
+            6,
+            LORA,
+            dict(HP, beta=0.1, **extra),
+            tmp_path / name,
+            seed=0,
+            warmup_dir=warmup_adapter,
+            device="cpu",
+        )
     per_step, precomputed = _losses(records["per_step"]), _losses(records["precomputed"])
     assert len(per_step) == 4 and per_step == pytest.approx(precomputed, rel=1e-4, abs=1e-5)
     assert per_step[0] != pytest.approx(per_step[-1], rel=1e-3)
@@ -121,8 +153,18 @@ def test_base_dtype_auto_follows_bf16_autocast_and_keeps_residual_bases_float32(
 
 
 def test_a_bf16_base_trains_a_float32_adapter(tiny_model_dir, train_file, tmp_path):
-    record = run_adaptation(tiny_model_dir, train_file, "sft", "lora", 3, LORA, dict(HP, epochs=1, bf16=True),
-                            tmp_path / "a", seed=0, device="cpu")
+    record = run_adaptation(
+        tiny_model_dir,
+        train_file,
+        "sft",
+        "lora",
+        3,
+        LORA,
+        dict(HP, epochs=1, bf16=True),
+        tmp_path / "a",
+        seed=0,
+        device="cpu",
+    )
     assert record["hparams"]["base_dtype"] == "bfloat16" and record["base_weights_dtype"] == "bfloat16"
     assert {str(t.dtype) for t in _adapter(tmp_path / "a").values()} == {"torch.float32"}
     saved = json.loads((tmp_path / "a" / "training.json").read_text())
@@ -142,8 +184,16 @@ def test_the_reference_fingerprint_is_cheap_content_based_and_restored(tiny_mode
     trainers.module_fingerprint = lambda module: seen.append(original(module)) or seen[-1]
     try:
         model = warm_started_adapter(load_model(tiny_model_dir), warmup_adapter, LORA, None, tiny_model_dir)
-        build_trainer("dpo", model, load_tokenizer(tiny_model_dir), Dataset.from_list(conversational(_rows(2), "dpo")),
-                      dict(HP, beta=0.1, precompute_reference=True), str(tmp_path / "t"), 0, True)
+        build_trainer(
+            "dpo",
+            model,
+            load_tokenizer(tiny_model_dir),
+            Dataset.from_list(conversational(_rows(2), "dpo")),
+            dict(HP, beta=0.1, precompute_reference=True),
+            str(tmp_path / "t"),
+            0,
+            True,
+        )
     finally:
         trainers.module_fingerprint = original
     assert len(seen) == 1 and dpo_module.hash_module is not trainers.module_fingerprint

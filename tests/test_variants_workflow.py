@@ -5,6 +5,7 @@ The tiny preset plus variants: PiSSA with and without its own warm-up (a residua
 must train, save, evaluate through the plain evaluation code, and reach the figures, the
 significance table (a PiSSA pair besides LoRA/D2LoRA) and the cost table.
 """
+
 from __future__ import annotations
 
 import json
@@ -105,13 +106,20 @@ def test_significance_and_cost_tables_cover_the_variants(variants_run):
     assert len(warm) == 1 and warm["warmup_device_seconds"].iloc[0] > 0 and warm["train_device_seconds"].iloc[0] == 0
     # Two tasks start from the d2lora warm-up in this grid; each carries half of it.
     d2 = cost[cost["init"] == "d2lora"]
-    warm_seconds = json.loads((variants_run / "results/warmup/d2lora/adapter/training.json").read_text())["train_seconds"]
+    warm_seconds = json.loads((variants_run / "results/warmup/d2lora/adapter/training.json").read_text())[
+        "train_seconds"
+    ]
     assert d2["warmup_device_seconds"].round(3).eq(round(warm_seconds / 2, 3)).all()
     assert (cost[cost["n"] > 0]["train_tokens"] > 0).all()
     assert (variants_run / "results" / "figures" / "score_vs_cost.png").stat().st_size > 1000
 
 
 def test_every_result_verifies_against_its_manifest(variants_run):
-    result = subprocess.run([sys.executable, "-m", "d2lora.verify", "results"], cwd=variants_run,
-                            capture_output=True, text=True, env={"PYTHONPATH": str(variants_run / "src"), "PATH": ""})
+    result = subprocess.run(
+        [sys.executable, "-m", "d2lora.verify", "results"],
+        cwd=variants_run,
+        capture_output=True,
+        text=True,
+        env={"PYTHONPATH": str(variants_run / "src"), "PATH": ""},
+    )
     assert result.returncode == 0, result.stdout + result.stderr

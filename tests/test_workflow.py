@@ -4,6 +4,7 @@ Runs Snakemake for real (a random 2-layer model, a handful of synthetic rows): e
 table and the report must exist, the metrics table must hold exactly the grid's rows, a second
 run must find nothing to do, and editing the plotting code must rerun only figure jobs.
 """
+
 from __future__ import annotations
 
 import json
@@ -140,6 +141,13 @@ def test_report_is_self_contained_html(finished_run):
     _snakemake(finished_run, "--report", "results/report.html")
     html = (finished_run / "results" / "report.html").read_text(errors="replace")
     assert len(html) > 100_000
-    for name in ("figure1.png", "table3.csv", "metrics.tsv", "runtimes.tsv", "dataset_checksums.tsv", "intervals.tsv",
-                 "significance.csv"):
+    for name in (
+        "figure1.png",
+        "table3.csv",
+        "metrics.tsv",
+        "runtimes.tsv",
+        "dataset_checksums.tsv",
+        "intervals.tsv",
+        "significance.csv",
+    ):
         assert name in html, name

@@ -8,6 +8,7 @@ statistics resample (and its scale), whether that field is 0/1 (McNemar applies)
 The grid, the workflow's rules, the metrics table, the statistics, the figures and the lm-eval
 backend all read these entries (docs/benchmarks.md: adding one).
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -33,21 +34,47 @@ class Benchmark:
     metrics: tuple[Metric, ...]
 
 
-BENCHMARKS: dict[str, Benchmark] = {b.name: b for b in (
-    Benchmark("gsm8k", task="math", role="math", lm_eval_task="d2lora_gsm8k", metrics=(
-        Metric("gsm8k_accuracy", "accuracy", 100.0, "correct", 100.0, True, "GSM8K accuracy (%)"),
-    )),
-    Benchmark("arc_easy", task="math", role="forgetting", lm_eval_task="d2lora_arc_easy", metrics=(
-        Metric("arc_easy_accuracy", "accuracy", 100.0, "correct", 100.0, True, "ARC-Easy accuracy (%)"),
-        Metric("arc_easy_accuracy_norm", "accuracy_norm", 100.0, "correct_norm", 100.0, True,
-               "ARC-Easy accuracy, length-normalised (%)"),
-    )),
-    Benchmark("titles", task="titles", role="titles", lm_eval_task=None, metrics=(
-        Metric("rouge1", "rouge1", 1.0, "rouge1", 100.0, False, "ROUGE-1"),
-        Metric("rouge2", "rouge2", 1.0, "rouge2", 100.0, False, "ROUGE-2"),
-        Metric("rougeL", "rougeL", 1.0, "rougeL", 100.0, False, "ROUGE-L"),
-    )),
-)}
+BENCHMARKS: dict[str, Benchmark] = {
+    b.name: b
+    for b in (
+        Benchmark(
+            "gsm8k",
+            task="math",
+            role="math",
+            lm_eval_task="d2lora_gsm8k",
+            metrics=(Metric("gsm8k_accuracy", "accuracy", 100.0, "correct", 100.0, True, "GSM8K accuracy (%)"),),
+        ),
+        Benchmark(
+            "arc_easy",
+            task="math",
+            role="forgetting",
+            lm_eval_task="d2lora_arc_easy",
+            metrics=(
+                Metric("arc_easy_accuracy", "accuracy", 100.0, "correct", 100.0, True, "ARC-Easy accuracy (%)"),
+                Metric(
+                    "arc_easy_accuracy_norm",
+                    "accuracy_norm",
+                    100.0,
+                    "correct_norm",
+                    100.0,
+                    True,
+                    "ARC-Easy accuracy, length-normalised (%)",
+                ),
+            ),
+        ),
+        Benchmark(
+            "titles",
+            task="titles",
+            role="titles",
+            lm_eval_task=None,
+            metrics=(
+                Metric("rouge1", "rouge1", 1.0, "rouge1", 100.0, False, "ROUGE-1"),
+                Metric("rouge2", "rouge2", 1.0, "rouge2", 100.0, False, "ROUGE-2"),
+                Metric("rougeL", "rougeL", 1.0, "rougeL", 100.0, False, "ROUGE-L"),
+            ),
+        ),
+    )
+}
 
 # metric name -> (its benchmark, the metric)
 METRICS: dict[str, tuple[Benchmark, Metric]] = {m.name: (b, m) for b in BENCHMARKS.values() for m in b.metrics}

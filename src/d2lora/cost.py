@@ -4,6 +4,7 @@ Recorded by the training and evaluation jobs beside their results, so "D2LoRA is
 becomes a measured number (d2lora.results.cost) and the GPU benchmark's timing table
 (benchmarks/run_mini.py) reads the same records the workflow writes.
 """
+
 from __future__ import annotations
 
 import math
@@ -59,14 +60,18 @@ def sequence_tokens(dataset, max_length: int) -> int:
     if "input_ids" in columns:
         return _capped((len(ids) for ids in dataset["input_ids"]), max_length)
     if {"chosen_input_ids", "rejected_input_ids"} <= columns:
-        return (_capped((len(ids) for ids in dataset["chosen_input_ids"]), max_length)
-                + _capped((len(ids) for ids in dataset["rejected_input_ids"]), max_length))
+        return _capped((len(ids) for ids in dataset["chosen_input_ids"]), max_length) + _capped(
+            (len(ids) for ids in dataset["rejected_input_ids"]), max_length
+        )
     if {"prompt_ids", "chosen_ids", "rejected_ids"} <= columns:
         prompts = dataset["prompt_ids"]
-        return (_capped((len(p) + len(c) for p, c in zip(prompts, dataset["chosen_ids"])), max_length)
-                + _capped((len(p) + len(r) for p, r in zip(prompts, dataset["rejected_ids"])), max_length))
-    raise ValueError(f"cannot count tokens: train_dataset has columns {sorted(columns)}; expected input_ids (SFT), "
-                     "prompt_ids/chosen_ids/rejected_ids (DPO) or chosen_input_ids/rejected_input_ids (ORPO)")
+        return _capped((len(p) + len(c) for p, c in zip(prompts, dataset["chosen_ids"])), max_length) + _capped(
+            (len(p) + len(r) for p, r in zip(prompts, dataset["rejected_ids"])), max_length
+        )
+    raise ValueError(
+        f"cannot count tokens: train_dataset has columns {sorted(columns)}; expected input_ids (SFT), "
+        "prompt_ids/chosen_ids/rejected_ids (DPO) or chosen_input_ids/rejected_input_ids (ORPO)"
+    )
 
 
 def training_flops(parameters: int, tokens: int) -> float:

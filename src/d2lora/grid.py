@@ -4,6 +4,7 @@ Each artifact in `experiments` names a task, a metric, methods, inits and sample
 training grid is the union of their cells times `seeds`. A cell with n = 0 trains nothing and is
 shared by every method (method "none"): the base model (lora) or base + warm-up adapter (d2lora).
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -129,8 +130,9 @@ def variants(config: dict) -> dict[str, dict]:
 def variant(config: dict, init: str) -> dict:
     known = variants(config)
     if init not in known:
-        raise ConfigError(f"init '{init}' is not a known variant (known: {', '.join(sorted(known))}); "
-                          "define it under `variants`")
+        raise ConfigError(
+            f"init '{init}' is not a known variant (known: {', '.join(sorted(known))}); define it under `variants`"
+        )
     return known[init]
 
 
@@ -163,8 +165,10 @@ def _check_formats(datasets: dict) -> None:
             if fmt not in FORMATS:
                 raise ConfigError(f"{key}.format: unknown format '{fmt}'; known formats: {', '.join(sorted(FORMATS))}")
             if form not in FORMATS[fmt]:
-                raise ConfigError(f"{key}.format: format '{fmt}' cannot produce the {form} rows this split needs "
-                                  f"(it produces: {', '.join(sorted(FORMATS[fmt]))})")
+                raise ConfigError(
+                    f"{key}.format: format '{fmt}' cannot produce the {form} rows this split needs "
+                    f"(it produces: {', '.join(sorted(FORMATS[fmt]))})"
+                )
 
 
 # Training options that exist for one method only: anywhere else they would be silently ignored
@@ -189,9 +193,13 @@ def check(config: dict) -> None:
             raise ConfigError(f"variants.{name}: '{name}' is built in ({BUILTIN_VARIANTS[name]}); choose another name")
         adapter = spec.get("adapter", "lora")
         if adapter != "lora" and spec.get("warmup"):
-            raise ConfigError(f"variants.{name}.warmup: the warm-up trains a plain LoRA adapter; '{adapter}' starts fresh")
+            raise ConfigError(
+                f"variants.{name}.warmup: the warm-up trains a plain LoRA adapter; '{adapter}' starts fresh"
+            )
         if adapter != "lora" and spec.get("init_lora_weights", "default") != "default":
-            raise ConfigError(f"variants.{name}.init_lora_weights: peft's LoRA inits apply to adapter 'lora', not '{adapter}'")
+            raise ConfigError(
+                f"variants.{name}.init_lora_weights: peft's LoRA inits apply to adapter 'lora', not '{adapter}'"
+            )
         if adapter == "lora" and spec.get("options"):
             raise ConfigError(f"variants.{name}.options: only adapters adalora and dynamic take options")
     known = variants(config)
@@ -199,8 +207,10 @@ def check(config: dict) -> None:
         key = f"experiments.{name}"
         for init in experiment["inits"]:
             if init not in known:
-                raise ConfigError(f"{key}.inits: '{init}' is not a known variant (known: {', '.join(sorted(known))}); "
-                                  "define it under `variants`")
+                raise ConfigError(
+                    f"{key}.inits: '{init}' is not a known variant (known: {', '.join(sorted(known))}); "
+                    "define it under `variants`"
+                )
         benchmark = BENCHMARK_OF_METRIC[experiment["metric"]]
         if TASK_OF_BENCHMARK[benchmark] != experiment["task"]:
             raise ConfigError(
@@ -219,7 +229,9 @@ def check(config: dict) -> None:
     for task in TASKS:
         if task not in config["datasets"] or "train" not in config["datasets"][task]:
             if max_n(config, task) > 0:
-                raise ConfigError(f"datasets.{task}.train: the grid trains on task '{task}' but no training source is set")
+                raise ConfigError(
+                    f"datasets.{task}.train: the grid trains on task '{task}' but no training source is set"
+                )
             continue
         source = config["datasets"][task]["train"]
         # Known now for synthetic and local sources (local files are counted); hub and on-policy
@@ -246,11 +258,15 @@ def check(config: dict) -> None:
     for benchmark, _ in evaluation_jobs(config):
         role = needed_eval[benchmark]
         if "eval" not in config["datasets"].get(role, {}):
-            raise ConfigError(f"datasets.{role}.eval: benchmark '{benchmark}' is in the grid but has no evaluation source")
+            raise ConfigError(
+                f"datasets.{role}.eval: benchmark '{benchmark}' is in the grid but has no evaluation source"
+            )
     gsm8k = config["evaluation"]["gsm8k"]  # the presets' tests check files the schema has not filled
     if gsm8k.get("rows_leave_every") and gsm8k.get("cache") == "static" and gsm8k.get("compile", True):
-        raise ConfigError("evaluation.gsm8k.rows_leave_every: finished rows leaving change the batch's shape, which "
-                          "a compiled decoding step cannot follow; with cache: static set compile: false")
+        raise ConfigError(
+            "evaluation.gsm8k.rows_leave_every: finished rows leaving change the batch's shape, which "
+            "a compiled decoding step cannot follow; with cache: static set compile: false"
+        )
     if needs_warmup(config) and "train" not in config["datasets"]["warmup"]:
         raise ConfigError("datasets.warmup.train: d2lora cells need a warm-up training source")
     check_statistics_config(config)
@@ -339,5 +355,7 @@ def check_statistics_config(config: Mapping) -> None:
             raise ConfigError(f"{key}: [{a}, {b}] is listed twice")
         seen.add((a, b))
         if not compared_cells(config, a, b):
-            raise ConfigError(f"{key}: no experiment evaluates '{a}' and '{b}' on the same task, metric, method "
-                              "and n, so there is nothing to compare")
+            raise ConfigError(
+                f"{key}: no experiment evaluates '{a}' and '{b}' on the same task, metric, method "
+                "and n, so there is nothing to compare"
+            )

@@ -3,6 +3,7 @@
 Every writer goes through a temporary file in the same directory and `os.replace`, so a
 reader (or a later rule) never sees a half-written file.
 """
+
 from __future__ import annotations
 
 import contextlib

@@ -13,6 +13,7 @@ Sources (config key `model.source`):
   (cpu, auto, cuda) draws the weights on that device in the stored dtype; without it they are
   drawn on the CPU in float32 and cast, as before.
 """
+
 from __future__ import annotations
 
 import importlib.util
@@ -61,7 +62,9 @@ def _load_tokenizer_from_source(model_cfg: dict):
         gguf = resolve_gguf_file(model_cfg)
         return AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
     if source == "hub":
-        return AutoTokenizer.from_pretrained(model_cfg["id"], revision=model_cfg.get("revision"), trust_remote_code=trust)
+        return AutoTokenizer.from_pretrained(
+            model_cfg["id"], revision=model_cfg.get("revision"), trust_remote_code=trust
+        )
     if source == "local":
         return AutoTokenizer.from_pretrained(_local_path(model_cfg), trust_remote_code=trust)
     raise ModelSourceError(f"model.tokenizer.source: '{source}' cannot provide a tokenizer")
@@ -92,7 +95,9 @@ def _rebuild_plain(model, dtype):
     # Tied output embeddings are legitimately absent from the state dict.
     missing = [k for k in missing if not (config.tie_word_embeddings and k == "lm_head.weight")]
     if missing or unexpected:
-        raise ModelSourceError(f"model: rebuilding a plain model lost weights: missing={missing} unexpected={unexpected}")
+        raise ModelSourceError(
+            f"model: rebuilding a plain model lost weights: missing={missing} unexpected={unexpected}"
+        )
     plain.generation_config = model.generation_config
     return plain
 
@@ -144,8 +149,10 @@ def _random_init(model_cfg: dict, tokenizer, dtype):
         **dict(model_cfg.get("architecture") or {}),
     }
     if int(settings["vocab_size"]) < len(tokenizer):
-        raise ModelSourceError(f"model.architecture.vocab_size: {settings['vocab_size']} rows cannot hold the "
-                               f"tokenizer's {len(tokenizer)} tokens")
+        raise ModelSourceError(
+            f"model.architecture.vocab_size: {settings['vocab_size']} rows cannot hold the "
+            f"tokenizer's {len(tokenizer)} tokens"
+        )
     config = LlamaConfig(**settings)
     device = random_init_device(model_cfg)
     torch.manual_seed(int(model_cfg.get("seed", 0)))
@@ -184,7 +191,10 @@ def prepare_base_model(model_cfg: dict, out_dir: str | os.PathLike) -> dict[str,
         record.update(id=model_cfg["id"], revision=model_cfg.get("revision"))
         tokenizer = _load_tokenizer_from_source(model_cfg)
         model = AutoModelForCausalLM.from_pretrained(
-            model_cfg["id"], revision=model_cfg.get("revision"), dtype=dtype, trust_remote_code=trust,
+            model_cfg["id"],
+            revision=model_cfg.get("revision"),
+            dtype=dtype,
+            trust_remote_code=trust,
             use_safetensors=True,
         )
     elif source == "local":
@@ -252,8 +262,14 @@ def require_safetensors_adapter(adapter_dir: str | os.PathLike) -> Path:
     return adapter_dir
 
 
-def load_model(model_dir: str | os.PathLike, dtype: str = "float32", device: str = "cpu", adapter_dir=None, trainable=False,
-               merge_adapter: bool = False):
+def load_model(
+    model_dir: str | os.PathLike,
+    dtype: str = "float32",
+    device: str = "cpu",
+    adapter_dir=None,
+    trainable=False,
+    merge_adapter: bool = False,
+):
     """The cached base model, optionally with a saved LoRA adapter on top (safetensors only).
 
     merge_adapter folds the adapter into the base weights (evaluation only): decoding then runs
@@ -265,8 +281,9 @@ def load_model(model_dir: str | os.PathLike, dtype: str = "float32", device: str
 
     merge = adapter_dir is not None and merge_adapter and not trainable
     load_dtype = "float32" if merge else dtype
-    model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=_torch_dtype(load_dtype), use_safetensors=True,
-                                                 trust_remote_code=False)
+    model = AutoModelForCausalLM.from_pretrained(
+        str(model_dir), dtype=_torch_dtype(load_dtype), use_safetensors=True, trust_remote_code=False
+    )
     if adapter_dir is not None:
         require_safetensors_adapter(adapter_dir)
         from peft import PeftModel

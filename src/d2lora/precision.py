@@ -9,6 +9,7 @@ records and manifests.
 `D2LORA_NATIVE_BF16=0` (or `1`) in the environment overrides the detection, for measuring a run
 without bf16 on a machine that has it; the reason then says so.
 """
+
 from __future__ import annotations
 
 import os

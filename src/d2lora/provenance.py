@@ -3,6 +3,7 @@
 Everything here reads files the workflow already wrote (Snakemake benchmark TSVs, the data
 stage's manifests) so that the provenance rules never rerun or re-hash anything expensive.
 """
+
 from __future__ import annotations
 
 import importlib.metadata
@@ -21,8 +22,21 @@ import yaml
 from d2lora.io import atomic_path, canonical_json, json_sha256, read_json
 
 PACKAGES = (
-    "d2lora", "torch", "transformers", "peft", "trl", "accelerate", "datasets", "gguf",
-    "lm_eval", "rouge_score", "snakemake", "pandas", "numpy", "matplotlib", "pyyaml",
+    "d2lora",
+    "torch",
+    "transformers",
+    "peft",
+    "trl",
+    "accelerate",
+    "datasets",
+    "gguf",
+    "lm_eval",
+    "rouge_score",
+    "snakemake",
+    "pandas",
+    "numpy",
+    "matplotlib",
+    "pyyaml",
 )
 NOT_INSTALLED = "not installed"
 BENCHMARK_DIR = "benchmarks"
@@ -48,7 +62,7 @@ def benchmark_cell(path: str | os.PathLike) -> tuple[str, str]:
     if BENCHMARK_DIR not in parts[:-1]:
         raise ValueError(f"{path}: expected a path like .../{BENCHMARK_DIR}/<rule>/<cell>.tsv")
     start = len(parts) - 1 - parts[::-1].index(BENCHMARK_DIR)
-    return parts[start + 1], "/".join(parts[start + 2:])
+    return parts[start + 1], "/".join(parts[start + 2 :])
 
 
 def read_benchmark(path: str | os.PathLike) -> pd.DataFrame:
@@ -87,8 +101,13 @@ def source_records(manifest: dict) -> list[tuple[str, dict]]:
 
 def source_rows(role: str, split: str, record: dict) -> list[dict]:
     """One row per raw file; a generated source is identified by its generator code's hash."""
-    base = {"role": role, "stage": "source", "split": split, "config": canonical_json(record.get("config")),
-            "rows": record.get("rows")}
+    base = {
+        "role": role,
+        "stage": "source",
+        "split": split,
+        "config": canonical_json(record.get("config")),
+        "rows": record.get("rows"),
+    }
     rows = [{**base, "file": entry["path"], "sha256": entry["sha256"]} for entry in record.get("files", [])]
     generator = record.get("generator")
     if generator:
@@ -103,8 +122,15 @@ def manifest_rows(path: str | os.PathLike) -> list[dict]:
     prepared = manifest.get("files") or manifest.get("prepared") or {}
     counts = manifest.get("counts") or manifest.get("rows") or {}
     rows += [
-        {"role": role, "stage": "prepared", "split": Path(name).stem, "config": "", "file": name,
-         "sha256": sha, "rows": row_count(counts, name)}
+        {
+            "role": role,
+            "stage": "prepared",
+            "split": Path(name).stem,
+            "config": "",
+            "file": name,
+            "sha256": sha,
+            "rows": row_count(counts, name),
+        }
         for name, sha in sorted(prepared.items())
     ]
     return rows
@@ -157,7 +183,7 @@ def git_commit(start: str | os.PathLike = ".") -> str | None:
     head = (git_dir / "HEAD").read_text().strip()
     if not head.startswith("ref: "):
         return head or None
-    ref = head[len("ref: "):]
+    ref = head[len("ref: ") :]
     loose = git_dir / ref
     return loose.read_text().strip() if loose.is_file() else packed_ref(git_dir, ref)
 
@@ -236,8 +262,14 @@ def input_record(path: str | os.PathLike) -> dict:
     return {"path": str(path), "files": sha256_tree(path)}
 
 
-def build_manifest(kind: str, inputs: dict, output_dir: str | os.PathLike, params: dict,
-                   outputs: Iterable[str] | None = None, device: str | None = None) -> dict:
+def build_manifest(
+    kind: str,
+    inputs: dict,
+    output_dir: str | os.PathLike,
+    params: dict,
+    outputs: Iterable[str] | None = None,
+    device: str | None = None,
+) -> dict:
     """The manifest of one result. `outputs` names files in output_dir (all of its files when None:
     the whole folder is the result, and verify also reports files the manifest does not list)."""
     import datetime
@@ -246,8 +278,11 @@ def build_manifest(kind: str, inputs: dict, output_dir: str | os.PathLike, param
 
     output_dir = Path(output_dir)
     if outputs is None:
-        names = sorted(p.name for p in output_dir.iterdir() if p.is_file() and not p.name.startswith(".")
-                       and p.name != MANIFEST_NAME)
+        names = sorted(
+            p.name
+            for p in output_dir.iterdir()
+            if p.is_file() and not p.name.startswith(".") and p.name != MANIFEST_NAME
+        )
         scope = "folder"
     else:
         names = sorted(outputs)
@@ -301,25 +336,43 @@ def manifest_table(paths: Iterable[str | os.PathLike]) -> pd.DataFrame:
         manifest = read_json(path)
         params = manifest.get("params", {})
         packages = manifest.get("packages", {})
-        rows.append({
-            "kind": manifest.get("kind"),
-            "result": str(path.parent),
-            "benchmark": params.get("benchmark", ""),
-            "cell": _manifest_cell(manifest.get("kind"), params),
-            "config_sha256": (manifest.get("config_sha256") or "")[:12],
-            "params_sha256": (manifest.get("params_sha256") or "")[:12],
-            "outputs": len(manifest.get("outputs", {})),
-            "git_commit": (manifest.get("git_commit") or "")[:12],
-            "host": manifest.get("host"),
-            "device": manifest.get("device"),
-            "precision": _precision_text(params.get("precision")),
-            "torch": packages.get("torch"),
-            "transformers": packages.get("transformers"),
-            "peft": packages.get("peft"),
-            "trl": packages.get("trl"),
-            "created_utc": manifest.get("created_utc"),
-        })
-    columns = ["kind", "result", "benchmark", "cell", "config_sha256", "params_sha256", "outputs", "git_commit",
-               "host", "device", "precision", "torch", "transformers", "peft", "trl", "created_utc"]
+        rows.append(
+            {
+                "kind": manifest.get("kind"),
+                "result": str(path.parent),
+                "benchmark": params.get("benchmark", ""),
+                "cell": _manifest_cell(manifest.get("kind"), params),
+                "config_sha256": (manifest.get("config_sha256") or "")[:12],
+                "params_sha256": (manifest.get("params_sha256") or "")[:12],
+                "outputs": len(manifest.get("outputs", {})),
+                "git_commit": (manifest.get("git_commit") or "")[:12],
+                "host": manifest.get("host"),
+                "device": manifest.get("device"),
+                "precision": _precision_text(params.get("precision")),
+                "torch": packages.get("torch"),
+                "transformers": packages.get("transformers"),
+                "peft": packages.get("peft"),
+                "trl": packages.get("trl"),
+                "created_utc": manifest.get("created_utc"),
+            }
+        )
+    columns = [
+        "kind",
+        "result",
+        "benchmark",
+        "cell",
+        "config_sha256",
+        "params_sha256",
+        "outputs",
+        "git_commit",
+        "host",
+        "device",
+        "precision",
+        "torch",
+        "transformers",
+        "peft",
+        "trl",
+        "created_utc",
+    ]
     table = pd.DataFrame(rows, columns=columns)
     return table.sort_values(["kind", "result"], kind="mergesort").reset_index(drop=True)

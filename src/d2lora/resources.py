@@ -7,6 +7,7 @@ docs/cluster.md). A retry (`attempt` 2, 3, ...) gets `attempt` times the time an
 memory again per retry. workflow/rules/common.smk hands each rule its function of (wildcards,
 attempt); any of them can be overridden per rule: --set-resources adapt:runtime=720.
 """
+
 from __future__ import annotations
 
 import functools
@@ -142,8 +143,11 @@ class ResourceModel:
     def reads_files(self, role: str) -> bool:
         """Whether a role's data come from hub or local files (read, maybe downloaded, and hashed)
         rather than being generated in seconds."""
-        return any(part.get("source") != "synthetic" for part in self.config["datasets"][role].values()
-                   if isinstance(part, dict))
+        return any(
+            part.get("source") != "synthetic"
+            for part in self.config["datasets"][role].values()
+            if isinstance(part, dict)
+        )
 
     def data_mem_mb(self, role: str, attempt: int) -> int:
         return attempt * (8000 if self.reads_files(role) else 2000)

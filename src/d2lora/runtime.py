@@ -4,6 +4,7 @@ It also exports the config's sha256 (recorded in every result manifest) and the 
 config's token variable (`hf_token_env`), whose value is then redacted from the log and from
 every manifest (d2lora.provenance.redact).
 """
+
 from __future__ import annotations
 
 import contextlib

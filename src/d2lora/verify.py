@@ -16,6 +16,7 @@ does not fail the check. Hidden files (staging folders, partial-result sidecars)
 checkpoint folders (`*.checkpoints`, present only while a job runs or after it was killed) are
 not results and are skipped.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -54,7 +55,9 @@ def _check_file(path: Path, expected: str, manifest: Path, findings: list[Findin
         return 0
     actual = sha256_file(path)
     if actual != expected:
-        findings.append(Finding("CHANGED", str(path), f"sha256 {actual[:12]}... but {manifest} says {expected[:12]}..."))
+        findings.append(
+            Finding("CHANGED", str(path), f"sha256 {actual[:12]}... but {manifest} says {expected[:12]}...")
+        )
     return 1
 
 
@@ -70,7 +73,9 @@ def _check_inputs(manifest: dict, manifest_path: Path, root: Path, findings: lis
     for name, record in manifest.get("inputs", {}).items():
         found = _resolve_input(record["path"], root)
         if found is None:
-            findings.append(Finding("NOTE", record["path"], f"input '{name}' of {manifest_path} not found; not checked"))
+            findings.append(
+                Finding("NOTE", record["path"], f"input '{name}' of {manifest_path} not found; not checked")
+            )
             continue
         expected = {"": record["sha256"]} if "sha256" in record else record.get("files", {})
         for rel, sha in expected.items():
@@ -79,14 +84,25 @@ def _check_inputs(manifest: dict, manifest_path: Path, root: Path, findings: lis
             if not path.is_file():
                 findings.append(Finding("STALE-INPUT", str(path), f"input '{name}' of {manifest_path} is gone"))
             elif sha256_file(path) != sha:
-                findings.append(Finding("STALE-INPUT", str(path),
-                                        f"input '{name}' changed since {manifest_path.parent} was made from it"))
+                findings.append(
+                    Finding(
+                        "STALE-INPUT",
+                        str(path),
+                        f"input '{name}' changed since {manifest_path.parent} was made from it",
+                    )
+                )
         if "files" in record and found.is_dir() and not (found / "source.json").is_file():
-            extra = sorted(str(p.relative_to(found)) for p in found.rglob("*")
-                           if p.is_file() and not p.name.startswith(".") and str(p.relative_to(found)) not in expected)
+            extra = sorted(
+                str(p.relative_to(found))
+                for p in found.rglob("*")
+                if p.is_file() and not p.name.startswith(".") and str(p.relative_to(found)) not in expected
+            )
             for rel in extra:
-                findings.append(Finding("STALE-INPUT", str(found / rel),
-                                        f"input '{name}' of {manifest_path} gained this file since"))
+                findings.append(
+                    Finding(
+                        "STALE-INPUT", str(found / rel), f"input '{name}' of {manifest_path} gained this file since"
+                    )
+                )
     return checked
 
 
@@ -137,7 +153,9 @@ def verify(root: str | Path) -> tuple[list[Finding], int]:
         if not _skipped(path, root):
             record = read_json(path)
             checked += _check_listing(record.get("files", {}), path.parent, path, findings)
-    results = [p.parent for p in root.rglob("scores.json")] + [p.parent for p in root.rglob("adapter_model.safetensors")]
+    results = [p.parent for p in root.rglob("scores.json")] + [
+        p.parent for p in root.rglob("adapter_model.safetensors")
+    ]
     for folder in sorted(set(results)):
         if not _skipped(folder, root) and not (folder / MANIFEST_NAME).is_file():
             findings.append(Finding("NO-MANIFEST", str(folder), f"a result without {MANIFEST_NAME}"))
@@ -152,8 +170,10 @@ def main(argv: list[str] | None = None) -> int:
     for finding in findings:
         print(finding)
     failures = [f for f in findings if f.fails]
-    print(f"{args.results}: {checked} files checked, {len(failures)} do not match their manifests"
-          + (f", {len(findings) - len(failures)} notes" if len(findings) > len(failures) else ""))
+    print(
+        f"{args.results}: {checked} files checked, {len(failures)} do not match their manifests"
+        + (f", {len(findings) - len(failures)} notes" if len(findings) > len(failures) else "")
+    )
     return 1 if failures else 0
 
 

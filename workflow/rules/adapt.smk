@@ -10,21 +10,21 @@ rule adapt:
         data=f"{RESULTS}/data/{{task}}",
     output:
         adapter=directory(f"{RESULTS}/adapters/{CELL}"),
-    params:
-        lora=config["training"]["lora"],
-        hp=adapt_hparams,
-        variant=variant_spec,
-        device=config.get("device", "auto"),
     log:
         f"{LOGS}/adapt/{CELL}.log",
     benchmark:
         f"{RESULTS}/benchmarks/adapt/{CELL}.tsv"
+    conda:
+        "../../envs/train.yaml"
     threads: 1
     resources:
         gpu=1,
         runtime=adapt_runtime,
         mem_mb=model_job_mem_mb,
-    conda:
-        "../../envs/train.yaml"
+    params:
+        lora=config["training"]["lora"],
+        hp=adapt_hparams,
+        variant=variant_spec,
+        device=config.get("device", "auto"),
     script:
         "../scripts/adapt.py"

@@ -51,10 +51,7 @@ EVAL_ROLE = eval_roles()
 
 
 def eval_score_paths():
-    return [
-        eval_file(benchmark, cell.wildcards, "scores.json")
-        for benchmark, cell in grid.evaluation_jobs(config)
-    ]
+    return [eval_file(benchmark, cell.wildcards, "scores.json") for benchmark, cell in grid.evaluation_jobs(config)]
 
 
 def get_final_output():
@@ -64,8 +61,12 @@ def get_final_output():
         + expand(f"{RESULTS}/figures/score_vs_cost.{{ext}}", ext=["png", "pdf"])
         + expand(f"{RESULTS}/figures/{{figure}}.{{ext}}", figure=FIGURES, ext=["png", "pdf"])
         + expand(f"{RESULTS}/tables/{{table}}.{{ext}}", table=ALL_TABLES, ext=["csv", "md"])
-        + [f"{RESULTS}/provenance/config_used.yaml", f"{RESULTS}/provenance/versions.tsv",
-           f"{RESULTS}/provenance/dataset_checksums.tsv", f"{RESULTS}/provenance/runtimes.tsv"]
+        + [
+            f"{RESULTS}/provenance/config_used.yaml",
+            f"{RESULTS}/provenance/versions.tsv",
+            f"{RESULTS}/provenance/dataset_checksums.tsv",
+            f"{RESULTS}/provenance/runtimes.tsv",
+        ]
     )
 
 
@@ -106,9 +107,12 @@ def role_input_files(wildcards):
 
 
 def onpolicy_tasks():
-    return [task for task in grid.TASKS
-            if config["datasets"].get(task, {}).get("train", {}).get("source") == "onpolicy"
-            and task in {c.task for c in grid.training_cells(config)}]
+    return [
+        task
+        for task in grid.TASKS
+        if config["datasets"].get(task, {}).get("train", {}).get("source") == "onpolicy"
+        and task in {c.task for c in grid.training_cells(config)}
+    ]
 
 
 def onpolicy_source_files(wildcards):
@@ -201,7 +205,6 @@ def data_dirs():
     return expand(f"{RESULTS}/data/{{role}}", role=used_roles())
 
 
-
 # Job resources for cluster runs (runtime in minutes, host memory in MB), estimated from the config
 # by d2lora.resources; override any of them per rule: --set-resources adapt:runtime=720. A retry
 # (--retries) gets `attempt` times the time and more memory.
@@ -281,17 +284,18 @@ def spec_labels(artifact):
     return {init: INIT_LABELS[init] for init in config["experiments"][artifact]["inits"]}
 
 
-
 # Cost (cost.smk)
 def cost_cells():
     cells = []
     for cell in sorted({cell for _, cell in grid.evaluation_jobs(config)}):
         warm = grid.variant(config, cell.init)["warmup"]
-        cells.append({
-            **cell.wildcards,
-            "training": f"{adapter_dir(cell.wildcards)}/training.json" if cell.n > 0 else None,
-            "warmup": cell.init if warm else None,
-        })
+        cells.append(
+            {
+                **cell.wildcards,
+                "training": f"{adapter_dir(cell.wildcards)}/training.json" if cell.n > 0 else None,
+                "warmup": cell.init if warm else None,
+            }
+        )
     return cells
 
 
@@ -300,11 +304,11 @@ def cost_inputs():
     return {"adapters": adapters, "warmups": [warmup_adapter_path(init) for init in grid.warm_inits(config)]}
 
 
-
 # Provenance (manifests.smk)
 def result_manifest_inputs():
     adapters = [adapter_dir(cell.wildcards) for cell in grid.training_cells(config)]
     adapters += [warmup_adapter_path(init) for init in grid.warm_inits(config)]
-    evaluations = [eval_file(benchmark, cell.wildcards, "manifest.json") for benchmark, cell in grid.evaluation_jobs(config)]
+    evaluations = [
+        eval_file(benchmark, cell.wildcards, "manifest.json") for benchmark, cell in grid.evaluation_jobs(config)
+    ]
     return {"adapters": adapters, "evaluations": evaluations}
-

@@ -22,17 +22,17 @@ rule cost_table:
             category="Figures",
         ),
         pdf=f"{RESULTS}/figures/score_vs_cost.pdf",
+    log:
+        f"{LOGS}/cost_table.log",
+    conda:
+        "../../envs/plot.yaml"
+    resources:
+        runtime=10,
+        mem_mb=2000,
     params:
         cells=cost_cells(),
         warmups={init: f"{warmup_adapter_path(init)}/training.json" for init in grid.warm_inits(config)},
         experiments=config["experiments"],
         labels=INIT_LABELS,
-    log:
-        f"{LOGS}/cost_table.log",
-    resources:
-        runtime=10,
-        mem_mb=2000,
-    conda:
-        "../../envs/plot.yaml"
     script:
         "../scripts/cost_table.py"

@@ -7,19 +7,19 @@ rule prepare_data:
         files=role_input_files,
     output:
         data=directory(f"{RESULTS}/data/{{role}}"),
-    params:
-        role_cfg=role_config,
-        seed=config["seed"],
-        max_n=role_max_n,
     log:
         f"{LOGS}/prepare_data/{{role}}.log",
     benchmark:
         f"{RESULTS}/benchmarks/prepare_data/{{role}}.tsv"
+    conda:
+        "../../envs/data.yaml"
     resources:
         runtime=data_runtime,
         mem_mb=data_mem_mb,
-    conda:
-        "../../envs/data.yaml"
+    params:
+        role_cfg=role_config,
+        seed=config["seed"],
+        max_n=role_max_n,
     script:
         "../scripts/prepare_data.py"
 
@@ -34,22 +34,22 @@ rule sample_negatives:
     output:
         pairs=f"{ONPOLICY}/negatives.jsonl",
         manifest=f"{ONPOLICY}/manifest.json",
+    log:
+        f"{LOGS}/sample_negatives/{{task}}.log",
+    benchmark:
+        f"{RESULTS}/benchmarks/sample_negatives/{{task}}.tsv"
+    conda:
+        "../../envs/train.yaml"
+    threads: 1
+    resources:
+        gpu=1,
+        runtime=sample_negatives_runtime,
+        mem_mb=model_job_mem_mb,
     params:
         source_cfg=lambda wc: config["datasets"][wc.task]["train"],
         prompt_template=lambda wc: config["datasets"][wc.task].get("prompt_template"),
         seed=config["seed"],
         device=config.get("device", "auto"),
         dtype=config["evaluation"].get("dtype", "auto"),
-    log:
-        f"{LOGS}/sample_negatives/{{task}}.log",
-    benchmark:
-        f"{RESULTS}/benchmarks/sample_negatives/{{task}}.tsv"
-    threads: 1
-    resources:
-        gpu=1,
-        runtime=sample_negatives_runtime,
-        mem_mb=model_job_mem_mb,
-    conda:
-        "../../envs/train.yaml"
     script:
         "../scripts/sample_negatives.py"

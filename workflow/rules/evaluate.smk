@@ -12,20 +12,20 @@ rule evaluate:
         scores=f"{RESULTS}/eval/{{benchmark}}/{CELL}/scores.json",
         predictions=f"{RESULTS}/eval/{{benchmark}}/{CELL}/predictions.jsonl",
         manifest=f"{RESULTS}/eval/{{benchmark}}/{CELL}/manifest.json",
-    params:
-        settings=eval_settings,
-        device=config.get("device", "auto"),
     log:
         f"{LOGS}/evaluate/{{benchmark}}/{CELL}.log",
     benchmark:
         f"{RESULTS}/benchmarks/evaluate/{{benchmark}}/{CELL}.tsv"
+    conda:
+        "../../envs/train.yaml"
     threads: 1
     resources:
         gpu=1,
         runtime=evaluate_runtime,
         mem_mb=model_job_mem_mb,
-    conda:
-        "../../envs/train.yaml"
+    params:
+        settings=eval_settings,
+        device=config.get("device", "auto"),
     script:
         "../scripts/evaluate.py"
 
@@ -41,10 +41,10 @@ rule collect_metrics:
         ),
     log:
         f"{LOGS}/collect_metrics.log",
+    conda:
+        "../../envs/plot.yaml"
     resources:
         runtime=10,
         mem_mb=2000,
-    conda:
-        "../../envs/plot.yaml"
     script:
         "../scripts/collect_metrics.py"

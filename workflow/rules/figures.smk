@@ -21,16 +21,16 @@ rule intervals:
             caption="../../report/intervals.rst",
             category="Metrics",
         ),
-    params:
-        cells=prediction_cells(),
-        settings={k: STATISTICS[k] for k in ("bootstrap_samples", "confidence", "seed")},
     log:
         f"{LOGS}/intervals.log",
+    conda:
+        "../../envs/plot.yaml"
     resources:
         runtime=30,
         mem_mb=4000,
-    conda:
-        "../../envs/plot.yaml"
+    params:
+        cells=prediction_cells(),
+        settings={k: STATISTICS[k] for k in ("bootstrap_samples", "confidence", "seed")},
     script:
         "../scripts/intervals.py"
 
@@ -47,18 +47,18 @@ rule significance_table:
             category="Tables",
         ),
         md=f"{RESULTS}/tables/significance.md",
+    log:
+        f"{LOGS}/table/significance.log",
+    conda:
+        "../../envs/plot.yaml"
+    resources:
+        runtime=30,
+        mem_mb=4000,
     params:
         cells=prediction_cells(),
         targets=comparison_targets(config),
         settings=STATISTICS,
         labels=INIT_LABELS,
-    log:
-        f"{LOGS}/table/significance.log",
-    resources:
-        runtime=30,
-        mem_mb=4000,
-    conda:
-        "../../envs/plot.yaml"
     script:
         "../scripts/significance_table.py"
 
@@ -76,17 +76,17 @@ rule figure:
             category="Figures",
         ),
         pdf=f"{RESULTS}/figures/{{figure}}.pdf",
+    log:
+        f"{LOGS}/figure/{{figure}}.log",
+    conda:
+        "../../envs/plot.yaml"
+    resources:
+        runtime=10,
+        mem_mb=2000,
     params:
         spec=lambda wc: config["experiments"][wc.figure],
         labels=lambda wc: spec_labels(wc.figure),
         confidence=STATISTICS["confidence"],
-    log:
-        f"{LOGS}/figure/{{figure}}.log",
-    resources:
-        runtime=10,
-        mem_mb=2000,
-    conda:
-        "../../envs/plot.yaml"
     script:
         "../scripts/figure.py"
 
@@ -103,16 +103,16 @@ rule comparison_table:
             category="Tables",
         ),
         md=f"{RESULTS}/tables/{{table}}.md",
-    params:
-        spec=lambda wc: config["experiments"][wc.table],
-        labels=lambda wc: spec_labels(wc.table),
     log:
         f"{LOGS}/table/{{table}}.log",
+    conda:
+        "../../envs/plot.yaml"
     resources:
         runtime=10,
         mem_mb=2000,
-    conda:
-        "../../envs/plot.yaml"
+    params:
+        spec=lambda wc: config["experiments"][wc.table],
+        labels=lambda wc: spec_labels(wc.table),
     script:
         "../scripts/comparison_table.py"
 
@@ -127,15 +127,15 @@ rule hyperparameter_table:
             category="Tables",
         ),
         md=f"{RESULTS}/tables/table2.md",
-    params:
-        config=config,
     log:
         f"{LOGS}/table/table2.log",
+    conda:
+        "../../envs/plot.yaml"
     resources:
         runtime=10,
         mem_mb=2000,
-    conda:
-        "../../envs/plot.yaml"
+    params:
+        config=config,
     script:
         "../scripts/hyperparameter_table.py"
 
@@ -146,20 +146,26 @@ rule provenance:
         model=f"{RESULTS}/model/base",
         benchmarks=benchmark_paths(),
     output:
-        config=report(f"{RESULTS}/provenance/config_used.yaml", caption="../../report/config.rst", category="Provenance"),
-        versions=report(f"{RESULTS}/provenance/versions.tsv", caption="../../report/versions.rst", category="Provenance"),
+        config=report(
+            f"{RESULTS}/provenance/config_used.yaml", caption="../../report/config.rst", category="Provenance"
+        ),
+        versions=report(
+            f"{RESULTS}/provenance/versions.tsv", caption="../../report/versions.rst", category="Provenance"
+        ),
         checksums=report(
             f"{RESULTS}/provenance/dataset_checksums.tsv", caption="../../report/checksums.rst", category="Provenance"
         ),
-        runtimes=report(f"{RESULTS}/provenance/runtimes.tsv", caption="../../report/runtimes.rst", category="Provenance"),
-    params:
-        config=config,
+        runtimes=report(
+            f"{RESULTS}/provenance/runtimes.tsv", caption="../../report/runtimes.rst", category="Provenance"
+        ),
     log:
         f"{LOGS}/provenance.log",
+    conda:
+        "../../envs/plot.yaml"
     resources:
         runtime=15,
         mem_mb=2000,
-    conda:
-        "../../envs/plot.yaml"
+    params:
+        config=config,
     script:
         "../scripts/provenance.py"

@@ -15,10 +15,10 @@ rule manifest_table:
         ),
     log:
         f"{LOGS}/manifest_table.log",
+    conda:
+        "../../envs/plot.yaml"
     resources:
         runtime=10,
         mem_mb=2000,
-    conda:
-        "../../envs/plot.yaml"
     script:
         "../scripts/manifest_table.py"

@@ -4,16 +4,16 @@
 rule prepare_model:
     output:
         model=directory(f"{RESULTS}/model/base"),
-    params:
-        model_cfg=config["model"],
     log:
         f"{LOGS}/prepare_model/base.log",
     benchmark:
         f"{RESULTS}/benchmarks/prepare_model/base.tsv"
+    conda:
+        "../../envs/train.yaml"
     resources:
         runtime=prepare_model_runtime,
         mem_mb=prepare_model_mem_mb,
-    conda:
-        "../../envs/train.yaml"
+    params:
+        model_cfg=config["model"],
     script:
         "../scripts/prepare_model.py"

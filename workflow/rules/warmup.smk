@@ -9,22 +9,22 @@ rule warmup:
         data=f"{RESULTS}/data/warmup",
     output:
         adapter=directory(f"{RESULTS}/warmup/{{init}}/adapter"),
+    log:
+        f"{LOGS}/warmup/{{init}}.log",
+    benchmark:
+        f"{RESULTS}/benchmarks/warmup/{{init}}.tsv"
+    conda:
+        "../../envs/train.yaml"
+    threads: 1
+    resources:
+        gpu=1,
+        runtime=warmup_runtime,
+        mem_mb=model_job_mem_mb,
     params:
         lora=config["training"]["lora"],
         hp=config["training"]["warmup"],
         variant=variant_spec,
         seed=config["seed"],
         device=config.get("device", "auto"),
-    log:
-        f"{LOGS}/warmup/{{init}}.log",
-    benchmark:
-        f"{RESULTS}/benchmarks/warmup/{{init}}.tsv"
-    threads: 1
-    resources:
-        gpu=1,
-        runtime=warmup_runtime,
-        mem_mb=model_job_mem_mb,
-    conda:
-        "../../envs/train.yaml"
     script:
         "../scripts/warmup.py"

@@ -6,5 +6,7 @@ from d2lora.runtime import job
 
 with job(snakemake):
     write_provenance_bundle(snakemake.params.config, package_versions(), Path(snakemake.output.config).parent)
-    write_tsv(dataset_checksum_table([Path(d) / "manifest.json" for d in snakemake.input.data]), snakemake.output.checksums)
+    write_tsv(
+        dataset_checksum_table([Path(d) / "manifest.json" for d in snakemake.input.data]), snakemake.output.checksums
+    )
     write_tsv(runtime_table(snakemake.input.benchmarks), snakemake.output.runtimes)

@@ -3,14 +3,25 @@
 entry points (`to_canonical`, `map_rows`); the paper's hub datasets and the embedded default's
 real stand-ins are in d2lora.data.paper_formats. docs/datasets.md: adding a format.
 """
+
 from __future__ import annotations
 
 import re
 
 from d2lora.data import paper_formats  # noqa: F401  (its formats register themselves on import)
 from d2lora.data.mapping import (
-    DROP_RULES, FORMATS, Mapper, MappingContext, boxed_solution, fill_template, register_format, require,
-    require_text, require_texts, row_id, where,
+    DROP_RULES,
+    FORMATS,
+    Mapper,
+    MappingContext,
+    boxed_solution,
+    fill_template,
+    register_format,
+    require,
+    require_text,
+    require_texts,
+    row_id,
+    where,
 )
 from d2lora.data.schema import FORM_FIELDS, validate_rows
 from d2lora.io import DataFileError
@@ -157,9 +168,7 @@ def _mapper(fmt: str, form: str) -> Mapper:
     if fmt not in FORMATS:
         raise ValueError(f"unknown format {fmt!r}; known formats: {', '.join(sorted(FORMATS))}")
     if form not in FORMATS[fmt]:
-        raise ValueError(
-            f"format {fmt!r} cannot produce form {form!r}; it produces: {', '.join(sorted(FORMATS[fmt]))}"
-        )
+        raise ValueError(f"format {fmt!r} cannot produce form {form!r}; it produces: {', '.join(sorted(FORMATS[fmt]))}")
     return FORMATS[fmt][form]
 
 

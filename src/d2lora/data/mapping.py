@@ -1,5 +1,6 @@
 """The machinery every data format uses: the registry of formats, the context a mapper gets, and
 the checked field readers whose errors name the file and row."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass

@@ -19,6 +19,7 @@ answer) are dropped, and the manifest counts them. Sampling is seeded (torch's g
 reset to a value derived from `seed` and the round before each round), so a rerun on the same
 hardware, batch size and library versions gives the same file.
 """
+
 from __future__ import annotations
 
 import os
@@ -56,8 +57,14 @@ def sampling_config(max_new_tokens: int, temperature: float, top_p: float, eos_i
     from transformers import GenerationConfig
 
     return GenerationConfig(
-        do_sample=True, temperature=float(temperature), top_p=float(top_p), top_k=0, num_beams=1,
-        max_new_tokens=int(max_new_tokens), eos_token_id=eos_ids, pad_token_id=pad_id,
+        do_sample=True,
+        temperature=float(temperature),
+        top_p=float(top_p),
+        top_k=0,
+        num_beams=1,
+        max_new_tokens=int(max_new_tokens),
+        eos_token_id=eos_ids,
+        pad_token_id=pad_id,
     )
 
 
@@ -65,8 +72,15 @@ def sample_generate(model, tokenizer, user_prompts: Sequence[str], settings: dic
     """One sampled completion per prompt (a chat user turn), in the order given."""
     import torch
 
-    from d2lora.evaluation.generation import (decode_new_tokens, encode_chat_prompts, left_pad, log_progress,
-                                              longest_first_batches, model_device, stop_token_ids)
+    from d2lora.evaluation.generation import (
+        decode_new_tokens,
+        encode_chat_prompts,
+        left_pad,
+        log_progress,
+        longest_first_batches,
+        model_device,
+        stop_token_ids,
+    )
 
     if not user_prompts:
         return []
@@ -84,7 +98,7 @@ def sample_generate(model, tokenizer, user_prompts: Sequence[str], settings: dic
         for number, batch in enumerate(batches, start=1):
             input_ids, attention_mask = left_pad([encoded[i] for i in batch], pad_id, device)
             generated = model.generate(input_ids=input_ids, attention_mask=attention_mask, generation_config=config)
-            new_tokens = generated[:, input_ids.shape[1]:].cpu()
+            new_tokens = generated[:, input_ids.shape[1] :].cpu()
             for row, index in enumerate(batch):
                 outputs[index] = decode_new_tokens(tokenizer, new_tokens[row], eos_ids)
             done += len(batch)
@@ -104,7 +118,13 @@ def find_negatives(questions: list[dict], generate, prompt_template: str | None,
     """
     pending = list(range(len(questions)))
     found: dict[int, dict] = {}
-    stats = {"questions": len(questions), "rounds": 0, "samples_drawn": 0, "correct_samples": 0, "unanswered_samples": 0}
+    stats = {
+        "questions": len(questions),
+        "rounds": 0,
+        "samples_drawn": 0,
+        "correct_samples": 0,
+        "unanswered_samples": 0,
+    }
     for round_index in range(samples):
         if not pending:
             break
@@ -129,8 +149,16 @@ def find_negatives(questions: list[dict], generate, prompt_template: str | None,
     return found, stats
 
 
-def sample_negatives(source_cfg: dict, model_dir, out_path, manifest_path, prompt_template: str | None, seed: int,
-                     device: str = "auto", dtype: str | None = "auto") -> dict:
+def sample_negatives(
+    source_cfg: dict,
+    model_dir,
+    out_path,
+    manifest_path,
+    prompt_template: str | None,
+    seed: int,
+    device: str = "auto",
+    dtype: str | None = "auto",
+) -> dict:
     """Sample negatives for the `from` source's questions and write the raw pair file + manifest."""
     from d2lora.models import load_model, load_tokenizer, resolve_device
 
@@ -146,19 +174,25 @@ def sample_negatives(source_cfg: dict, model_dir, out_path, manifest_path, promp
     model = load_model(model_dir, dtype=precision.dtype, device=device)
     start = time.perf_counter()
     found, stats = find_negatives(
-        questions, lambda prompts, s: sample_generate(model, tokenizer, prompts, settings, s), prompt_template,
-        int(settings["samples"]), seed)
+        questions,
+        lambda prompts, s: sample_generate(model, tokenizer, prompts, settings, s),
+        prompt_template,
+        int(settings["samples"]),
+        seed,
+    )
     seconds = time.perf_counter() - start
     rows = []
     for i in sorted(found):
         raw_row = raw[i]
-        rows.append({
-            "id": questions[i]["id"],
-            "question": raw_row["question"],
-            "answer": raw_row["answer"],
-            "reference_answer": questions[i]["answer"],
-            **found[i],
-        })
+        rows.append(
+            {
+                "id": questions[i]["id"],
+                "question": raw_row["question"],
+                "answer": raw_row["answer"],
+                "reference_answer": questions[i]["answer"],
+                **found[i],
+            }
+        )
     if not rows:
         raise RuntimeError(f"sample_negatives: no wrong sample for any of {len(questions)} questions")
     write_jsonl(out_path, rows)

@@ -1,9 +1,16 @@
 """The paper's hub datasets (field names from each dataset's card, docs/datasets.md) and the
 embedded default's real stand-ins (arXiv econ/q-fin abstracts, Stanford Alpaca)."""
+
 from __future__ import annotations
 
 from d2lora.data.mapping import (
-    MappingContext, fill_template, register_format, require, require_text, row_id, where,
+    MappingContext,
+    fill_template,
+    register_format,
+    require,
+    require_text,
+    row_id,
+    where,
 )
 from d2lora.data.schema import MESSAGE_ROLES
 from d2lora.io import DataFileError
@@ -16,8 +23,12 @@ from d2lora.io import DataFileError
 
 def _messages(row: dict, field: str, index: int, ctx: MappingContext) -> list[dict]:
     value = require(row, field, index, ctx)
-    ok = isinstance(value, list) and value and all(
-        isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str) for m in value
+    ok = (
+        isinstance(value, list)
+        and value
+        and all(
+            isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str) for m in value
+        )
     )
     if not ok:
         raise DataFileError(
@@ -58,8 +69,12 @@ def _orpo_dpo_mix_pair(row: dict, index: int, ctx: MappingContext) -> dict:
     prompt, chosen = _split_conversation(_messages(row, "chosen", index, ctx), "chosen", index, ctx)
     if not chosen.strip():
         raise DataFileError(f"{where(index, ctx)}: field 'chosen' ends with an empty reply (format {ctx.fmt})")
-    return {"id": row_id(row, index, ctx), "prompt": prompt, "chosen": chosen,
-            "rejected": _matching_rejected(row, prompt, index, ctx)}
+    return {
+        "id": row_id(row, index, ctx),
+        "prompt": prompt,
+        "chosen": chosen,
+        "rejected": _matching_rejected(row, prompt, index, ctx),
+    }
 
 
 def _matching_rejected(row: dict, prompt, index: int, ctx: MappingContext) -> str | None:
@@ -82,8 +97,7 @@ def _step_dpo_parts(row: dict, index: int, ctx: MappingContext) -> tuple[str, st
 STEP_DPO_DROPS = "rows whose rejected continuation is empty (the pair would be the shared prefix alone)"
 
 
-def _step_dpo_pair(row: dict, index: int, ctx: MappingContext, chosen_field: str,
-                   rejected_field: str) -> dict | None:
+def _step_dpo_pair(row: dict, index: int, ctx: MappingContext, chosen_field: str, rejected_field: str) -> dict | None:
     """The question as the user turn; the shared correct prefix in front of both answers.
 
     A row whose rejected field is empty or null (a derivative's card counts 1,177 such rows with an
@@ -91,8 +105,9 @@ def _step_dpo_pair(row: dict, index: int, ctx: MappingContext, chosen_field: str
     must still be there; a row without the key is a different file.
     """
     question, prefix = _step_dpo_parts(row, index, ctx)
-    if rejected_field in row and (row[rejected_field] is None or
-                                  (isinstance(row[rejected_field], str) and not row[rejected_field].strip())):
+    if rejected_field in row and (
+        row[rejected_field] is None or (isinstance(row[rejected_field], str) and not row[rejected_field].strip())
+    ):
         return None
     return {
         "id": row_id(row, index, ctx),
@@ -179,15 +194,22 @@ def _econ_titles_eval(row: dict, index: int, ctx: MappingContext) -> dict:
 def _arxiv_titles_pair(row: dict, index: int, ctx: MappingContext) -> dict:
     """arXiv listing metadata (../shared/data/econ_titles): clean_abstract -> clean_title; SFT only."""
     abstract, title = _arxiv_parts(row, index, ctx)
-    return {"id": _arxiv_id(row, index, ctx), "prompt": fill_template(ctx.prompt_template, "abstract", abstract),
-            "chosen": title, "rejected": None}
+    return {
+        "id": _arxiv_id(row, index, ctx),
+        "prompt": fill_template(ctx.prompt_template, "abstract", abstract),
+        "chosen": title,
+        "rejected": None,
+    }
 
 
 @register_format("arxiv_titles", "generation_eval")
 def _arxiv_titles_eval(row: dict, index: int, ctx: MappingContext) -> dict:
     abstract, title = _arxiv_parts(row, index, ctx)
-    return {"id": _arxiv_id(row, index, ctx), "prompt": fill_template(ctx.prompt_template, "abstract", abstract),
-            "reference": title}
+    return {
+        "id": _arxiv_id(row, index, ctx),
+        "prompt": fill_template(ctx.prompt_template, "abstract", abstract),
+        "reference": title,
+    }
 
 
 def _arxiv_parts(row: dict, index: int, ctx: MappingContext) -> tuple[str, str]:
@@ -214,5 +236,9 @@ def _alpaca_pair(row: dict, index: int, ctx: MappingContext) -> dict | None:
     if not output:
         return None
     prompt = f"{instruction}\n\n{extra.strip()}" if extra.strip() else instruction
-    return {"id": row_id(row, index, ctx), "prompt": fill_template(ctx.prompt_template, "instruction", prompt),
-            "chosen": output, "rejected": None}
+    return {
+        "id": row_id(row, index, ctx),
+        "prompt": fill_template(ctx.prompt_template, "instruction", prompt),
+        "chosen": output,
+        "rejected": None,
+    }

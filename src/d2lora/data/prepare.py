@@ -5,6 +5,7 @@ first n rows: subsets are nested and fixed), eval.jsonl (source order) and manif
 (sources, checksums, counts). It appears only complete: it is built in a temporary sibling and
 renamed into place.
 """
+
 from __future__ import annotations
 
 import inspect

@@ -3,6 +3,7 @@
 Every prepared file holds rows of exactly one form; later stages (training, evaluation)
 rely on these fields and nothing else, so a row is checked once here instead of at each use.
 """
+
 from __future__ import annotations
 
 import os
@@ -55,9 +56,7 @@ def _check_multiple_choice(row: dict, where: str) -> None:
     if len(choices) < 2:
         raise DataFileError(f"{where}: field 'choices' needs at least 2 entries, got {len(choices)}")
     if len(labels) != len(choices):
-        raise DataFileError(
-            f"{where}: field 'labels' has {len(labels)} entries but 'choices' has {len(choices)}"
-        )
+        raise DataFileError(f"{where}: field 'labels' has {len(labels)} entries but 'choices' has {len(choices)}")
     index = row["answer_index"]
     # bool is an int subclass; True as an answer index is a bug upstream, not index 1.
     if not isinstance(index, int) or isinstance(index, bool):
@@ -77,11 +76,18 @@ def prompt_messages(prompt: str | list) -> list[dict]:
 def _check_conversation(value: list, field: str, where: str) -> None:
     """A multi-turn prompt: {role, content} messages (system, user, assistant) ending with a user turn."""
     for number, message in enumerate(value, start=1):
-        ok = (isinstance(message, dict) and set(message) == {"role", "content"} and message["role"] in MESSAGE_ROLES
-              and isinstance(message["content"], str) and message["content"].strip())
+        ok = (
+            isinstance(message, dict)
+            and set(message) == {"role", "content"}
+            and message["role"] in MESSAGE_ROLES
+            and isinstance(message["content"], str)
+            and message["content"].strip()
+        )
         if not ok:
-            raise DataFileError(f"{where}: field '{field}' message {number} must be {{role, content}} with a role "
-                                f"in {MESSAGE_ROLES} and non-empty text")
+            raise DataFileError(
+                f"{where}: field '{field}' message {number} must be {{role, content}} with a role "
+                f"in {MESSAGE_ROLES} and non-empty text"
+            )
     if not value or value[-1]["role"] != "user":
         raise DataFileError(f"{where}: field '{field}' must end with a user turn")
 

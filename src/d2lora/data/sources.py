@@ -12,6 +12,7 @@ writes (see d2lora.data.onpolicy).
 
 A format names the raw schema of a source (d2lora.data.formats maps its rows).
 """
+
 from __future__ import annotations
 
 import os
@@ -150,8 +151,10 @@ def apply_shuffle(rows: list[dict], source_cfg: dict, seed: int) -> list[dict]:
 
 def with_position_ids(rows: list[dict], name: str, start: int = 0) -> list[dict]:
     """Rows without an id of their own get `<name>-<position in the source>`, counting from `start`."""
-    return [row if not isinstance(row, dict) or row.get("id") is not None else {"id": f"{name}-{index:06d}", **row}
-            for index, row in enumerate(rows, start=start)]
+    return [
+        row if not isinstance(row, dict) or row.get("id") is not None else {"id": f"{name}-{index:06d}", **row}
+        for index, row in enumerate(rows, start=start)
+    ]
 
 
 def _count_arg(source_cfg: dict, key: str) -> int | None:

@@ -7,6 +7,7 @@ Train and eval are disjoint by construction: a row's key text (question, abstrac
 is hashed, and the hash alone decides which split may hold it. That holds for any seed and any
 row count, so no split has to be generated to filter the other.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -18,9 +19,31 @@ SPLITS = ("train", "eval")
 EVAL_SHARE = 5  # one key text in EVAL_SHARE belongs to eval, the rest to train
 
 NAMES = (
-    "Ava", "Ben", "Carla", "Dev", "Elena", "Farid", "Grace", "Hiro", "Isla", "Jamal", "Kim",
-    "Liam", "Maya", "Noah", "Olga", "Priya", "Quinn", "Rosa", "Sam", "Tariq", "Uma", "Victor",
-    "Wen", "Yusuf", "Zoe",
+    "Ava",
+    "Ben",
+    "Carla",
+    "Dev",
+    "Elena",
+    "Farid",
+    "Grace",
+    "Hiro",
+    "Isla",
+    "Jamal",
+    "Kim",
+    "Liam",
+    "Maya",
+    "Noah",
+    "Olga",
+    "Priya",
+    "Quinn",
+    "Rosa",
+    "Sam",
+    "Tariq",
+    "Uma",
+    "Victor",
+    "Wen",
+    "Yusuf",
+    "Zoe",
 )
 
 
@@ -96,9 +119,16 @@ def _math_shopping(rng: random.Random) -> tuple[str, list]:
 
 
 _SHOP_ITEMS = (
-    ("notebook", "notebooks"), ("pen", "pens"), ("apple", "apples"), ("book", "books"),
-    ("toy car", "toy cars"), ("shirt", "shirts"), ("candle", "candles"), ("mug", "mugs"),
-    ("sandwich", "sandwiches"), ("plant", "plants"),
+    ("notebook", "notebooks"),
+    ("pen", "pens"),
+    ("apple", "apples"),
+    ("book", "books"),
+    ("toy car", "toy cars"),
+    ("shirt", "shirts"),
+    ("candle", "candles"),
+    ("mug", "mugs"),
+    ("sandwich", "sandwiches"),
+    ("plant", "plants"),
 )
 
 
@@ -199,7 +229,13 @@ def _math_teams(rng: random.Random) -> tuple[str, list]:
 
 
 _MATH_TEMPLATES = (
-    _math_shopping, _math_speed, _math_sharing, _math_ages, _math_farm, _math_savings, _math_teams,
+    _math_shopping,
+    _math_speed,
+    _math_sharing,
+    _math_ages,
+    _math_farm,
+    _math_savings,
+    _math_teams,
 )
 
 
@@ -242,8 +278,9 @@ def _arith_one_step(rng: random.Random) -> tuple[str, list]:
         question = f"{name} has {a} {things}. {name} gets {b} more {things}. How many {things} does {name} have now?"
         return question, [(f"{name} has {{expr}} {things}", "+", a, b)]
     if kind == 1:
-        question = (f"{name} has {a + b} {things}. {name} gives away {b} {things}. "
-                    f"How many {things} does {name} have left?")
+        question = (
+            f"{name} has {a + b} {things}. {name} gives away {b} {things}. How many {things} does {name} have left?"
+        )
         return question, [(f"{name} has {{expr}} {things} left", "-", a + b, b)]
     bags, each = rng.randint(2, 9), rng.randint(2, 9)
     question = f"{name} has {bags} bags with {each} {things} in each bag. How many {things} does {name} have?"
@@ -254,8 +291,9 @@ def _arith_two_steps(rng: random.Random) -> tuple[str, list]:
     name, things = rng.choice(NAMES), rng.choice(_COUNTABLES)
     a, b = rng.randint(2, 20), rng.randint(2, 20)
     c = rng.randint(1, min(9, a + b - 1))
-    question = (f"{name} has {a} {things}, gets {b} more and then gives away {c}. "
-                f"How many {things} does {name} have now?")
+    question = (
+        f"{name} has {a} {things}, gets {b} more and then gives away {c}. How many {things} does {name} have now?"
+    )
     plan = [
         (f"After getting more, {name} has {{expr}} {things}", "+", a, b),
         (f"After giving some away, {name} has {{expr}} {things}", "-", _Prev(0), c),
@@ -284,22 +322,63 @@ def _make_arithmetic(rng: random.Random) -> dict:
 # ----------------------------------------------------------------------------- titles
 
 _DRIVERS = (
-    "minimum wage increases", "trade liberalization", "microfinance access", "remittance inflows",
-    "carbon taxes", "central bank independence", "mobile money adoption", "foreign direct investment",
-    "public infrastructure spending", "financial literacy programs", "housing subsidies", "immigration",
-    "automation", "fiscal decentralization", "interest rate shocks", "tariff reductions",
-    "conditional cash transfers", "credit constraints", "digital payments", "land reform",
+    "minimum wage increases",
+    "trade liberalization",
+    "microfinance access",
+    "remittance inflows",
+    "carbon taxes",
+    "central bank independence",
+    "mobile money adoption",
+    "foreign direct investment",
+    "public infrastructure spending",
+    "financial literacy programs",
+    "housing subsidies",
+    "immigration",
+    "automation",
+    "fiscal decentralization",
+    "interest rate shocks",
+    "tariff reductions",
+    "conditional cash transfers",
+    "credit constraints",
+    "digital payments",
+    "land reform",
 )
 _OUTCOMES = (
-    "employment", "household consumption", "income inequality", "firm productivity", "inflation",
-    "export growth", "female labor force participation", "poverty", "school enrollment", "wage growth",
-    "energy consumption", "housing prices", "small business growth", "agricultural output",
-    "economic growth", "household savings", "health spending", "entrepreneurship",
+    "employment",
+    "household consumption",
+    "income inequality",
+    "firm productivity",
+    "inflation",
+    "export growth",
+    "female labor force participation",
+    "poverty",
+    "school enrollment",
+    "wage growth",
+    "energy consumption",
+    "housing prices",
+    "small business growth",
+    "agricultural output",
+    "economic growth",
+    "household savings",
+    "health spending",
+    "entrepreneurship",
 )
 _REGIONS = (
-    "Brazil", "India", "Sub-Saharan Africa", "the European Union", "Southeast Asia", "Latin America",
-    "China", "the United States", "Turkey", "Eastern Europe", "Mexico", "Indonesia", "Nigeria",
-    "Vietnam", "the Middle East",
+    "Brazil",
+    "India",
+    "Sub-Saharan Africa",
+    "the European Union",
+    "Southeast Asia",
+    "Latin America",
+    "China",
+    "the United States",
+    "Turkey",
+    "Eastern Europe",
+    "Mexico",
+    "Indonesia",
+    "Nigeria",
+    "Vietnam",
+    "the Middle East",
 )
 _METHODS = (
     ("a difference-in-differences design", "Difference-in-Differences Evidence"),
@@ -312,30 +391,50 @@ _METHODS = (
     ("quantile regressions", "Quantile Regression Evidence"),
 )
 _DATA = (
-    "household survey data", "firm-level panel data", "administrative tax records", "census microdata",
-    "monthly price data", "bank loan records", "customs transaction data", "satellite night-light data",
+    "household survey data",
+    "firm-level panel data",
+    "administrative tax records",
+    "census microdata",
+    "monthly price data",
+    "bank loan records",
+    "customs transaction data",
+    "satellite night-light data",
     "district-level panel data",
 )
 _EFFECTS = (
-    "a large positive", "a small positive", "a significant negative", "a modest negative",
-    "a statistically insignificant", "a persistent positive", "a short-lived negative",
+    "a large positive",
+    "a small positive",
+    "a significant negative",
+    "a modest negative",
+    "a statistically insignificant",
+    "a persistent positive",
+    "a short-lived negative",
 )
 _GROUPS = (
-    "low-income households", "small firms", "rural areas", "young workers", "women",
-    "urban households", "exporting firms", "informal workers",
+    "low-income households",
+    "small firms",
+    "rural areas",
+    "young workers",
+    "women",
+    "urban households",
+    "exporting firms",
+    "informal workers",
 )
 _POLICIES = (
-    "labor market policy", "trade policy", "monetary policy", "financial inclusion", "climate policy",
-    "social protection programs", "development policy",
+    "labor market policy",
+    "trade policy",
+    "monetary policy",
+    "financial inclusion",
+    "climate policy",
+    "social protection programs",
+    "development policy",
 )
 _SMALL_WORDS = {"a", "an", "and", "the", "of", "on", "in", "for", "from", "to"}
 
 
 def _title_case(text: str) -> str:
     words = text.split(" ")
-    return " ".join(
-        w if (i and w in _SMALL_WORDS) else w[:1].upper() + w[1:] for i, w in enumerate(words)
-    )
+    return " ".join(w if (i and w in _SMALL_WORDS) else w[:1].upper() + w[1:] for i, w in enumerate(words))
 
 
 def _make_titles(rng: random.Random) -> dict:
@@ -345,22 +444,26 @@ def _make_titles(rng: random.Random) -> dict:
     start = rng.randint(1985, 2010)
     end = start + rng.randint(5, 12)
     sentences = [
-        rng.choice((
-            f"This paper studies the effect of {driver} on {outcome} in {region}.",
-            f"We examine how {driver} shapes {outcome} in {region}.",
-            f"This study investigates the link between {driver} and {outcome} in {region}.",
-        )),
+        rng.choice(
+            (
+                f"This paper studies the effect of {driver} on {outcome} in {region}.",
+                f"We examine how {driver} shapes {outcome} in {region}.",
+                f"This study investigates the link between {driver} and {outcome} in {region}.",
+            )
+        ),
         f"Using {data} covering {start} to {end}, we apply {method}.",
         f"We find {effect} effect of {driver} on {outcome}, with the largest effects among {group}.",
     ]
     if rng.random() < 0.5:
         sentences.append(f"The results have implications for {rng.choice(_POLICIES)}.")
     place = region.removeprefix("the ")
-    title = rng.choice((
-        f"{_title_case(driver)} and {_title_case(outcome)}: {method_title} from {place}",
-        f"The Effect of {_title_case(driver)} on {_title_case(outcome)} in {place}",
-        f"{_title_case(driver)}, {_title_case(outcome)}, and {_title_case(group)}: Evidence from {place}",
-    ))
+    title = rng.choice(
+        (
+            f"{_title_case(driver)} and {_title_case(outcome)}: {method_title} from {place}",
+            f"The Effect of {_title_case(driver)} on {_title_case(outcome)} in {place}",
+            f"{_title_case(driver)}, {_title_case(outcome)}, and {_title_case(group)}: Evidence from {place}",
+        )
+    )
     return {"abstract": " ".join(sentences), "title": title}
 
 
@@ -401,23 +504,37 @@ _ORGANS = {
 }
 _FACTS = (
     ("What force pulls objects toward the center of Earth?", "gravity", ("friction", "magnetism", "buoyancy")),
-    ("What kind of energy does a moving object have?", "kinetic energy",
-     ("potential energy", "chemical energy", "nuclear energy")),
+    (
+        "What kind of energy does a moving object have?",
+        "kinetic energy",
+        ("potential energy", "chemical energy", "nuclear energy"),
+    ),
     ("Which material is the best conductor of electricity?", "copper", ("wood", "rubber", "plastic")),
     ("Which tool is used to measure temperature?", "thermometer", ("ruler", "balance", "barometer")),
     ("Which tool is used to measure mass?", "balance", ("thermometer", "stopwatch", "ruler")),
     ("What gas do plants take from the air to make food?", "carbon dioxide", ("nitrogen", "helium", "hydrogen")),
-    ("What happens to liquid water when it is cooled below 0 degrees Celsius?", "it freezes",
-     ("it boils", "it evaporates", "it condenses")),
+    (
+        "What happens to liquid water when it is cooled below 0 degrees Celsius?",
+        "it freezes",
+        ("it boils", "it evaporates", "it condenses"),
+    ),
     ("What is the main source of energy for Earth?", "the Sun", ("the Moon", "volcanoes", "the wind")),
     ("Which part of a plant takes in water from the soil?", "roots", ("leaves", "flowers", "seeds")),
-    ("What causes day and night on Earth?", "Earth spinning on its axis",
-     ("Earth orbiting the Sun", "the Moon orbiting Earth", "clouds blocking the Sun")),
+    (
+        "What causes day and night on Earth?",
+        "Earth spinning on its axis",
+        ("Earth orbiting the Sun", "the Moon orbiting Earth", "clouds blocking the Sun"),
+    ),
 )
 _UNITS = (
-    ("meters", "centimeters", 100), ("kilometers", "meters", 1000), ("kilograms", "grams", 1000),
-    ("hours", "minutes", 60), ("minutes", "seconds", 60), ("liters", "milliliters", 1000),
-    ("days", "hours", 24), ("centimeters", "millimeters", 10),
+    ("meters", "centimeters", 100),
+    ("kilometers", "meters", 1000),
+    ("kilograms", "grams", 1000),
+    ("hours", "minutes", 60),
+    ("minutes", "seconds", 60),
+    ("liters", "milliliters", 1000),
+    ("days", "hours", 24),
+    ("centimeters", "millimeters", 10),
 )
 _MOVERS = {"runner": (6, 15), "cyclist": (10, 30), "boat": (10, 40), "car": (40, 100), "train": (60, 150)}
 
@@ -462,7 +579,9 @@ def _sci_units(rng: random.Random) -> tuple[str, str, list[str]]:
     big, small, factor = rng.choice(_UNITS)
     n = rng.randint(2, 999)
     correct = n * factor
-    wrong = _numeric_distractors(rng, correct, [correct * 10, correct // 10, n + factor, correct + factor, correct - factor])
+    wrong = _numeric_distractors(
+        rng, correct, [correct * 10, correct // 10, n + factor, correct + factor, correct - factor]
+    )
     return f"How many {small} are in {n} {big}?", str(correct), [str(w) for w in wrong]
 
 
@@ -471,7 +590,9 @@ def _sci_speed(rng: random.Random) -> tuple[str, str, list[str]]:
     speed, hours = rng.randint(*_MOVERS[mover]), rng.randint(2, 8)
     unit = rng.choice(("kilometers", "miles"))
     distance = speed * hours
-    wrong = _numeric_distractors(rng, speed, [distance * hours, distance + hours, distance - hours, speed + hours, speed * 2])
+    wrong = _numeric_distractors(
+        rng, speed, [distance * hours, distance + hours, distance - hours, speed + hours, speed * 2]
+    )
     return (
         f"A {mover} travels {distance} {unit} in {hours} hours. What is its average speed?",
         f"{speed} {unit} per hour",
@@ -503,7 +624,14 @@ def _sci_density(rng: random.Random) -> tuple[str, str, list[str]]:
 
 
 _SCIENCE_TEMPLATES = (
-    _sci_animal, _sci_state, _sci_planet, _sci_organ, _sci_fact, _sci_units, _sci_speed, _sci_force,
+    _sci_animal,
+    _sci_state,
+    _sci_planet,
+    _sci_organ,
+    _sci_fact,
+    _sci_units,
+    _sci_speed,
+    _sci_force,
     _sci_density,
 )
 _LETTERS = ("A", "B", "C", "D")
@@ -522,8 +650,10 @@ def _make_science_mc(rng: random.Random) -> dict:
 
 # ----------------------------------------------------------------------------- general instructions
 
-_ONES = ("zero one two three four five six seven eight nine ten eleven twelve thirteen fourteen "
-         "fifteen sixteen seventeen eighteen nineteen").split()
+_ONES = (
+    "zero one two three four five six seven eight nine ten eleven twelve thirteen fourteen "
+    "fifteen sixteen seventeen eighteen nineteen"
+).split()
 _TENS = "_ _ twenty thirty forty fifty sixty seventy eighty ninety".split()
 
 
@@ -541,11 +671,30 @@ def number_words(n: int) -> str:
     return f"{number_words(thousands)} thousand" + (f" {number_words(rest)}" if rest else "")
 
 
-_SUBJECTS = ("The cat", "My neighbor", "A young scientist", "The old train", "Our teacher", "The small bird",
-             "A busy farmer", "The red kite", "My sister", "The river")
+_SUBJECTS = (
+    "The cat",
+    "My neighbor",
+    "A young scientist",
+    "The old train",
+    "Our teacher",
+    "The small bird",
+    "A busy farmer",
+    "The red kite",
+    "My sister",
+    "The river",
+)
 _VERBS = ("watches", "follows", "paints", "finds", "carries", "visits", "remembers", "crosses")
-_OBJECTS = ("the quiet harbor", "a green bottle", "the morning market", "an old map", "the tall bridge",
-            "a wooden box", "the school garden", "a paper lantern", "the city park")
+_OBJECTS = (
+    "the quiet harbor",
+    "a green bottle",
+    "the morning market",
+    "an old map",
+    "the tall bridge",
+    "a wooden box",
+    "the school garden",
+    "a paper lantern",
+    "the city park",
+)
 _CATEGORIES = {
     "fruits": ("apple", "banana", "mango", "cherry", "grape", "pear", "plum", "kiwi"),
     "colors": ("red", "blue", "green", "yellow", "purple", "orange", "black", "white"),
@@ -579,12 +728,10 @@ _EXPLANATIONS = {
     "for part of the year and less for the other part.",
     "bread rises when it is baked": "Yeast produces carbon dioxide gas that is trapped in the dough and "
     "expands when heated, making the bread rise.",
-    "leaves are green": "Leaves contain chlorophyll, which absorbs red and blue light and reflects green "
-    "light.",
+    "leaves are green": "Leaves contain chlorophyll, which absorbs red and blue light and reflects green light.",
     "a spoon looks bent in a glass of water": "Light changes direction when it passes between water and "
     "air, so the part of the spoon under water appears shifted.",
-    "sweating cools the body": "Sweat takes heat from the skin as it evaporates, lowering the body's "
-    "temperature.",
+    "sweating cools the body": "Sweat takes heat from the skin as it evaporates, lowering the body's temperature.",
 }
 _POOR_ANSWERS = ("I am not sure.", "That is a good question.", "Please ask something else.", "Yes.")
 
@@ -612,8 +759,10 @@ def _sentence(rng: random.Random) -> str:
 
 def _gen_uppercase(rng: random.Random) -> tuple[str, str, str]:
     sentence = _sentence(rng)
-    return f"Rewrite this sentence in capital letters: {sentence}", sentence.upper(), rng.choice(
-        (sentence, sentence.lower())
+    return (
+        f"Rewrite this sentence in capital letters: {sentence}",
+        sentence.upper(),
+        rng.choice((sentence, sentence.lower())),
     )
 
 
@@ -656,7 +805,13 @@ def _gen_count_words(rng: random.Random) -> tuple[str, str, str]:
 
 
 _GENERAL_TEMPLATES = (
-    _gen_number_words, _gen_sort, _gen_uppercase, _gen_list, _gen_define, _gen_explain, _gen_arithmetic,
+    _gen_number_words,
+    _gen_sort,
+    _gen_uppercase,
+    _gen_list,
+    _gen_define,
+    _gen_explain,
+    _gen_arithmetic,
     _gen_count_words,
 )
 

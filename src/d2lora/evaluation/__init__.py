@@ -4,6 +4,7 @@ Every entry point takes a plain Hugging Face causal LM or a PeftModel, runs on t
 device, and returns (per-example records, summary scores). The tokenizer's padding side does
 not matter: generation pads on the left and likelihood scoring on the right, by hand.
 """
+
 from d2lora.evaluation.answers import answers_match, extract_final_answer, extract_with_rule, normalize_answer
 from d2lora.evaluation.generation import greedy_generate
 from d2lora.evaluation.math_eval import evaluate_math

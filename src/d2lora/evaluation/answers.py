@@ -11,6 +11,7 @@ Answers are canonicalised to a short string: a number where one can be read ("1,
 dollars" -> "1000.5", "\\frac{3}{4}" -> "0.75", "1/3" stays "1/3" because it has no exact
 decimal), otherwise the cleaned text.
 """
+
 from __future__ import annotations
 
 import re
@@ -27,9 +28,7 @@ _HASHES = re.compile(r"####\s*([^\n]*)")
 _UNSIGNED = r"(?:\d{1,3}(?:,\d{3})+(?!\d)|\d+)(?:\.\d+)?|\.\d+"
 # A '-' right after a word character or closing bracket is a hyphen or a subtraction
 # ("3-4 apples", "(5)-2"), not the sign of the number that follows.
-_NUMBER = re.compile(
-    rf"(?:(?<![\w)\]}}])(?P<sign>[+-]))?(?P<num>{_UNSIGNED})(?:\s*/\s*(?P<den>{_UNSIGNED}))?"
-)
+_NUMBER = re.compile(rf"(?:(?<![\w)\]}}])(?P<sign>[+-]))?(?P<num>{_UNSIGNED})(?:\s*/\s*(?P<den>{_UNSIGNED}))?")
 _TEXT_MACRO = re.compile(r"\\(?:text|textbf|textit|mathrm|mathbf|mbox|operatorname)\s*\{([^{}]*)\}")
 _FRAC = re.compile(r"\\[dt]?frac\s*\{([^{}]*)\}\s*\{([^{}]*)\}")
 _SENTENCE_END = re.compile(r"\.(?!\d)|[;!?]")

@@ -6,6 +6,7 @@ position ids from the attention mask, so a padded prompt sees the same positions
 alone. Sorting by length (longest first) keeps padding small and puts the slowest batch
 first, so an out-of-memory error shows up at once rather than hours in.
 """
+
 from __future__ import annotations
 
 import sys
@@ -39,7 +40,9 @@ def longest_first_batches(lengths: Sequence[int], batch_size: int) -> list[list[
     return [order[start : start + batch_size] for start in range(0, len(order), batch_size)]
 
 
-def left_pad(sequences: Sequence[Sequence[int]], pad_id: int, device, width: int | None = None, rows: int | None = None):
+def left_pad(
+    sequences: Sequence[Sequence[int]], pad_id: int, device, width: int | None = None, rows: int | None = None
+):
     """Left-padded ids and mask; `width` and `rows` (at least the batch's own) give every batch of a
     run one shape: extra rows repeat the last sequence and are dropped by the caller."""
     import torch
@@ -74,8 +77,14 @@ def stop_token_ids(model, tokenizer) -> list[int]:
 CACHE_KINDS = ("dynamic", "static")
 
 
-def greedy_config(max_new_tokens: int, eos_ids: list[int], pad_id: int, cache: str = "dynamic",
-                  compile: bool = True, max_cache_len: int | None = None):
+def greedy_config(
+    max_new_tokens: int,
+    eos_ids: list[int],
+    pad_id: int,
+    cache: str = "dynamic",
+    compile: bool = True,
+    max_cache_len: int | None = None,
+):
     from transformers import GenerationConfig
 
     if cache not in CACHE_KINDS:
@@ -101,8 +110,9 @@ def greedy_config(max_new_tokens: int, eos_ids: list[int], pad_id: int, cache: s
     )
 
 
-def _generate_rows_leaving(model, input_ids, attention_mask, config, eos_ids: list[int], pad_id: int,
-                           cache: str, every: int):
+def _generate_rows_leaving(
+    model, input_ids, attention_mask, config, eos_ids: list[int], pad_id: int, cache: str, every: int
+):
     """New tokens of one batch, generated `every` at a time: after each round, rows that emitted a stop
     token leave the batch and their rows of the KV cache go with them, so the longest answer no longer
     keeps every finished row computing to the end. Rows still running continue from the cache as it
@@ -115,8 +125,11 @@ def _generate_rows_leaving(model, input_ids, attention_mask, config, eos_ids: li
 
     total = config.max_new_tokens
     width = input_ids.shape[1]
-    kv = (StaticCache(config=model.config, max_cache_len=width + total) if cache == "static"
-          else DynamicCache(config=model.config))
+    kv = (
+        StaticCache(config=model.config, max_cache_len=width + total)
+        if cache == "static"
+        else DynamicCache(config=model.config)
+    )
     # A cache of our own carries the kind; leaving rows change the batch, which a compiled step cannot follow.
     round_config = copy.deepcopy(config)
     round_config.cache_implementation = None
@@ -128,7 +141,7 @@ def _generate_rows_leaving(model, input_ids, attention_mask, config, eos_ids: li
     while made < total and len(running):
         round_config.max_new_tokens = min(every, total - made)
         out = model.generate(input_ids=ids, attention_mask=mask, past_key_values=kv, generation_config=round_config)
-        new = out[:, ids.shape[1]:]
+        new = out[:, ids.shape[1] :]
         tokens[running, made : made + new.shape[1]] = new.cpu()
         made += new.shape[1]
         mask = torch.cat([mask, mask.new_ones((mask.shape[0], new.shape[1]))], dim=1)
@@ -191,8 +204,10 @@ def greedy_generate(
     if rows_leave_every < 0:
         raise ValueError(f"rows_leave_every must be >= 0, got {rows_leave_every}")
     if rows_leave_every and cache == "static" and compile:
-        raise ValueError("finished rows leaving the batch change its shape, which a compiled decoding step cannot "
-                         "follow: with the static cache set compile: false (evaluation.gsm8k.compile)")
+        raise ValueError(
+            "finished rows leaving the batch change its shape, which a compiled decoding step cannot "
+            "follow: with the static cache set compile: false (evaluation.gsm8k.compile)"
+        )
     if not user_prompts:
         return []
     device = model_device(model)
@@ -203,15 +218,24 @@ def greedy_generate(
     fixed_shape = cache == "static"
     width = max(len(ids) for ids in encoded) if fixed_shape else None
     rows = len(batches[0]) if fixed_shape else None
-    config = greedy_config(max_new_tokens, eos_ids, pad_id, cache, compile=compile,
-                           max_cache_len=width + max_new_tokens if fixed_shape else None)
+    config = greedy_config(
+        max_new_tokens,
+        eos_ids,
+        pad_id,
+        cache,
+        compile=compile,
+        max_cache_len=width + max_new_tokens if fixed_shape else None,
+    )
     desc = progress_desc or "generate"
 
     outputs: list[str | None] = [None] * len(user_prompts)
     model.eval()
     if partial is not None and partial.resumed:
-        print(f"[{desc}] resuming: {sum(partial.has_all(b) for b in batches)} of {len(batches)} batches already done",
-              file=sys.stderr, flush=True)
+        print(
+            f"[{desc}] resuming: {sum(partial.has_all(b) for b in batches)} of {len(batches)} batches already done",
+            file=sys.stderr,
+            flush=True,
+        )
     started, done = time.perf_counter(), 0
     with torch.inference_mode(), packed_gqa_attention(model, enabled=packed_gqa):
         for number, batch in enumerate(batches, start=1):
@@ -222,8 +246,9 @@ def greedy_generate(
                 continue
             input_ids, attention_mask = left_pad([encoded[i] for i in batch], pad_id, device, width=width, rows=rows)
             if rows_leave_every:
-                new_tokens = _generate_rows_leaving(model, input_ids, attention_mask, config, eos_ids, pad_id,
-                                                    cache, rows_leave_every)
+                new_tokens = _generate_rows_leaving(
+                    model, input_ids, attention_mask, config, eos_ids, pad_id, cache, rows_leave_every
+                )
             else:
                 generated = model.generate(input_ids=input_ids, attention_mask=attention_mask, generation_config=config)
                 new_tokens = generated[:, input_ids.shape[1] :].cpu()

@@ -13,6 +13,7 @@ regex filter and exact_match verdict on the same text are kept beside it (`lm_ev
 lm-eval run is also a cross-check of the two extractors (tests/test_lm_eval.py holds the
 agreement on real outputs and explains each disagreement).
 """
+
 from __future__ import annotations
 
 import json
@@ -53,8 +54,13 @@ def jinja_prompt(prompt_template: str) -> str:
     return prompt_template.replace("{question}", "{{question}}")
 
 
-def write_task(benchmark: str, data_file: str | os.PathLike, out_dir: str | os.PathLike, settings: dict,
-               template_dir: str | os.PathLike | None = None) -> Path:
+def write_task(
+    benchmark: str,
+    data_file: str | os.PathLike,
+    out_dir: str | os.PathLike,
+    settings: dict,
+    template_dir: str | os.PathLike | None = None,
+) -> Path:
     """Fill the benchmark's template and write it to `out_dir`; returns the task file."""
     text = template_path(benchmark, template_dir).read_text(encoding="utf-8")
     values = {"DATA_FILE": json.dumps(str(Path(data_file).resolve()))}
@@ -137,19 +143,21 @@ def gsm8k_records(samples: list[dict], rows: list[dict], prompts: list[str]) -> 
             raise RuntimeError(f"lm-eval sample {sample['doc_id']} is item {sample['doc']['id']}, expected {row['id']}")
         output = sample["resps"][0][0]
         ours, rule = extract_with_rule(output)
-        records.append({
-            "id": row["id"],
-            "prompt": prompt,
-            "context": sample["arguments"][0][0],
-            "output": output,
-            "extracted": ours,
-            "rule": rule,
-            "reference": row["answer"],
-            "correct": answers_match(ours, row["answer"]),
-            "lm_eval_extracted": sample["filtered_resps"][0],
-            "lm_eval_filter": GSM8K_FILTER,
-            "lm_eval_correct": bool(sample["exact_match"]),
-        })
+        records.append(
+            {
+                "id": row["id"],
+                "prompt": prompt,
+                "context": sample["arguments"][0][0],
+                "output": output,
+                "extracted": ours,
+                "rule": rule,
+                "reference": row["answer"],
+                "correct": answers_match(ours, row["answer"]),
+                "lm_eval_extracted": sample["filtered_resps"][0],
+                "lm_eval_filter": GSM8K_FILTER,
+                "lm_eval_correct": bool(sample["exact_match"]),
+            }
+        )
     return records
 
 
@@ -184,17 +192,19 @@ def arc_records(samples: list[dict], rows: list[dict]) -> list[dict]:
         per_char = [lp / len(choice) for lp, choice in zip(logprobs, row["choices"])]
         predicted = max(range(len(logprobs)), key=lambda i: (logprobs[i], -i))
         predicted_norm = max(range(len(per_char)), key=lambda i: (per_char[i], -i))
-        records.append({
-            "id": row["id"],
-            "choice_logprobs": logprobs,
-            "choice_logprobs_per_char": per_char,
-            "predicted_index": predicted,
-            "predicted_label": row["labels"][predicted],
-            "predicted_index_norm": predicted_norm,
-            "answer_index": row["answer_index"],
-            "correct": bool(sample["acc"]),
-            "correct_norm": bool(sample["acc_norm"]),
-        })
+        records.append(
+            {
+                "id": row["id"],
+                "choice_logprobs": logprobs,
+                "choice_logprobs_per_char": per_char,
+                "predicted_index": predicted,
+                "predicted_label": row["labels"][predicted],
+                "predicted_index_norm": predicted_norm,
+                "answer_index": row["answer_index"],
+                "correct": bool(sample["acc"]),
+                "correct_norm": bool(sample["acc_norm"]),
+            }
+        )
     return records
 
 
@@ -207,8 +217,9 @@ def summarize_arc(records: list[dict]) -> dict:
     }
 
 
-def evaluate_with_lm_eval(benchmark: str, model_dir, adapter_dir, data_file, rows: list[dict], settings: dict,
-                          work_dir, device: str) -> tuple[list[dict], dict]:
+def evaluate_with_lm_eval(
+    benchmark: str, model_dir, adapter_dir, data_file, rows: list[dict], settings: dict, work_dir, device: str
+) -> tuple[list[dict], dict]:
     """(per-example records, scores) of one cell on one benchmark, scored by lm-eval."""
     if not rows:
         raise ValueError(f"lm-eval engine: no evaluation rows for {benchmark}")
@@ -221,7 +232,10 @@ def evaluate_with_lm_eval(benchmark: str, model_dir, adapter_dir, data_file, row
         prompts = [render_math_prompt(settings["prompt_template"], row["question"]) for row in rows]
         records = gsm8k_records(samples, rows, prompts)
         scores = summarize_gsm8k(records)
-        reported, recounted = results["results"][TASK_NAMES[benchmark]][f"exact_match,{GSM8K_FILTER}"], scores["lm_eval_accuracy"]
+        reported, recounted = (
+            results["results"][TASK_NAMES[benchmark]][f"exact_match,{GSM8K_FILTER}"],
+            scores["lm_eval_accuracy"],
+        )
     else:
         records = arc_records(samples, rows)
         scores = summarize_arc(records)

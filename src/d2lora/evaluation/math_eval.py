@@ -7,6 +7,7 @@ paper's template (App. A) holds a literal `\\boxed{}` with single braces. In YAM
 (YAML turns `\\\\` into one backslash) and renders as
     "<question> Please reason step by step, and put your final answer within \\boxed{}."
 """
+
 from __future__ import annotations
 
 from d2lora.data.mapping import fill_template
@@ -48,15 +49,34 @@ def summarize_math(per_example: list[dict]) -> dict:
 
 
 def evaluate_math(
-    model, tokenizer, rows: list[dict], prompt_template: str, max_new_tokens: int, batch_size: int, partial=None,
-    cache: str = "dynamic", compile: bool = True, rows_leave_every: int = 0, packed_gqa: bool = False,
+    model,
+    tokenizer,
+    rows: list[dict],
+    prompt_template: str,
+    max_new_tokens: int,
+    batch_size: int,
+    partial=None,
+    cache: str = "dynamic",
+    compile: bool = True,
+    rows_leave_every: int = 0,
+    packed_gqa: bool = False,
 ) -> tuple[list[dict], dict]:
     """Per-example records and {"accuracy" (fraction), "n_items", "n_boxed"}."""
     if not rows:
         raise ValueError("evaluate_math: no evaluation rows")
     prompts = [render_math_prompt(prompt_template, row["question"]) for row in rows]
-    outputs = greedy_generate(model, tokenizer, prompts, max_new_tokens, batch_size, progress_desc="gsm8k",
-                              partial=partial, cache=cache, compile=compile, rows_leave_every=rows_leave_every,
-                              packed_gqa=packed_gqa)
+    outputs = greedy_generate(
+        model,
+        tokenizer,
+        prompts,
+        max_new_tokens,
+        batch_size,
+        progress_desc="gsm8k",
+        partial=partial,
+        cache=cache,
+        compile=compile,
+        rows_leave_every=rows_leave_every,
+        packed_gqa=packed_gqa,
+    )
     per_example = [score_math_output(row, prompt, output) for row, prompt, output in zip(rows, prompts, outputs)]
     return per_example, summarize_math(per_example)

@@ -12,6 +12,7 @@ lm-eval 0.4.x with `apply_chat_template=True`:
 - `accuracy` takes the argmax of the summed log-probs (lm-eval's `acc`), `accuracy_norm` of the
   log-prob per character of the choice text (lm-eval's `acc_norm`).
 """
+
 from __future__ import annotations
 
 import time
@@ -45,7 +46,9 @@ def build_requests(tokenizer, rows: Sequence[dict]) -> list[tuple[int, int, list
     requests = []
     for item, row in enumerate(rows):
         if not 0 <= row["answer_index"] < len(row["choices"]):
-            raise ValueError(f"item {row['id']}: answer_index {row['answer_index']} outside its {len(row['choices'])} choices")
+            raise ValueError(
+                f"item {row['id']}: answer_index {row['answer_index']} outside its {len(row['choices'])} choices"
+            )
         context = mc_context(tokenizer, row["question"])
         for choice_index, choice in enumerate(row["choices"]):
             if not choice:
@@ -145,8 +148,9 @@ def score_item(row: dict, logprobs: list[float], n_tokens: list[int]) -> dict:
     }
 
 
-def evaluate_multiple_choice(model, tokenizer, rows: list[dict], batch_size: int,
-                             partial=None) -> tuple[list[dict], dict]:
+def evaluate_multiple_choice(
+    model, tokenizer, rows: list[dict], batch_size: int, partial=None
+) -> tuple[list[dict], dict]:
     """Per-item log-likelihoods and {"accuracy", "accuracy_norm", "n_items"} (fractions)."""
     if not rows:
         raise ValueError("evaluate_multiple_choice: no evaluation rows")

@@ -11,6 +11,7 @@ with another fingerprint is discarded. The evaluation removes the file once its 
 Batches are the same on the rerun (they depend only on the prompts and batch_size), so the
 results equal those of an uninterrupted run.
 """
+
 from __future__ import annotations
 
 import json

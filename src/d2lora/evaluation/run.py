@@ -1,4 +1,5 @@
 """Evaluate one grid cell on one benchmark: load base (+ adapter), score, write per-example rows."""
+
 from __future__ import annotations
 
 import os
@@ -18,15 +19,25 @@ def score_benchmark(benchmark: str, model, tokenizer, rows: list[dict], settings
     if benchmark == "gsm8k":
         from d2lora.evaluation.math_eval import evaluate_math
 
-        return evaluate_math(model, tokenizer, rows, settings["prompt_template"], settings["max_new_tokens"],
-                             settings["batch_size"], partial=partial, cache=settings.get("cache", "dynamic"),
-                             compile=settings.get("compile", True), rows_leave_every=settings.get("rows_leave_every", 0),
-                             packed_gqa=settings.get("packed_gqa", False))
+        return evaluate_math(
+            model,
+            tokenizer,
+            rows,
+            settings["prompt_template"],
+            settings["max_new_tokens"],
+            settings["batch_size"],
+            partial=partial,
+            cache=settings.get("cache", "dynamic"),
+            compile=settings.get("compile", True),
+            rows_leave_every=settings.get("rows_leave_every", 0),
+            packed_gqa=settings.get("packed_gqa", False),
+        )
     if benchmark == "titles":
         from d2lora.evaluation.titles_eval import evaluate_titles
 
-        return evaluate_titles(model, tokenizer, rows, settings["max_new_tokens"], settings["batch_size"],
-                               partial=partial)
+        return evaluate_titles(
+            model, tokenizer, rows, settings["max_new_tokens"], settings["batch_size"], partial=partial
+        )
     if benchmark == "arc_easy":
         from d2lora.evaluation.multiple_choice import evaluate_multiple_choice
 
@@ -48,16 +59,27 @@ def engine_for(benchmark: str, settings: dict) -> str:
     return engine if engine == "pipeline" or benchmark in SUPPORTED else "pipeline"
 
 
-def evaluate_cell(benchmark: str, cell: dict, model_dir, adapter_dir, data_dir, settings: dict, scores_path,
-                  predictions_path, device: str = "auto") -> dict:
+def evaluate_cell(
+    benchmark: str,
+    cell: dict,
+    model_dir,
+    adapter_dir,
+    data_dir,
+    settings: dict,
+    scores_path,
+    predictions_path,
+    device: str = "auto",
+) -> dict:
     device = resolve_device(device)
     precision = resolve_dtype(settings.get("dtype"), device)
     settings = {**settings, "dtype": precision.dtype}
     eval_path = Path(data_dir) / "eval.jsonl"
     rows = read_jsonl(eval_path)
     engine = engine_for(benchmark, settings)
-    print(f"evaluate: {benchmark} on {len(rows)} items, adapter={adapter_dir}, device={device}, engine={engine}",
-          file=sys.stderr)
+    print(
+        f"evaluate: {benchmark} on {len(rows)} items, adapter={adapter_dir}, device={device}, engine={engine}",
+        file=sys.stderr,
+    )
     reset_peak_memory(device)
     start = time.perf_counter()
     if engine == "lm_eval":
@@ -65,17 +87,25 @@ def evaluate_cell(benchmark: str, cell: dict, model_dir, adapter_dir, data_dir, 
 
         work_dir = Path(predictions_path).parent / "lm_eval"
         per_example, scores = lm_eval_backend.evaluate_with_lm_eval(
-            benchmark, model_dir, adapter_dir, eval_path, rows, settings, work_dir, device)
+            benchmark, model_dir, adapter_dir, eval_path, rows, settings, work_dir, device
+        )
         engine_version = lm_eval_backend.lm_eval_version()
     else:
         # Left padding: generation appends new tokens on the right of every row in a batch.
         tokenizer = load_tokenizer(model_dir, padding_side="left")
-        model = load_model(model_dir, dtype=settings["dtype"], device=device, adapter_dir=adapter_dir,
-                           merge_adapter=bool(settings.get("merge_adapter", False)))
+        model = load_model(
+            model_dir,
+            dtype=settings["dtype"],
+            device=device,
+            adapter_dir=adapter_dir,
+            merge_adapter=bool(settings.get("merge_adapter", False)),
+        )
         model.eval()
         # Finished batches go to a sidecar beside the outputs, so a killed job resumes (partial.py).
-        partial = PartialResults(sidecar_path(predictions_path),
-                                 eval_fingerprint(benchmark, settings, eval_path, model_dir, adapter_dir, device))
+        partial = PartialResults(
+            sidecar_path(predictions_path),
+            eval_fingerprint(benchmark, settings, eval_path, model_dir, adapter_dir, device),
+        )
         try:
             per_example, scores = score_benchmark(benchmark, model, tokenizer, rows, settings, partial=partial)
         finally:
@@ -113,12 +143,20 @@ def evaluate_cell(benchmark: str, cell: dict, model_dir, adapter_dir, data_dir, 
     return record
 
 
-def _write_eval_manifest(record: dict, cell: dict, model_dir, adapter_dir, eval_path, scores_path, predictions_path,
-                         device: str) -> None:
+def _write_eval_manifest(
+    record: dict, cell: dict, model_dir, adapter_dir, eval_path, scores_path, predictions_path, device: str
+) -> None:
     """manifest.json beside scores.json: config hash, input and output sha256, versions, host, device."""
     out_dir = Path(scores_path).parent
-    params = {"benchmark": record["benchmark"], **{k: record[k] for k in ("task", "method", "init", "n", "seed")},
-              "settings": record["settings"], "engine": record["engine"], "precision": record["precision"]}
+    params = {
+        "benchmark": record["benchmark"],
+        **{k: record[k] for k in ("task", "method", "init", "n", "seed")},
+        "settings": record["settings"],
+        "engine": record["engine"],
+        "precision": record["precision"],
+    }
     outputs = [Path(scores_path).name, os.path.relpath(predictions_path, out_dir)]
     inputs = {"model": model_dir, "adapter": adapter_dir, "eval_data": eval_path}
-    write_manifest(out_dir / MANIFEST_NAME, build_manifest("evaluation", inputs, out_dir, params, outputs, device=device))
+    write_manifest(
+        out_dir / MANIFEST_NAME, build_manifest("evaluation", inputs, out_dir, params, outputs, device=device)
+    )

@@ -1,4 +1,5 @@
 """Title generation scored with ROUGE-1/2/L F-measure (Table 1 of the paper), in percent."""
+
 from __future__ import annotations
 
 import re
@@ -57,13 +58,19 @@ def summarize_titles(per_example: list[dict]) -> dict:
     return summary
 
 
-def evaluate_titles(model, tokenizer, rows: list[dict], max_new_tokens: int, batch_size: int,
-                    partial=None) -> tuple[list[dict], dict]:
+def evaluate_titles(
+    model, tokenizer, rows: list[dict], max_new_tokens: int, batch_size: int, partial=None
+) -> tuple[list[dict], dict]:
     """Per-example F-scores (0..1) and mean F-scores x100 {"rouge1","rouge2","rougeL","n_items"}."""
     if not rows:
         raise ValueError("evaluate_titles: no evaluation rows")
     outputs = greedy_generate(
-        model, tokenizer, [row["prompt"] for row in rows], max_new_tokens, batch_size, progress_desc="titles",
+        model,
+        tokenizer,
+        [row["prompt"] for row in rows],
+        max_new_tokens,
+        batch_size,
+        progress_desc="titles",
         partial=partial,
     )
     scorer = make_scorer()

@@ -2,6 +2,7 @@
 
 Names are imported on first use, so that importing one submodule does not import matplotlib.
 """
+
 from __future__ import annotations
 
 import importlib

@@ -11,6 +11,7 @@ The device each number was measured on is in cost.tsv (`device`); a cell whose a
 warm-up ran on different devices is refused (their seconds do not add up). Seconds vary between
 runs, so they are kept out of metrics.tsv, which is byte-identical across runs of one config.
 """
+
 from __future__ import annotations
 
 import os
@@ -20,8 +21,20 @@ import pandas as pd
 
 from d2lora.io import DataFileError, atomic_path, read_json
 
-COST_COLUMNS = ["task", "method", "init", "n", "seed", "device", "train_device_seconds", "train_tokens",
-                "warmup", "warmup_device_seconds", "warmup_tasks", "total_device_hours"]
+COST_COLUMNS = [
+    "task",
+    "method",
+    "init",
+    "n",
+    "seed",
+    "device",
+    "train_device_seconds",
+    "train_tokens",
+    "warmup",
+    "warmup_device_seconds",
+    "warmup_tasks",
+    "total_device_hours",
+]
 
 
 def _training_record(path: Path) -> dict:
@@ -48,25 +61,33 @@ def cost_table(cells: list[dict], warmups: dict[str, os.PathLike]) -> pd.DataFra
         record = _training_record(Path(cell["training"])) if cell.get("training") else None
         warm = cell.get("warmup")
         if warm and warm not in warm_records:
-            raise DataFileError(f"cell {cell['task']}/{cell['method']}/{cell['init']}/n{cell['n']}: warm-up '{warm}' has no training record")
+            raise DataFileError(
+                f"cell {cell['task']}/{cell['method']}/{cell['init']}/n{cell['n']}: warm-up '{warm}' has no training record"
+            )
         tasks = len(tasks_per_warmup.get(warm, ())) if warm else 0
         warm_seconds = warm_records[warm]["train_seconds"] / tasks if warm else 0.0
         devices = {r["device"] for r in ([record] if record else []) + ([warm_records[warm]] if warm else [])}
         if len(devices) > 1:
-            raise DataFileError(f"cell {cell['task']}/{cell['method']}/{cell['init']}/n{cell['n']}: adaptation and "
-                                f"warm-up ran on different devices {sorted(devices)}; their seconds do not add up")
+            raise DataFileError(
+                f"cell {cell['task']}/{cell['method']}/{cell['init']}/n{cell['n']}: adaptation and "
+                f"warm-up ran on different devices {sorted(devices)}; their seconds do not add up"
+            )
         train_seconds = float(record["train_seconds"]) if record else 0.0
-        rows.append({
-            **{k: cell[k] for k in ("task", "method", "init", "n", "seed")},
-            "device": devices.pop() if devices else "",
-            "train_device_seconds": round(train_seconds, 3),
-            "train_tokens": int(record.get("train_tokens", 0)) if record else 0,
-            "warmup": warm or "",
-            "warmup_device_seconds": round(warm_seconds, 3),
-            "warmup_tasks": tasks,
-            "total_device_hours": (train_seconds + warm_seconds) / 3600.0,
-        })
-    return pd.DataFrame(rows, columns=COST_COLUMNS).sort_values(["task", "method", "init", "n", "seed"], ignore_index=True)
+        rows.append(
+            {
+                **{k: cell[k] for k in ("task", "method", "init", "n", "seed")},
+                "device": devices.pop() if devices else "",
+                "train_device_seconds": round(train_seconds, 3),
+                "train_tokens": int(record.get("train_tokens", 0)) if record else 0,
+                "warmup": warm or "",
+                "warmup_device_seconds": round(warm_seconds, 3),
+                "warmup_tasks": tasks,
+                "total_device_hours": (train_seconds + warm_seconds) / 3600.0,
+            }
+        )
+    return pd.DataFrame(rows, columns=COST_COLUMNS).sort_values(
+        ["task", "method", "init", "n", "seed"], ignore_index=True
+    )
 
 
 def write_cost_table(table: pd.DataFrame, path) -> None:
@@ -94,8 +115,9 @@ def cell_label(method: str, init: str, n: int, labels: dict | None = None) -> st
     return f"{method.upper()} {init_text} n={int(n)}"
 
 
-def plot_score_vs_cost(metrics: pd.DataFrame, cost: pd.DataFrame, experiments: dict, out_png, out_pdf=None,
-                       labels: dict | None = None) -> None:
+def plot_score_vs_cost(
+    metrics: pd.DataFrame, cost: pd.DataFrame, experiments: dict, out_png, out_pdf=None, labels: dict | None = None
+) -> None:
     """Pareto view: score (y) against training device-hours including the amortized warm-up (x), one
     point per cell (seeds averaged), labelled by variant and n, the frontier drawn through the cells
     no other cell beats. One panel per (task, metric) of the grid.
@@ -126,11 +148,25 @@ def plot_score_vs_cost(metrics: pd.DataFrame, cost: pd.DataFrame, experiments: d
             name = f"{labels.get(init, init)} n=0" if method == "none" else f"{method.upper()} {labels.get(init, init)}"
             ax.scatter(group["hours"], group["value"], color=color, label=name, zorder=3, s=22)
         for row in points.itertuples():
-            ax.annotate(cell_label(row.method, row.init, row.n, labels), (row.hours, row.value),
-                        textcoords="offset points", xytext=(3, 3), fontsize=6, color="0.25")
+            ax.annotate(
+                cell_label(row.method, row.init, row.n, labels),
+                (row.hours, row.value),
+                textcoords="offset points",
+                xytext=(3, 3),
+                fontsize=6,
+                color="0.25",
+            )
         front = pareto_front(points)
-        ax.step(front["hours"], front["value"], where="post", color="0.2", linewidth=1.0, linestyle="--",
-                label="Pareto frontier", zorder=2)
+        ax.step(
+            front["hours"],
+            front["value"],
+            where="post",
+            color="0.2",
+            linewidth=1.0,
+            linestyle="--",
+            label="Pareto frontier",
+            zorder=2,
+        )
         trained = points.loc[points["hours"] > 0, "hours"]
         ax.set_xscale("symlog", linthresh=float(trained.min()) if not trained.empty else 1e-3)
         ax.set_xlim(left=0)

@@ -11,6 +11,7 @@ where a reader cannot take them for ours:
 Y ranges fit the values drawn (bands included), never below 0: a curve at 74-83 % is not
 squeezed against a forced 0.
 """
+
 from __future__ import annotations
 
 import os
@@ -96,8 +97,9 @@ def draw_paper(ax, ref: pd.DataFrame, x_of: dict[int, float], color, label: str,
     ref = ref.sort_values("n")
     x = [x_of[n] for n in ref["n"]]
     if overlay:
-        ax.plot(x, ref["value"], color=color, label=label, marker="s", markerfacecolor="none", linestyle="--",
-                alpha=0.7)
+        ax.plot(
+            x, ref["value"], color=color, label=label, marker="s", markerfacecolor="none", linestyle="--", alpha=0.7
+        )
     else:
         ax.plot(x, ref["value"], color=color, label=label, marker="o", linestyle="-")
 
@@ -214,10 +216,16 @@ def with_intervals(cells: pd.DataFrame, intervals: pd.DataFrame, spec: dict) -> 
     return joined
 
 
-def plot_curves(metrics_df: pd.DataFrame, spec: dict, reference_df: pd.DataFrame | None,
-                out_png: str | os.PathLike, out_pdf: str | os.PathLike,
-                intervals: pd.DataFrame | None = None, labels: dict[str, str] | None = None,
-                confidence: float = 0.95) -> None:
+def plot_curves(
+    metrics_df: pd.DataFrame,
+    spec: dict,
+    reference_df: pd.DataFrame | None,
+    out_png: str | os.PathLike,
+    out_pdf: str | os.PathLike,
+    intervals: pd.DataFrame | None = None,
+    labels: dict[str, str] | None = None,
+    confidence: float = 0.95,
+) -> None:
     """Metric vs n for the spec's grid: ours solid with markers, the paper's as paper_mode says.
 
     With `intervals` (d2lora.results.statistics.read_intervals) each of our lines carries a
@@ -235,13 +243,21 @@ def plot_curves(metrics_df: pd.DataFrame, spec: dict, reference_df: pd.DataFrame
     x_of = {n: i for i, n in enumerate(ns)}
     layout = panel_layout(spec)
     mode = paper_mode(ref, layout, ns)
-    band = ({BAND_LABEL.format(confidence=confidence): Patch(facecolor="0.5", alpha=2 * BAND_ALPHA, linewidth=0)}
-            if intervals is not None else None)
+    band = (
+        {BAND_LABEL.format(confidence=confidence): Patch(facecolor="0.5", alpha=2 * BAND_ALPHA, linewidth=0)}
+        if intervals is not None
+        else None
+    )
     metric_label = pretty(spec["metric"], METRIC_LABELS)
 
     rows = 2 if mode == "own_row" else 1
-    fig, axes = plt.subplots(rows, len(layout), figsize=(PANEL_INCHES * len(layout) + 1.6, 4.0 * rows + 0.6),
-                             squeeze=False, layout="constrained")
+    fig, axes = plt.subplots(
+        rows,
+        len(layout),
+        figsize=(PANEL_INCHES * len(layout) + 1.6, 4.0 * rows + 0.6),
+        squeeze=False,
+        layout="constrained",
+    )
     for index, (ax, (title, lines)) in enumerate(zip(axes[0], layout)):
         for method, init in lines:
             ours = rows_of(cells, method, init)
@@ -251,23 +267,37 @@ def plot_curves(metrics_df: pd.DataFrame, spec: dict, reference_df: pd.DataFrame
             for method, init in lines:
                 paper = rows_of(panel_reference(ref, lines, ns), method, init)
                 if len(paper) >= MIN_PAPER_POINTS:
-                    draw_paper(ax, paper, x_of, line_color(spec, method, init),
-                               f"{PAPER_LABEL}, {line_label(method, init, spec, labels)}", overlay=True)
+                    draw_paper(
+                        ax,
+                        paper,
+                        x_of,
+                        line_color(spec, method, init),
+                        f"{PAPER_LABEL}, {line_label(method, init, spec, labels)}",
+                        overlay=True,
+                    )
         finish_axes(ax, ns, metric_label if index == 0 else None)
         if mode == "own_row":
             title = f"this run: {title}" if title else "this run"
         ax.set_title(title)
     share_fitted_limits(list(axes[0]))
     if mode == "own_row":
-        paper_ns = sorted(int(n) for n in pd.concat([panel_reference(ref, lines, ns) for _, lines in layout])["n"].unique())
+        paper_ns = sorted(
+            int(n) for n in pd.concat([panel_reference(ref, lines, ns) for _, lines in layout])["n"].unique()
+        )
         paper_x = {n: i for i, n in enumerate(paper_ns)}
         for index, (ax, (title, lines)) in enumerate(zip(axes[1], layout)):
             panel_ref = panel_reference(ref, lines, ns)
             for method, init in lines:
                 paper = rows_of(panel_ref, method, init)
                 if len(paper) >= MIN_PAPER_POINTS:
-                    draw_paper(ax, paper, paper_x, line_color(spec, method, init),
-                               line_label(method, init, spec, labels), overlay=False)
+                    draw_paper(
+                        ax,
+                        paper,
+                        paper_x,
+                        line_color(spec, method, init),
+                        line_label(method, init, spec, labels),
+                        overlay=False,
+                    )
             finish_axes(ax, paper_ns, f"{metric_label}, paper" if index == 0 else None)
             ax.set_title(f"{PAPER_LABEL}, its own n grid" + (f": {title}" if title else ""), color="0.3")
         share_fitted_limits(list(axes[1]))

@@ -4,6 +4,7 @@ A variant's label is `config["variants"][name]["label"]` when the config gives o
 the paper's spelling for its two (lora -> LoRA, d2lora -> D2LoRA) and the bare name for any
 other variant. No per-variant code: a new variant gets a label from config, or its name.
 """
+
 from __future__ import annotations
 
 from typing import Mapping
@@ -36,7 +37,9 @@ def init_labels(config: Mapping) -> dict[str, str]:
     seen: dict[str, str] = {}
     for name, label in labels.items():
         if label in seen:
-            raise ValueError(f"variants: inits '{seen[label]}' and '{name}' have the same label {label!r}; "
-                             "give one of them another `label`")
+            raise ValueError(
+                f"variants: inits '{seen[label]}' and '{name}' have the same label {label!r}; "
+                "give one of them another `label`"
+            )
         seen[label] = name
     return labels

@@ -4,6 +4,7 @@ Every figure and table is drawn from this table, so it is the single place where
 metric names are mapped to report names and where accuracies become percentages (the paper
 reports accuracy in percent; ROUGE is already 0-100).
 """
+
 from __future__ import annotations
 
 import math
@@ -62,11 +63,18 @@ def score_rows(path: str | os.PathLike) -> list[dict]:
         if raw_name not in score["metrics"]:
             raise DataFileError(f"{path}: benchmark {benchmark} lacks metric {raw_name!r}")
         value = _check_range(score["metrics"][raw_name], scale, raw_name, path)
-        rows.append({
-            "task": score["task"], "method": score["method"], "init": score["init"],
-            "n": int(score["n"]), "seed": int(score["seed"]), "metric": name, "value": value,
-            "_source": str(path),
-        })
+        rows.append(
+            {
+                "task": score["task"],
+                "method": score["method"],
+                "init": score["init"],
+                "n": int(score["n"]),
+                "seed": int(score["seed"]),
+                "metric": name,
+                "value": value,
+                "_source": str(path),
+            }
+        )
     return rows
 
 
@@ -147,8 +155,6 @@ def spec_cells(metrics_df: pd.DataFrame, spec: dict) -> pd.DataFrame:
     """
     rows = metrics_df[(metrics_df["task"] == spec["task"]) & (metrics_df["metric"] == spec["metric"])]
     rows = expand_base_rows(rows, spec["methods"])
-    rows = rows[
-        rows["method"].isin(spec["methods"]) & rows["init"].isin(spec["inits"]) & rows["n"].isin(spec["n"])
-    ]
+    rows = rows[rows["method"].isin(spec["methods"]) & rows["init"].isin(spec["inits"]) & rows["n"].isin(spec["n"])]
     grouped = rows.groupby(["method", "init", "n"], sort=True)["value"]
     return grouped.agg(mean="mean", low="min", high="max", seeds="count").reset_index()

@@ -30,6 +30,7 @@ Paired comparison of variant B against variant A on the same examples
 Per-example values are read raw from predictions.jsonl (0/1 `correct` flags, ROUGE F-measures in
 0..1). They are scaled to the report's units (percent, ROUGE x 100) only when written out.
 """
+
 from __future__ import annotations
 
 import math
@@ -72,11 +73,43 @@ EXAMPLE_METRICS: dict[str, ExampleMetric] = {
     name: ExampleMetric(bench.name, m.example_field, m.example_scale, m.binary) for name, (bench, m) in METRICS.items()
 }
 
-INTERVAL_COLUMNS = ["task", "benchmark", "metric", "method", "init", "n", "seeds", "examples",
-                    "mean", "ci_low", "ci_high"]
-SIGNIFICANCE_COLUMNS = ["task", "metric", "method", "n", "a", "b", "comparison", "examples", "seeds_a", "seeds_b",
-                        "mean_a", "mean_b", "diff", "diff_ci_low", "diff_ci_high", "only_a", "only_b",
-                        "p_mcnemar", "p_bootstrap", "test", "p_holm", "significant"]
+INTERVAL_COLUMNS = [
+    "task",
+    "benchmark",
+    "metric",
+    "method",
+    "init",
+    "n",
+    "seeds",
+    "examples",
+    "mean",
+    "ci_low",
+    "ci_high",
+]
+SIGNIFICANCE_COLUMNS = [
+    "task",
+    "metric",
+    "method",
+    "n",
+    "a",
+    "b",
+    "comparison",
+    "examples",
+    "seeds_a",
+    "seeds_b",
+    "mean_a",
+    "mean_b",
+    "diff",
+    "diff_ci_low",
+    "diff_ci_high",
+    "only_a",
+    "only_b",
+    "p_mcnemar",
+    "p_bootstrap",
+    "test",
+    "p_holm",
+    "significant",
+]
 
 
 # --------------------------------------------------------------------------------------------
@@ -142,8 +175,9 @@ def _quantiles(means: np.ndarray, confidence: float) -> tuple[float, float]:
     return float(low), float(high)
 
 
-def bootstrap_ci(values, samples: int = DEFAULT_BOOTSTRAP_SAMPLES, confidence: float = DEFAULT_CONFIDENCE,
-                 seed: int = DEFAULT_SEED) -> Interval:
+def bootstrap_ci(
+    values, samples: int = DEFAULT_BOOTSTRAP_SAMPLES, confidence: float = DEFAULT_CONFIDENCE, seed: int = DEFAULT_SEED
+) -> Interval:
     """Mean of `values` and its percentile-bootstrap confidence interval.
 
     `values` are per-example values. For a cell with several seeds, pass the per-example means
@@ -178,8 +212,9 @@ def mcnemar_test(a, b) -> McNemar:
     a, b = _pair(a, b)
     for name, values in (("A", a), ("B", b)):
         if not np.isin(values, (0.0, 1.0)).all():
-            raise ValueError(f"McNemar needs 0/1 values per example; arm {name} has others "
-                             "(means over seeds? use paired_bootstrap)")
+            raise ValueError(
+                f"McNemar needs 0/1 values per example; arm {name} has others (means over seeds? use paired_bootstrap)"
+            )
     only_a = int(np.sum((a == 1.0) & (b == 0.0)))
     only_b = int(np.sum((a == 0.0) & (b == 1.0)))
     return McNemar(only_a, only_b, mcnemar_exact(only_a, only_b))
@@ -188,13 +223,16 @@ def mcnemar_test(a, b) -> McNemar:
 def _pair(a, b) -> tuple[np.ndarray, np.ndarray]:
     a, b = _vector(a, "arm A"), _vector(b, "arm B")
     if a.size != b.size:
-        raise ValueError(f"paired arms differ in length ({a.size} vs {b.size} examples): "
-                         "a paired test needs the same examples in both")
+        raise ValueError(
+            f"paired arms differ in length ({a.size} vs {b.size} examples): "
+            "a paired test needs the same examples in both"
+        )
     return a, b
 
 
-def paired_bootstrap(a, b, samples: int = DEFAULT_BOOTSTRAP_SAMPLES, confidence: float = DEFAULT_CONFIDENCE,
-                     seed: int = DEFAULT_SEED) -> PairedBootstrap:
+def paired_bootstrap(
+    a, b, samples: int = DEFAULT_BOOTSTRAP_SAMPLES, confidence: float = DEFAULT_CONFIDENCE, seed: int = DEFAULT_SEED
+) -> PairedBootstrap:
     """Paired bootstrap of mean(B) - mean(A) over aligned examples: CI and two-sided p-value.
 
     The p-value is null-centred: p = (1 + #{|d*_i - d| >= |d|}) / (B + 1), where d is the observed
@@ -261,8 +299,10 @@ class CellExamples:
 def _difference(left: Iterable[str], right: Iterable[str], left_name: str, right_name: str) -> str:
     left, right = set(left), set(right)
     only_left, only_right = sorted(left - right), sorted(right - left)
-    return (f"{len(only_left)} example id(s) only in {left_name} (e.g. {only_left[:3]}), "
-            f"{len(only_right)} only in {right_name} (e.g. {only_right[:3]})")
+    return (
+        f"{len(only_left)} example id(s) only in {left_name} (e.g. {only_left[:3]}), "
+        f"{len(only_right)} only in {right_name} (e.g. {only_right[:3]})"
+    )
 
 
 def cell_examples(per_seed: Mapping[int, Mapping[str, float]], name: str = "cell") -> CellExamples:
@@ -275,14 +315,17 @@ def cell_examples(per_seed: Mapping[int, Mapping[str, float]], name: str = "cell
         raise ValueError(f"{name}: seed {seeds[0]} has no examples")
     for seed in seeds[1:]:
         if set(per_seed[seed]) != set(ids):
-            raise ValueError(f"{name}: misaligned example ids between seeds {seeds[0]} and {seed}: "
-                             + _difference(ids, per_seed[seed], f"seed {seeds[0]}", f"seed {seed}"))
+            raise ValueError(
+                f"{name}: misaligned example ids between seeds {seeds[0]} and {seed}: "
+                + _difference(ids, per_seed[seed], f"seed {seeds[0]}", f"seed {seed}")
+            )
     values = np.array([[float(per_seed[seed][i]) for i in ids] for seed in seeds], dtype=float)
     return CellExamples(tuple(ids), tuple(seeds), values)
 
 
-def paired_values(ids_a: Sequence[str], values_a, ids_b: Sequence[str], values_b,
-                  name_a: str = "A", name_b: str = "B") -> tuple[np.ndarray, np.ndarray]:
+def paired_values(
+    ids_a: Sequence[str], values_a, ids_b: Sequence[str], values_b, name_a: str = "A", name_b: str = "B"
+) -> tuple[np.ndarray, np.ndarray]:
     """Align arm B to arm A's example order by id; both must hold the same ids, each once."""
     values_a, values_b = np.asarray(values_a, dtype=float), np.asarray(values_b, dtype=float)
     for name, ids, values in ((name_a, ids_a, values_a), (name_b, ids_b, values_b)):
@@ -291,8 +334,10 @@ def paired_values(ids_a: Sequence[str], values_a, ids_b: Sequence[str], values_b
         if len(set(ids)) != len(ids):
             raise ValueError(f"{name}: duplicate example ids")
     if set(ids_a) != set(ids_b):
-        raise ValueError("misaligned example ids: a paired test needs the same examples in both arms; "
-                         + _difference(ids_a, ids_b, name_a, name_b))
+        raise ValueError(
+            "misaligned example ids: a paired test needs the same examples in both arms; "
+            + _difference(ids_a, ids_b, name_a, name_b)
+        )
     position = {example: index for index, example in enumerate(ids_b)}
     return values_a, values_b[[position[example] for example in ids_a]]
 
@@ -322,7 +367,9 @@ def read_predictions(path: str | os.PathLike, fields: Sequence[str]) -> dict[str
 def metrics_of_benchmark(benchmark: str) -> dict[str, ExampleMetric]:
     found = {metric: info for metric, info in EXAMPLE_METRICS.items() if info.benchmark == benchmark}
     if not found:
-        raise DataFileError(f"unknown benchmark {benchmark!r} (known: {sorted({m.benchmark for m in EXAMPLE_METRICS.values()})})")
+        raise DataFileError(
+            f"unknown benchmark {benchmark!r} (known: {sorted({m.benchmark for m in EXAMPLE_METRICS.values()})})"
+        )
     return found
 
 
@@ -352,8 +399,12 @@ def load_examples(cells: Sequence[Mapping], paths: Sequence[str | os.PathLike]) 
 # --------------------------------------------------------------------------------------------
 
 
-def interval_table(examples: Mapping[CellKey, CellExamples], samples: int = DEFAULT_BOOTSTRAP_SAMPLES,
-                   confidence: float = DEFAULT_CONFIDENCE, seed: int = DEFAULT_SEED) -> "pd.DataFrame":
+def interval_table(
+    examples: Mapping[CellKey, CellExamples],
+    samples: int = DEFAULT_BOOTSTRAP_SAMPLES,
+    confidence: float = DEFAULT_CONFIDENCE,
+    seed: int = DEFAULT_SEED,
+) -> "pd.DataFrame":
     """One row per (task, benchmark, metric, method, init, n): seeds, examples, mean and CI, in
     the metrics table's units. The mean is the mean over seeds of the seed means."""
     import pandas as pd
@@ -363,8 +414,16 @@ def interval_table(examples: Mapping[CellKey, CellExamples], samples: int = DEFA
         cell = examples[key]
         scale = EXAMPLE_METRICS[key.metric].scale
         interval = bootstrap_ci(cell.per_example, samples, confidence, seed)
-        rows.append({**key._asdict(), "seeds": len(cell.seeds), "examples": len(cell.ids),
-                     "mean": interval.mean * scale, "ci_low": interval.low * scale, "ci_high": interval.high * scale})
+        rows.append(
+            {
+                **key._asdict(),
+                "seeds": len(cell.seeds),
+                "examples": len(cell.ids),
+                "mean": interval.mean * scale,
+                "ci_low": interval.low * scale,
+                "ci_high": interval.high * scale,
+            }
+        )
     return pd.DataFrame(rows, columns=INTERVAL_COLUMNS)
 
 
@@ -385,8 +444,16 @@ def read_intervals(path: str | os.PathLike) -> "pd.DataFrame":
     missing = [column for column in INTERVAL_COLUMNS if column not in table.columns]
     if missing:
         raise DataFileError(f"{path}: intervals table lacks columns {missing}")
-    return table[INTERVAL_COLUMNS].astype({"n": "int64", "seeds": "int64", "examples": "int64",
-                                           "mean": "float64", "ci_low": "float64", "ci_high": "float64"})
+    return table[INTERVAL_COLUMNS].astype(
+        {
+            "n": "int64",
+            "seeds": "int64",
+            "examples": "int64",
+            "mean": "float64",
+            "ci_low": "float64",
+            "ci_high": "float64",
+        }
+    )
 
 
 def check_against_metrics(intervals: "pd.DataFrame", metrics: "pd.DataFrame", tolerance: float = 1e-4) -> None:
@@ -400,23 +467,34 @@ def check_against_metrics(intervals: "pd.DataFrame", metrics: "pd.DataFrame", to
     joined = intervals.merge(scores, on=key, how="left")
     missing = joined[joined["value"].isna()]
     wrong = joined[(joined["value"] - joined["mean"]).abs() > tolerance]
-    problems = [f"{r.task}/{r.method}/{r.init}/n{r.n} {r.metric}: not in the metrics table"
-                for r in missing.itertuples()]
-    problems += [f"{r.task}/{r.method}/{r.init}/n{r.n} {r.metric}: per-example mean {r.mean:.6f} "
-                 f"!= scores {r.value:.6f}" for r in wrong.itertuples()]
+    problems = [
+        f"{r.task}/{r.method}/{r.init}/n{r.n} {r.metric}: not in the metrics table" for r in missing.itertuples()
+    ]
+    problems += [
+        f"{r.task}/{r.method}/{r.init}/n{r.n} {r.metric}: per-example mean {r.mean:.6f} != scores {r.value:.6f}"
+        for r in wrong.itertuples()
+    ]
     if problems:
-        raise DataFileError("predictions.jsonl and scores.json disagree: " + "; ".join(problems[:10])
-                            + (f" (and {len(problems) - 10} more)" if len(problems) > 10 else ""))
+        raise DataFileError(
+            "predictions.jsonl and scores.json disagree: "
+            + "; ".join(problems[:10])
+            + (f" (and {len(problems) - 10} more)" if len(problems) > 10 else "")
+        )
 
 
 def _method_rank(method: str) -> tuple[int, str]:
     return (METHOD_ORDER.index(method) if method in METHOD_ORDER else len(METHOD_ORDER), method)
 
 
-def significance_table(examples: Mapping[CellKey, CellExamples], targets: Sequence[tuple[str, str]],
-                       comparisons: Sequence[Sequence[str]], samples: int = DEFAULT_BOOTSTRAP_SAMPLES,
-                       confidence: float = DEFAULT_CONFIDENCE, seed: int = DEFAULT_SEED,
-                       labels: Mapping[str, str] | None = None) -> "pd.DataFrame":
+def significance_table(
+    examples: Mapping[CellKey, CellExamples],
+    targets: Sequence[tuple[str, str]],
+    comparisons: Sequence[Sequence[str]],
+    samples: int = DEFAULT_BOOTSTRAP_SAMPLES,
+    confidence: float = DEFAULT_CONFIDENCE,
+    seed: int = DEFAULT_SEED,
+    labels: Mapping[str, str] | None = None,
+) -> "pd.DataFrame":
     """B against A for every comparison (A, B), target (task, metric) and (method, n) where both
     were evaluated: means, difference B - A with its CI, McNemar and paired-bootstrap p-values,
     Holm-adjusted p within each (task, metric) family and `significant` at alpha = 1 - confidence.
@@ -444,23 +522,37 @@ def significance_table(examples: Mapping[CellKey, CellExamples], targets: Sequen
                 if a not in pair or b not in pair:
                     continue
                 (key_a, cell_a), (key_b, cell_b) = pair[a], pair[b]
-                values_a, values_b = paired_values(cell_a.ids, cell_a.per_example, cell_b.ids, cell_b.per_example,
-                                                   key_a.describe(), key_b.describe())
+                values_a, values_b = paired_values(
+                    cell_a.ids, cell_a.per_example, cell_b.ids, cell_b.per_example, key_a.describe(), key_b.describe()
+                )
                 boot = paired_bootstrap(values_a, values_b, samples, confidence, seed)
                 exact = None
                 if info.binary and len(cell_a.seeds) == 1 and len(cell_b.seeds) == 1:
                     exact = mcnemar_test(values_a, values_b)
-                family.append({
-                    "task": task, "metric": metric, "method": method, "n": n, "a": a, "b": b,
-                    "comparison": f"{init_label(b, labels)} vs {init_label(a, labels)}",
-                    "examples": len(values_a), "seeds_a": len(cell_a.seeds), "seeds_b": len(cell_b.seeds),
-                    "mean_a": float(values_a.mean()) * info.scale, "mean_b": float(values_b.mean()) * info.scale,
-                    "diff": boot.diff * info.scale, "diff_ci_low": boot.low * info.scale,
-                    "diff_ci_high": boot.high * info.scale,
-                    "only_a": exact.only_a if exact else None, "only_b": exact.only_b if exact else None,
-                    "p_mcnemar": exact.p if exact else None, "p_bootstrap": boot.p,
-                    "test": "mcnemar" if exact else "bootstrap",
-                })
+                family.append(
+                    {
+                        "task": task,
+                        "metric": metric,
+                        "method": method,
+                        "n": n,
+                        "a": a,
+                        "b": b,
+                        "comparison": f"{init_label(b, labels)} vs {init_label(a, labels)}",
+                        "examples": len(values_a),
+                        "seeds_a": len(cell_a.seeds),
+                        "seeds_b": len(cell_b.seeds),
+                        "mean_a": float(values_a.mean()) * info.scale,
+                        "mean_b": float(values_b.mean()) * info.scale,
+                        "diff": boot.diff * info.scale,
+                        "diff_ci_low": boot.low * info.scale,
+                        "diff_ci_high": boot.high * info.scale,
+                        "only_a": exact.only_a if exact else None,
+                        "only_b": exact.only_b if exact else None,
+                        "p_mcnemar": exact.p if exact else None,
+                        "p_bootstrap": boot.p,
+                        "test": "mcnemar" if exact else "bootstrap",
+                    }
+                )
         if family:
             primary = [row["p_mcnemar"] if row["test"] == "mcnemar" else row["p_bootstrap"] for row in family]
             for row, adjusted in zip(family, holm(primary)):
@@ -468,8 +560,17 @@ def significance_table(examples: Mapping[CellKey, CellExamples], targets: Sequen
                 row["significant"] = "yes" if adjusted < 1.0 - float(confidence) else "no"
         rows.extend(family)
     table = pd.DataFrame(rows, columns=SIGNIFICANCE_COLUMNS)
-    return table.astype({"n": "int64", "examples": "int64", "seeds_a": "int64", "seeds_b": "int64",
-                         "only_a": "Int64", "only_b": "Int64", "p_mcnemar": "float64"})
+    return table.astype(
+        {
+            "n": "int64",
+            "examples": "int64",
+            "seeds_a": "int64",
+            "seeds_b": "int64",
+            "only_a": "Int64",
+            "only_b": "Int64",
+            "p_mcnemar": "float64",
+        }
+    )
 
 
 def _p_format(value) -> str:

@@ -3,6 +3,7 @@
 Table 2 is generated from the run's own config rather than copied from the paper, so a config
 change shows up in the report; the paper's values stay in workflow/resources/reference.
 """
+
 from __future__ import annotations
 
 import math
@@ -78,8 +79,9 @@ def last_point_alignment(grid_n, paper_n) -> dict[int, int]:
     return {paper_last: grid_last}
 
 
-def paper_columns(reference_df: pd.DataFrame | None, spec: dict,
-                  labels: Mapping[str, str] | None = None) -> pd.DataFrame | None:
+def paper_columns(
+    reference_df: pd.DataFrame | None, spec: dict, labels: Mapping[str, str] | None = None
+) -> pd.DataFrame | None:
     """The paper's values per (method, n), and `paper n`: the n the paper reported them at."""
     ref = reference_rows(reference_df, spec["task"], spec["metric"])
     ref = ref[ref["method"].isin(spec["methods"]) & ref["init"].isin(spec["inits"])]
@@ -91,8 +93,9 @@ def paper_columns(reference_df: pd.DataFrame | None, spec: dict,
     return table.merge(ref[["method", "n", PAPER_N]].drop_duplicates(), on=["method", "n"], how="left")
 
 
-def comparison_table(metrics_df: pd.DataFrame, spec: dict, reference_df: pd.DataFrame | None,
-                     labels: Mapping[str, str] | None = None) -> pd.DataFrame:
+def comparison_table(
+    metrics_df: pd.DataFrame, spec: dict, reference_df: pd.DataFrame | None, labels: Mapping[str, str] | None = None
+) -> pd.DataFrame:
     """Rows per (method, n): our per-init means over seeds, Δ = D2LoRA - LoRA, and the paper's.
 
     One column per init of the spec, headed by its label (`labels`, see
@@ -117,7 +120,9 @@ def comparison_table(metrics_df: pd.DataFrame, spec: dict, reference_df: pd.Data
         ordered.remove(PAPER_N)  # every paper value sits at its own n: the column would repeat n
     if not set(DELTA_PAIR) <= set(spec["inits"]):
         ordered = [c for c in ordered if not c.endswith(DELTA)]
-    table = table.astype({"seeds": "Int64", PAPER_N: "Int64"}) if PAPER_N in ordered else table.astype({"seeds": "Int64"})
+    table = (
+        table.astype({"seeds": "Int64", PAPER_N: "Int64"}) if PAPER_N in ordered else table.astype({"seeds": "Int64"})
+    )
     return table[ordered]
 
 
@@ -149,11 +154,18 @@ def format_number(value) -> str:
 
 def hparam_row(task: str, phase: str, method: str, dataset: str, hp: dict, lora: dict) -> dict:
     return {
-        "task": task, "phase": phase, "dataset": dataset,
-        "lora_rank": lora["rank"], "lora_alpha": lora["alpha"], "method": method,
-        "lr": format_number(hp["learning_rate"]), "epochs": hp["epochs"],
-        "beta": format_number(hp.get("beta")), "scheduler": hp.get("scheduler", ""),
-        "batch_size": hp.get("batch_size"), "grad_accum": hp.get("grad_accum", 1),
+        "task": task,
+        "phase": phase,
+        "dataset": dataset,
+        "lora_rank": lora["rank"],
+        "lora_alpha": lora["alpha"],
+        "method": method,
+        "lr": format_number(hp["learning_rate"]),
+        "epochs": hp["epochs"],
+        "beta": format_number(hp.get("beta")),
+        "scheduler": hp.get("scheduler", ""),
+        "batch_size": hp.get("batch_size"),
+        "grad_accum": hp.get("grad_accum", 1),
     }
 
 
@@ -208,8 +220,9 @@ def markdown(df: pd.DataFrame, formats: Formats | None = None) -> str:
     return "\n".join([header, rule, *(line(row) for row in text.itertuples(index=False))]) + "\n"
 
 
-def write_table(df: pd.DataFrame, csv_path: str | os.PathLike, md_path: str | os.PathLike,
-                formats: Formats | None = None) -> None:
+def write_table(
+    df: pd.DataFrame, csv_path: str | os.PathLike, md_path: str | os.PathLike, formats: Formats | None = None
+) -> None:
     """CSV and Markdown with floats at 2 decimals (or `formats[column]`); empty cells where
     nothing was measured."""
     with atomic_path(csv_path) as tmp:

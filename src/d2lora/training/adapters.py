@@ -4,6 +4,7 @@ Building adapters (every init variant: peft's `init_lora_weights`, gaussian, PiS
 and the residual bases some of them need) is d2lora.training.inits; this module holds what it and
 the workflow check a saved adapter against: the LoRA config and the shape/base-model checks.
 """
+
 from __future__ import annotations
 
 import json

@@ -39,6 +39,7 @@ EVA and CorDA read calibration data: `calibration_rows` of the training rows (th
 training file is already in its seeded shuffle order), each the text the trainer sees
 (prompt + chosen through the tokenizer's chat template), truncated to max_length.
 """
+
 from __future__ import annotations
 
 import copy
@@ -72,10 +73,18 @@ CORDA_METHOD = "ipm"  # instruction-previewed mode: the adapter gets the compone
 
 VARIANT_KEYS = ("adapter", "init_lora_weights", "warmup", "calibration_rows")
 BUILTIN_VARIANTS = {
-    "lora": {"adapter": "lora", "init_lora_weights": "default", "warmup": False,
-             "calibration_rows": DEFAULT_CALIBRATION_ROWS},
-    "d2lora": {"adapter": "lora", "init_lora_weights": "default", "warmup": True,
-               "calibration_rows": DEFAULT_CALIBRATION_ROWS},
+    "lora": {
+        "adapter": "lora",
+        "init_lora_weights": "default",
+        "warmup": False,
+        "calibration_rows": DEFAULT_CALIBRATION_ROWS,
+    },
+    "d2lora": {
+        "adapter": "lora",
+        "init_lora_weights": "default",
+        "warmup": True,
+        "calibration_rows": DEFAULT_CALIBRATION_ROWS,
+    },
 }
 
 RESIDUAL_DIR = "residual"
@@ -111,8 +120,10 @@ def normalize_variant(variant: dict | None, init: str | None = None) -> dict:
     """A complete, checked variant spec; None means the built-in variant named `init`."""
     if variant is None:
         if init not in BUILTIN_VARIANTS:
-            raise VariantError(f"unknown init '{init}' (built-ins: {', '.join(BUILTIN_VARIANTS)}; any other init "
-                               f"needs its variant spec with keys {', '.join(VARIANT_KEYS)})")
+            raise VariantError(
+                f"unknown init '{init}' (built-ins: {', '.join(BUILTIN_VARIANTS)}; any other init "
+                f"needs its variant spec with keys {', '.join(VARIANT_KEYS)})"
+            )
         return dict(BUILTIN_VARIANTS[init])
     if not isinstance(variant, dict):
         raise VariantError(f"variant: expected a mapping with keys {', '.join(VARIANT_KEYS)}, got {variant!r}")
@@ -150,6 +161,7 @@ def needs_calibration(variant: dict) -> bool:
 
 # ---- calibration data -------------------------------------------------------------------------
 
+
 def calibration_rows(rows: list[dict], variant: dict) -> list[dict]:
     """The rows EVA/CorDA read: the first `calibration_rows` training rows (none for other inits)."""
     if not needs_calibration(variant):
@@ -167,8 +179,9 @@ def calibration_texts(rows: list[dict], tokenizer) -> list[str]:
 
 
 def _encode(texts: list[str], tokenizer, max_length: int) -> list[list[int]]:
-    encoded = [tokenizer(t, add_special_tokens=False, truncation=True, max_length=int(max_length))["input_ids"]
-               for t in texts]
+    encoded = [
+        tokenizer(t, add_special_tokens=False, truncation=True, max_length=int(max_length))["input_ids"] for t in texts
+    ]
     empty = [i for i, ids in enumerate(encoded) if not ids]
     if empty:
         raise ValueError(f"calibration text {empty[0]} is empty after tokenization")
@@ -181,14 +194,23 @@ def _device_of(model):
 
 # ---- fresh adapters ---------------------------------------------------------------------------
 
+
 def _config(lora: dict, variant: dict):
     config = lora_config(lora)
     config.init_lora_weights = _peft_init_value(variant["init_lora_weights"])
     return config
 
 
-def fresh_adapter(base_model, lora: dict, variant: dict, calibration_texts: list[str] | None = None, tokenizer=None,
-                  *, max_length: int = 1024, batch_size: int = EVA_BATCH_SIZE):
+def fresh_adapter(
+    base_model,
+    lora: dict,
+    variant: dict,
+    calibration_texts: list[str] | None = None,
+    tokenizer=None,
+    *,
+    max_length: int = 1024,
+    batch_size: int = EVA_BATCH_SIZE,
+):
     """A trainable PeftModel (adapter "default") initialised by the variant's init.
 
     Residual inits rewrite `base_model`'s target weights in place (W_res = W - s·B0A0); the
@@ -221,8 +243,9 @@ def fresh_adapter(base_model, lora: dict, variant: dict, calibration_texts: list
         config.corda_config = CordaConfig(corda_method=CORDA_METHOD)
         # preprocess_corda matches module names itself and does not know the "all-linear" shorthand.
         config = _maybe_include_all_linear_layers(config, base_model)
-        config.target_modules = sorted(config.target_modules) if isinstance(config.target_modules, set) \
-            else config.target_modules
+        config.target_modules = (
+            sorted(config.target_modules) if isinstance(config.target_modules, set) else config.target_modules
+        )
         preprocess_corda(base_model, config, run_model=_corda_runner(base_model, encoded))
         model = get_peft_model(base_model, config)
     else:
@@ -247,8 +270,13 @@ def _eva_dataloader(encoded: list[list[int]], tokenizer, batch_size: int):
     def collate(batch):
         return dict(tokenizer.pad(batch, return_tensors="pt", padding=True))  # EVA wants a plain dict
 
-    return DataLoader(items, batch_size=max(1, int(batch_size)), shuffle=False, collate_fn=collate,
-                      generator=torch.Generator().manual_seed(0))
+    return DataLoader(
+        items,
+        batch_size=max(1, int(batch_size)),
+        shuffle=False,
+        collate_fn=collate,
+        generator=torch.Generator().manual_seed(0),
+    )
 
 
 def _corda_runner(model, encoded: list[list[int]]):
@@ -267,18 +295,26 @@ def _remember_initial(model, name: str) -> None:
 
     config = copy.deepcopy(model.peft_config["default"])
     config.init_lora_weights = True
-    setattr(model, RESIDUAL_ATTR, {
-        "init": name,
-        "config": config,
-        "state_dict": _cpu_state(get_peft_model_state_dict(model, adapter_name="default")),
-    })
+    setattr(
+        model,
+        RESIDUAL_ATTR,
+        {
+            "init": name,
+            "config": config,
+            "state_dict": _cpu_state(get_peft_model_state_dict(model, adapter_name="default")),
+        },
+    )
 
 
 # ---- the residual base ------------------------------------------------------------------------
 
+
 def _scaling(config) -> float:
-    if getattr(config, "use_rslora", False) or getattr(config, "rank_pattern", None) or \
-            getattr(config, "alpha_pattern", None):
+    if (
+        getattr(config, "use_rslora", False)
+        or getattr(config, "rank_pattern", None)
+        or getattr(config, "alpha_pattern", None)
+    ):
         raise AdapterError("residual inits are supported with one rank and alpha for all layers, without rslora")
     return config.lora_alpha / config.r
 
@@ -297,7 +333,9 @@ def residualize(base_model, initial_state: dict, scaling: float) -> int:
         for key, a0 in initial_state.items():
             if not key.endswith(".lora_A.weight"):
                 continue
-            path = key[len(prefix):-len(".lora_A.weight")] if key.startswith(prefix) else key[:-len(".lora_A.weight")]
+            path = (
+                key[len(prefix) : -len(".lora_A.weight")] if key.startswith(prefix) else key[: -len(".lora_A.weight")]
+            )
             b0 = initial_state[key.replace(".lora_A.weight", ".lora_B.weight")]
             module = base_model.get_submodule(path)
             weight = module.weight
@@ -306,8 +344,10 @@ def residualize(base_model, initial_state: dict, scaling: float) -> int:
             b0 = b0.to(device=w.device, dtype=torch.float32)
             a0 = a0.to(device=w.device, dtype=torch.float32)
             if getattr(module, "fan_in_fan_out", False) or tuple(w.shape) != (b0.shape[0], a0.shape[1]):
-                raise AdapterError(f"{path}: initial adapter of shape {tuple(b0.shape)}x{tuple(a0.shape)} does not fit "
-                                   f"weight {tuple(w.shape)}")
+                raise AdapterError(
+                    f"{path}: initial adapter of shape {tuple(b0.shape)}x{tuple(a0.shape)} does not fit "
+                    f"weight {tuple(w.shape)}"
+                )
             weight.data = (w - scaling * b0 @ a0).to(dtype)
             layers += 1
     if layers == 0:
@@ -350,8 +390,10 @@ def _peft_with_state(base_model, config, state: dict):
     result = set_peft_model_state_dict(model, state, adapter_name="default")
     missing = [k for k in result.missing_keys if "lora_" in k]
     if missing or result.unexpected_keys:
-        raise AdapterError(f"adapter weights do not fit the model: missing {missing[:3]}, "
-                           f"unexpected {list(result.unexpected_keys)[:3]}")
+        raise AdapterError(
+            f"adapter weights do not fit the model: missing {missing[:3]}, "
+            f"unexpected {list(result.unexpected_keys)[:3]}"
+        )
     return model
 
 
@@ -375,6 +417,7 @@ def save_initial_adapter(model, folder: str | Path) -> None:
 
 # ---- saving and warm starts -------------------------------------------------------------------
 
+
 def save_adapter(model, out_dir: str | Path, variant: dict) -> None:
     """Write the trained "default" adapter so that plain PeftModel.from_pretrained(ORIGINAL base,
     out_dir) gives the trained function; residual models also get `residual/` to continue from."""
@@ -388,8 +431,10 @@ def save_adapter(model, out_dir: str | Path, variant: dict) -> None:
     residual = getattr(model, RESIDUAL_ATTR, None)
     if residual is None:
         if is_residual(normalize_variant(variant)):
-            raise ValueError(f"init '{variant['init_lora_weights']}' rewrote the base weights, but the model carries "
-                             "no initial adapter to convert against")
+            raise ValueError(
+                f"init '{variant['init_lora_weights']}' rewrote the base weights, but the model carries "
+                "no initial adapter to convert against"
+            )
         model.save_pretrained(str(out_dir), selected_adapters=["default"], safe_serialization=True)
         return
     trained = _cpu_state(get_peft_model_state_dict(model, adapter_name="default"))
@@ -403,15 +448,22 @@ def save_adapter(model, out_dir: str | Path, variant: dict) -> None:
 
         save_file(residual["state_dict"], str(initial / "adapter_model.safetensors"), metadata={"format": "pt"})
         residual["config"].save_pretrained(str(initial))
-        model.save_pretrained(str(out_dir), selected_adapters=["default"], safe_serialization=True,
-                              path_initial_model_for_weight_conversion=str(initial))
-    write_json(out_dir / RESIDUAL_DIR / RESIDUAL_RECORD, {
-        "init_lora_weights": residual["init"],
-        "scaling": _scaling(residual["config"]),
-        "rank": residual["config"].r,
-        "base": f"W_res = W - scaling * B0 @ A0 in float32, B0/A0 from {INITIAL_FILE}; {TRAINED_FILE} goes on W_res",
-        "top_level": "peft's conversion: rank 2r [A|A0], [B|-B0], alpha doubled, on the original base W",
-    })
+        model.save_pretrained(
+            str(out_dir),
+            selected_adapters=["default"],
+            safe_serialization=True,
+            path_initial_model_for_weight_conversion=str(initial),
+        )
+    write_json(
+        out_dir / RESIDUAL_DIR / RESIDUAL_RECORD,
+        {
+            "init_lora_weights": residual["init"],
+            "scaling": _scaling(residual["config"]),
+            "rank": residual["config"].r,
+            "base": f"W_res = W - scaling * B0 @ A0 in float32, B0/A0 from {INITIAL_FILE}; {TRAINED_FILE} goes on W_res",
+            "top_level": "peft's conversion: rank 2r [A|A0], [B|-B0], alpha doubled, on the original base W",
+        },
+    )
 
 
 def residual_record(adapter_dir: str | Path) -> dict | None:
@@ -446,19 +498,27 @@ def check_warmup_matches(adapter_dir: str | Path, lora: dict, variant: dict, bas
     want = variant["init_lora_weights"]
     got = made_with.get("init_lora_weights", "default")
     if got != want:
-        raise AdapterError(f"{adapter_dir}: the warm-up adapter was initialised with init_lora_weights '{got}'; "
-                           f"this variant continues one made with '{want}'")
-    if want in DATA_INITS and int(made_with.get("calibration_rows", DEFAULT_CALIBRATION_ROWS)) != \
-            int(variant["calibration_rows"]):
-        raise AdapterError(f"{adapter_dir}: the warm-up adapter's {want} init read {made_with.get('calibration_rows')} "
-                           f"calibration rows; this variant asks for calibration_rows={variant['calibration_rows']}")
+        raise AdapterError(
+            f"{adapter_dir}: the warm-up adapter was initialised with init_lora_weights '{got}'; "
+            f"this variant continues one made with '{want}'"
+        )
+    if want in DATA_INITS and int(made_with.get("calibration_rows", DEFAULT_CALIBRATION_ROWS)) != int(
+        variant["calibration_rows"]
+    ):
+        raise AdapterError(
+            f"{adapter_dir}: the warm-up adapter's {want} init read {made_with.get('calibration_rows')} "
+            f"calibration rows; this variant asks for calibration_rows={variant['calibration_rows']}"
+        )
     if is_residual_init(want) and record is None:
-        raise AdapterError(f"{adapter_dir}: init '{want}' rewrites the base weights, but the warm-up folder has no "
-                           f"{RESIDUAL_DIR}/ to rebuild them from")
+        raise AdapterError(
+            f"{adapter_dir}: init '{want}' rewrites the base weights, but the warm-up folder has no "
+            f"{RESIDUAL_DIR}/ to rebuild them from"
+        )
 
 
-def warm_started_adapter(base_model, adapter_dir: str | Path, lora: dict, variant: dict | None,
-                         base_model_dir: str | Path):
+def warm_started_adapter(
+    base_model, adapter_dir: str | Path, lora: dict, variant: dict | None, base_model_dir: str | Path
+):
     """A trainable PeftModel whose function is the warm-up's trained function: for residual inits
     on W_res rebuilt from the warm-up's A0/B0, with the warm-up's trained A/B."""
     from peft import PeftModel

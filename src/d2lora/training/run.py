@@ -18,6 +18,7 @@ fingerprint. Inits that rewrite the base weights (W_res = W - s·B0A0) keep A0/B
 residual base from the original weights and those (bit-identical to the one peft built), then the
 Trainer loads the checkpoint's A/B on top.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -30,10 +31,27 @@ import tempfile
 import time
 from pathlib import Path
 
-from d2lora.cost import base_parameter_count, parameter_count, peak_memory_mb, reset_peak_memory, sequence_tokens, synchronize
+from d2lora.cost import (
+    base_parameter_count,
+    parameter_count,
+    peak_memory_mb,
+    reset_peak_memory,
+    sequence_tokens,
+    synchronize,
+)
 from d2lora.data.prepare import subset
 from d2lora.data.schema import prompt_messages
-from d2lora.io import canonical_json, json_sha256, read_json, read_jsonl, sha256_file, sha256_tree, staged_dir, write_json, write_text
+from d2lora.io import (
+    canonical_json,
+    json_sha256,
+    read_json,
+    read_jsonl,
+    sha256_file,
+    sha256_tree,
+    staged_dir,
+    write_json,
+    write_text,
+)
 from d2lora.provenance import MANIFEST_NAME, build_manifest, package_versions, write_manifest
 from d2lora.models import load_model, load_tokenizer, resolve_device
 from d2lora.precision import resolve_bf16_flag
@@ -51,11 +69,13 @@ def conversational(rows: list[dict], method: str) -> list[dict]:
         if method in PREFERENCE_METHODS:
             if row.get("rejected") is None:
                 raise ValueError(f"row {row['id']}: method '{method}' needs a rejected answer and this row has none")
-            out.append({
-                "prompt": prompt,
-                "chosen": [{"role": "assistant", "content": row["chosen"]}],
-                "rejected": [{"role": "assistant", "content": row["rejected"]}],
-            })
+            out.append(
+                {
+                    "prompt": prompt,
+                    "chosen": [{"role": "assistant", "content": row["chosen"]}],
+                    "rejected": [{"role": "assistant", "content": row["rejected"]}],
+                }
+            )
         else:
             out.append({"prompt": prompt, "completion": [{"role": "assistant", "content": row["chosen"]}]})
     return out
@@ -84,9 +104,9 @@ def checkpoint_dir_for(out_dir: str | os.PathLike) -> Path:
 
 def _checkpoint_step(folder: Path) -> int | None:
     name = folder.name
-    if not name.startswith("checkpoint-") or not name[len("checkpoint-"):].isdigit():
+    if not name.startswith("checkpoint-") or not name[len("checkpoint-") :].isdigit():
         return None
-    return int(name[len("checkpoint-"):])
+    return int(name[len("checkpoint-") :])
 
 
 def latest_checkpoint(ckpt_dir: str | os.PathLike) -> Path | None:
@@ -120,8 +140,11 @@ def _fingerprint(record: dict, inputs: dict) -> dict:
     """What must match for a checkpoint to be resumed: the run's settings, inputs and libraries."""
     from d2lora.provenance import input_record
 
-    run = {k: record[k] for k in ("phase", "method", "init", "variant", "n", "seed", "hparams", "lora", "device")
-           if k in record}
+    run = {
+        k: record[k]
+        for k in ("phase", "method", "init", "variant", "n", "seed", "hparams", "lora", "device")
+        if k in record
+    }
     run["inputs"] = {name: input_record(path) for name, path in sorted(inputs.items()) if path is not None}
     versions = package_versions(FINGERPRINT_PACKAGES)
     run["versions"] = {name: versions[name] for name in FINGERPRINT_PACKAGES}
@@ -173,8 +196,15 @@ def _restore_token_count(trainer, checkpoint: Path) -> None:
         trainer._total_train_tokens = int(seen[-1])
 
 
-def _train_and_save(trainer, model, out_dir: Path, record: dict, resume_from: Path | None = None,
-                    inputs: dict | None = None, variant: dict | None = None) -> dict:
+def _train_and_save(
+    trainer,
+    model,
+    out_dir: Path,
+    record: dict,
+    resume_from: Path | None = None,
+    inputs: dict | None = None,
+    variant: dict | None = None,
+) -> dict:
     device = record.get("device", "cpu")
     reset_peak_memory(device)
     start = time.perf_counter()
@@ -195,7 +225,9 @@ def _train_and_save(trainer, model, out_dir: Path, record: dict, resume_from: Pa
     # each capped at max_length) times epochs; the same count for every method, unlike TRL's own
     # running `num_tokens` (SFT and DPO only; kept as trl_num_tokens).
     epochs = float(record["hparams"]["epochs"])
-    record["sequence_tokens_per_epoch"] = sequence_tokens(trainer.train_dataset, int(record["hparams"].get("max_length", 1024)))
+    record["sequence_tokens_per_epoch"] = sequence_tokens(
+        trainer.train_dataset, int(record["hparams"].get("max_length", 1024))
+    )
     record["train_tokens"] = int(round(record["sequence_tokens_per_epoch"] * epochs))
     record["trl_num_tokens"] = int(max((e.get("num_tokens", 0) for e in trainer.state.log_history), default=0))
     record["model_parameters"] = base_parameter_count(model)
@@ -210,10 +242,14 @@ def _train_and_save(trainer, model, out_dir: Path, record: dict, resume_from: Pa
         # Relative paths: residual inits also write residual/ (A0/B0, trained A/B, config).
         record["files"] = sha256_tree(staging)
         write_json(staging / "training.json", record)
-        params = {k: record.get(k) for k in ("phase", "method", "init", "variant", "n", "seed", "hparams", "lora",
-                                               "precision")}
-        write_manifest(staging / MANIFEST_NAME,
-                       build_manifest("training", inputs or {}, staging, params, device=record.get("device")))
+        params = {
+            k: record.get(k)
+            for k in ("phase", "method", "init", "variant", "n", "seed", "hparams", "lora", "precision")
+        }
+        write_manifest(
+            staging / MANIFEST_NAME,
+            build_manifest("training", inputs or {}, staging, params, device=record.get("device")),
+        )
     return record
 
 
@@ -223,8 +259,21 @@ def _dataset(rows: list[dict], method: str):
     return Dataset.from_list(conversational(rows, method))
 
 
-def _fit(method: str, build_model, tokenizer, rows: list[dict], hp: dict, out_dir: Path, seed: int, device: str,
-         record: dict, inputs: dict, checkpoint_steps: int, variant: dict, fresh_residual: bool = False) -> dict:
+def _fit(
+    method: str,
+    build_model,
+    tokenizer,
+    rows: list[dict],
+    hp: dict,
+    out_dir: Path,
+    seed: int,
+    device: str,
+    record: dict,
+    inputs: dict,
+    checkpoint_steps: int,
+    variant: dict,
+    fresh_residual: bool = False,
+) -> dict:
     """build_model(initial_dir) -> (PeftModel, extra callbacks); initial_dir is None except when a
     checkpointed run of a fresh residual init resumes (its saved A0/B0)."""
     checkpoint_steps = int(checkpoint_steps or 0)
@@ -233,8 +282,10 @@ def _fit(method: str, build_model, tokenizer, rows: list[dict], hp: dict, out_di
         initial_dir = Path(trainer_dir) / INITIAL_ADAPTER_DIR if checkpoint_steps > 0 and fresh_residual else None
         if initial_dir is not None and resume_from is not None:
             if not (initial_dir / inits.INITIAL_FILE).is_file():
-                raise RuntimeError(f"{resume_from}: a checkpoint of a residual init without its {initial_dir}; "
-                                   f"delete {Path(trainer_dir)} to start over")
+                raise RuntimeError(
+                    f"{resume_from}: a checkpoint of a residual init without its {initial_dir}; "
+                    f"delete {Path(trainer_dir)} to start over"
+                )
             model, extra_callbacks = build_model(initial_dir)
         else:
             model, extra_callbacks = build_model(None)
@@ -246,8 +297,18 @@ def _fit(method: str, build_model, tokenizer, rows: list[dict], hp: dict, out_di
         # the marker says the checkpoint is complete.
         callbacks = list(extra_callbacks or []) + ([_mark_complete_callback()] if checkpoint_steps > 0 else [])
         started = time.perf_counter()
-        trainer = build_trainer(method, model, tokenizer, _dataset(rows, method), hp, trainer_dir, seed, device == "cpu",
-                                checkpoint_steps=checkpoint_steps, callbacks=callbacks or None)
+        trainer = build_trainer(
+            method,
+            model,
+            tokenizer,
+            _dataset(rows, method),
+            hp,
+            trainer_dir,
+            seed,
+            device == "cpu",
+            checkpoint_steps=checkpoint_steps,
+            callbacks=callbacks or None,
+        )
         synchronize(device)
         # Tokenizing the rows, and with precompute_reference the reference pass over every pair.
         record["trainer_setup_seconds"] = round(time.perf_counter() - started, 3)
@@ -269,8 +330,10 @@ def _check_rows_kept(trainer, rows: list[dict], record: dict, hp: dict) -> None:
     if kept == len(rows):
         return
     key = "training.warmup" if record["phase"] == "warmup" else f"training.adapt.{record['method']}"
-    message = (f"{key}.max_length: {len(rows) - kept} of {len(rows)} training rows have a prompt of "
-               f"max_length={hp.get('max_length', 1024)} tokens or more, and TRL drops them")
+    message = (
+        f"{key}.max_length: {len(rows) - kept} of {len(rows)} training rows have a prompt of "
+        f"max_length={hp.get('max_length', 1024)} tokens or more, and TRL drops them"
+    )
     if record["phase"] == "adapt" or kept == 0:
         raise ValueError(f"{message}; the cell would not train on the n rows it names. Raise max_length")
     print(f"train: warning: {message}; warm-up trains on the other {kept}", file=sys.stderr)
@@ -281,9 +344,14 @@ def _calibration(rows: list[dict], variant: dict, tokenizer, phase: str, hp: dic
     chosen = inits.calibration_rows(rows, variant)
     if not chosen:
         return [], None
-    record = {"phase": phase, "rows": len(chosen), "calibration_rows": variant["calibration_rows"],
-              "ids": [r["id"] for r in chosen], "max_length": int(hp.get("max_length", 1024)),
-              "format": "prompt + chosen through the tokenizer's chat template (user, assistant)"}
+    record = {
+        "phase": phase,
+        "rows": len(chosen),
+        "calibration_rows": variant["calibration_rows"],
+        "ids": [r["id"] for r in chosen],
+        "max_length": int(hp.get("max_length", 1024)),
+        "format": "prompt + chosen through the tokenizer's chat template (user, assistant)",
+    }
     if variant["init_lora_weights"] == "eva":
         record["batch_size"] = inits.EVA_BATCH_SIZE
     return inits.calibration_texts(chosen, tokenizer), record
@@ -311,7 +379,8 @@ def _check_reference(method: str, hp: dict, variant: dict) -> None:
         raise ValueError(
             f"training.adapt.dpo.reference: 'base' computes reference log-probs with the adapter disabled, but init "
             f"'{variant['init_lora_weights']}' trains on a residual base (W - s·B0A0), not the original model; "
-            "use 'initial_policy'")
+            "use 'initial_policy'"
+        )
 
 
 def _resolve_precision(hp: dict, device: str, variant: dict) -> tuple[dict, dict]:
@@ -332,8 +401,17 @@ def _resolve_precision(hp: dict, device: str, variant: dict) -> tuple[dict, dict
     return {**hp, "bf16": precision.bf16, "base_dtype": base_dtype}, record
 
 
-def run_warmup(model_dir, train_path, lora: dict, hp: dict, out_dir, seed: int, device: str = "auto",
-               checkpoint_steps: int = 0, variant: dict | None = None) -> dict:
+def run_warmup(
+    model_dir,
+    train_path,
+    lora: dict,
+    hp: dict,
+    out_dir,
+    seed: int,
+    device: str = "auto",
+    checkpoint_steps: int = 0,
+    variant: dict | None = None,
+) -> dict:
     """Phase 1 of D2LoRA: SFT a fresh LoRA adapter (initialised by the variant's init) on prompt + chosen
     of the general set. variant None: the built-in "d2lora" (peft's default init)."""
     variant = inits.normalize_variant(variant, "d2lora")
@@ -346,23 +424,61 @@ def run_warmup(model_dir, train_path, lora: dict, hp: dict, out_dir, seed: int, 
     rows = read_jsonl(train_path)
     tokenizer = load_tokenizer(model_dir)
     texts, calibration = _calibration(rows, variant, tokenizer, "warmup", hp)
-    record = {"phase": "warmup", "method": "sft", "variant": variant, "rows": len(rows), "seed": seed, "hparams": hp,
-              "lora": lora, "calibration": calibration, "train_data_sha256": sha256_file(train_path), "device": device,
-              "precision": precision}
+    record = {
+        "phase": "warmup",
+        "method": "sft",
+        "variant": variant,
+        "rows": len(rows),
+        "seed": seed,
+        "hparams": hp,
+        "lora": lora,
+        "calibration": calibration,
+        "train_data_sha256": sha256_file(train_path),
+        "device": device,
+        "precision": precision,
+    }
 
     def build_model(initial_dir):
         base = load_model(model_dir, dtype=hp["base_dtype"], device=device)
         if initial_dir is not None:
             return inits.residual_from_initial(base, initial_dir, variant["init_lora_weights"]), []
-        return inits.fresh_adapter(base, lora, variant, texts, tokenizer, max_length=int(hp.get("max_length", 1024))), []
+        return inits.fresh_adapter(
+            base, lora, variant, texts, tokenizer, max_length=int(hp.get("max_length", 1024))
+        ), []
 
     inputs = {"model": model_dir, "train_data": train_path}
-    return _fit("sft", build_model, tokenizer, rows, hp, Path(out_dir), seed, device, record, inputs, checkpoint_steps,
-                variant, fresh_residual=inits.is_residual(variant))
+    return _fit(
+        "sft",
+        build_model,
+        tokenizer,
+        rows,
+        hp,
+        Path(out_dir),
+        seed,
+        device,
+        record,
+        inputs,
+        checkpoint_steps,
+        variant,
+        fresh_residual=inits.is_residual(variant),
+    )
 
 
-def run_adaptation(model_dir, train_path, method: str, init: str, n: int, lora: dict, hp: dict, out_dir, seed: int,
-                   warmup_dir=None, device: str = "auto", checkpoint_steps: int = 0, variant: dict | None = None) -> dict:
+def run_adaptation(
+    model_dir,
+    train_path,
+    method: str,
+    init: str,
+    n: int,
+    lora: dict,
+    hp: dict,
+    out_dir,
+    seed: int,
+    warmup_dir=None,
+    device: str = "auto",
+    checkpoint_steps: int = 0,
+    variant: dict | None = None,
+) -> dict:
     """Phase 2: train on the first n task rows, from a fresh adapter or the warm-up adapter.
 
     `init` names the cell's init (the results path); `variant` is its spec (d2lora.training.inits),
@@ -380,17 +496,31 @@ def run_adaptation(model_dir, train_path, method: str, init: str, n: int, lora: 
         if warmup_dir is None:
             raise ValueError(f"init '{init}' needs the warm-up adapter")
         if variant["adapter"] != "lora":
-            raise inits.VariantError(f"adapter: '{variant['adapter']}' cannot continue a warm-up adapter (warmup: true)")
+            raise inits.VariantError(
+                f"adapter: '{variant['adapter']}' cannot continue a warm-up adapter (warmup: true)"
+            )
         inits.check_warmup_matches(warmup_dir, lora, variant, model_dir)
     tokenizer = load_tokenizer(model_dir)
     texts, calibration = ([], None) if warm else _calibration(rows, variant, tokenizer, "adapt", hp)
     if warm and inits.needs_calibration(variant):
-        calibration = dict(read_json(Path(warmup_dir) / "training.json").get("calibration") or {},
-                           from_warmup=str(warmup_dir))
-    record = {"phase": "adapt", "method": method, "init": init, "variant": variant, "n": n, "seed": seed,
-              "hparams": hp, "lora": lora, "calibration": calibration,
-              "train_ids": [r["id"] for r in rows], "train_data_sha256": sha256_file(train_path), "device": device,
-              "precision": precision}
+        calibration = dict(
+            read_json(Path(warmup_dir) / "training.json").get("calibration") or {}, from_warmup=str(warmup_dir)
+        )
+    record = {
+        "phase": "adapt",
+        "method": method,
+        "init": init,
+        "variant": variant,
+        "n": n,
+        "seed": seed,
+        "hparams": hp,
+        "lora": lora,
+        "calibration": calibration,
+        "train_ids": [r["id"] for r in rows],
+        "train_data_sha256": sha256_file(train_path),
+        "device": device,
+        "precision": precision,
+    }
     if warm:
         record["residual_base"] = inits.residual_record(warmup_dir)
 
@@ -402,9 +532,24 @@ def run_adaptation(model_dir, train_path, method: str, init: str, n: int, lora: 
             return inits.warm_started_adapter(base, warmup_dir, lora, variant, model_dir), []
         if initial_dir is not None:
             return inits.residual_from_initial(base, initial_dir, variant["init_lora_weights"]), []
-        return inits.fresh_adapter(base, lora, variant, texts, tokenizer, max_length=int(hp.get("max_length", 1024))), []
+        return inits.fresh_adapter(
+            base, lora, variant, texts, tokenizer, max_length=int(hp.get("max_length", 1024))
+        ), []
 
     inputs = {"model": model_dir, "train_data": train_path, "warmup_adapter": warmup_dir if warm else None}
     print(f"adapt: {method}/{init} n={n} seed={seed} on {device}", file=sys.stderr)
-    return _fit(method, build_model, tokenizer, rows, hp, Path(out_dir), seed, device, record, inputs, checkpoint_steps,
-                variant, fresh_residual=inits.is_residual(variant) and not warm)
+    return _fit(
+        method,
+        build_model,
+        tokenizer,
+        rows,
+        hp,
+        Path(out_dir),
+        seed,
+        device,
+        record,
+        inputs,
+        checkpoint_steps,
+        variant,
+        fresh_residual=inits.is_residual(variant) and not warm,
+    )

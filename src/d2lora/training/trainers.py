@@ -4,6 +4,7 @@ TRL 1.16: SFTTrainer/DPOTrainer live at top level, ORPO moved to `trl.experiment
 Given a PeftModel that already carries an adapter, DPOTrainer copies it into a frozen adapter
 named "ref" and uses that as the reference policy (the policy as adaptation starts).
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -53,8 +54,18 @@ def _common_args(hp: dict, output_dir: str, seed: int, use_cpu: bool, checkpoint
     )
 
 
-def build_trainer(method: str, model, tokenizer, train_dataset, hp: dict, output_dir: str, seed: int, use_cpu: bool,
-                  checkpoint_steps: int = 0, callbacks: list | None = None):
+def build_trainer(
+    method: str,
+    model,
+    tokenizer,
+    train_dataset,
+    hp: dict,
+    output_dir: str,
+    seed: int,
+    use_cpu: bool,
+    checkpoint_steps: int = 0,
+    callbacks: list | None = None,
+):
     """A TRL trainer for `method` on a PeftModel whose trainable adapter is "default"."""
     args = _common_args(hp, output_dir, seed, use_cpu, checkpoint_steps)
     if method == "sft":
@@ -64,8 +75,13 @@ def build_trainer(method: str, model, tokenizer, train_dataset, hp: dict, output
             # TRL enforces no max_length without packing when padding-free (it would not truncate);
             # check_padding_free_lengths refuses the rows that max_length would have cut instead.
             args.update(padding_free=True, max_length=None)
-        trainer = SFTTrainer(model=model, args=SFTConfig(**args), train_dataset=train_dataset, processing_class=tokenizer,
-                             callbacks=callbacks)
+        trainer = SFTTrainer(
+            model=model,
+            args=SFTConfig(**args),
+            train_dataset=train_dataset,
+            processing_class=tokenizer,
+            callbacks=callbacks,
+        )
         if hp.get("padding_free"):
             check_padding_free_lengths(trainer, int(hp.get("max_length", 1024)))
         return trainer
@@ -146,9 +162,11 @@ def check_padding_free_lengths(trainer, max_length: int) -> None:
     lengths = [len(ids) for ids in trainer.train_dataset["input_ids"]]
     longest = max(lengths, default=0)
     if longest > max_length:
-        raise ValueError(f"padding_free: {sum(n > max_length for n in lengths)} of {len(lengths)} rows are longer than "
-                         f"max_length={max_length} tokens (longest {longest}); padded batches would truncate them. "
-                         "Raise max_length or turn padding_free off")
+        raise ValueError(
+            f"padding_free: {sum(n > max_length for n in lengths)} of {len(lengths)} rows are longer than "
+            f"max_length={max_length} tokens (longest {longest}); padded batches would truncate them. "
+            "Raise max_length or turn padding_free off"
+        )
 
 
 def drop_reference_adapter(model) -> None:

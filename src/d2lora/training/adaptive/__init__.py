@@ -32,10 +32,17 @@ adalora, dynamic (+ dynamic_modules, rank_moves), callback. Only torch, transfor
 safetensors, a dependency of both) are imported, so benchmarks/dynamic_lora_overhead.py can use
 this package without the rest of d2lora.
 """
+
 from __future__ import annotations
 
 from d2lora.training.adaptive import adalora, dynamic
-from d2lora.training.adaptive.base import ADAPTER, CONTROLLER_ATTR, AdaptiveAdapterError, allocated_parameters, lora_layers
+from d2lora.training.adaptive.base import (
+    ADAPTER,
+    CONTROLLER_ATTR,
+    AdaptiveAdapterError,
+    allocated_parameters,
+    lora_layers,
+)
 from d2lora.training.adaptive.callback import AdaptiveRankCallback
 
 CONTROLLERS = {"adalora": adalora.AdaLoRAController, "dynamic": dynamic.DynamicLoRAController}
@@ -72,9 +79,14 @@ def adaptive_adapter(base_model, lora: dict, variant: dict, total_steps: int):
             raise AdaptiveAdapterError(f"variant 'lora' takes no options, got {sorted(set(variant) - {'adapter'})}")
         from peft import LoraConfig, get_peft_model
 
-        config = LoraConfig(r=int(lora["rank"]), lora_alpha=float(lora["alpha"]),
-                            lora_dropout=float(lora.get("dropout", 0.0)),
-                            target_modules=lora.get("target_modules", "all-linear"), task_type="CAUSAL_LM", bias="none")
+        config = LoraConfig(
+            r=int(lora["rank"]),
+            lora_alpha=float(lora["alpha"]),
+            lora_dropout=float(lora.get("dropout", 0.0)),
+            target_modules=lora.get("target_modules", "all-linear"),
+            task_type="CAUSAL_LM",
+            bias="none",
+        )
         return get_peft_model(base_model, config), []
     if adapter not in CONTROLLERS:
         raise AdaptiveAdapterError(f"unknown adapter variant '{adapter}' (known: lora, {', '.join(CONTROLLERS)})")

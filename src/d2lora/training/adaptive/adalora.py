@@ -1,4 +1,5 @@
 """peft's AdaLoRA as an adaptation variant, at LoRA's rank budget."""
+
 from __future__ import annotations
 
 import copy
@@ -7,15 +8,22 @@ import math
 import torch
 
 from d2lora.training.adaptive.base import (
-    ADAPTER, CONTROLLER_ATTR, AdaptiveAdapterError, AdaptiveController, Schedule, allocated_parameters,
-    lora_equivalent_parameters, lora_layers, make_schedule,
+    ADAPTER,
+    CONTROLLER_ATTR,
+    AdaptiveAdapterError,
+    AdaptiveController,
+    Schedule,
+    allocated_parameters,
+    lora_equivalent_parameters,
+    lora_layers,
+    make_schedule,
 )
 
 DEFAULTS = {
-    "init_r_factor": 1.5,     # init_r = ceil(1.5 r) (peft's defaults 12 -> 8 have this ratio)
+    "init_r_factor": 1.5,  # init_r = ceil(1.5 r) (peft's defaults 12 -> 8 have this ratio)
     "tinit_frac": 0.1,
     "tfinal_frac": 0.2,
-    "reallocations": 10,      # deltaT = budgeting steps / reallocations
+    "reallocations": 10,  # deltaT = budgeting steps / reallocations
     "beta1": 0.85,
     "beta2": 0.85,
     "orth_reg_weight": 0.5,
@@ -64,8 +72,8 @@ class AdaLoRAController(AdaptiveController):
         super().__init__(model, rank, options, schedule)
         self.init_r = init_r
         self.orth_reg_weight = float(options["orth_reg_weight"])
-        self.current_pattern = None       # {lora_E param name: [bool]*init_r} of the latest allocation
-        self.final_allocation = None      # "scheduled" | "forced at train end"
+        self.current_pattern = None  # {lora_E param name: [bool]*init_r} of the latest allocation
+        self.final_allocation = None  # "scheduled" | "forced at train end"
         self.allocations = 0
         self.last_orth_reg = None
         self._terms = None
@@ -77,15 +85,26 @@ class AdaLoRAController(AdaptiveController):
         r = int(lora["rank"])
         init_r = int(math.ceil(float(options["init_r_factor"]) * r))
         if init_r <= r:
-            raise AdaptiveAdapterError(f"adalora: init_r ({init_r}) must exceed the target rank {r}: "
-                                       "peft's allocator masks init_bgt - budget triplets and 0 is refused")
+            raise AdaptiveAdapterError(
+                f"adalora: init_r ({init_r}) must exceed the target rank {r}: "
+                "peft's allocator masks init_bgt - budget triplets and 0 is refused"
+            )
         schedule = make_schedule(total_steps, options["tinit_frac"], options["tfinal_frac"], options["reallocations"])
         config = AdaLoraConfig(
-            init_r=init_r, target_r=r, lora_alpha=float(lora["alpha"]) * init_r / r,
-            lora_dropout=float(lora.get("dropout", 0.0)), target_modules=lora.get("target_modules", "all-linear"),
-            tinit=schedule.tinit, tfinal=schedule.tfinal, deltaT=schedule.interval, total_step=schedule.total_steps,
-            beta1=float(options["beta1"]), beta2=float(options["beta2"]), orth_reg_weight=0.0,
-            task_type="CAUSAL_LM", bias="none",
+            init_r=init_r,
+            target_r=r,
+            lora_alpha=float(lora["alpha"]) * init_r / r,
+            lora_dropout=float(lora.get("dropout", 0.0)),
+            target_modules=lora.get("target_modules", "all-linear"),
+            tinit=schedule.tinit,
+            tfinal=schedule.tfinal,
+            deltaT=schedule.interval,
+            total_step=schedule.total_steps,
+            beta1=float(options["beta1"]),
+            beta2=float(options["beta2"]),
+            orth_reg_weight=0.0,
+            task_type="CAUSAL_LM",
+            bias="none",
         )
         model = get_peft_model(base_model, config)
         _allow_frozen_adalora_copies(model)
@@ -105,14 +124,22 @@ class AdaLoRAController(AdaptiveController):
         o = self.options
         self.schedule = make_schedule(total_steps, o["tinit_frac"], o["tfinal_frac"], o["reallocations"])
         cfg = self.config
-        cfg.total_step, cfg.tinit, cfg.tfinal, cfg.deltaT = (self.schedule.total_steps, self.schedule.tinit,
-                                                             self.schedule.tfinal, self.schedule.interval)
+        cfg.total_step, cfg.tinit, cfg.tfinal, cfg.deltaT = (
+            self.schedule.total_steps,
+            self.schedule.tinit,
+            self.schedule.tfinal,
+            self.schedule.interval,
+        )
 
     def _set_schedule(self, schedule: Schedule) -> None:
         self.schedule = schedule
         cfg = self.config
-        cfg.total_step, cfg.tinit, cfg.tfinal, cfg.deltaT = (schedule.total_steps, schedule.tinit,
-                                                             schedule.tfinal, schedule.interval)
+        cfg.total_step, cfg.tinit, cfg.tfinal, cfg.deltaT = (
+            schedule.total_steps,
+            schedule.tinit,
+            schedule.tfinal,
+            schedule.interval,
+        )
 
     def _start(self) -> None:
         self.config.orth_reg_weight = 0.0
@@ -123,8 +150,11 @@ class AdaLoRAController(AdaptiveController):
     def _orth_terms(self):
         # The same selection as AdaLoraModel.forward: every lora_A / lora_B of the trained adapter.
         if self._terms is None:
-            self._terms = [(p, "A" if "lora_A" in n else "B") for n, p in self.model.base_model.model.named_parameters()
-                           if ("lora_A" in n or "lora_B" in n) and ADAPTER in n]
+            self._terms = [
+                (p, "A" if "lora_A" in n else "B")
+                for n, p in self.model.base_model.model.named_parameters()
+                if ("lora_A" in n or "lora_B" in n) and ADAPTER in n
+            ]
         return self._terms
 
     def regularizer_value(self) -> torch.Tensor:
@@ -170,8 +200,9 @@ class AdaLoRAController(AdaptiveController):
         if pattern is not None and pattern is not before:
             self.current_pattern = pattern
             self.allocations += 1
-            self.history.append({"step": step, "total_rank": self.total_rank(), "trainable_parameters":
-                                 self.trainable_budget()})
+            self.history.append(
+                {"step": step, "total_rank": self.total_rank(), "trainable_parameters": self.trainable_budget()}
+            )
 
     # -- budget and report -------------------------------------------------------------------
 
@@ -184,8 +215,10 @@ class AdaLoRAController(AdaptiveController):
             name = f"{key}.lora_E.{ADAPTER}"
             pattern = self.current_pattern
             if pattern is None and self.finalized and self.config.rank_pattern is not None:
-                pattern = {f"{k}.{ADAPTER}" if not k.endswith(f".{ADAPTER}") else k: v
-                           for k, v in self.config.rank_pattern.items()}
+                pattern = {
+                    f"{k}.{ADAPTER}" if not k.endswith(f".{ADAPTER}") else k: v
+                    for k, v in self.config.rank_pattern.items()
+                }
             if pattern is not None and name in pattern:
                 ranks[key] = int(sum(bool(x) for x in pattern[name]))
             else:
@@ -208,8 +241,8 @@ class AdaLoRAController(AdaptiveController):
             "target_r": self.rank,
             "trainable_parameters": self.trainable_budget(),
             "allocated_parameters": allocated_parameters(self.model),
-            "peak_trainable_parameters": self.init_r * sum(m.in_features + m.out_features + 1
-                                                           for _, m in self._layers()),
+            "peak_trainable_parameters": self.init_r
+            * sum(m.in_features + m.out_features + 1 for _, m in self._layers()),
             "lora_equivalent_parameters": lora_equivalent_parameters(self.model, self.rank),
             "allocations": self.allocations,
             "final_allocation": self.final_allocation,
@@ -223,11 +256,19 @@ class AdaLoRAController(AdaptiveController):
     def _state(self) -> tuple[dict, dict[str, torch.Tensor]]:
         alloc = self.allocator
         tensors = {}
-        for prefix, table in (("ipt", alloc.ipt), ("exp_avg_ipt", alloc.exp_avg_ipt), ("exp_avg_unc", alloc.exp_avg_unc)):
+        for prefix, table in (
+            ("ipt", alloc.ipt),
+            ("exp_avg_ipt", alloc.exp_avg_ipt),
+            ("exp_avg_unc", alloc.exp_avg_unc),
+        ):
             for name, value in table.items():
                 tensors[f"{prefix}/{name}"] = value
-        meta = {"current_pattern": self.current_pattern, "allocations": self.allocations,
-                "final_allocation": self.final_allocation, "history": self.history}
+        meta = {
+            "current_pattern": self.current_pattern,
+            "allocations": self.allocations,
+            "final_allocation": self.final_allocation,
+            "history": self.history,
+        }
         return meta, tensors
 
     def _restore(self, meta: dict, tensors: dict[str, torch.Tensor]) -> None:

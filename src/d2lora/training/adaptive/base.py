@@ -1,5 +1,6 @@
 """What AdaLoRA and Dynamic LoRA share: the schedule, the peft helpers, the checkpoint state and
 the controller's life cycle (begin -> per-step hooks -> save/resume -> finalize -> report)."""
+
 from __future__ import annotations
 
 import json
@@ -56,14 +57,17 @@ def make_schedule(total_steps: int, tinit_frac: float, tfinal_frac: float, reall
 def module_key(name: str) -> str:
     """The module's name in the base model, the key peft's rank_pattern/alpha_pattern match."""
     prefix = "base_model.model."
-    return name[len(prefix):] if name.startswith(prefix) else name
+    return name[len(prefix) :] if name.startswith(prefix) else name
 
 
 def lora_layers(model, adapter: str = ADAPTER) -> list[tuple[str, nn.Module]]:
     from peft.tuners.lora import LoraLayer
 
-    return [(module_key(name), module) for name, module in model.named_modules()
-            if isinstance(module, LoraLayer) and adapter in module.lora_A]
+    return [
+        (module_key(name), module)
+        for name, module in model.named_modules()
+        if isinstance(module, LoraLayer) and adapter in module.lora_A
+    ]
 
 
 def param_states(optimizer, param) -> dict:
@@ -78,8 +82,9 @@ def param_states(optimizer, param) -> dict:
 
 def allocated_parameters(model) -> int:
     """Parameters of the trained adapter held in memory (its peak size during training)."""
-    return sum(param.numel() for name, param in model.named_parameters()
-               if f".{ADAPTER}." in f"{name}." and "lora_" in name)
+    return sum(
+        param.numel() for name, param in model.named_parameters() if f".{ADAPTER}." in f"{name}." and "lora_" in name
+    )
 
 
 def lora_equivalent_parameters(model, rank: int) -> int:
@@ -90,8 +95,10 @@ def lora_equivalent_parameters(model, rank: int) -> int:
 def write_state(folder: Path, meta: dict, tensors: dict[str, torch.Tensor]) -> None:
     from safetensors.torch import save_file
 
-    save_file({k: v.detach().to("cpu").clone().contiguous() for k, v in tensors.items()},
-              str(folder / f"{STATE_FILE}.safetensors"))
+    save_file(
+        {k: v.detach().to("cpu").clone().contiguous() for k, v in tensors.items()},
+        str(folder / f"{STATE_FILE}.safetensors"),
+    )
     (folder / f"{STATE_FILE}.json").write_text(json.dumps(meta, sort_keys=True))
 
 
@@ -100,8 +107,10 @@ def read_state(folder: Path) -> tuple[dict, dict[str, torch.Tensor]]:
 
     meta_file, tensor_file = folder / f"{STATE_FILE}.json", folder / f"{STATE_FILE}.safetensors"
     if not meta_file.is_file() or not tensor_file.is_file():
-        raise RuntimeError(f"{folder}: resuming an adaptive-rank adapter needs {meta_file.name} and "
-                           f"{tensor_file.name} there (written by its callback's on_save); they are missing")
+        raise RuntimeError(
+            f"{folder}: resuming an adaptive-rank adapter needs {meta_file.name} and "
+            f"{tensor_file.name} there (written by its callback's on_save); they are missing"
+        )
     return json.loads(meta_file.read_text()), load_file(str(tensor_file))
 
 

@@ -1,4 +1,5 @@
 """The Trainer callback that drives an adaptive-rank controller."""
+
 from __future__ import annotations
 
 from pathlib import Path

@@ -1,5 +1,6 @@
 """Dynamic LoRA (docs/dynamic_lora.md): a fixed total rank, moved between modules by smoothed
 sensitivity, with the input-feature scale of A set once after the warm-up steps."""
+
 from __future__ import annotations
 
 import copy
@@ -9,26 +10,32 @@ import torch
 from torch import nn
 
 from d2lora.training.adaptive.base import (
-    ADAPTER, CONTROLLER_ATTR, AdaptiveAdapterError, AdaptiveController, Schedule, lora_layers, make_schedule,
+    ADAPTER,
+    CONTROLLER_ATTR,
+    AdaptiveAdapterError,
+    AdaptiveController,
+    Schedule,
+    lora_layers,
+    make_schedule,
     param_states,
 )
 from d2lora.training.adaptive.dynamic_modules import DynamicA, DynamicB, Slot
 from d2lora.training.adaptive.rank_moves import plan_moves
 
 DEFAULTS = {
-    "max_rank_factor": 2.0,   # room per module: max_rank = ceil(2 r)
+    "max_rank_factor": 2.0,  # room per module: max_rank = ceil(2 r)
     "min_rank": 1,
     "tinit_frac": 0.1,
     "tfinal_frac": 0.2,
     "reallocations": 10,
-    "beta": 0.85,             # EMA of the component sensitivity (AdaLoRA's beta1)
-    "hysteresis": 0.5,        # move only if receiver's weakest * 0.5 > donor's weakest
-    "max_move_frac": 0.1,     # at most 10% of a group's rank moves per reallocation
-    "grace": 2,               # a granted component cannot be pruned for 2 reallocations
-    "budget": "params",       # "params": reallocate within equal-cost groups; "rank": one group
+    "beta": 0.85,  # EMA of the component sensitivity (AdaLoRA's beta1)
+    "hysteresis": 0.5,  # move only if receiver's weakest * 0.5 > donor's weakest
+    "max_move_frac": 0.1,  # at most 10% of a group's rank moves per reallocation
+    "grace": 2,  # a granted component cannot be pruned for 2 reallocations
+    "budget": "params",  # "params": reallocate within equal-cost groups; "rank": one group
     "input_adaptation": "feature_scale",  # or "none"
-    "forward": "full",        # "full": all max_rank columns (dormant ones are exact zeros);
-                              # "active": only the active prefix (fewer FLOPs, more kernels)
+    "forward": "full",  # "full": all max_rank columns (dormant ones are exact zeros);
+    # "active": only the active prefix (fewer FLOPs, more kernels)
     "feature_power": 0.5,
     "feature_clip": 10.0,
     "seed": 0,
@@ -41,8 +48,9 @@ class DynamicLoRAController(AdaptiveController):
     variant = "dynamic"
     label = "Dynamic LoRA"
 
-    def __init__(self, model, lora: dict, options: dict, schedule: Schedule, slots: list[Slot], max_rank: int,
-                 ema: torch.Tensor):
+    def __init__(
+        self, model, lora: dict, options: dict, schedule: Schedule, slots: list[Slot], max_rank: int, ema: torch.Tensor
+    ):
         super().__init__(model, int(lora["rank"]), options, schedule)
         self.slots = slots
         self.ema = ema  # (modules, max_rank); each slot's ema is a row view of it
@@ -64,28 +72,35 @@ class DynamicLoRAController(AdaptiveController):
         max_rank = int(math.ceil(float(options["max_rank_factor"]) * r))
         min_rank = int(options["min_rank"])
         if not 1 <= min_rank <= r < max_rank:
-            raise AdaptiveAdapterError(f"dynamic: need 1 <= min_rank ({min_rank}) <= rank ({r}) < max_rank "
-                                       f"({max_rank}); a saved LoRA module cannot have rank 0")
+            raise AdaptiveAdapterError(
+                f"dynamic: need 1 <= min_rank ({min_rank}) <= rank ({r}) < max_rank "
+                f"({max_rank}); a saved LoRA module cannot have rank 0"
+            )
         if options["budget"] not in ("params", "rank"):
             raise AdaptiveAdapterError(f"dynamic: budget must be 'params' or 'rank', got {options['budget']!r}")
         if options["forward"] not in ("full", "active"):
             raise AdaptiveAdapterError(f"dynamic: forward must be 'full' or 'active', got {options['forward']!r}")
         if options["input_adaptation"] not in ("feature_scale", "none"):
-            raise AdaptiveAdapterError(f"dynamic: input_adaptation must be 'feature_scale' or 'none', "
-                                       f"got {options['input_adaptation']!r}")
+            raise AdaptiveAdapterError(
+                f"dynamic: input_adaptation must be 'feature_scale' or 'none', got {options['input_adaptation']!r}"
+            )
         schedule = make_schedule(total_steps, options["tinit_frac"], options["tfinal_frac"], options["reallocations"])
         # Room for max_rank components; lora_alpha scaled so peft's scaling alpha'/max_rank = alpha/r.
-        config = LoraConfig(r=max_rank, lora_alpha=float(lora["alpha"]) * max_rank / r,
-                            lora_dropout=float(lora.get("dropout", 0.0)),
-                            target_modules=lora.get("target_modules", "all-linear"), task_type="CAUSAL_LM", bias="none")
+        config = LoraConfig(
+            r=max_rank,
+            lora_alpha=float(lora["alpha"]) * max_rank / r,
+            lora_dropout=float(lora.get("dropout", 0.0)),
+            target_modules=lora.get("target_modules", "all-linear"),
+            task_type="CAUSAL_LM",
+            bias="none",
+        )
         model = get_peft_model(base_model, config)
         slots = []
         layers = lora_layers(model)
         if not layers:
             raise AdaptiveAdapterError(f"dynamic: no LoRA module matched target_modules {lora.get('target_modules')}")
         # One (modules, max_rank) table of smoothed scores; each slot holds a row view of it.
-        ema = torch.zeros(len(layers), max_rank, dtype=torch.float32,
-                          device=layers[0][1].lora_A[ADAPTER].weight.device)
+        ema = torch.zeros(len(layers), max_rank, dtype=torch.float32, device=layers[0][1].lora_A[ADAPTER].weight.device)
         sliced = options["forward"] == "active"
         with torch.no_grad():
             for i, (key, layer) in enumerate(layers):
@@ -182,8 +197,16 @@ class DynamicLoRAController(AdaptiveController):
         scores = torch.stack([s.ema for s in self.slots]).cpu().tolist()
         active = [s.active for s in self.slots]
         protected = [[s.protect_until[i] >= index for i in range(self.max_rank)] for s in self.slots]
-        moves = plan_moves(scores, active, protected, self.groups, self.min_rank, self.max_rank,
-                           float(self.options["hysteresis"]), self._max_moves())
+        moves = plan_moves(
+            scores,
+            active,
+            protected,
+            self.groups,
+            self.min_rank,
+            self.max_rank,
+            float(self.options["hysteresis"]),
+            self._max_moves(),
+        )
         pruned: dict[int, list[int]] = {}
         granted: dict[int, int] = {}
         for donor, component, receiver in moves:
@@ -193,9 +216,15 @@ class DynamicLoRAController(AdaptiveController):
             self._apply(m, pruned.get(m, []), granted.get(m, 0), step, index, optimizer)
         self.reallocations += 1
         self.moves_total += len(moves)
-        self.history.append({"step": step, "moves": len(moves), "ranks": [s.active for s in self.slots],
-                             "total_rank": sum(s.active for s in self.slots),
-                             "trainable_parameters": self.trainable_budget()})
+        self.history.append(
+            {
+                "step": step,
+                "moves": len(moves),
+                "ranks": [s.active for s in self.slots],
+                "total_rank": sum(s.active for s in self.slots),
+                "trainable_parameters": self.trainable_budget(),
+            }
+        )
 
     def _apply(self, m: int, pruned: list[int], grants: int, step: int, index: int, optimizer) -> None:
         slot = self.slots[m]
@@ -231,13 +260,13 @@ class DynamicLoRAController(AdaptiveController):
             gen = torch.Generator().manual_seed(int(self.options["seed"]) * 1_000_003 + step * 1_009 + m)
             bound = 1.0 / math.sqrt(slot.a.in_features)  # peft's kaiming_uniform(a=sqrt(5)) on lora_A
             new_rows = (torch.rand(grants, slot.a.in_features, generator=gen) * 2 - 1) * bound
-            a_w[n:n + grants] = new_rows.to(device=device, dtype=a_w.dtype)
-            b_w[:, n:n + grants] = 0.0
+            a_w[n : n + grants] = new_rows.to(device=device, dtype=a_w.dtype)
+            b_w[:, n : n + grants] = 0.0
             for name, v in a_states.items():
-                v[n:n + grants] = v[:n].mean(0, keepdim=True) if "sq" in name else 0.0
+                v[n : n + grants] = v[:n].mean(0, keepdim=True) if "sq" in name else 0.0
             for name, v in b_states.items():
-                v[:, n:n + grants] = v[:, :n].mean(1, keepdim=True) if "sq" in name else 0.0
-            slot.ema[n:n + grants] = 0.0
+                v[:, n : n + grants] = v[:, :n].mean(1, keepdim=True) if "sq" in name else 0.0
+            slot.ema[n : n + grants] = 0.0
             for i in range(n, n + grants):
                 slot.protect_until[i] = index + int(self.options["grace"])
             slot.set_active(n + grants)
@@ -255,7 +284,8 @@ class DynamicLoRAController(AdaptiveController):
             "max_rank": self.max_rank,
             "min_rank": self.min_rank,
             "trainable_parameters": self.trainable_budget(),
-            "allocated_parameters": self.max_rank * sum(s.cost for s in self.slots) if not self.finalized
+            "allocated_parameters": self.max_rank * sum(s.cost for s in self.slots)
+            if not self.finalized
             else self.trainable_budget(),
             "peak_allocated_parameters": self.max_rank * sum(s.cost for s in self.slots),
             "lora_equivalent_parameters": self.rank * sum(s.cost for s in self.slots),
@@ -263,16 +293,22 @@ class DynamicLoRAController(AdaptiveController):
             "groups": [[self.slots[m].key for m in g] for g in self.groups],
             "reallocations": self.reallocations,
             "moves": self.moves_total,
-            "input_scale": {"set_at_step": self.input_scale_set_at, **self._scale_summary(),
-                            "folded_into_lora_A": self.finalized},
+            "input_scale": {
+                "set_at_step": self.input_scale_set_at,
+                **self._scale_summary(),
+                "folded_into_lora_A": self.finalized,
+            },
         }
 
     def _scale_summary(self) -> dict:
         if self.scale_summary is not None:
             return self.scale_summary
         scales = torch.cat([s.a.input_scale for s in self.slots])
-        return {"min": float(scales.min()), "max": float(scales.max()),
-                "mean_abs_log": float(scales.log().abs().mean())}
+        return {
+            "min": float(scales.min()),
+            "max": float(scales.max()),
+            "mean_abs_log": float(scales.log().abs().mean()),
+        }
 
     # -- checkpoint and end ------------------------------------------------------------------
 
@@ -289,8 +325,11 @@ class DynamicLoRAController(AdaptiveController):
             "count": {s.key: s.a.count for s in self.slots},
             "scaled": {s.key: s.a.scaled for s in self.slots},
             "collect": {s.key: s.a.collect for s in self.slots},
-            "reallocations": self.reallocations, "moves_total": self.moves_total, "history": self.history,
-            "input_scale_set_at": self.input_scale_set_at, "collecting": self.collecting,
+            "reallocations": self.reallocations,
+            "moves_total": self.moves_total,
+            "history": self.history,
+            "input_scale_set_at": self.input_scale_set_at,
+            "collecting": self.collecting,
         }
         return meta, tensors
 

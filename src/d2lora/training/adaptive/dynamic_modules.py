@@ -1,5 +1,6 @@
 """Dynamic LoRA's factors: peft's lora_A / lora_B weights behind a forward that uses only the
 active components, and the per-module slot the controller keeps."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -23,8 +24,11 @@ class DynamicA(nn.Linear):
         self.weight = linear.weight
         self.register_parameter("bias", None)
         self.sliced = sliced
-        self.register_buffer("input_scale", torch.ones(linear.in_features, device=linear.weight.device,
-                                                       dtype=torch.float32), persistent=False)
+        self.register_buffer(
+            "input_scale",
+            torch.ones(linear.in_features, device=linear.weight.device, dtype=torch.float32),
+            persistent=False,
+        )
         self.active = int(active)
         self.scaled = False
         self.collect = False
@@ -68,8 +72,8 @@ class Slot:
     layer: nn.Module
     a: DynamicA
     b: DynamicB
-    ema: torch.Tensor                # (max_rank,) smoothed sensitivity per component
-    protect_until: list[int]         # per component: prunable only at reallocations > this index
+    ema: torch.Tensor  # (max_rank,) smoothed sensitivity per component
+    protect_until: list[int]  # per component: prunable only at reallocations > this index
 
     @property
     def active(self) -> int:
