@@ -7,9 +7,14 @@ that hides a cycle still ties the two modules together.
 from __future__ import annotations
 
 import ast
+import subprocess
+import sys
 from pathlib import Path
 
-SRC = Path(__file__).resolve().parents[1] / "src"
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+SRC = REPO / "src"
 
 
 def import_graph(src: Path, package: str = "d2lora") -> dict[str, set[str]]:
@@ -97,3 +102,61 @@ def test_a_cycle_through_a_function_local_import_is_found(tmp_path):
     (package / "sub" / "b.py").write_text("def f():\n    from ..a import x\n")
     (package / "c.py").write_text("import d2lora.a\n")
     assert cycles(import_graph(tmp_path)) == [["d2lora.a", "d2lora.sub.b"]]
+
+
+# Imported by Snakemake itself (its config validation reads pandas): not ours to keep out.
+ML_LIBRARIES = (
+    "torch",
+    "transformers",
+    "peft",
+    "trl",
+    "datasets",
+    "lm_eval",
+    "safetensors",
+    "accelerate",
+    "gguf",
+    "matplotlib",
+    "rouge_score",
+)
+PARSE_AUDIT = """
+import sys
+from snakemake.cli import main
+try:
+    main(["--dry-run", "--quiet", "all", "--cores", "1", "--configfile", sys.argv[1]])
+except SystemExit as exit:
+    code = exit.code
+print(code, " ".join(sorted(name for name in sys.modules if name.split(".")[0] in sys.argv[2].split(","))))
+"""
+
+
+@pytest.mark.parametrize("config", ["config/config.yaml", "config/paper.yaml"])
+def test_parsing_the_workflow_imports_no_ml_library(config, tmp_path):
+    """Every Snakemake invocation parses the workflow (a dry run, a cluster submission, each job's own
+    start): the modules the rules import keep torch and the rest inside the functions that use them."""
+    result = subprocess.run(
+        [sys.executable, "-c", PARSE_AUDIT, config, ",".join(ML_LIBRARIES)],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    code, _, loaded = result.stdout.strip().splitlines()[-1].partition(" ")
+    assert code in ("0", "None"), result.stdout[-2000:] + result.stderr[-2000:]
+    assert loaded == "", f"parsing the workflow imported {loaded}"
+
+
+def test_function_local_imports_say_why():
+    """A function-local import is there to keep a library out of workflow parsing (or out of jobs that
+    never need it); the comment above it, or on its line, says which."""
+    silent = []
+    for path in sorted(SRC.rglob("*.py")):
+        lines = path.read_text().splitlines()
+        for function in ast.walk(ast.parse("\n".join(lines))):
+            if not isinstance(function, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                continue
+            for node in ast.walk(function):
+                if isinstance(node, (ast.Import, ast.ImportFrom)):
+                    above, line = lines[node.lineno - 2].strip(), lines[node.lineno - 1]
+                    if not above.startswith("#") and "#" not in line:
+                        silent.append(f"{path.relative_to(SRC)}:{node.lineno}: {line.strip()}")
+    assert silent == []

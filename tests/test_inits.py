@@ -9,14 +9,13 @@ from __future__ import annotations
 
 import json
 import math
-import sys
-import types
 
 import pytest
 import torch
 
 from d2lora.io import write_jsonl
 from d2lora.training import inits
+from d2lora.training import run as training_run
 from d2lora.training.adapters import AdapterError
 from d2lora.training.run import checkpoint_dir_for, run_adaptation, run_warmup
 
@@ -470,11 +469,11 @@ def test_adaptive_adapters_dispatch_to_dynamic_lora(tiny_model_dir, train_file, 
         calls.append((variant, total_steps))
         return get_peft_model(base_model, lora_config(lora)), [Count()]
 
-    fake = types.ModuleType("d2lora.training.adaptive")
-    fake.adaptive_adapter = adaptive_adapter
-    fake.DEFAULTS = {"adalora": {"reallocations": 10}, "dynamic": {"reallocations": 10, "seed": 0}}
-    fake.adapter_report = lambda model: {"ranks": "reported"}
-    monkeypatch.setitem(sys.modules, "d2lora.training.adaptive", fake)
+    monkeypatch.setattr(training_run, "adaptive_adapter", adaptive_adapter)
+    monkeypatch.setattr(
+        training_run, "DEFAULTS", {"adalora": {"reallocations": 10}, "dynamic": {"reallocations": 10, "seed": 0}}
+    )
+    monkeypatch.setattr(training_run, "adapter_report", lambda model: {"ranks": "reported"})
     record = run_adaptation(
         tiny_model_dir,
         train_file,

@@ -8,12 +8,13 @@ becomes a measured number (d2lora.results.cost) and the GPU benchmark's timing t
 from __future__ import annotations
 
 import math
+import time
+
+import torch
 
 
 def reset_peak_memory(device: str) -> None:
     if device == "cuda":
-        import torch
-
         torch.cuda.reset_peak_memory_stats()
 
 
@@ -21,15 +22,11 @@ def peak_memory_mb(device: str) -> float | None:
     """Peak memory PyTorch allocated on the accelerator since the last reset; None on CPU (not measured)."""
     if device != "cuda":
         return None
-    import torch
-
     return round(torch.cuda.max_memory_allocated() / 2**20, 1)
 
 
 def synchronize(device: str) -> None:
     if device == "cuda":
-        import torch
-
         torch.cuda.synchronize()
 
 
@@ -95,9 +92,6 @@ def measure_matmul_peak(device: str = "cuda", size: int = 8192, repeats: int = 1
 
     METHOD.md's way: one large product, three warm-ups, the mean of `repeats` timed ones.
     """
-    import time
-
-    import torch
 
     a = torch.randn(size, size, device=device, dtype=torch.bfloat16)
     b = torch.randn(size, size, device=device, dtype=torch.bfloat16)

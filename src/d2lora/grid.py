@@ -10,9 +10,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Mapping
 
+import yaml
+
 from d2lora.benchmarks import BENCHMARKS, METRICS, eval_roles
-from d2lora.data.prepare import ROLE_FORMS
 from d2lora.data.formats import FORMATS
+from d2lora.data.prepare import ROLE_FORMS
 from d2lora.data.sources import available_rows, source_origin
 
 TASKS = ("math", "titles")
@@ -38,7 +40,6 @@ def check_config_files(paths) -> None:
     twice, or an `n:` list written twice, would run a grid nobody wrote. Raises ConfigError
     naming the file, the line and the key.
     """
-    import yaml
 
     class StrictLoader(yaml.SafeLoader):
         pass

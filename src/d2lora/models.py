@@ -32,6 +32,7 @@ class ModelSourceError(ValueError):
 
 
 def _torch_dtype(name: str):
+    # torch: kept out of workflow parsing (the rules import this module)
     import torch
 
     return getattr(torch, DTYPES[name])
@@ -54,6 +55,7 @@ def resolve_gguf_file(model_cfg: dict) -> Path:
 
 
 def _load_tokenizer_from_source(model_cfg: dict):
+    # transformers: kept out of workflow parsing (the rules import this module)
     from transformers import AutoTokenizer
 
     source = model_cfg["source"]
@@ -78,6 +80,7 @@ def _local_path(model_cfg: dict) -> str:
 
 
 def _plain_llama_from_gguf(model_cfg: dict, dtype):
+    # transformers: kept out of workflow parsing (the rules import this module)
     from transformers import AutoModelForCausalLM
 
     gguf = resolve_gguf_file(model_cfg)
@@ -134,7 +137,10 @@ def architecture_parameters(arch: dict) -> int:
 
 
 def _random_init(model_cfg: dict, tokenizer, dtype):
+    # torch: kept out of workflow parsing (the rules import this module)
     import torch
+
+    # transformers: kept out of workflow parsing (the rules import this module)
     from transformers import LlamaConfig, LlamaForCausalLM
 
     # The architecture may widen the vocabulary past the tokenizer's (a real model's shape, e.g.
@@ -180,6 +186,7 @@ def prepare_base_model(model_cfg: dict, out_dir: str | os.PathLike) -> dict[str,
     record: dict[str, Any] = {"source": source, "dtype": dtype_name, "precision": precision.record()}
     trust = bool(model_cfg.get("trust_remote_code", False))
 
+    # transformers: kept out of workflow parsing (the rules import this module)
     from transformers import AutoModelForCausalLM
 
     if source == "gguf":
@@ -234,6 +241,7 @@ def prepare_base_model(model_cfg: dict, out_dir: str | os.PathLike) -> dict[str,
 
 
 def load_tokenizer(model_dir: str | os.PathLike, padding_side: str = "right"):
+    # transformers: kept out of workflow parsing (the rules import this module)
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(str(model_dir), trust_remote_code=False)
@@ -277,6 +285,7 @@ def load_model(
     which dominate a small model's step time. The merge is done in float32 and the result cast to
     `dtype`, so the only difference from the unmerged adapter is one rounding of W + BA.
     """
+    # transformers: kept out of workflow parsing (the rules import this module)
     from transformers import AutoModelForCausalLM
 
     merge = adapter_dir is not None and merge_adapter and not trainable
@@ -286,6 +295,7 @@ def load_model(
     )
     if adapter_dir is not None:
         require_safetensors_adapter(adapter_dir)
+        # peft: kept out of workflow parsing (the rules import this module)
         from peft import PeftModel
 
         model = PeftModel.from_pretrained(model, str(adapter_dir), is_trainable=trainable)
@@ -296,6 +306,7 @@ def load_model(
 
 def resolve_device(device: str = "auto") -> str:
     """The config's `device`: "auto" means CUDA where there is one, else the CPU."""
+    # torch: kept out of workflow parsing (the rules import this module)
     import torch
 
     if device == "auto":

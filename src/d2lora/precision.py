@@ -59,6 +59,7 @@ def native_bf16(device: str, flags: set[str] | None = None) -> tuple[bool, str]:
     if override in ("0", "1"):
         return override == "1", f"{OVERRIDE_ENV}={override} in the environment"
     if device.startswith("cuda"):
+        # torch: kept out of workflow parsing (the rules import this module)
         import torch
 
         name = torch.cuda.get_device_name(device)

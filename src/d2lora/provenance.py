@@ -6,6 +6,7 @@ stage's manifests) so that the provenance rules never rerun or re-hash anything 
 
 from __future__ import annotations
 
+import datetime
 import importlib.metadata
 import importlib.util
 import json
@@ -19,7 +20,7 @@ from typing import Iterable
 import pandas as pd
 import yaml
 
-from d2lora.io import atomic_path, canonical_json, json_sha256, read_json
+from d2lora.io import atomic_path, canonical_json, json_sha256, read_json, sha256_file, sha256_tree
 
 PACKAGES = (
     "d2lora",
@@ -192,6 +193,7 @@ def device_string() -> str:
     """The accelerator a job would use; importing torch only when it is installed."""
     if importlib.util.find_spec("torch") is None:
         return "cpu (torch not installed)"
+    # torch only where it is installed: the device record works without it
     import torch
 
     if torch.cuda.is_available():
@@ -252,7 +254,6 @@ def input_record(path: str | os.PathLike) -> dict:
     is represented by source.json alone: re-hashing 16 GB of weights in every job would cost
     minutes, and `d2lora.verify` checks the weights against source.json separately.
     """
-    from d2lora.io import sha256_file, sha256_tree
 
     path = Path(path)
     if path.is_file():
@@ -272,9 +273,6 @@ def build_manifest(
 ) -> dict:
     """The manifest of one result. `outputs` names files in output_dir (all of its files when None:
     the whole folder is the result, and verify also reports files the manifest does not list)."""
-    import datetime
-
-    from d2lora.io import sha256_file
 
     output_dir = Path(output_dir)
     if outputs is None:

@@ -14,6 +14,8 @@ import sys
 import traceback
 from pathlib import Path
 
+from d2lora.provenance import CONFIG_SHA_ENV, SECRET_ENVS_VAR, config_sha256, secret_values
+
 
 @contextlib.contextmanager
 def job(snakemake):
@@ -47,8 +49,6 @@ def job(snakemake):
 
 
 def _export_provenance_settings(config) -> None:
-    from d2lora.provenance import CONFIG_SHA_ENV, SECRET_ENVS_VAR, config_sha256
-
     if not config:
         return
     os.environ[CONFIG_SHA_ENV] = config_sha256(dict(config))
@@ -62,8 +62,6 @@ class RedactingWriter:
     """A text stream that replaces token values (d2lora.provenance.secret_values) before writing."""
 
     def __init__(self, stream):
-        from d2lora.provenance import secret_values
-
         self._stream = stream
         self._secrets = secret_values()
 

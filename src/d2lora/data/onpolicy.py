@@ -22,6 +22,7 @@ hardware, batch size and library versions gives the same file.
 
 from __future__ import annotations
 
+import json
 import os
 import sys
 import time
@@ -32,7 +33,17 @@ from d2lora.data.formats import to_canonical
 from d2lora.data.mapping import fill_template
 from d2lora.data.sources import load_raw, source_format, source_name, source_origin
 from d2lora.evaluation.answers import answers_match, extract_with_rule
+from d2lora.evaluation.generation import (
+    decode_new_tokens,
+    encode_chat_prompts,
+    left_pad,
+    log_progress,
+    longest_first_batches,
+    model_device,
+    stop_token_ids,
+)
 from d2lora.io import sha256_file, write_json, write_jsonl
+from d2lora.models import load_model, load_tokenizer, resolve_device
 from d2lora.precision import resolve_dtype
 
 ONPOLICY_DEFAULTS = {"samples": 4, "temperature": 0.8, "top_p": 0.95, "max_new_tokens": 384, "batch_size": 64}
@@ -54,6 +65,7 @@ def onpolicy_settings(source_cfg: dict) -> dict:
 
 
 def sampling_config(max_new_tokens: int, temperature: float, top_p: float, eos_ids: list[int], pad_id: int):
+    # transformers: kept out of workflow parsing (the rules import this module)
     from transformers import GenerationConfig
 
     return GenerationConfig(
@@ -70,17 +82,8 @@ def sampling_config(max_new_tokens: int, temperature: float, top_p: float, eos_i
 
 def sample_generate(model, tokenizer, user_prompts: Sequence[str], settings: dict, seed: int) -> list[str]:
     """One sampled completion per prompt (a chat user turn), in the order given."""
+    # torch: kept out of workflow parsing (the rules import this module)
     import torch
-
-    from d2lora.evaluation.generation import (
-        decode_new_tokens,
-        encode_chat_prompts,
-        left_pad,
-        log_progress,
-        longest_first_batches,
-        model_device,
-        stop_token_ids,
-    )
 
     if not user_prompts:
         return []
@@ -160,7 +163,6 @@ def sample_negatives(
     dtype: str | None = "auto",
 ) -> dict:
     """Sample negatives for the `from` source's questions and write the raw pair file + manifest."""
-    from d2lora.models import load_model, load_tokenizer, resolve_device
 
     settings = onpolicy_settings(source_cfg)
     base = dict(source_cfg["from"])
@@ -222,7 +224,6 @@ def _model_record(model_dir) -> dict | None:
     path = Path(model_dir) / "source.json"
     if not path.is_file():
         return None
-    import json
 
     return json.loads(path.read_text(encoding="utf-8"))
 

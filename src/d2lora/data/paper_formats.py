@@ -15,7 +15,6 @@ from d2lora.data.mapping import (
 from d2lora.data.schema import MESSAGE_ROLES
 from d2lora.io import DataFileError
 
-
 #
 # Field names are those of each dataset's card (docs/datasets.md cites them); every mapper is unit
 # tested on hand-made rows in that schema (tests/test_real_data.py).

@@ -14,8 +14,8 @@ import random
 from pathlib import Path
 
 from d2lora.data import synthetic
-from d2lora.data.schema import validate_rows
 from d2lora.data.formats import DROP_RULES, map_rows
+from d2lora.data.schema import validate_rows
 from d2lora.data.sources import load_raw, source_format, source_name, source_origin
 from d2lora.io import DataFileError, read_json, read_jsonl, sha256_file, staged_dir, write_json, write_jsonl
 

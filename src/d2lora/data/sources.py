@@ -15,6 +15,8 @@ A format names the raw schema of a source (d2lora.data.formats maps its rows).
 
 from __future__ import annotations
 
+import csv
+import json
 import os
 import random
 from pathlib import Path
@@ -91,6 +93,7 @@ def _load_local(cfg: dict) -> tuple[list[dict], list[str]]:
 
 
 def _load_with_datasets(builder: str, files: list[Path], fmt: str) -> list[dict]:
+    # datasets: kept out of workflow parsing (the rules import this module)
     import datasets
 
     try:
@@ -101,6 +104,7 @@ def _load_with_datasets(builder: str, files: list[Path], fmt: str) -> list[dict]
 
 
 def _load_hub(cfg: dict) -> tuple[list[dict], list[str]]:
+    # datasets: kept out of workflow parsing (the rules import this module)
     import datasets
 
     kwargs = {"split": _require(cfg, "split")}
@@ -185,17 +189,14 @@ def _count_file_rows(path: Path, fmt: str) -> int | None:
         with open(path, encoding="utf-8") as handle:
             return sum(1 for line in handle if line.strip())
     if fmt == "parquet":
+        # pyarrow: kept out of workflow parsing (the rules import this module)
         import pyarrow.parquet as pq
 
         return pq.ParquetFile(path).metadata.num_rows
     if fmt == "csv":
-        import csv
-
         with open(path, encoding="utf-8", newline="") as handle:
             return max(sum(1 for _ in csv.reader(handle)) - 1, 0)  # minus the header
     if fmt == "json":
-        import json
-
         try:
             data = json.loads(path.read_text(encoding="utf-8"))
         except ValueError:

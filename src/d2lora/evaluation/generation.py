@@ -9,6 +9,7 @@ first, so an out-of-memory error shows up at once rather than hours in.
 
 from __future__ import annotations
 
+import copy
 import sys
 import time
 from typing import Sequence
@@ -45,6 +46,7 @@ def left_pad(
 ):
     """Left-padded ids and mask; `width` and `rows` (at least the batch's own) give every batch of a
     run one shape: extra rows repeat the last sequence and are dropped by the caller."""
+    # torch: kept out of workflow parsing (the rules import this module)
     import torch
 
     sequences = list(sequences)
@@ -85,6 +87,7 @@ def greedy_config(
     compile: bool = True,
     max_cache_len: int | None = None,
 ):
+    # transformers: kept out of workflow parsing (the rules import this module)
     from transformers import GenerationConfig
 
     if cache not in CACHE_KINDS:
@@ -118,9 +121,11 @@ def _generate_rows_leaving(
     keeps every finished row computing to the end. Rows still running continue from the cache as it
     is (transformers' `generate` feeds only the tokens the cache lacks), so each row's tokens are the
     ones one `generate` call gives. Returns [rows, generated] token ids, pad_id after a row's stop."""
-    import copy
 
+    # torch: kept out of workflow parsing (the rules import this module)
     import torch
+
+    # transformers: kept out of workflow parsing (the rules import this module)
     from transformers import DynamicCache, StaticCache
 
     total = config.max_new_tokens
@@ -197,8 +202,10 @@ def greedy_generate(
     `rows_leave_every` > 0: finished rows leave the batch every that many new tokens (eager only).
     `packed_gqa`: decode with d2lora.evaluation.packed_gqa's attention (no KV head copies when compiled).
     """
+    # torch: kept out of workflow parsing (the rules import this module)
     import torch
 
+    # packed_gqa imports torch and transformers: kept out of workflow parsing (the rules import this module)
     from d2lora.evaluation.packed_gqa import packed_gqa_attention
 
     if rows_leave_every < 0:

@@ -19,10 +19,14 @@ from __future__ import annotations
 import json
 import os
 import re
+from importlib.metadata import version
 from pathlib import Path
+
+import yaml
 
 from d2lora.benchmarks import BENCHMARKS
 from d2lora.evaluation.answers import answers_match, extract_with_rule
+from d2lora.evaluation.math_eval import render_math_prompt
 from d2lora.precision import resolve_dtype
 
 TASK_NAMES = {name: b.lm_eval_task for name, b in BENCHMARKS.items() if b.lm_eval_task}
@@ -80,7 +84,6 @@ def write_task(
 
 def gsm8k_regex(template_dir: str | os.PathLike | None = None) -> str:
     """The regex of the task's filter, read from the template (tests apply it to fixed texts)."""
-    import yaml
 
     # The @...@ placeholders are not YAML; they sit in values that the filter does not need.
     text = template_path("gsm8k", template_dir).read_text(encoding="utf-8").replace("@", "")
@@ -91,6 +94,7 @@ def gsm8k_regex(template_dir: str | os.PathLike | None = None) -> str:
 
 def lm_eval_extract(texts: list[str], template_dir: str | os.PathLike | None = None) -> list[str]:
     """lm-eval's own RegexFilter, configured as in the task, applied to generated texts."""
+    # lm-eval (seconds to import) only for jobs whose engine is lm-eval
     from lm_eval.filters.extraction import RegexFilter
 
     regex_filter = RegexFilter(regex_pattern=gsm8k_regex(template_dir), group_select=0)
@@ -106,7 +110,10 @@ def model_args(model_dir, adapter_dir, dtype: str) -> dict:
 
 def run_simple_evaluate(benchmark: str, task_file: Path, model_dir, adapter_dir, settings: dict, device: str) -> dict:
     """One lm-eval run of one task; returns lm-eval's result dict (with logged samples)."""
+    # lm-eval (seconds to import) only for jobs whose engine is lm-eval
     import lm_eval
+
+    # lm-eval (seconds to import) only for jobs whose engine is lm-eval
     from lm_eval.tasks import TaskManager
 
     task_manager = TaskManager(include_path=str(task_file.parent), include_defaults=False)
@@ -227,8 +234,6 @@ def evaluate_with_lm_eval(
     results = run_simple_evaluate(benchmark, task_file, model_dir, adapter_dir, settings, device)
     samples = _task_samples(results, benchmark, len(rows))
     if benchmark == "gsm8k":
-        from d2lora.evaluation.math_eval import render_math_prompt
-
         prompts = [render_math_prompt(settings["prompt_template"], row["question"]) for row in rows]
         records = gsm8k_records(samples, rows, prompts)
         scores = summarize_gsm8k(records)
@@ -247,6 +252,4 @@ def evaluate_with_lm_eval(
 
 
 def lm_eval_version() -> str:
-    from importlib.metadata import version
-
     return version("lm_eval")

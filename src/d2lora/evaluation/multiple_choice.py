@@ -61,6 +61,7 @@ def build_requests(tokenizer, rows: Sequence[dict]) -> list[tuple[int, int, list
 
 
 def right_pad(sequences: Sequence[Sequence[int]], pad_id: int, device):
+    # torch: kept out of workflow parsing (the rules import this module)
     import torch
 
     width = max(len(seq) for seq in sequences)
@@ -74,6 +75,7 @@ def right_pad(sequences: Sequence[Sequence[int]], pad_id: int, device):
 
 def continuation_logprobs(model, pairs: Sequence[tuple[list[int], list[int]]], pad_id: int) -> list[float]:
     """Sum of log p(continuation token | everything before it) for each (context, continuation)."""
+    # torch: kept out of workflow parsing (the rules import this module)
     import torch
 
     # The last token is never an input: nothing after it is scored.
@@ -98,6 +100,7 @@ def score_requests(model, tokenizer, requests, batch_size: int, partial=None) ->
     `partial` (d2lora.evaluation.partial.PartialResults, optional): batches of an earlier, killed
     run are taken from it; every new batch is recorded in it.
     """
+    # torch: kept out of workflow parsing (the rules import this module)
     import torch
 
     if batch_size < 1:

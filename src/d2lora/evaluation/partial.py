@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from d2lora.io import json_sha256
+from d2lora.provenance import input_record
 
 
 def sidecar_path(predictions_path: str | os.PathLike) -> Path:
@@ -94,7 +95,6 @@ class PartialResults:
 
 def eval_fingerprint(benchmark: str, settings: dict, eval_path, model_dir, adapter_dir, device: str) -> dict:
     """What must match for partial results to be reused: benchmark, settings and every input."""
-    from d2lora.provenance import input_record
 
     return {
         "benchmark": benchmark,

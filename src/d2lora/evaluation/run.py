@@ -8,7 +8,12 @@ import time
 from pathlib import Path
 
 from d2lora.cost import peak_memory_mb, reset_peak_memory, synchronize
+from d2lora.evaluation import lm_eval_backend
+from d2lora.evaluation.lm_eval_backend import SUPPORTED
+from d2lora.evaluation.math_eval import evaluate_math
+from d2lora.evaluation.multiple_choice import evaluate_multiple_choice
 from d2lora.evaluation.partial import PartialResults, eval_fingerprint, sidecar_path
+from d2lora.evaluation.titles_eval import evaluate_titles
 from d2lora.io import read_jsonl, sha256_file, write_json, write_jsonl
 from d2lora.models import load_model, load_tokenizer, resolve_device
 from d2lora.precision import resolve_dtype
@@ -17,8 +22,6 @@ from d2lora.provenance import MANIFEST_NAME, build_manifest, write_manifest
 
 def score_benchmark(benchmark: str, model, tokenizer, rows: list[dict], settings: dict, partial=None):
     if benchmark == "gsm8k":
-        from d2lora.evaluation.math_eval import evaluate_math
-
         return evaluate_math(
             model,
             tokenizer,
@@ -33,14 +36,10 @@ def score_benchmark(benchmark: str, model, tokenizer, rows: list[dict], settings
             packed_gqa=settings.get("packed_gqa", False),
         )
     if benchmark == "titles":
-        from d2lora.evaluation.titles_eval import evaluate_titles
-
         return evaluate_titles(
             model, tokenizer, rows, settings["max_new_tokens"], settings["batch_size"], partial=partial
         )
     if benchmark == "arc_easy":
-        from d2lora.evaluation.multiple_choice import evaluate_multiple_choice
-
         return evaluate_multiple_choice(model, tokenizer, rows, settings["batch_size"], partial=partial)
     raise ValueError(f"unknown benchmark '{benchmark}' (known: gsm8k, titles, arc_easy)")
 
@@ -51,7 +50,6 @@ def engine_for(benchmark: str, settings: dict) -> str:
     lm-eval has tasks for GSM8K and ARC-Easy (workflow/resources/lm_eval/); titles (ROUGE) are
     always scored by our own evaluator.
     """
-    from d2lora.evaluation.lm_eval_backend import SUPPORTED
 
     engine = settings.get("engine", "pipeline")
     if engine not in ("pipeline", "lm_eval"):
@@ -83,8 +81,6 @@ def evaluate_cell(
     reset_peak_memory(device)
     start = time.perf_counter()
     if engine == "lm_eval":
-        from d2lora.evaluation import lm_eval_backend
-
         work_dir = Path(predictions_path).parent / "lm_eval"
         per_example, scores = lm_eval_backend.evaluate_with_lm_eval(
             benchmark, model_dir, adapter_dir, eval_path, rows, settings, work_dir, device

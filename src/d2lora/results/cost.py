@@ -17,6 +17,8 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+import matplotlib
+import matplotlib.pyplot as plt
 import pandas as pd
 
 from d2lora.io import DataFileError, atomic_path, read_json
@@ -125,10 +127,8 @@ def plot_score_vs_cost(
     The x axis is symmetric-log: linear through 0, where a cell that trained nothing (plain LoRA at
     n = 0) really sits, logarithmic above the cheapest trained cell.
     """
-    import matplotlib
 
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
 
     labels = labels or {}
     key = ["task", "method", "init", "n", "seed"]

@@ -22,11 +22,11 @@ import matplotlib
 matplotlib.use("Agg")  # headless cluster nodes; also keeps output independent of $DISPLAY
 
 import matplotlib.pyplot as plt  # noqa: E402
-from matplotlib.patches import Patch  # noqa: E402
 import pandas as pd  # noqa: E402
+from matplotlib.patches import Patch  # noqa: E402
 
-from d2lora.io import atomic_path  # noqa: E402
 from d2lora.benchmarks import METRICS  # noqa: E402
+from d2lora.io import atomic_path  # noqa: E402
 from d2lora.results.labels import init_label  # noqa: E402
 from d2lora.results.metrics import reference_rows, spec_cells  # noqa: E402
 from d2lora.results.statistics import spec_intervals  # noqa: E402

@@ -39,10 +39,13 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Iterable, Mapping, NamedTuple, Sequence
 
 import numpy as np
+import pandas as pd
 
 from d2lora.benchmarks import METRICS
 from d2lora.grid import DEFAULT_BOOTSTRAP_SAMPLES, DEFAULT_CONFIDENCE, DEFAULT_SEED
 from d2lora.io import DataFileError, atomic_path, read_jsonl
+from d2lora.results.labels import init_label
+from d2lora.results.tables import write_table
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -407,7 +410,6 @@ def interval_table(
 ) -> "pd.DataFrame":
     """One row per (task, benchmark, metric, method, init, n): seeds, examples, mean and CI, in
     the metrics table's units. The mean is the mean over seeds of the seed means."""
-    import pandas as pd
 
     rows = []
     for key in sorted(examples):
@@ -438,8 +440,6 @@ def write_intervals(table: "pd.DataFrame", path: str | os.PathLike) -> None:
 
 
 def read_intervals(path: str | os.PathLike) -> "pd.DataFrame":
-    import pandas as pd
-
     table = pd.read_csv(path, sep="\t", dtype={c: str for c in ("task", "benchmark", "metric", "method", "init")})
     missing = [column for column in INTERVAL_COLUMNS if column not in table.columns]
     if missing:
@@ -503,9 +503,6 @@ def significance_table(
     the paired bootstrap's otherwise; the `test` column says which. The difference CI is not
     adjusted.
     """
-    import pandas as pd
-
-    from d2lora.results.labels import init_label
 
     _check_settings(samples, confidence)
     rows = []
@@ -579,7 +576,6 @@ def _p_format(value) -> str:
 
 def write_significance(table: "pd.DataFrame", csv_path: str | os.PathLike, md_path: str | os.PathLike) -> None:
     """CSV and Markdown: means and differences at 2 decimals, p-values at 3 significant digits."""
-    from d2lora.results.tables import write_table
 
     write_table(table, csv_path, md_path, formats={c: _p_format for c in ("p_mcnemar", "p_bootstrap", "p_holm")})
 
@@ -590,7 +586,6 @@ def spec_intervals(intervals: "pd.DataFrame", spec: Mapping) -> "pd.DataFrame":
     The n = 0 row (method 'none') is copied under each of the spec's methods, like the metrics
     (d2lora.results.metrics.expand_base_rows).
     """
-    import pandas as pd
 
     rows = intervals[(intervals["task"] == spec["task"]) & (intervals["metric"] == spec["metric"])]
     base = rows[rows["method"] == "none"]

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import math
 import os
-
 from typing import Callable, Mapping
 
 import pandas as pd

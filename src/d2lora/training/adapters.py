@@ -10,14 +10,16 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from peft import LoraConfig
+
+from d2lora.models import ModelSourceError, require_safetensors_adapter
+
 
 class AdapterError(ValueError):
     """A saved adapter that does not fit the configured LoRA shape or the base model."""
 
 
 def lora_config(lora: dict):
-    from peft import LoraConfig
-
     return LoraConfig(
         r=int(lora["rank"]),
         lora_alpha=float(lora["alpha"]),
@@ -30,7 +32,6 @@ def lora_config(lora: dict):
 
 def check_adapter_matches(adapter_dir: str | Path, lora: dict, base_model_dir: str | Path) -> None:
     """Refuse a warm-up adapter of another rank/alpha, or one trained on another base model."""
-    from d2lora.models import ModelSourceError, require_safetensors_adapter
 
     try:
         require_safetensors_adapter(adapter_dir)

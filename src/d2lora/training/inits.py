@@ -45,9 +45,28 @@ from __future__ import annotations
 import copy
 import json
 import re
+import tempfile
 from pathlib import Path
 
+import torch
+from peft import (
+    EvaConfig,
+    LoraConfig,
+    PeftModel,
+    get_peft_model,
+    get_peft_model_state_dict,
+    initialize_lora_eva_weights,
+    set_peft_model_state_dict,
+)
+from peft.tuners.lora.config import CordaConfig
+from peft.tuners.lora.corda import preprocess_corda
+from peft.tuners.tuners_utils import _maybe_include_all_linear_layers
+from safetensors.torch import load_file, save_file
+from torch.utils.data import DataLoader
+
 from d2lora.data.schema import prompt_messages
+from d2lora.io import write_json
+from d2lora.models import ModelSourceError, require_safetensors_adapter
 from d2lora.training.adapters import AdapterError, check_adapter_config, check_adapter_matches, lora_config
 
 # init name -> peft's init_lora_weights value
@@ -216,7 +235,6 @@ def fresh_adapter(
     Residual inits rewrite `base_model`'s target weights in place (W_res = W - s·B0A0); the
     model then carries A0/B0 (attribute RESIDUAL_ATTR) for `save_adapter`'s conversion.
     """
-    from peft import get_peft_model
 
     variant = normalize_variant(variant)
     if variant["adapter"] != "lora":
@@ -230,16 +248,10 @@ def fresh_adapter(
             raise ValueError(f"init '{name}' needs the tokenizer to encode its calibration texts")
         encoded = _encode(calibration_texts, tokenizer, max_length)
     if name == "eva":
-        from peft import EvaConfig, initialize_lora_eva_weights
-
         config.eva_config = EvaConfig(rho=EVA_RHO)
         model = get_peft_model(base_model, config)
         initialize_lora_eva_weights(model, _eva_dataloader(encoded, tokenizer, batch_size), show_progress_bar=False)
     elif name == "corda":
-        from peft.tuners.lora.config import CordaConfig
-        from peft.tuners.lora.corda import preprocess_corda
-        from peft.tuners.tuners_utils import _maybe_include_all_linear_layers
-
         config.corda_config = CordaConfig(corda_method=CORDA_METHOD)
         # preprocess_corda matches module names itself and does not know the "all-linear" shorthand.
         config = _maybe_include_all_linear_layers(config, base_model)
@@ -262,9 +274,6 @@ def fresh_adapter(
 
 
 def _eva_dataloader(encoded: list[list[int]], tokenizer, batch_size: int):
-    import torch
-    from torch.utils.data import DataLoader
-
     items = [{"input_ids": ids, "attention_mask": [1] * len(ids)} for ids in encoded]
 
     def collate(batch):
@@ -280,8 +289,6 @@ def _eva_dataloader(encoded: list[list[int]], tokenizer, batch_size: int):
 
 
 def _corda_runner(model, encoded: list[list[int]]):
-    import torch
-
     def run_model():
         device = _device_of(model)
         for ids in encoded:  # one row per forward: CorDA's hook expects (tokens, features) per call
@@ -291,8 +298,6 @@ def _corda_runner(model, encoded: list[list[int]]):
 
 
 def _remember_initial(model, name: str) -> None:
-    from peft import get_peft_model_state_dict
-
     config = copy.deepcopy(model.peft_config["default"])
     config.init_lora_weights = True
     setattr(
@@ -325,7 +330,6 @@ def residualize(base_model, initial_state: dict, scaling: float) -> int:
     The same float32 expression as peft's pissa/olora/corda init, so the result is bit-identical
     to the residual base peft built when the init ran. Returns the number of layers changed.
     """
-    import torch
 
     prefix = "base_model.model."
     layers = 0
@@ -360,8 +364,6 @@ def _cpu_state(state: dict) -> dict:
 
 
 def _write_residual_files(config, initial: dict, folder: Path, trained: dict | None = None) -> None:
-    from safetensors.torch import save_file
-
     folder.mkdir(parents=True, exist_ok=True)
     config.save_pretrained(str(folder))
     save_file(initial, str(folder / INITIAL_FILE), metadata={"format": "pt"})
@@ -370,9 +372,6 @@ def _write_residual_files(config, initial: dict, folder: Path, trained: dict | N
 
 
 def _read_residual_files(folder: Path, which: str) -> tuple[dict, object]:
-    from peft import LoraConfig
-    from safetensors.torch import load_file
-
     for name in (CONFIG_FILE, which):
         if not (folder / name).is_file():
             raise AdapterError(f"{folder}: no {name}; the residual base cannot be rebuilt")
@@ -381,7 +380,6 @@ def _read_residual_files(folder: Path, which: str) -> tuple[dict, object]:
 
 def _peft_with_state(base_model, config, state: dict):
     """A trainable PeftModel ("default") of `config` holding exactly the A/B of `state`."""
-    from peft import get_peft_model, set_peft_model_state_dict
 
     config = copy.deepcopy(config)
     config.init_lora_weights = True
@@ -421,11 +419,6 @@ def save_initial_adapter(model, folder: str | Path) -> None:
 def save_adapter(model, out_dir: str | Path, variant: dict) -> None:
     """Write the trained "default" adapter so that plain PeftModel.from_pretrained(ORIGINAL base,
     out_dir) gives the trained function; residual models also get `residual/` to continue from."""
-    import tempfile
-
-    from peft import get_peft_model_state_dict
-
-    from d2lora.io import write_json
 
     out_dir = Path(out_dir)
     residual = getattr(model, RESIDUAL_ATTR, None)
@@ -444,8 +437,6 @@ def save_adapter(model, out_dir: str | Path, variant: dict) -> None:
         # [B | -B0], alpha doubled, for the original base weights.
         initial = Path(scratch) / "initial"
         initial.mkdir()
-        from safetensors.torch import save_file
-
         save_file(residual["state_dict"], str(initial / "adapter_model.safetensors"), metadata={"format": "pt"})
         residual["config"].save_pretrained(str(initial))
         model.save_pretrained(
@@ -486,8 +477,6 @@ def check_warmup_matches(adapter_dir: str | Path, lora: dict, variant: dict, bas
     if record is None:
         check_adapter_matches(adapter_dir, lora, base_model_dir)
     else:
-        from d2lora.models import ModelSourceError, require_safetensors_adapter
-
         try:
             require_safetensors_adapter(adapter_dir)  # the converted top level, which evaluation loads
         except ModelSourceError as err:
@@ -521,7 +510,6 @@ def warm_started_adapter(
 ):
     """A trainable PeftModel whose function is the warm-up's trained function: for residual inits
     on W_res rebuilt from the warm-up's A0/B0, with the warm-up's trained A/B."""
-    from peft import PeftModel
 
     adapter_dir = Path(adapter_dir)
     variant = normalize_variant(variant if variant is not None else BUILTIN_VARIANTS["d2lora"])

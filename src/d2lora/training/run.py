@@ -31,6 +31,10 @@ import tempfile
 import time
 from pathlib import Path
 
+from datasets import Dataset
+from transformers import TrainerCallback
+from transformers import set_seed as hf_set_seed
+
 from d2lora.cost import (
     base_parameter_count,
     parameter_count,
@@ -52,10 +56,11 @@ from d2lora.io import (
     write_json,
     write_text,
 )
-from d2lora.provenance import MANIFEST_NAME, build_manifest, package_versions, write_manifest
 from d2lora.models import load_model, load_tokenizer, resolve_device
 from d2lora.precision import resolve_bf16_flag
+from d2lora.provenance import MANIFEST_NAME, build_manifest, input_record, package_versions, write_manifest
 from d2lora.training import inits
+from d2lora.training.adaptive import DEFAULTS, adapter_report, adaptive_adapter
 from d2lora.training.trainers import build_trainer
 
 PREFERENCE_METHODS = ("dpo", "orpo")
@@ -82,8 +87,6 @@ def conversational(rows: list[dict], method: str) -> list[dict]:
 
 
 def set_seed(seed: int) -> None:
-    from transformers import set_seed as hf_set_seed
-
     hf_set_seed(seed)
 
 
@@ -125,8 +128,6 @@ def latest_checkpoint(ckpt_dir: str | os.PathLike) -> Path | None:
 
 
 def _mark_complete_callback():
-    from transformers import TrainerCallback
-
     class MarkCheckpointComplete(TrainerCallback):
         def on_save(self, args, state, control, **kwargs):
             folder = Path(args.output_dir) / f"checkpoint-{state.global_step}"
@@ -138,7 +139,6 @@ def _mark_complete_callback():
 
 def _fingerprint(record: dict, inputs: dict) -> dict:
     """What must match for a checkpoint to be resumed: the run's settings, inputs and libraries."""
-    from d2lora.provenance import input_record
 
     run = {
         k: record[k]
@@ -233,8 +233,6 @@ def _train_and_save(
     record["model_parameters"] = base_parameter_count(model)
     record["trainable_parameters"] = parameter_count(model, trainable=True)
     if (variant or {}).get("adapter", "lora") != "lora":
-        from d2lora.training.adaptive import adapter_report
-
         record["adapter"] = adapter_report(model)
     variant = variant if variant is not None else record.get("variant") or inits.BUILTIN_VARIANTS["lora"]
     with staged_dir(out_dir) as staging:
@@ -254,8 +252,6 @@ def _train_and_save(
 
 
 def _dataset(rows: list[dict], method: str):
-    from datasets import Dataset
-
     return Dataset.from_list(conversational(rows, method))
 
 
@@ -366,7 +362,6 @@ def _total_steps(rows: int, hp: dict) -> int:
 def _adaptive_adapter(base, lora: dict, variant: dict, total_steps: int, seed: int):
     """AdaLoRA or Dynamic LoRA (d2lora.training.adaptive): the variant's `options` plus, for
     Dynamic LoRA, the run's seed (it draws the A rows of the rank it grants)."""
-    from d2lora.training.adaptive import DEFAULTS, adaptive_adapter
 
     options = dict(variant.get("options") or {})
     if "seed" in DEFAULTS.get(variant["adapter"], {}):

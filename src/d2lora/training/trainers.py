@@ -8,17 +8,19 @@ named "ref" and uses that as the reference policy (the policy as adaptation star
 from __future__ import annotations
 
 import contextlib
+import hashlib
 from typing import Any
 
+import torch
+import trl.trainer.dpo_trainer as dpo_module
+from trl import DPOConfig, DPOTrainer, SFTConfig, SFTTrainer
+
+try:
+    from trl.experimental.orpo import ORPOConfig, ORPOTrainer
+except ImportError:  # older TRL kept ORPO at top level
+    from trl import ORPOConfig, ORPOTrainer
+
 REF_ADAPTER = "ref"
-
-
-def _orpo_classes():
-    try:
-        from trl.experimental.orpo import ORPOConfig, ORPOTrainer
-    except ImportError:  # older TRL kept ORPO at top level
-        from trl import ORPOConfig, ORPOTrainer
-    return ORPOConfig, ORPOTrainer
 
 
 def _common_args(hp: dict, output_dir: str, seed: int, use_cpu: bool, checkpoint_steps: int = 0) -> dict[str, Any]:
@@ -69,8 +71,6 @@ def build_trainer(
     """A TRL trainer for `method` on a PeftModel whose trainable adapter is "default"."""
     args = _common_args(hp, output_dir, seed, use_cpu, checkpoint_steps)
     if method == "sft":
-        from trl import SFTConfig, SFTTrainer
-
         if hp.get("padding_free"):
             # TRL enforces no max_length without packing when padding-free (it would not truncate);
             # check_padding_free_lengths refuses the rows that max_length would have cut instead.
@@ -86,8 +86,6 @@ def build_trainer(
             check_padding_free_lengths(trainer, int(hp.get("max_length", 1024)))
         return trainer
     if method == "dpo":
-        from trl import DPOConfig, DPOTrainer
-
         precompute = bool(hp.get("precompute_reference"))
         if precompute:
             # Same batch size as training, so the precompute pass needs no more memory than a step.
@@ -105,7 +103,6 @@ def build_trainer(
             drop_reference_adapter(trainer.model)
         return trainer
     if method == "orpo":
-        ORPOConfig, ORPOTrainer = _orpo_classes()
         return ORPOTrainer(
             model=model,
             args=ORPOConfig(beta=float(hp["beta"]), **args),
@@ -120,9 +117,6 @@ def module_fingerprint(module) -> str:
     """A cheap, content-based fingerprint of a model: every tensor's name, dtype and shape, the bytes of
     the small trainable ones (the adapters) and the float64 sum and sum of squares of the rest,
     computed where the tensor lives."""
-    import hashlib
-
-    import torch
 
     digest = hashlib.sha256()
     with torch.no_grad():
@@ -146,7 +140,6 @@ def _fast_reference_fingerprint(active: bool):
     if not active:
         yield
         return
-    import trl.trainer.dpo_trainer as dpo_module
 
     original = dpo_module.hash_module
     dpo_module.hash_module = module_fingerprint

@@ -35,6 +35,8 @@ this package without the rest of d2lora.
 
 from __future__ import annotations
 
+from peft import LoraConfig, get_peft_model
+
 from d2lora.training.adaptive import adalora, dynamic
 from d2lora.training.adaptive.base import (
     ADAPTER,
@@ -77,8 +79,6 @@ def adaptive_adapter(base_model, lora: dict, variant: dict, total_steps: int):
     if adapter == "lora":
         if set(variant) - {"adapter"}:
             raise AdaptiveAdapterError(f"variant 'lora' takes no options, got {sorted(set(variant) - {'adapter'})}")
-        from peft import LoraConfig, get_peft_model
-
         config = LoraConfig(
             r=int(lora["rank"]),
             lora_alpha=float(lora["alpha"]),

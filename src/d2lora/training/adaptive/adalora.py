@@ -6,6 +6,7 @@ import copy
 import math
 
 import torch
+from peft import AdaLoraConfig, get_peft_model
 
 from d2lora.training.adaptive.base import (
     ADAPTER,
@@ -34,7 +35,6 @@ def _allow_frozen_adalora_copies(peft_model) -> None:
     """DPOTrainer copies the trainable adapter into a frozen "ref" adapter with the same config
     (`model.add_adapter("ref", model.peft_config["default"])`). AdaLoraModel refuses a second
     adapter whose config is not in inference mode, so the copy is added in inference mode."""
-    from peft import AdaLoraConfig
 
     original = peft_model.add_adapter
 
@@ -80,8 +80,6 @@ class AdaLoRAController(AdaptiveController):
 
     @classmethod
     def build(cls, base_model, lora: dict, options: dict, total_steps: int):
-        from peft import AdaLoraConfig, get_peft_model
-
         r = int(lora["rank"])
         init_r = int(math.ceil(float(options["init_r_factor"]) * r))
         if init_r <= r:

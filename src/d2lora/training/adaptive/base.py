@@ -8,6 +8,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
+from peft.tuners.lora import LoraLayer
+from safetensors.torch import load_file, save_file
 from torch import nn
 
 ADAPTER = "default"
@@ -61,8 +63,6 @@ def module_key(name: str) -> str:
 
 
 def lora_layers(model, adapter: str = ADAPTER) -> list[tuple[str, nn.Module]]:
-    from peft.tuners.lora import LoraLayer
-
     return [
         (module_key(name), module)
         for name, module in model.named_modules()
@@ -93,8 +93,6 @@ def lora_equivalent_parameters(model, rank: int) -> int:
 
 
 def write_state(folder: Path, meta: dict, tensors: dict[str, torch.Tensor]) -> None:
-    from safetensors.torch import save_file
-
     save_file(
         {k: v.detach().to("cpu").clone().contiguous() for k, v in tensors.items()},
         str(folder / f"{STATE_FILE}.safetensors"),
@@ -103,8 +101,6 @@ def write_state(folder: Path, meta: dict, tensors: dict[str, torch.Tensor]) -> N
 
 
 def read_state(folder: Path) -> tuple[dict, dict[str, torch.Tensor]]:
-    from safetensors.torch import load_file
-
     meta_file, tensor_file = folder / f"{STATE_FILE}.json", folder / f"{STATE_FILE}.safetensors"
     if not meta_file.is_file() or not tensor_file.is_file():
         raise RuntimeError(

@@ -7,6 +7,7 @@ import copy
 import math
 
 import torch
+from peft import LoraConfig, get_peft_model
 from torch import nn
 
 from d2lora.training.adaptive.base import (
@@ -66,8 +67,6 @@ class DynamicLoRAController(AdaptiveController):
 
     @classmethod
     def build(cls, base_model, lora: dict, options: dict, total_steps: int):
-        from peft import LoraConfig, get_peft_model
-
         r = int(lora["rank"])
         max_rank = int(math.ceil(float(options["max_rank_factor"]) * r))
         min_rank = int(options["min_rank"])
