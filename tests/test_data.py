@@ -125,10 +125,10 @@ def test_science_answer_position_varies():
 
 
 def test_number_words():
-    assert synthetic.number_words(0) == "zero"
-    assert synthetic.number_words(45) == "forty-five"
-    assert synthetic.number_words(5045) == "five thousand forty-five"
-    assert synthetic.number_words(9999) == "nine thousand nine hundred ninety-nine"
+    assert synthetic.general.number_words(0) == "zero"
+    assert synthetic.general.number_words(45) == "forty-five"
+    assert synthetic.general.number_words(5045) == "five thousand forty-five"
+    assert synthetic.general.number_words(9999) == "nine thousand nine hundred ninety-nine"
 
 
 # ----------------------------------------------------------------------------- mappings
