@@ -12,7 +12,7 @@ from d2lora.data.prepare import ROLE_FORMS
 from d2lora.evaluation.lm_eval_backend import TASK_NAMES, TEMPLATE_DIR
 from d2lora.results.figures import METRIC_LABELS
 from d2lora.results.metrics import BENCHMARK_METRICS
-from d2lora.results.statistics import EXAMPLE_METRICS
+from d2lora.results.per_example import EXAMPLE_METRICS
 
 REPO = Path(__file__).resolve().parents[1]
 SCHEMA = yaml.safe_load((REPO / "workflow" / "schemas" / "config.schema.yaml").read_text())

@@ -32,7 +32,8 @@ from d2lora.results.metrics import (
     spec_cells,
     write_metrics,
 )
-from d2lora.results.statistics import EXAMPLE_METRICS, INTERVAL_COLUMNS
+from d2lora.results.per_example import EXAMPLE_METRICS
+from d2lora.results.significance import INTERVAL_COLUMNS
 from d2lora.results.tables import comparison_table, hyperparameter_table, last_point_alignment, write_table
 
 REFERENCE = Path(__file__).resolve().parents[1] / "workflow" / "resources" / "reference"

@@ -14,24 +14,21 @@ from d2lora.grid import ConfigError
 from d2lora.io import DataFileError
 from d2lora.results.metrics import BENCHMARK_METRICS, collect_metrics
 from d2lora.grid import check_statistics_config, comparison_targets, statistics_settings
-from d2lora.results.statistics import (
+from d2lora.results.statistics import bootstrap_ci, bootstrap_means, holm, mcnemar_exact, mcnemar_test, paired_bootstrap
+from d2lora.results.per_example import (
+    CellKey,
     EXAMPLE_METRICS,
+    cell_examples,
+    load_examples,
+    paired_values,
+    read_predictions,
+)
+from d2lora.results.significance import (
     INTERVAL_COLUMNS,
     SIGNIFICANCE_COLUMNS,
-    CellKey,
-    bootstrap_ci,
-    bootstrap_means,
-    cell_examples,
     check_against_metrics,
-    holm,
     interval_table,
-    load_examples,
-    mcnemar_exact,
-    mcnemar_test,
-    paired_bootstrap,
-    paired_values,
     read_intervals,
-    read_predictions,
     significance_table,
     write_intervals,
     write_significance,

@@ -5,7 +5,12 @@ from d2lora.grid import comparison_targets, statistics_settings  # noqa: E402
 
 FIGURE_CODE = "src/d2lora/results/figures.py"
 TABLE_CODE = "src/d2lora/results/tables.py"
-STATS_CODE = "src/d2lora/results/statistics.py"
+# the methods, the per-example values they read, the tables they write
+STATS_CODE = [
+    "src/d2lora/results/statistics.py",
+    "src/d2lora/results/per_example.py",
+    "src/d2lora/results/significance.py",
+]
 # config `statistics` with defaults
 STATISTICS = statistics_settings(config)
 

@@ -1,6 +1,6 @@
 from d2lora.results.figures import plot_curves
 from d2lora.results.metrics import read_metrics, read_reference
-from d2lora.results.statistics import read_intervals
+from d2lora.results.significance import read_intervals
 from d2lora.runtime import job
 
 with job(snakemake):

@@ -1,5 +1,6 @@
 from d2lora.results.metrics import read_metrics
-from d2lora.results.statistics import check_against_metrics, interval_table, load_examples, write_intervals
+from d2lora.results.per_example import load_examples
+from d2lora.results.significance import check_against_metrics, interval_table, write_intervals
 from d2lora.runtime import job
 
 with job(snakemake):

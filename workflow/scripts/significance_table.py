@@ -1,4 +1,5 @@
-from d2lora.results.statistics import load_examples, significance_table, write_significance
+from d2lora.results.per_example import load_examples
+from d2lora.results.significance import significance_table, write_significance
 from d2lora.runtime import job
 
 with job(snakemake):

@@ -29,7 +29,7 @@ from d2lora.benchmarks import METRICS  # noqa: E402
 from d2lora.io import atomic_path  # noqa: E402
 from d2lora.results.labels import init_label  # noqa: E402
 from d2lora.results.metrics import reference_rows, spec_cells  # noqa: E402
-from d2lora.results.statistics import spec_intervals  # noqa: E402
+from d2lora.results.significance import spec_intervals  # noqa: E402
 
 METRIC_LABELS = {name: metric.label for name, (_, metric) in METRICS.items()}
 METHOD_LABELS = {"sft": "SFT", "dpo": "DPO", "orpo": "ORPO"}
@@ -228,7 +228,7 @@ def plot_curves(
 ) -> None:
     """Metric vs n for the spec's grid: ours solid with markers, the paper's as paper_mode says.
 
-    With `intervals` (d2lora.results.statistics.read_intervals) each of our lines carries a
+    With `intervals` (d2lora.results.significance.read_intervals) each of our lines carries a
     shaded confidence band over evaluation examples (`confidence`: the level it was computed at,
     for the legend). `labels` names the inits (see
     d2lora.results.labels.init_labels); without it lora / d2lora read LoRA / D2LoRA.
