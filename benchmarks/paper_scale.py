@@ -778,7 +778,6 @@ def lever_ratios(levers: dict) -> dict:
 
 def grid_estimate(run: Run) -> dict:
     import yaml
-
     from paper_scale_estimate import estimate
 
     methods = run.summary["methods"]
@@ -869,9 +868,9 @@ def main(argv=None) -> dict:
     args = parse_args(argv)
     began = time.perf_counter()
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    from d2lora.models import resolve_device
-
     from paper_scale_data import prepare_data, tokens_per_row
+
+    from d2lora.models import resolve_device
 
     config = load_config(args.config, args.shape, args.device)
     device = resolve_device(config.get("device", "auto"))

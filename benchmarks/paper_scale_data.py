@@ -17,9 +17,9 @@ import time
 from pathlib import Path
 
 from d2lora import grid
+from d2lora.data.formats import to_canonical
 from d2lora.data.onpolicy import as_local_source, find_negatives, onpolicy_settings
 from d2lora.data.prepare import prepare_role
-from d2lora.data.formats import to_canonical
 from d2lora.data.sources import load_raw, source_name, source_origin
 from d2lora.io import read_jsonl, sha256_file, write_json, write_jsonl
 

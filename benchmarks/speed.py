@@ -26,7 +26,14 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 
-from d2lora.cost import measure_matmul_peak, mfu, parameter_count, peak_memory_mb, reset_peak_memory, synchronize  # noqa: E402
+from d2lora.cost import (  # noqa: E402
+    measure_matmul_peak,
+    mfu,
+    parameter_count,
+    peak_memory_mb,
+    reset_peak_memory,
+    synchronize,
+)
 from d2lora.io import read_jsonl  # noqa: E402
 
 PROMPT = "{question} Please reason step by step, and put your final answer within \\boxed{}."
@@ -95,7 +102,8 @@ def generation_bench(args, device, results):
     if not adapter_dir.exists():
         import torch
 
-        from d2lora.training.inits import BUILTIN_VARIANTS, fresh_adapter
+        from d2lora.training.inits import fresh_adapter
+        from d2lora.training.variants import BUILTIN_VARIANTS
 
         torch.manual_seed(0)
         peft_model = fresh_adapter(
@@ -121,9 +129,10 @@ def training_bench(args, device, results, peak_flops):
 
     from d2lora.cost import sequence_tokens
     from d2lora.models import load_model, load_tokenizer
-    from d2lora.training.inits import BUILTIN_VARIANTS, fresh_adapter
+    from d2lora.training.inits import fresh_adapter
     from d2lora.training.run import conversational, set_seed
     from d2lora.training.trainers import build_trainer
+    from d2lora.training.variants import BUILTIN_VARIANTS
 
     # The reference solutions as SFT targets: what the mini preset's SFT cells train on, near enough
     # for timing (the preset boxes the final answer; the token counts barely differ).

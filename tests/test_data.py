@@ -10,9 +10,9 @@ from pathlib import Path
 import pytest
 
 from d2lora.data import formats, schema, sources, synthetic
+from d2lora.data.formats import to_canonical
 from d2lora.data.prepare import load_prepared, prepare_role, subset
 from d2lora.data.schema import validate_rows
-from d2lora.data.formats import to_canonical
 from d2lora.data.sources import load_raw
 from d2lora.data.synthetic import generate
 from d2lora.io import DataFileError, read_json, read_jsonl

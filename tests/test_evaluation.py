@@ -15,9 +15,12 @@ from d2lora.evaluation import (
     evaluate_titles,
     extract_final_answer,
     extract_with_rule,
+    generation,
     greedy_generate,
+    math_eval,
+    multiple_choice,
+    titles_eval,
 )
-from d2lora.evaluation import generation, math_eval, multiple_choice, titles_eval
 
 PAPER_TEMPLATE = "{question} Please reason step by step, and put your final answer within \\boxed{}."
 
@@ -123,9 +126,8 @@ def varied_model(tokenizer):
     The shared `tiny_model` (tied embeddings, std 0.02) just repeats the last prompt token
     ("\\n") for every prompt, which would make any batching comparison vacuous.
     """
-    from transformers import LlamaConfig, LlamaForCausalLM
-
     from conftest import TINY_ARCH
+    from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(0)
     config = LlamaConfig(
@@ -287,7 +289,8 @@ def test_merged_adapter_matches_the_unmerged_one(tiny_model_dir, tmp_path):
     import torch
 
     from d2lora.models import load_model
-    from d2lora.training.inits import BUILTIN_VARIANTS, fresh_adapter
+    from d2lora.training.inits import fresh_adapter
+    from d2lora.training.variants import BUILTIN_VARIANTS
 
     torch.manual_seed(0)
     peft_model = fresh_adapter(
@@ -408,7 +411,6 @@ def test_bad_math_templates_are_rejected(tokenizer, template, message):
 
 def test_config_math_template_renders_the_paper_prompt():
     import yaml
-
     from conftest import REPO
 
     template = yaml.safe_load((REPO / "config" / "paper.yaml").read_text())["datasets"]["math"]["prompt_template"]

@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from d2lora.io import write_jsonl
-from d2lora.training import inits
+from d2lora.training import inits, variants, warm_start
 from d2lora.training import run as training_run
 from d2lora.training.adapters import AdapterError
 from d2lora.training.run import checkpoint_dir_for, run_adaptation, run_warmup
@@ -106,7 +106,7 @@ def test_an_init_starts_from_the_base_models_function(init, tiny_model_dir, toke
         # The residual base rebuilt from the ORIGINAL weights and A0/B0 is bit-identical to peft's.
         state = getattr(model, inits.RESIDUAL_ATTR)
         rebuilt = load_model(tiny_model_dir)
-        assert inits.residualize(rebuilt, state["state_dict"], inits._scaling(state["config"])) == len(rewritten)
+        assert inits.residualize(rebuilt, state["state_dict"], inits.scaling_of(state["config"])) == len(rewritten)
         rebuilt_params = dict(rebuilt.named_parameters())
         assert all(torch.equal(rebuilt_params[n], w) for n, w in rewritten.items())
     else:
@@ -148,7 +148,7 @@ def test_saved_adapter_loads_on_the_original_base_to_the_trained_function(
     trained = _logits(model, batch)
     assert float((trained - base_logits).abs().max()) > 100 * RELOAD_ATOL, "training must move the function"
     out = tmp_path / "adapter"
-    inits.save_adapter(model, out, _variant(init))
+    warm_start.save_adapter(model, out, _variant(init))
 
     reloaded = PeftModel.from_pretrained(load_model(tiny_model_dir), str(out))  # what evaluation does
     diff = float((_logits(reloaded, batch) - trained).abs().max())
@@ -166,7 +166,7 @@ def test_saved_adapter_loads_on_the_original_base_to_the_trained_function(
         names = {p.name for p in (out / "residual").iterdir()}
         assert names == {"adapter_config.json", "initial.safetensors", "trained.safetensors", "residual.json"}
         assert not list(out.rglob("*/adapter_model.safetensors")), "d2lora.verify would take it for a result"
-        assert inits.residual_record(out)["init_lora_weights"] == init
+        assert warm_start.residual_record(out)["init_lora_weights"] == init
     else:
         assert config["r"] == LORA["rank"] and not (out / "residual").exists()
 
@@ -211,7 +211,7 @@ def test_adaptation_continues_a_pissa_warmup_on_the_same_residual_base(
 
     warm_fn = PeftModel.from_pretrained(load_model(tiny_model_dir), str(pissa_warmup))  # the warm-up's function
     variant = _variant("pissa", warmup=True)
-    started = inits.warm_started_adapter(load_model(tiny_model_dir), pissa_warmup, LORA, variant, tiny_model_dir)
+    started = warm_start.warm_started_adapter(load_model(tiny_model_dir), pissa_warmup, LORA, variant, tiny_model_dir)
     diff = float((_logits(started, batch) - _logits(warm_fn, batch)).abs().max())
     assert float((_logits(warm_fn, batch) - base_logits).abs().max()) > 100 * RELOAD_ATOL, "warm-up moved nothing"
     assert diff <= RELOAD_ATOL
@@ -257,7 +257,7 @@ def test_adaptation_continues_a_pissa_warmup_on_the_same_residual_base(
     assert initial.keys() == adapted_initial.keys() and all(
         torch.equal(initial[k], adapted_initial[k]) for k in initial
     )
-    chained = inits.warm_started_adapter(load_model(tiny_model_dir), out, LORA, variant, tiny_model_dir)
+    chained = warm_start.warm_started_adapter(load_model(tiny_model_dir), out, LORA, variant, tiny_model_dir)
     plain = PeftModel.from_pretrained(load_model(tiny_model_dir), str(out))
     assert float((_logits(chained, batch) - _logits(plain, batch)).abs().max()) <= RELOAD_ATOL
     assert float((_logits(plain, batch) - _logits(warm_fn, batch)).abs().max()) > 100 * RELOAD_ATOL, (
@@ -278,7 +278,7 @@ def test_dpo_reference_copy_does_not_rerun_a_residual_init(pissa_warmup, tiny_mo
     from d2lora.training.run import conversational
     from d2lora.training.trainers import build_trainer
 
-    model = inits.warm_started_adapter(
+    model = warm_start.warm_started_adapter(
         load_model(tiny_model_dir), pissa_warmup, LORA, _variant("pissa", True), tiny_model_dir
     )
     before = _base_weights(model)
@@ -439,15 +439,15 @@ def test_warmup_calibration_reads_the_warmup_rows(tiny_model_dir, train_file, tm
     ],
 )
 def test_a_bad_variant_fails_naming_its_key(variant, message, tiny_model_dir, train_file, tmp_path):
-    with pytest.raises(inits.VariantError, match=message):
-        inits.normalize_variant(variant)
-    with pytest.raises(inits.VariantError, match=message):
+    with pytest.raises(variants.VariantError, match=message):
+        variants.normalize_variant(variant)
+    with pytest.raises(variants.VariantError, match=message):
         run_adaptation(
             tiny_model_dir, train_file, "sft", "x", 2, LORA, HP, tmp_path / "out", seed=0, device="cpu", variant=variant
         )
     assert not list(tmp_path.iterdir())
-    assert inits.normalize_variant(None, "lora") == _variant("default")
-    assert inits.normalize_variant(None, "d2lora") == _variant("default", warmup=True)
+    assert variants.normalize_variant(None, "lora") == _variant("default")
+    assert variants.normalize_variant(None, "d2lora") == _variant("default", warmup=True)
 
 
 def test_adaptive_adapters_dispatch_to_dynamic_lora(tiny_model_dir, train_file, tmp_path, monkeypatch):

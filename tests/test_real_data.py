@@ -14,8 +14,8 @@ import yaml
 
 from d2lora import grid
 from d2lora.data import onpolicy
-from d2lora.data.prepare import load_prepared, prepare_role, subset
 from d2lora.data.formats import to_canonical
+from d2lora.data.prepare import load_prepared, prepare_role, subset
 from d2lora.data.sources import available_rows, load_raw, source_origin
 from d2lora.evaluation.math_eval import render_math_prompt, score_math_output
 from d2lora.io import DataFileError, sha256_file

@@ -10,14 +10,12 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from d2lora.grid import ConfigError
+from d2lora.grid import ConfigError, check_statistics_config, comparison_targets, statistics_settings
 from d2lora.io import DataFileError
 from d2lora.results.metrics import BENCHMARK_METRICS, collect_metrics
-from d2lora.grid import check_statistics_config, comparison_targets, statistics_settings
-from d2lora.results.statistics import bootstrap_ci, bootstrap_means, holm, mcnemar_exact, mcnemar_test, paired_bootstrap
 from d2lora.results.per_example import (
-    CellKey,
     EXAMPLE_METRICS,
+    CellKey,
     cell_examples,
     load_examples,
     paired_values,
@@ -33,6 +31,7 @@ from d2lora.results.significance import (
     write_intervals,
     write_significance,
 )
+from d2lora.results.statistics import bootstrap_ci, bootstrap_means, holm, mcnemar_exact, mcnemar_test, paired_bootstrap
 
 # ---------------------------------------------------------------------------- McNemar
 

@@ -7,10 +7,10 @@ import json
 import pytest
 import torch
 
+from d2lora.io import write_jsonl
 from d2lora.training.adapters import AdapterError, check_adapter_matches
 from d2lora.training.run import conversational, run_adaptation, run_warmup
 from d2lora.training.trainers import build_trainer
-from d2lora.io import write_jsonl
 
 LORA = {"rank": 4, "alpha": 8, "dropout": 0.0, "target_modules": "all-linear"}
 HP = {"learning_rate": 5e-3, "epochs": 1, "scheduler": "cosine", "batch_size": 2, "max_length": 96}
@@ -117,7 +117,7 @@ def _dpo_trainer(tiny_model_dir, warmup_adapter, reference, tmp_path):
     from datasets import Dataset
 
     from d2lora.models import load_model, load_tokenizer
-    from d2lora.training.inits import warm_started_adapter
+    from d2lora.training.warm_start import warm_started_adapter
 
     model = warm_started_adapter(load_model(tiny_model_dir), warmup_adapter, LORA, None, tiny_model_dir)
     dataset = Dataset.from_list(conversational(_pairs(4), "dpo"))

@@ -96,7 +96,7 @@ def test_precomputed_dpo_reference_equals_the_per_step_reference(tiny_model_dir,
     from datasets import Dataset
 
     from d2lora.models import load_model, load_tokenizer
-    from d2lora.training.inits import warm_started_adapter
+    from d2lora.training.warm_start import warm_started_adapter
 
     model = warm_started_adapter(load_model(tiny_model_dir), warmup_adapter, LORA, None, tiny_model_dir)
     dataset = Dataset.from_list(conversational(_rows(6), "dpo"))
@@ -138,7 +138,7 @@ def test_precomputed_dpo_reference_gives_the_same_training(tiny_model_dir, train
 
 
 def test_base_dtype_auto_follows_bf16_autocast_and_keeps_residual_bases_float32(monkeypatch):
-    from d2lora.training.inits import normalize_variant
+    from d2lora.training.variants import normalize_variant
 
     lora = normalize_variant(None, "lora")
     pissa = normalize_variant({"init_lora_weights": "pissa"}, "pissa")
@@ -177,7 +177,7 @@ def test_the_reference_fingerprint_is_cheap_content_based_and_restored(tiny_mode
 
     from d2lora.models import load_model, load_tokenizer
     from d2lora.training import trainers
-    from d2lora.training.inits import warm_started_adapter
+    from d2lora.training.warm_start import warm_started_adapter
 
     seen = []
     original = trainers.module_fingerprint

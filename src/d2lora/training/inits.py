@@ -1,8 +1,5 @@
-"""The init axis: LoRA adapters initialised by peft's own `init_lora_weights` variants.
-
-A variant spec is a dict::
-
-    {"adapter": "lora", "init_lora_weights": "default", "warmup": False, "calibration_rows": 256}
+"""The init axis: LoRA adapters initialised by peft's own `init_lora_weights` variants (the spec that
+names one: d2lora.training.variants; saving and warm starts: d2lora.training.warm_start).
 
 `init_lora_weights` (peft's LoraConfig field; "default" is peft's `True`):
 
@@ -43,16 +40,12 @@ training file is already in its seeded shuffle order), each the text the trainer
 from __future__ import annotations
 
 import copy
-import json
-import re
-import tempfile
 from pathlib import Path
 
 import torch
 from peft import (
     EvaConfig,
     LoraConfig,
-    PeftModel,
     get_peft_model,
     get_peft_model_state_dict,
     initialize_lora_eva_weights,
@@ -65,46 +58,15 @@ from safetensors.torch import load_file, save_file
 from torch.utils.data import DataLoader
 
 from d2lora.data.schema import prompt_messages
-from d2lora.io import write_json
-from d2lora.models import ModelSourceError, require_safetensors_adapter
-from d2lora.training.adapters import AdapterError, check_adapter_config, check_adapter_matches, lora_config
+from d2lora.training.adapters import AdapterError, lora_config
+from d2lora.training.variants import VariantError, is_residual, needs_calibration, normalize_variant, peft_init_value
 
-# init name -> peft's init_lora_weights value
-INITS = {
-    "default": True,
-    "gaussian": "gaussian",
-    "pissa": "pissa",
-    "olora": "olora",
-    "eva": "eva",
-    "corda": "corda",
-}
-PISSA_NITER = re.compile(r"pissa_niter_([1-9][0-9]*)")
-RESIDUAL_INITS = ("pissa", "olora", "corda")  # plus every pissa_niter_K
-DATA_INITS = ("eva", "corda")
-ADAPTERS = ("lora", "adalora", "dynamic")
-DEFAULT_CALIBRATION_ROWS = 256
 EVA_RHO = 1.0  # no rank redistribution: every layer keeps rank r, so only the init differs from LoRA
 # EVA's incremental SVD is checked for convergence after every batch, cycling over the rows until
 # it converges; larger batches converge in fewer forwards (6 rows: batches of 2 took 10 forwards,
 # one batch of 6 took 3). No-grad forwards, so memory is that of inference at this batch size.
 EVA_BATCH_SIZE = 16
 CORDA_METHOD = "ipm"  # instruction-previewed mode: the adapter gets the components the task data uses most
-
-VARIANT_KEYS = ("adapter", "init_lora_weights", "warmup", "calibration_rows")
-BUILTIN_VARIANTS = {
-    "lora": {
-        "adapter": "lora",
-        "init_lora_weights": "default",
-        "warmup": False,
-        "calibration_rows": DEFAULT_CALIBRATION_ROWS,
-    },
-    "d2lora": {
-        "adapter": "lora",
-        "init_lora_weights": "default",
-        "warmup": True,
-        "calibration_rows": DEFAULT_CALIBRATION_ROWS,
-    },
-}
 
 RESIDUAL_DIR = "residual"
 CONFIG_FILE = "adapter_config.json"
@@ -113,69 +75,6 @@ TRAINED_FILE = "trained.safetensors"
 RESIDUAL_RECORD = "residual.json"
 # Set on a PeftModel whose base weights are residual: {"init", "config", "state_dict"} of A0/B0 (CPU).
 RESIDUAL_ATTR = "_d2lora_residual"
-
-
-class VariantError(ValueError):
-    """A variant spec that names an unknown init, adapter or key; the message names the key."""
-
-
-def init_names() -> list[str]:
-    return list(INITS) + ["pissa_niter_<K>"]
-
-
-def _peft_init_value(name: str):
-    if name in INITS:
-        return INITS[name]
-    if PISSA_NITER.fullmatch(str(name)):
-        return name
-    raise VariantError(f"init_lora_weights: unknown init '{name}' (known: {', '.join(init_names())})")
-
-
-def is_residual_init(name: str) -> bool:
-    return name in RESIDUAL_INITS or bool(PISSA_NITER.fullmatch(str(name)))
-
-
-def normalize_variant(variant: dict | None, init: str | None = None) -> dict:
-    """A complete, checked variant spec; None means the built-in variant named `init`."""
-    if variant is None:
-        if init not in BUILTIN_VARIANTS:
-            raise VariantError(
-                f"unknown init '{init}' (built-ins: {', '.join(BUILTIN_VARIANTS)}; any other init "
-                f"needs its variant spec with keys {', '.join(VARIANT_KEYS)})"
-            )
-        return dict(BUILTIN_VARIANTS[init])
-    if not isinstance(variant, dict):
-        raise VariantError(f"variant: expected a mapping with keys {', '.join(VARIANT_KEYS)}, got {variant!r}")
-    adapter = variant.get("adapter", "lora")
-    if adapter not in ADAPTERS:
-        raise VariantError(f"adapter: unknown adapter '{adapter}' (known: {', '.join(ADAPTERS)})")
-    out = dict(variant)
-    out["adapter"] = adapter
-    out["warmup"] = bool(variant.get("warmup", False))
-    if adapter != "lora":
-        # Built by d2lora.training.adaptive, which owns (and checks) its own keys.
-        return out
-    unknown = sorted(set(variant) - set(VARIANT_KEYS))
-    if unknown:
-        raise VariantError(f"{unknown[0]}: unknown key of a lora variant (known: {', '.join(VARIANT_KEYS)})")
-    name = variant.get("init_lora_weights", "default")
-    if name is True:
-        name = "default"
-    _peft_init_value(name)
-    out["init_lora_weights"] = name
-    rows = variant.get("calibration_rows", DEFAULT_CALIBRATION_ROWS)
-    if isinstance(rows, bool) or not isinstance(rows, int) or rows < 1:
-        raise VariantError(f"calibration_rows: expected a positive integer, got {rows!r}")
-    out["calibration_rows"] = rows
-    return out
-
-
-def is_residual(variant: dict) -> bool:
-    return variant.get("adapter", "lora") == "lora" and is_residual_init(variant.get("init_lora_weights", "default"))
-
-
-def needs_calibration(variant: dict) -> bool:
-    return variant.get("adapter", "lora") == "lora" and variant.get("init_lora_weights") in DATA_INITS
 
 
 # ---- calibration data -------------------------------------------------------------------------
@@ -216,7 +115,7 @@ def _device_of(model):
 
 def _config(lora: dict, variant: dict):
     config = lora_config(lora)
-    config.init_lora_weights = _peft_init_value(variant["init_lora_weights"])
+    config.init_lora_weights = peft_init_value(variant["init_lora_weights"])
     return config
 
 
@@ -306,7 +205,7 @@ def _remember_initial(model, name: str) -> None:
         {
             "init": name,
             "config": config,
-            "state_dict": _cpu_state(get_peft_model_state_dict(model, adapter_name="default")),
+            "state_dict": cpu_state(get_peft_model_state_dict(model, adapter_name="default")),
         },
     )
 
@@ -314,7 +213,7 @@ def _remember_initial(model, name: str) -> None:
 # ---- the residual base ------------------------------------------------------------------------
 
 
-def _scaling(config) -> float:
+def scaling_of(config) -> float:
     if (
         getattr(config, "use_rslora", False)
         or getattr(config, "rank_pattern", None)
@@ -359,11 +258,11 @@ def residualize(base_model, initial_state: dict, scaling: float) -> int:
     return layers
 
 
-def _cpu_state(state: dict) -> dict:
+def cpu_state(state: dict) -> dict:
     return {k: v.detach().to("cpu", copy=True).contiguous() for k, v in state.items()}
 
 
-def _write_residual_files(config, initial: dict, folder: Path, trained: dict | None = None) -> None:
+def write_residual_files(config, initial: dict, folder: Path, trained: dict | None = None) -> None:
     folder.mkdir(parents=True, exist_ok=True)
     config.save_pretrained(str(folder))
     save_file(initial, str(folder / INITIAL_FILE), metadata={"format": "pt"})
@@ -371,14 +270,14 @@ def _write_residual_files(config, initial: dict, folder: Path, trained: dict | N
         save_file(trained, str(folder / TRAINED_FILE), metadata={"format": "pt"})
 
 
-def _read_residual_files(folder: Path, which: str) -> tuple[dict, object]:
+def read_residual_files(folder: Path, which: str) -> tuple[dict, object]:
     for name in (CONFIG_FILE, which):
         if not (folder / name).is_file():
             raise AdapterError(f"{folder}: no {name}; the residual base cannot be rebuilt")
     return load_file(str(folder / which)), LoraConfig.from_pretrained(str(folder))
 
 
-def _peft_with_state(base_model, config, state: dict):
+def peft_with_state(base_model, config, state: dict):
     """A trainable PeftModel ("default") of `config` holding exactly the A/B of `state`."""
 
     config = copy.deepcopy(config)
@@ -398,9 +297,9 @@ def _peft_with_state(base_model, config, state: dict):
 def residual_from_initial(base_model, folder: str | Path, name: str):
     """The state right after a residual init, rebuilt from the ORIGINAL base and its saved A0/B0
     (`save_initial_adapter`), for resuming a checkpointed run without running the init again."""
-    initial, config = _read_residual_files(Path(folder), INITIAL_FILE)
-    residualize(base_model, initial, _scaling(config))
-    model = _peft_with_state(base_model, config, initial)
+    initial, config = read_residual_files(Path(folder), INITIAL_FILE)
+    residualize(base_model, initial, scaling_of(config))
+    model = peft_with_state(base_model, config, initial)
     setattr(model, RESIDUAL_ATTR, {"init": name, "config": config, "state_dict": initial})
     return model
 
@@ -410,117 +309,4 @@ def save_initial_adapter(model, folder: str | Path) -> None:
     residual = getattr(model, RESIDUAL_ATTR, None)
     if residual is None:
         raise ValueError("this model's base weights are not residual: it has no initial adapter")
-    _write_residual_files(residual["config"], residual["state_dict"], Path(folder))
-
-
-# ---- saving and warm starts -------------------------------------------------------------------
-
-
-def save_adapter(model, out_dir: str | Path, variant: dict) -> None:
-    """Write the trained "default" adapter so that plain PeftModel.from_pretrained(ORIGINAL base,
-    out_dir) gives the trained function; residual models also get `residual/` to continue from."""
-
-    out_dir = Path(out_dir)
-    residual = getattr(model, RESIDUAL_ATTR, None)
-    if residual is None:
-        if is_residual(normalize_variant(variant)):
-            raise ValueError(
-                f"init '{variant['init_lora_weights']}' rewrote the base weights, but the model carries "
-                "no initial adapter to convert against"
-            )
-        model.save_pretrained(str(out_dir), selected_adapters=["default"], safe_serialization=True)
-        return
-    trained = _cpu_state(get_peft_model_state_dict(model, adapter_name="default"))
-    _write_residual_files(residual["config"], residual["state_dict"], out_dir / RESIDUAL_DIR, trained)
-    with tempfile.TemporaryDirectory() as scratch:
-        # peft's conversion reads the initial adapter from an adapter folder: rank-2r [A | A0],
-        # [B | -B0], alpha doubled, for the original base weights.
-        initial = Path(scratch) / "initial"
-        initial.mkdir()
-        save_file(residual["state_dict"], str(initial / "adapter_model.safetensors"), metadata={"format": "pt"})
-        residual["config"].save_pretrained(str(initial))
-        model.save_pretrained(
-            str(out_dir),
-            selected_adapters=["default"],
-            safe_serialization=True,
-            path_initial_model_for_weight_conversion=str(initial),
-        )
-    write_json(
-        out_dir / RESIDUAL_DIR / RESIDUAL_RECORD,
-        {
-            "init_lora_weights": residual["init"],
-            "scaling": _scaling(residual["config"]),
-            "rank": residual["config"].r,
-            "base": f"W_res = W - scaling * B0 @ A0 in float32, B0/A0 from {INITIAL_FILE}; {TRAINED_FILE} goes on W_res",
-            "top_level": "peft's conversion: rank 2r [A|A0], [B|-B0], alpha doubled, on the original base W",
-        },
-    )
-
-
-def residual_record(adapter_dir: str | Path) -> dict | None:
-    path = Path(adapter_dir) / RESIDUAL_DIR / RESIDUAL_RECORD
-    return json.loads(path.read_text()) if path.is_file() else None
-
-
-def _warmup_variant(adapter_dir: Path) -> dict | None:
-    path = adapter_dir / "training.json"
-    if not path.is_file():
-        return None
-    return json.loads(path.read_text()).get("variant")
-
-
-def check_warmup_matches(adapter_dir: str | Path, lora: dict, variant: dict, base_model_dir: str | Path) -> None:
-    """Refuse a warm-up adapter made with another init (or calibration size), rank, alpha or base model."""
-    adapter_dir = Path(adapter_dir)
-    variant = normalize_variant(variant)
-    record = residual_record(adapter_dir)
-    if record is None:
-        check_adapter_matches(adapter_dir, lora, base_model_dir)
-    else:
-        try:
-            require_safetensors_adapter(adapter_dir)  # the converted top level, which evaluation loads
-        except ModelSourceError as err:
-            raise AdapterError(str(err)) from err
-        residual_cfg = json.loads((adapter_dir / RESIDUAL_DIR / CONFIG_FILE).read_text())
-        check_adapter_config(residual_cfg, adapter_dir / RESIDUAL_DIR, lora, base_model_dir)
-    made_with = _warmup_variant(adapter_dir) or BUILTIN_VARIANTS["d2lora"]
-    want = variant["init_lora_weights"]
-    got = made_with.get("init_lora_weights", "default")
-    if got != want:
-        raise AdapterError(
-            f"{adapter_dir}: the warm-up adapter was initialised with init_lora_weights '{got}'; "
-            f"this variant continues one made with '{want}'"
-        )
-    if want in DATA_INITS and int(made_with.get("calibration_rows", DEFAULT_CALIBRATION_ROWS)) != int(
-        variant["calibration_rows"]
-    ):
-        raise AdapterError(
-            f"{adapter_dir}: the warm-up adapter's {want} init read {made_with.get('calibration_rows')} "
-            f"calibration rows; this variant asks for calibration_rows={variant['calibration_rows']}"
-        )
-    if is_residual_init(want) and record is None:
-        raise AdapterError(
-            f"{adapter_dir}: init '{want}' rewrites the base weights, but the warm-up folder has no "
-            f"{RESIDUAL_DIR}/ to rebuild them from"
-        )
-
-
-def warm_started_adapter(
-    base_model, adapter_dir: str | Path, lora: dict, variant: dict | None, base_model_dir: str | Path
-):
-    """A trainable PeftModel whose function is the warm-up's trained function: for residual inits
-    on W_res rebuilt from the warm-up's A0/B0, with the warm-up's trained A/B."""
-
-    adapter_dir = Path(adapter_dir)
-    variant = normalize_variant(variant if variant is not None else BUILTIN_VARIANTS["d2lora"])
-    check_warmup_matches(adapter_dir, lora, variant, base_model_dir)
-    record = residual_record(adapter_dir)
-    if record is None:
-        return PeftModel.from_pretrained(base_model, str(adapter_dir), is_trainable=True)
-    root = adapter_dir / RESIDUAL_DIR
-    initial, config = _read_residual_files(root, INITIAL_FILE)
-    trained, _ = _read_residual_files(root, TRAINED_FILE)
-    residualize(base_model, initial, _scaling(config))
-    model = _peft_with_state(base_model, config, trained)
-    setattr(model, RESIDUAL_ATTR, {"init": record["init_lora_weights"], "config": config, "state_dict": initial})
-    return model
+    write_residual_files(residual["config"], residual["state_dict"], Path(folder))

@@ -11,7 +11,7 @@ when `run.json` there describes the same run (same data, base model, hyperparame
 device kind and library versions); otherwise the folder is discarded and training starts over.
 The folder is removed once the adapter is in place.
 
-The init variant (d2lora.training.inits: peft's init_lora_weights default, gaussian, PiSSA, OLoRA,
+The init variant (d2lora.training.variants and inits: peft's init_lora_weights default, gaussian, PiSSA, OLoRA,
 EVA, CorDA, with or without the warm-up) is recorded in training.json and in the checkpoint
 fingerprint. Inits that rewrite the base weights (W_res = W - s·B0A0) keep A0/B0 in
 `<checkpoints>/initial_adapter/`, written before the first step: a resumed run rebuilds the same
@@ -59,7 +59,7 @@ from d2lora.io import (
 from d2lora.models import load_model, load_tokenizer, resolve_device
 from d2lora.precision import resolve_bf16_flag
 from d2lora.provenance import MANIFEST_NAME, build_manifest, input_record, package_versions, write_manifest
-from d2lora.training import inits
+from d2lora.training import inits, variants, warm_start
 from d2lora.training.adaptive import DEFAULTS, adapter_report, adaptive_adapter
 from d2lora.training.trainers import build_trainer
 
@@ -234,9 +234,9 @@ def _train_and_save(
     record["trainable_parameters"] = parameter_count(model, trainable=True)
     if (variant or {}).get("adapter", "lora") != "lora":
         record["adapter"] = adapter_report(model)
-    variant = variant if variant is not None else record.get("variant") or inits.BUILTIN_VARIANTS["lora"]
+    variant = variant if variant is not None else record.get("variant") or variants.BUILTIN_VARIANTS["lora"]
     with staged_dir(out_dir) as staging:
-        inits.save_adapter(model, staging, variant)
+        warm_start.save_adapter(model, staging, variant)
         # Relative paths: residual inits also write residual/ (A0/B0, trained A/B, config).
         record["files"] = sha256_tree(staging)
         write_json(staging / "training.json", record)
@@ -370,7 +370,7 @@ def _adaptive_adapter(base, lora: dict, variant: dict, total_steps: int, seed: i
 
 
 def _check_reference(method: str, hp: dict, variant: dict) -> None:
-    if method == "dpo" and hp.get("reference", "initial_policy") == "base" and inits.is_residual(variant):
+    if method == "dpo" and hp.get("reference", "initial_policy") == "base" and variants.is_residual(variant):
         raise ValueError(
             f"training.adapt.dpo.reference: 'base' computes reference log-probs with the adapter disabled, but init "
             f"'{variant['init_lora_weights']}' trains on a residual base (W - s·B0A0), not the original model; "
@@ -388,7 +388,7 @@ def _resolve_precision(hp: dict, device: str, variant: dict) -> tuple[dict, dict
         base_dtype, why = setting, "set in the config"
     elif not precision.bf16:
         base_dtype, why = "float32", "bf16 autocast is off"
-    elif inits.is_residual(variant):
+    elif variants.is_residual(variant):
         base_dtype, why = "float32", f"init '{variant['init_lora_weights']}' rewrites the base weights (W - s*B0A0)"
     else:
         base_dtype, why = "bfloat16", "bf16 autocast casts every base weight to bf16 for its matmul"
@@ -409,9 +409,9 @@ def run_warmup(
 ) -> dict:
     """Phase 1 of D2LoRA: SFT a fresh LoRA adapter (initialised by the variant's init) on prompt + chosen
     of the general set. variant None: the built-in "d2lora" (peft's default init)."""
-    variant = inits.normalize_variant(variant, "d2lora")
+    variant = variants.normalize_variant(variant, "d2lora")
     if variant["adapter"] != "lora":
-        raise inits.VariantError(f"adapter: the warm-up trains a lora adapter, not '{variant['adapter']}'")
+        raise variants.VariantError(f"adapter: the warm-up trains a lora adapter, not '{variant['adapter']}'")
     variant["warmup"] = True
     set_seed(seed)
     device = resolve_device(device)
@@ -455,7 +455,7 @@ def run_warmup(
         inputs,
         checkpoint_steps,
         variant,
-        fresh_residual=inits.is_residual(variant),
+        fresh_residual=variants.is_residual(variant),
     )
 
 
@@ -476,11 +476,11 @@ def run_adaptation(
 ) -> dict:
     """Phase 2: train on the first n task rows, from a fresh adapter or the warm-up adapter.
 
-    `init` names the cell's init (the results path); `variant` is its spec (d2lora.training.inits),
+    `init` names the cell's init (the results path); `variant` is its spec (d2lora.training.variants),
     None for the built-ins "lora" (fresh, peft's default init) and "d2lora" (the default warm-up)."""
     if n <= 0:
         raise ValueError(f"adaptation with n={n}: n = 0 cells train nothing and are evaluated directly")
-    variant = inits.normalize_variant(variant, init)
+    variant = variants.normalize_variant(variant, init)
     set_seed(seed)
     device = resolve_device(device)
     hp, precision = _resolve_precision(hp, device, variant)
@@ -491,13 +491,13 @@ def run_adaptation(
         if warmup_dir is None:
             raise ValueError(f"init '{init}' needs the warm-up adapter")
         if variant["adapter"] != "lora":
-            raise inits.VariantError(
+            raise variants.VariantError(
                 f"adapter: '{variant['adapter']}' cannot continue a warm-up adapter (warmup: true)"
             )
-        inits.check_warmup_matches(warmup_dir, lora, variant, model_dir)
+        warm_start.check_warmup_matches(warmup_dir, lora, variant, model_dir)
     tokenizer = load_tokenizer(model_dir)
     texts, calibration = ([], None) if warm else _calibration(rows, variant, tokenizer, "adapt", hp)
-    if warm and inits.needs_calibration(variant):
+    if warm and variants.needs_calibration(variant):
         calibration = dict(
             read_json(Path(warmup_dir) / "training.json").get("calibration") or {}, from_warmup=str(warmup_dir)
         )
@@ -517,14 +517,14 @@ def run_adaptation(
         "precision": precision,
     }
     if warm:
-        record["residual_base"] = inits.residual_record(warmup_dir)
+        record["residual_base"] = warm_start.residual_record(warmup_dir)
 
     def build_model(initial_dir):
         base = load_model(model_dir, dtype=hp["base_dtype"], device=device)
         if variant["adapter"] != "lora":
             return _adaptive_adapter(base, lora, variant, _total_steps(len(rows), hp), seed)
         if warm:
-            return inits.warm_started_adapter(base, warmup_dir, lora, variant, model_dir), []
+            return warm_start.warm_started_adapter(base, warmup_dir, lora, variant, model_dir), []
         if initial_dir is not None:
             return inits.residual_from_initial(base, initial_dir, variant["init_lora_weights"]), []
         return inits.fresh_adapter(
@@ -546,5 +546,5 @@ def run_adaptation(
         inputs,
         checkpoint_steps,
         variant,
-        fresh_residual=inits.is_residual(variant) and not warm,
+        fresh_residual=variants.is_residual(variant) and not warm,
     )
