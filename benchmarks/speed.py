@@ -126,12 +126,12 @@ def generation_bench(args, device, results):
 
 def training_bench(args, device, results, peak_flops):
     from datasets import Dataset
+    from transformers import set_seed
 
     from d2lora.cost import sequence_tokens
     from d2lora.models import load_model, load_tokenizer
     from d2lora.training.inits import fresh_adapter
-    from d2lora.training.run import conversational, set_seed
-    from d2lora.training.trainers import build_trainer
+    from d2lora.training.trainers import build_trainer, conversational
     from d2lora.training.variants import BUILTIN_VARIANTS
 
     # The reference solutions as SFT targets: what the mini preset's SFT cells train on, near enough

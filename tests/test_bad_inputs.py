@@ -27,7 +27,8 @@ from d2lora.data.prepare import prepare_role, subset
 from d2lora.io import DataFileError, read_jsonl, write_jsonl
 from d2lora.models import ModelSourceError, prepare_base_model, require_safetensors_adapter
 from d2lora.training.adapters import AdapterError, check_adapter_matches
-from d2lora.training.run import conversational, run_adaptation
+from d2lora.training.run import run_adaptation
+from d2lora.training.trainers import conversational
 
 REPO = Path(__file__).resolve().parents[1]
 SCHEMA = str(REPO / "workflow" / "schemas" / "config.schema.yaml")

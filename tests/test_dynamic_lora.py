@@ -15,8 +15,7 @@ import torch
 from d2lora.training import adaptive as dl
 from d2lora.training.adaptive import base as adaptive_base
 from d2lora.training.adaptive.rank_moves import plan_moves
-from d2lora.training.run import conversational
-from d2lora.training.trainers import build_trainer
+from d2lora.training.trainers import build_trainer, conversational
 
 LORA = {"rank": 4, "alpha": 8, "dropout": 0.0, "target_modules": "all-linear"}
 HP = {"learning_rate": 5e-3, "epochs": 1, "scheduler": "constant", "batch_size": 2, "max_length": 96}

@@ -17,7 +17,8 @@ from d2lora.io import write_jsonl
 from d2lora.training import inits, variants, warm_start
 from d2lora.training import run as training_run
 from d2lora.training.adapters import AdapterError
-from d2lora.training.run import checkpoint_dir_for, run_adaptation, run_warmup
+from d2lora.training.checkpoints import INITIAL_ADAPTER_DIR, checkpoint_dir_for
+from d2lora.training.run import run_adaptation, run_warmup
 
 LORA = {"rank": 4, "alpha": 8, "dropout": 0.0, "target_modules": "all-linear"}
 HP = {"learning_rate": 5e-3, "epochs": 1, "scheduler": "cosine", "batch_size": 2, "max_length": 96}
@@ -181,8 +182,7 @@ def pissa_warmup(tiny_model_dir, train_file, tmp_path_factory):
 def _first_batch_loss(model, tokenizer, tmp_path) -> float:
     from datasets import Dataset
 
-    from d2lora.training.run import conversational
-    from d2lora.training.trainers import build_trainer
+    from d2lora.training.trainers import build_trainer, conversational
 
     trainer = build_trainer(
         "sft", model, tokenizer, Dataset.from_list(conversational(_rows(4), "sft")), HP, str(tmp_path), 0, True
@@ -275,8 +275,7 @@ def test_dpo_reference_copy_does_not_rerun_a_residual_init(pissa_warmup, tiny_mo
     from datasets import Dataset
 
     from d2lora.models import load_model
-    from d2lora.training.run import conversational
-    from d2lora.training.trainers import build_trainer
+    from d2lora.training.trainers import build_trainer, conversational
 
     model = warm_start.warm_started_adapter(
         load_model(tiny_model_dir), pissa_warmup, LORA, _variant("pissa", True), tiny_model_dir
@@ -553,7 +552,7 @@ def test_resumed_residual_run_rebuilds_the_same_residual_base(tiny_model_dir, tr
         train(resumed_out)
     monkeypatch.setattr(run_module, "build_trainer", real_build)
     checkpoints = checkpoint_dir_for(resumed_out)
-    assert (checkpoints / run_module.INITIAL_ADAPTER_DIR / inits.INITIAL_FILE).is_file()
+    assert (checkpoints / INITIAL_ADAPTER_DIR / inits.INITIAL_FILE).is_file()
     assert not resumed_out.exists()
     resumed = train(resumed_out)
     assert resumed["resumed_from_step"] == 2 and reference["resumed_from_step"] is None

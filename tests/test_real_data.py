@@ -69,7 +69,7 @@ CONTEXT = [
 
 
 def test_orpo_dpo_mix_gives_multi_turn_prompts_to_the_chat_template_as_messages(tokenizer):
-    from d2lora.training.run import conversational
+    from d2lora.training.trainers import conversational
 
     (row,) = _map([_orpo_row(context=CONTEXT)], "orpo_dpo_mix", "pairs")
     assert row["prompt"] == [*CONTEXT, {"role": "user", "content": "Capital of France?"}]

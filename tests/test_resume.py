@@ -22,7 +22,7 @@ import torch
 
 from d2lora.evaluation.partial import PartialResults
 from d2lora.io import write_jsonl
-from d2lora.training.run import COMPLETE_MARKER, checkpoint_dir_for, latest_checkpoint
+from d2lora.training.checkpoints import COMPLETE_MARKER, checkpoint_dir_for, latest_checkpoint
 
 REPO = Path(__file__).resolve().parents[1]
 ENTRY = REPO / "tests" / "reliability_entry.py"

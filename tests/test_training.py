@@ -9,8 +9,8 @@ import torch
 
 from d2lora.io import write_jsonl
 from d2lora.training.adapters import AdapterError, check_adapter_matches
-from d2lora.training.run import conversational, run_adaptation, run_warmup
-from d2lora.training.trainers import build_trainer
+from d2lora.training.run import run_adaptation, run_warmup
+from d2lora.training.trainers import build_trainer, conversational
 
 LORA = {"rank": 4, "alpha": 8, "dropout": 0.0, "target_modules": "all-linear"}
 HP = {"learning_rate": 5e-3, "epochs": 1, "scheduler": "cosine", "batch_size": 2, "max_length": 96}

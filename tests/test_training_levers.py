@@ -12,8 +12,8 @@ import pytest
 import torch
 
 from d2lora.io import write_jsonl
-from d2lora.training.run import _resolve_precision, conversational, run_adaptation, run_warmup
-from d2lora.training.trainers import build_trainer
+from d2lora.training.run import _resolve_precision, run_adaptation, run_warmup
+from d2lora.training.trainers import build_trainer, conversational
 
 LORA = {"rank": 4, "alpha": 8, "dropout": 0.0, "target_modules": "all-linear"}
 HP = {"learning_rate": 5e-3, "epochs": 2, "scheduler": "constant", "batch_size": 3, "max_length": 160}

@@ -96,6 +96,26 @@ def calibration_texts(rows: list[dict], tokenizer) -> list[str]:
     return texts
 
 
+def calibration_for(
+    rows: list[dict], variant: dict, tokenizer, phase: str, max_length: int
+) -> tuple[list[str], dict | None]:
+    """(texts, record) of the rows an EVA/CorDA init reads; ([], None) for inits that read none."""
+    chosen = calibration_rows(rows, variant)
+    if not chosen:
+        return [], None
+    record = {
+        "phase": phase,
+        "rows": len(chosen),
+        "calibration_rows": variant["calibration_rows"],
+        "ids": [r["id"] for r in chosen],
+        "max_length": max_length,
+        "format": "prompt + chosen through the tokenizer's chat template (user, assistant)",
+    }
+    if variant["init_lora_weights"] == "eva":
+        record["batch_size"] = EVA_BATCH_SIZE
+    return calibration_texts(chosen, tokenizer), record
+
+
 def _encode(texts: list[str], tokenizer, max_length: int) -> list[list[int]]:
     encoded = [
         tokenizer(t, add_special_tokens=False, truncation=True, max_length=int(max_length))["input_ids"] for t in texts

@@ -21,18 +21,11 @@ Trainer loads the checkpoint's A/B on top.
 
 from __future__ import annotations
 
-import contextlib
-import json
 import math
-import os
-import shutil
 import sys
-import tempfile
 import time
 from pathlib import Path
 
-from datasets import Dataset
-from transformers import TrainerCallback
 from transformers import set_seed as hf_set_seed
 
 from d2lora.cost import (
@@ -44,156 +37,28 @@ from d2lora.cost import (
     synchronize,
 )
 from d2lora.data.prepare import subset
-from d2lora.data.schema import prompt_messages
 from d2lora.io import (
-    canonical_json,
-    json_sha256,
     read_json,
     read_jsonl,
     sha256_file,
     sha256_tree,
     staged_dir,
     write_json,
-    write_text,
 )
 from d2lora.models import load_model, load_tokenizer, resolve_device
 from d2lora.precision import resolve_bf16_flag
-from d2lora.provenance import MANIFEST_NAME, build_manifest, input_record, package_versions, write_manifest
+from d2lora.provenance import MANIFEST_NAME, build_manifest, write_manifest
 from d2lora.training import inits, variants, warm_start
 from d2lora.training.adaptive import DEFAULTS, adapter_report, adaptive_adapter
-from d2lora.training.trainers import build_trainer
-
-PREFERENCE_METHODS = ("dpo", "orpo")
-
-
-def conversational(rows: list[dict], method: str) -> list[dict]:
-    """Canonical pairs → TRL's conversational prompt/completion or prompt/chosen/rejected rows."""
-    out = []
-    for row in rows:
-        prompt = prompt_messages(row["prompt"])
-        if method in PREFERENCE_METHODS:
-            if row.get("rejected") is None:
-                raise ValueError(f"row {row['id']}: method '{method}' needs a rejected answer and this row has none")
-            out.append(
-                {
-                    "prompt": prompt,
-                    "chosen": [{"role": "assistant", "content": row["chosen"]}],
-                    "rejected": [{"role": "assistant", "content": row["rejected"]}],
-                }
-            )
-        else:
-            out.append({"prompt": prompt, "completion": [{"role": "assistant", "content": row["chosen"]}]})
-    return out
-
-
-def set_seed(seed: int) -> None:
-    hf_set_seed(seed)
-
-
-CHECKPOINT_SUFFIX = ".checkpoints"
-CHECKPOINT_RUN_FILE = "run.json"
-# Written by a callback after the Trainer has finished writing a checkpoint folder (the Trainer
-# writes in place, trainer_state.json last): a folder without it was cut off mid-write.
-COMPLETE_MARKER = "d2lora_checkpoint_complete"
-# A0/B0 of a fresh residual init (PiSSA, OLoRA, CorDA), kept beside the checkpoints of its run.
-INITIAL_ADAPTER_DIR = "initial_adapter"
-FINGERPRINT_PACKAGES = ("torch", "transformers", "peft", "trl", "accelerate")
-
-
-def checkpoint_dir_for(out_dir: str | os.PathLike) -> Path:
-    out_dir = Path(out_dir)
-    return out_dir.with_name(out_dir.name + CHECKPOINT_SUFFIX)
-
-
-def _checkpoint_step(folder: Path) -> int | None:
-    name = folder.name
-    if not name.startswith("checkpoint-") or not name[len("checkpoint-") :].isdigit():
-        return None
-    return int(name[len("checkpoint-") :])
-
-
-def latest_checkpoint(ckpt_dir: str | os.PathLike) -> Path | None:
-    """The newest complete checkpoint folder; incomplete ones (cut off mid-write) are removed."""
-    ckpt_dir = Path(ckpt_dir)
-    complete = []
-    for folder in sorted(ckpt_dir.glob("checkpoint-*")):
-        step = _checkpoint_step(folder)
-        if step is None or not folder.is_dir():
-            continue
-        if (folder / COMPLETE_MARKER).is_file():
-            complete.append((step, folder))
-        else:
-            shutil.rmtree(folder)
-    return max(complete)[1] if complete else None
-
-
-def _mark_complete_callback():
-    class MarkCheckpointComplete(TrainerCallback):
-        def on_save(self, args, state, control, **kwargs):
-            folder = Path(args.output_dir) / f"checkpoint-{state.global_step}"
-            if folder.is_dir():
-                write_text(folder / COMPLETE_MARKER, f"{state.global_step}\n")
-
-    return MarkCheckpointComplete()
-
-
-def _fingerprint(record: dict, inputs: dict) -> dict:
-    """What must match for a checkpoint to be resumed: the run's settings, inputs and libraries."""
-
-    run = {
-        k: record[k]
-        for k in ("phase", "method", "init", "variant", "n", "seed", "hparams", "lora", "device")
-        if k in record
-    }
-    run["inputs"] = {name: input_record(path) for name, path in sorted(inputs.items()) if path is not None}
-    versions = package_versions(FINGERPRINT_PACKAGES)
-    run["versions"] = {name: versions[name] for name in FINGERPRINT_PACKAGES}
-    return {"sha256": json_sha256(run), "run": json.loads(canonical_json(run))}
-
-
-@contextlib.contextmanager
-def _trainer_dir(out_dir: Path, checkpoint_steps: int, fingerprint: dict):
-    """(Trainer output_dir, checkpoint to resume from or None); the checkpoint folder goes on success."""
-    ckpt_dir = checkpoint_dir_for(out_dir)
-    if checkpoint_steps <= 0:
-        with tempfile.TemporaryDirectory() as scratch:
-            yield scratch, None
-        shutil.rmtree(ckpt_dir, ignore_errors=True)
-        return
-    run_file = ckpt_dir / CHECKPOINT_RUN_FILE
-    if ckpt_dir.exists():
-        try:
-            same = read_json(run_file).get("sha256") == fingerprint["sha256"]
-        except (OSError, ValueError):
-            same = False
-        if not same:
-            print(f"train: discarding {ckpt_dir}: its checkpoints belong to another run", file=sys.stderr)
-            shutil.rmtree(ckpt_dir)
-    ckpt_dir.mkdir(parents=True, exist_ok=True)
-    if not run_file.is_file():
-        write_json(run_file, fingerprint)
-    resume = latest_checkpoint(ckpt_dir)
-    if resume is not None:
-        print(f"train: resuming from {resume}", file=sys.stderr)
-    try:
-        yield str(ckpt_dir), resume
-    except BaseException:
-        # Keep the folder only if it holds work to resume (a refused run leaves nothing behind).
-        if latest_checkpoint(ckpt_dir) is None:
-            shutil.rmtree(ckpt_dir, ignore_errors=True)
-        raise
-    shutil.rmtree(ckpt_dir, ignore_errors=True)
-
-
-def _restore_token_count(trainer, checkpoint: Path) -> None:
-    """TRL's running token count (SFT, DPO) is not in the checkpoint; restart it where it stopped,
-    so the logged `num_tokens` (and `train_tokens`) equal those of an uninterrupted run."""
-    if not hasattr(trainer, "_total_train_tokens"):
-        return
-    history = read_json(checkpoint / "trainer_state.json").get("log_history", [])
-    seen = [entry["num_tokens"] for entry in history if "num_tokens" in entry]
-    if seen:
-        trainer._total_train_tokens = int(seen[-1])
+from d2lora.training.checkpoints import (
+    INITIAL_ADAPTER_DIR,
+    checkpoint_step,
+    mark_complete_callback,
+    restore_token_count,
+    run_fingerprint,
+    trainer_dir,
+)
+from d2lora.training.trainers import build_trainer, trl_dataset
 
 
 def _train_and_save(
@@ -208,9 +73,9 @@ def _train_and_save(
     device = record.get("device", "cpu")
     reset_peak_memory(device)
     start = time.perf_counter()
-    record["resumed_from_step"] = _checkpoint_step(resume_from) if resume_from is not None else None
+    record["resumed_from_step"] = checkpoint_step(resume_from) if resume_from is not None else None
     if resume_from is not None:
-        _restore_token_count(trainer, resume_from)
+        restore_token_count(trainer, resume_from)
     result = trainer.train(resume_from_checkpoint=str(resume_from) if resume_from is not None else None)
     synchronize(device)
     record["train_seconds"] = round(time.perf_counter() - start, 3)
@@ -251,10 +116,6 @@ def _train_and_save(
     return record
 
 
-def _dataset(rows: list[dict], method: str):
-    return Dataset.from_list(conversational(rows, method))
-
-
 def _fit(
     method: str,
     build_model,
@@ -274,13 +135,13 @@ def _fit(
     checkpointed run of a fresh residual init resumes (its saved A0/B0)."""
     checkpoint_steps = int(checkpoint_steps or 0)
     record["checkpoint_steps"] = checkpoint_steps
-    with _trainer_dir(out_dir, checkpoint_steps, _fingerprint(record, inputs)) as (trainer_dir, resume_from):
-        initial_dir = Path(trainer_dir) / INITIAL_ADAPTER_DIR if checkpoint_steps > 0 and fresh_residual else None
+    with trainer_dir(out_dir, checkpoint_steps, run_fingerprint(record, inputs)) as (output_dir, resume_from):
+        initial_dir = Path(output_dir) / INITIAL_ADAPTER_DIR if checkpoint_steps > 0 and fresh_residual else None
         if initial_dir is not None and resume_from is not None:
             if not (initial_dir / inits.INITIAL_FILE).is_file():
                 raise RuntimeError(
                     f"{resume_from}: a checkpoint of a residual init without its {initial_dir}; "
-                    f"delete {Path(trainer_dir)} to start over"
+                    f"delete {Path(output_dir)} to start over"
                 )
             model, extra_callbacks = build_model(initial_dir)
         else:
@@ -291,15 +152,15 @@ def _fit(
         record["base_weights_dtype"] = _frozen_dtype(model)
         # The adaptive adapters' callbacks first: they write their state into a checkpoint before
         # the marker says the checkpoint is complete.
-        callbacks = list(extra_callbacks or []) + ([_mark_complete_callback()] if checkpoint_steps > 0 else [])
+        callbacks = list(extra_callbacks or []) + ([mark_complete_callback()] if checkpoint_steps > 0 else [])
         started = time.perf_counter()
         trainer = build_trainer(
             method,
             model,
             tokenizer,
-            _dataset(rows, method),
+            trl_dataset(rows, method),
             hp,
-            trainer_dir,
+            output_dir,
             seed,
             device == "cpu",
             checkpoint_steps=checkpoint_steps,
@@ -333,24 +194,6 @@ def _check_rows_kept(trainer, rows: list[dict], record: dict, hp: dict) -> None:
     if record["phase"] == "adapt" or kept == 0:
         raise ValueError(f"{message}; the cell would not train on the n rows it names. Raise max_length")
     print(f"train: warning: {message}; warm-up trains on the other {kept}", file=sys.stderr)
-
-
-def _calibration(rows: list[dict], variant: dict, tokenizer, phase: str, hp: dict) -> tuple[list[str], dict | None]:
-    """(texts, record) of the rows an EVA/CorDA init reads; ([], None) for inits that read none."""
-    chosen = inits.calibration_rows(rows, variant)
-    if not chosen:
-        return [], None
-    record = {
-        "phase": phase,
-        "rows": len(chosen),
-        "calibration_rows": variant["calibration_rows"],
-        "ids": [r["id"] for r in chosen],
-        "max_length": int(hp.get("max_length", 1024)),
-        "format": "prompt + chosen through the tokenizer's chat template (user, assistant)",
-    }
-    if variant["init_lora_weights"] == "eva":
-        record["batch_size"] = inits.EVA_BATCH_SIZE
-    return inits.calibration_texts(chosen, tokenizer), record
 
 
 def _total_steps(rows: int, hp: dict) -> int:
@@ -413,12 +256,12 @@ def run_warmup(
     if variant["adapter"] != "lora":
         raise variants.VariantError(f"adapter: the warm-up trains a lora adapter, not '{variant['adapter']}'")
     variant["warmup"] = True
-    set_seed(seed)
+    hf_set_seed(seed)
     device = resolve_device(device)
     hp, precision = _resolve_precision(hp, device, variant)
     rows = read_jsonl(train_path)
     tokenizer = load_tokenizer(model_dir)
-    texts, calibration = _calibration(rows, variant, tokenizer, "warmup", hp)
+    texts, calibration = inits.calibration_for(rows, variant, tokenizer, "warmup", int(hp.get("max_length", 1024)))
     record = {
         "phase": "warmup",
         "method": "sft",
@@ -481,7 +324,7 @@ def run_adaptation(
     if n <= 0:
         raise ValueError(f"adaptation with n={n}: n = 0 cells train nothing and are evaluated directly")
     variant = variants.normalize_variant(variant, init)
-    set_seed(seed)
+    hf_set_seed(seed)
     device = resolve_device(device)
     hp, precision = _resolve_precision(hp, device, variant)
     rows = subset(read_jsonl(train_path), n)
@@ -496,7 +339,11 @@ def run_adaptation(
             )
         warm_start.check_warmup_matches(warmup_dir, lora, variant, model_dir)
     tokenizer = load_tokenizer(model_dir)
-    texts, calibration = ([], None) if warm else _calibration(rows, variant, tokenizer, "adapt", hp)
+    texts, calibration = (
+        ([], None)
+        if warm
+        else inits.calibration_for(rows, variant, tokenizer, "adapt", int(hp.get("max_length", 1024)))
+    )
     if warm and variants.needs_calibration(variant):
         calibration = dict(
             read_json(Path(warmup_dir) / "training.json").get("calibration") or {}, from_warmup=str(warmup_dir)

@@ -13,7 +13,11 @@ from typing import Any
 
 import torch
 import trl.trainer.dpo_trainer as dpo_module
+from datasets import Dataset
 from trl import DPOConfig, DPOTrainer, SFTConfig, SFTTrainer
+
+from d2lora.data.schema import prompt_messages
+from d2lora.grid import PREFERENCE_METHODS
 
 try:
     from trl.experimental.orpo import ORPOConfig, ORPOTrainer
@@ -21,6 +25,30 @@ except ImportError:  # older TRL kept ORPO at top level
     from trl import ORPOConfig, ORPOTrainer
 
 REF_ADAPTER = "ref"
+
+
+def conversational(rows: list[dict], method: str) -> list[dict]:
+    """Canonical pairs → TRL's conversational prompt/completion or prompt/chosen/rejected rows."""
+    out = []
+    for row in rows:
+        prompt = prompt_messages(row["prompt"])
+        if method in PREFERENCE_METHODS:
+            if row.get("rejected") is None:
+                raise ValueError(f"row {row['id']}: method '{method}' needs a rejected answer and this row has none")
+            out.append(
+                {
+                    "prompt": prompt,
+                    "chosen": [{"role": "assistant", "content": row["chosen"]}],
+                    "rejected": [{"role": "assistant", "content": row["rejected"]}],
+                }
+            )
+        else:
+            out.append({"prompt": prompt, "completion": [{"role": "assistant", "content": row["chosen"]}]})
+    return out
+
+
+def trl_dataset(rows: list[dict], method: str) -> Dataset:
+    return Dataset.from_list(conversational(rows, method))
 
 
 def _common_args(hp: dict, output_dir: str, seed: int, use_cpu: bool, checkpoint_steps: int = 0) -> dict[str, Any]:
