@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
 import yaml
 
 from d2lora import grid
@@ -44,3 +45,11 @@ def test_the_readers_derive_their_tables_from_the_catalog():
     assert BENCHMARK_METRICS["titles"]["rougeL"] == ("rougeL", 1.0)  # scores.json already in 0-100
     assert EXAMPLE_METRICS["rougeL"].scale == 100.0 and not EXAMPLE_METRICS["rougeL"].binary  # per example 0-1
     assert EXAMPLE_METRICS["arc_easy_accuracy_norm"].field == "correct_norm"
+
+
+def test_each_benchmark_has_one_evaluator_and_each_evaluator_a_benchmark():
+    from d2lora.evaluation.run import EVALUATORS, score_benchmark
+
+    assert set(EVALUATORS) == set(BENCHMARKS)
+    with pytest.raises(ValueError, match="unknown benchmark 'nope'"):
+        score_benchmark("nope", None, None, [], {})

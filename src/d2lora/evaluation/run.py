@@ -20,28 +20,40 @@ from d2lora.precision import resolve_dtype
 from d2lora.provenance import MANIFEST_NAME, build_manifest, write_manifest
 
 
+def _gsm8k(model, tokenizer, rows: list[dict], settings: dict, partial):
+    return evaluate_math(
+        model,
+        tokenizer,
+        rows,
+        settings["prompt_template"],
+        settings["max_new_tokens"],
+        settings["batch_size"],
+        partial=partial,
+        cache=settings.get("cache", "dynamic"),
+        compile=settings.get("compile", True),
+        rows_leave_every=settings.get("rows_leave_every", 0),
+        packed_gqa=settings.get("packed_gqa", False),
+    )
+
+
+def _titles(model, tokenizer, rows: list[dict], settings: dict, partial):
+    return evaluate_titles(model, tokenizer, rows, settings["max_new_tokens"], settings["batch_size"], partial=partial)
+
+
+def _arc_easy(model, tokenizer, rows: list[dict], settings: dict, partial):
+    return evaluate_multiple_choice(model, tokenizer, rows, settings["batch_size"], partial=partial)
+
+
+# One evaluator per entry of the benchmark catalog (d2lora.benchmarks; tests/test_benchmarks.py checks
+# both name the same benchmarks): (model, tokenizer, eval rows, the evaluate rule's settings, partial
+# results or None) -> (per-example records, summary scores).
+EVALUATORS = {"gsm8k": _gsm8k, "titles": _titles, "arc_easy": _arc_easy}
+
+
 def score_benchmark(benchmark: str, model, tokenizer, rows: list[dict], settings: dict, partial=None):
-    if benchmark == "gsm8k":
-        return evaluate_math(
-            model,
-            tokenizer,
-            rows,
-            settings["prompt_template"],
-            settings["max_new_tokens"],
-            settings["batch_size"],
-            partial=partial,
-            cache=settings.get("cache", "dynamic"),
-            compile=settings.get("compile", True),
-            rows_leave_every=settings.get("rows_leave_every", 0),
-            packed_gqa=settings.get("packed_gqa", False),
-        )
-    if benchmark == "titles":
-        return evaluate_titles(
-            model, tokenizer, rows, settings["max_new_tokens"], settings["batch_size"], partial=partial
-        )
-    if benchmark == "arc_easy":
-        return evaluate_multiple_choice(model, tokenizer, rows, settings["batch_size"], partial=partial)
-    raise ValueError(f"unknown benchmark '{benchmark}' (known: gsm8k, titles, arc_easy)")
+    if benchmark not in EVALUATORS:
+        raise ValueError(f"unknown benchmark '{benchmark}' (known: {', '.join(EVALUATORS)})")
+    return EVALUATORS[benchmark](model, tokenizer, rows, settings, partial)
 
 
 def engine_for(benchmark: str, settings: dict) -> str:
