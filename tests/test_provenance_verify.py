@@ -19,7 +19,7 @@ import pytest
 
 from d2lora.data.prepare import prepare_role
 from d2lora.evaluation.run import evaluate_cell
-from d2lora.provenance import config_sha256, manifest_table
+from d2lora.manifests import config_sha256, manifest_table
 from d2lora.runtime import job
 from d2lora.training.run import run_adaptation
 from d2lora.verify import main as verify_main
@@ -116,7 +116,8 @@ def test_the_token_appears_nowhere(results):
 
 
 def test_manifests_redact_a_token_that_reaches_them(tmp_path, monkeypatch):
-    from d2lora.provenance import SECRET_ENVS_VAR, write_manifest
+    from d2lora.manifests import write_manifest
+    from d2lora.redaction import SECRET_ENVS_VAR
 
     monkeypatch.setenv("HF_TOKEN", FAKE_TOKEN)
     monkeypatch.setenv(SECRET_ENVS_VAR, "MY_HUB_TOKEN")

@@ -570,7 +570,7 @@ def test_hub_sizes_are_checked_when_prepared(monkeypatch, tmp_path):
 
 
 def test_manifest_and_checksum_table_hold_real_file_hashes(tmp_path):
-    from d2lora.provenance import dataset_checksum_table
+    from d2lora.results.provenance_tables import dataset_checksum_table
 
     path = _shared("gsm8k/test.jsonl")
     prepare_role(

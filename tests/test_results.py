@@ -11,15 +11,7 @@ import pytest
 import yaml
 
 from d2lora.io import DataFileError
-from d2lora.provenance import (
-    benchmark_cell,
-    dataset_checksum_table,
-    git_commit,
-    package_versions,
-    run_manifest,
-    runtime_table,
-    write_provenance_bundle,
-)
+from d2lora.provenance import git_commit, package_versions, run_manifest, write_provenance_bundle
 from d2lora.results.figures import fit_limits, line_label, panel_layout, paper_mode, plot_curves
 from d2lora.results.labels import init_label, init_labels
 from d2lora.results.metrics import (
@@ -33,6 +25,7 @@ from d2lora.results.metrics import (
     write_metrics,
 )
 from d2lora.results.per_example import EXAMPLE_METRICS
+from d2lora.results.provenance_tables import benchmark_cell, dataset_checksum_table, runtime_table
 from d2lora.results.significance import INTERVAL_COLUMNS
 from d2lora.results.tables import comparison_table, hyperparameter_table, last_point_alignment, write_table
 

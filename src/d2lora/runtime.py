@@ -2,7 +2,7 @@
 
 It also exports the config's sha256 (recorded in every result manifest) and the name of the
 config's token variable (`hf_token_env`), whose value is then redacted from the log and from
-every manifest (d2lora.provenance.redact).
+every manifest (d2lora.redaction.redact).
 """
 
 from __future__ import annotations
@@ -14,7 +14,8 @@ import sys
 import traceback
 from pathlib import Path
 
-from d2lora.provenance import CONFIG_SHA_ENV, SECRET_ENVS_VAR, config_sha256, secret_values
+from d2lora.manifests import CONFIG_SHA_ENV, config_sha256
+from d2lora.redaction import SECRET_ENVS_VAR, secret_values
 
 
 @contextlib.contextmanager
@@ -59,7 +60,7 @@ def _export_provenance_settings(config) -> None:
 
 
 class RedactingWriter:
-    """A text stream that replaces token values (d2lora.provenance.secret_values) before writing."""
+    """A text stream that replaces token values (d2lora.redaction.secret_values) before writing."""
 
     def __init__(self, stream):
         self._stream = stream

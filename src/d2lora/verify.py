@@ -4,7 +4,7 @@
 
 Checked:
 - every result manifest (`manifest.json` in an adapter folder or beside `scores.json`, written by
-  d2lora.provenance.build_manifest): each output file's sha256; for an adapter folder also files
+  d2lora.manifests.build_manifest): each output file's sha256; for an adapter folder also files
   the manifest does not list; each input's sha256 (an input that changed since makes the result
   stale: it was made from something that no longer exists);
 - the data manifests (`results/data/<role>/manifest.json`: the prepared files), the on-policy
@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from d2lora.io import DataFileError, read_json, sha256_file
-from d2lora.provenance import MANIFEST_NAME
+from d2lora.manifests import MANIFEST_NAME
 
 FAILURES = ("CHANGED", "MISSING", "UNLISTED", "STALE-INPUT", "NO-MANIFEST", "BAD-MANIFEST")
 

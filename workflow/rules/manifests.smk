@@ -1,6 +1,6 @@
 # Provenance of every result: each trained adapter folder and each evaluation cell carries a
 # manifest.json (config hash, input and output sha256, package versions, git commit, host,
-# device; d2lora.provenance.build_manifest). This rule gathers them into one table for the
+# device; d2lora.manifests.build_manifest). This rule gathers them into one table for the
 # report; `python -m d2lora.verify results/` re-hashes the files against them.
 
 

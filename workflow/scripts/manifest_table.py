@@ -1,7 +1,7 @@
 from pathlib import Path
 
 from d2lora.io import write_tsv
-from d2lora.provenance import MANIFEST_NAME, manifest_table
+from d2lora.manifests import MANIFEST_NAME, manifest_table
 from d2lora.runtime import job
 
 with job(snakemake):

@@ -1,7 +1,8 @@
 from pathlib import Path
 
 from d2lora.io import write_tsv
-from d2lora.provenance import dataset_checksum_table, package_versions, runtime_table, write_provenance_bundle
+from d2lora.provenance import package_versions, write_provenance_bundle
+from d2lora.results.provenance_tables import dataset_checksum_table, runtime_table
 from d2lora.runtime import job
 
 with job(snakemake):

@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from d2lora.io import json_sha256
-from d2lora.provenance import input_record
+from d2lora.manifests import input_record
 
 
 def sidecar_path(predictions_path: str | os.PathLike) -> Path:

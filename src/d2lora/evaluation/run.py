@@ -15,9 +15,9 @@ from d2lora.evaluation.multiple_choice import evaluate_multiple_choice
 from d2lora.evaluation.partial import PartialResults, eval_fingerprint, sidecar_path
 from d2lora.evaluation.titles_eval import evaluate_titles
 from d2lora.io import read_jsonl, sha256_file, write_json, write_jsonl
+from d2lora.manifests import MANIFEST_NAME, build_manifest, write_manifest
 from d2lora.models import load_model, load_tokenizer, resolve_device
 from d2lora.precision import resolve_dtype
-from d2lora.provenance import MANIFEST_NAME, build_manifest, write_manifest
 
 
 def _gsm8k(model, tokenizer, rows: list[dict], settings: dict, partial):

@@ -14,7 +14,8 @@ from pathlib import Path
 from transformers import TrainerCallback
 
 from d2lora.io import canonical_json, json_sha256, read_json, write_json, write_text
-from d2lora.provenance import input_record, package_versions
+from d2lora.manifests import input_record
+from d2lora.provenance import package_versions
 
 CHECKPOINT_SUFFIX = ".checkpoints"
 CHECKPOINT_RUN_FILE = "run.json"

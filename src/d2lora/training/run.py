@@ -45,9 +45,9 @@ from d2lora.io import (
     staged_dir,
     write_json,
 )
+from d2lora.manifests import MANIFEST_NAME, build_manifest, write_manifest
 from d2lora.models import load_model, load_tokenizer, resolve_device
 from d2lora.precision import resolve_bf16_flag
-from d2lora.provenance import MANIFEST_NAME, build_manifest, write_manifest
 from d2lora.training import inits, variants, warm_start
 from d2lora.training.adaptive import DEFAULTS, adapter_report, adaptive_adapter
 from d2lora.training.checkpoints import (
