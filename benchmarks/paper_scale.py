@@ -143,6 +143,7 @@ SMALL_MODEL_CONFIG = ROOT / "config" / "mini.yaml"
 GSM8K_LEVERS = ("gsm8k", "gsm8k_small")
 LEVER_EPOCHS = {"sft": 1, "dpo": 2, "orpo": 1}  # DPO: two epochs, so a precomputed reference is reused once
 LEVER_GSM8K_TOKENS = 256
+PROFILE_FIRST_STEP = 1  # the first optimizer step pays one-time costs (allocator growth, kernel choice)
 FITS_GIB = 79.0
 COMMIT_ENV = "D2LORA_GIT_COMMIT"
 TINY_ARCH = {
@@ -278,6 +279,102 @@ def timed(module, name: str, device: str, seconds: list[float]):
         setattr(module, name, original)
 
 
+PROFILE_TOP = 25  # operators kept in the summary (the text table keeps 60)
+
+
+class ProfileSteps:
+    """A Trainer callback that runs torch.profiler over optimizer steps [first, first + steps) and writes
+    the operators by their own device time (CPU time on a CPU) to `out_file`: where a step's time goes."""
+
+    def __init__(self, first: int, steps: int, out_file: Path, device: str):
+        self.first, self.steps, self.out_file, self.device = first, steps, out_file, device
+        self.profiler = None
+        self.result: dict | None = None
+
+    def _sort_key(self) -> str:
+        return "self_device_time_total" if self.device == "cuda" else "self_cpu_time_total"
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        if self.profiler is None and self.result is None and state.global_step == self.first:
+            import torch
+
+            activities = [torch.profiler.ProfilerActivity.CPU]
+            if self.device == "cuda":
+                activities.append(torch.profiler.ProfilerActivity.CUDA)
+            self.profiler = torch.profiler.profile(activities=activities)
+            self.profiler.__enter__()
+            self.started = time.perf_counter()
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if self.profiler is not None and state.global_step >= self.first + self.steps:
+            self._finish(state.global_step - self.first)
+
+    def on_train_end(self, args, state, control, **kwargs):
+        if self.profiler is not None:
+            self._finish(state.global_step - self.first)
+
+    def _finish(self, steps: int) -> None:
+        from d2lora.cost import synchronize
+
+        synchronize(self.device)
+        wall = time.perf_counter() - self.started
+        self.profiler.__exit__(None, None, None)
+        averages = self.profiler.key_averages()
+        key = self._sort_key()
+        self.out_file.write_text(averages.table(sort_by=key, row_limit=60) + "\n")
+        events = sorted(averages, key=lambda e: getattr(e, key), reverse=True)
+        total = sum(getattr(e, key) for e in events) or 1.0
+        self.result = {
+            "steps": steps,
+            "wall_seconds": round(wall, 3),
+            "by": key,
+            "total_self_ms": round(total / 1000, 2),
+            "table": self.out_file.name,
+            "top": [
+                {
+                    "op": e.key,
+                    "self_ms": round(getattr(e, key) / 1000, 2),
+                    "share": round(getattr(e, key) / total, 4),
+                    "calls": e.count,
+                }
+                for e in events[:PROFILE_TOP]
+            ],
+        }
+        self.profiler = None
+
+
+@contextlib.contextmanager
+def profiled_trainer(training_module, callback: ProfileSteps | None):
+    """Hand `callback` to the trainer training_module.build_trainer builds (observing only)."""
+    if callback is None:
+        yield
+        return
+    from transformers import TrainerCallback
+
+    original = training_module.build_trainer
+
+    class Hook(TrainerCallback):
+        def on_step_begin(self, *a, **k):
+            callback.on_step_begin(*a, **k)
+
+        def on_step_end(self, *a, **k):
+            callback.on_step_end(*a, **k)
+
+        def on_train_end(self, *a, **k):
+            callback.on_train_end(*a, **k)
+
+    def build(*args, **kwargs):
+        trainer = original(*args, **kwargs)
+        trainer.add_callback(Hook())
+        return trainer
+
+    training_module.build_trainer = build
+    try:
+        yield
+    finally:
+        training_module.build_trainer = original
+
+
 @contextlib.contextmanager
 def counting_generate(device: str):
     """Record rows, new tokens and seconds of every transformers generate call (observing only)."""
@@ -387,6 +484,7 @@ class Run:
         self.data_dir = self.work / "data"
         self.device = summary["device"]["device"]
         self.levers: dict[str, set] = {}  # lever stages: method -> the levers to run (none named: all)
+        self.profile_steps = 0  # training stages: optimizer steps to profile (0: none)
         self.write()
 
     def write(self) -> None:
@@ -513,8 +611,11 @@ def train_stage(
     )
     lora, checkpoints = cfg["training"]["lora"], int(cfg["training"].get("checkpoint_steps", 0))
     loads: list[float] = []
+    profile = None
+    if run.profile_steps > 0 and not name.endswith("process_warmup"):
+        profile = ProfileSteps(PROFILE_FIRST_STEP, run.profile_steps, run.out / f"profile_{name}.txt", run.device)
     start = time.perf_counter()
-    with timed(training, "load_model", run.device, loads):
+    with timed(training, "load_model", run.device, loads), profiled_trainer(training, profile):
         if stage == "warmup":
             record = training.run_warmup(
                 run.model_dir,
@@ -545,6 +646,8 @@ def train_stage(
     result = method_summary(
         record, time.perf_counter() - start, sum(loads), run.summary["device"]["peak_flops"], reserved_gib(run.device)
     )
+    if profile is not None:
+        result["profile"] = profile.result
     log(
         f"{name}: {result['steps']} steps, {result['tokens_per_second']:.0f} tokens/s, {result['seconds_per_step']:.2f} s/step, "
         f"peak {result['peak_allocated_gib']} GiB allocated / {result['peak_reserved_gib']} reserved"
@@ -842,6 +945,13 @@ def parse_args(argv=None) -> argparse.Namespace:
         "(plain is always run too, so every ratio has its plain run beside it)",
     )
     parser.add_argument(
+        "--profile-steps",
+        type=int,
+        default=0,
+        help=f"profile this many optimizer steps of every training stage (from step {PROFILE_FIRST_STEP}: after the first), "
+        "writing profile_<stage>.txt and the top operators into the summary",
+    )
+    parser.add_argument(
         "--shape",
         choices=["paper", "tiny"],
         default="paper",
@@ -891,6 +1001,7 @@ def main(argv=None) -> dict:
     }
     run = Run(config, args.out.resolve(), summary)
     run.levers = args.levers
+    run.profile_steps = max(0, args.profile_steps)
     log(f"device {summary['device']['name']}: peak {summary['device']['peak_flops'] / 1e12:.1f} TFLOP/s")
     summary["base_model"] = ensure_base_model(run)
     run.write()

@@ -401,3 +401,17 @@ def test_levers_run_each_setting_against_the_plain_path_in_one_process(tmp_path,
     assert summary["small_model"]["parameters"] > 100_000_000
     written = json.loads((tmp_path / "summary.json").read_text())
     assert set(written["levers"]["gsm8k"]) == {"plain", "merged", "broken"}
+
+
+def test_profiled_training_stage_records_where_its_steps_go(tmp_path):
+    """--profile-steps: torch.profiler over optimizer steps after the first of each training stage, a
+    table file beside the summary and its top operators in it (CPU time on the CPU)."""
+    summary = paper_scale.main(
+        ["--shape", "tiny", "--device", "cpu", "--out", str(tmp_path), "--stages", "sft", "--profile-steps", "1"]
+    )
+    profile = summary["methods"]["sft"]["profile"]
+    assert profile["steps"] == 1 and profile["by"] == "self_cpu_time_total" and profile["total_self_ms"] > 0
+    assert profile["top"] and all(op["self_ms"] >= 0 and op["calls"] >= 1 for op in profile["top"])
+    assert sum(op["share"] for op in profile["top"]) <= 1.0 + 1e-6
+    assert any("aten::" in op["op"] for op in profile["top"])
+    assert (tmp_path / profile["table"]).read_text().count("\n") > 10
