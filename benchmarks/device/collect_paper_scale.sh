@@ -14,5 +14,5 @@ tar -czf $OUT/paper_scale_records.tar.gz $RES/summary.json \
    $(ls $RES/work/adapters/*/training.json $RES/work/adapters/*/manifest.json 2>/dev/null) \
    $(ls $RES/work/data/*/manifest.json $RES/work/data/onpolicy/*/*.manifest.json 2>/dev/null) \
    $(ls $RES/work/eval/*/scores.json $RES/work/eval/gsm8k/manifest.json $RES/work/model/small/source.json 2>/dev/null) \
-   $(ls $RES/work/eval/levers_gsm8k_small_*/predictions.jsonl 2>/dev/null) 2>/dev/null
+   $(ls $RES/work/eval/levers_gsm8k_small_*/predictions.jsonl $RES/profile_*.txt 2>/dev/null) 2>/dev/null
 ls -la $OUT

@@ -10,6 +10,6 @@ cd /root/run
 export D2LORA_GIT_COMMIT=$(python3 -c "import tarfile; print(tarfile.open('/root/stash/carry/repo.tar.gz').pax_headers.get('comment', ''))" 2>/dev/null)
 echo "== $(date +%T) paper scale, commit ${D2LORA_GIT_COMMIT:-unknown}, stages ${STAGES:-all}"
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
-python3 benchmarks/paper_scale.py --config config/paper_shape.yaml --out benchmarks/results_paper_scale ${STAGES:+--stages "$STAGES"} ${LEVERS:+--levers "$LEVERS"}
+python3 benchmarks/paper_scale.py --config config/paper_shape.yaml --out benchmarks/results_paper_scale ${STAGES:+--stages "$STAGES"} ${LEVERS:+--levers "$LEVERS"} ${PROFILE_STEPS:+--profile-steps "$PROFILE_STEPS"}
 code=$?
 echo "== $(date +%T) done, exit $code"
