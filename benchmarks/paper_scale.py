@@ -323,12 +323,18 @@ class ProfileSteps:
         key = self._sort_key()
         self.out_file.write_text(averages.table(sort_by=key, row_limit=60) + "\n")
         events = sorted(averages, key=lambda e: getattr(e, key), reverse=True)
-        total = sum(getattr(e, key) for e in events) or 1.0
+        # On a GPU both an operator (aten::mm) and the kernels it launched carry the kernels' time: the
+        # total counts kernels only. CPU self times exclude children, so they add up as they are.
+        from torch.autograd import DeviceType
+
+        counted = [e for e in events if self.device != "cuda" or e.device_type == DeviceType.CUDA]
+        total = sum(getattr(e, key) for e in counted) or 1.0
         self.result = {
             "steps": steps,
             "wall_seconds": round(wall, 3),
             "by": key,
             "total_self_ms": round(total / 1000, 2),
+            "busy_seconds_per_step": round(total / 1e6 / max(steps, 1), 4),
             "table": self.out_file.name,
             "top": [
                 {

@@ -411,6 +411,7 @@ def test_profiled_training_stage_records_where_its_steps_go(tmp_path):
     )
     profile = summary["methods"]["sft"]["profile"]
     assert profile["steps"] == 1 and profile["by"] == "self_cpu_time_total" and profile["total_self_ms"] > 0
+    assert profile["busy_seconds_per_step"] == pytest.approx(profile["total_self_ms"] / 1000, rel=1e-2)
     assert profile["top"] and all(op["self_ms"] >= 0 and op["calls"] >= 1 for op in profile["top"])
     assert sum(op["share"] for op in profile["top"]) <= 1.0 + 1e-6
     assert any("aten::" in op["op"] for op in profile["top"])
