@@ -205,7 +205,6 @@ def _total_steps(rows: int, hp: dict) -> int:
 def _adaptive_adapter(base, lora: dict, variant: dict, total_steps: int, seed: int):
     """AdaLoRA or Dynamic LoRA (d2lora.training.adaptive): the variant's `options` plus, for
     Dynamic LoRA, the run's seed (it draws the A rows of the rank it grants)."""
-
     options = dict(variant.get("options") or {})
     if "seed" in DEFAULTS.get(variant["adapter"], {}):
         options.setdefault("seed", seed)
@@ -261,7 +260,8 @@ def run_warmup(
     hp, precision = _resolve_precision(hp, device, variant)
     rows = read_jsonl(train_path)
     tokenizer = load_tokenizer(model_dir)
-    texts, calibration = inits.calibration_for(rows, variant, tokenizer, "warmup", int(hp.get("max_length", 1024)))
+    max_length = int(hp.get("max_length", 1024))
+    texts, calibration = inits.calibration_for(rows, variant, tokenizer, "warmup", max_length)
     record = {
         "phase": "warmup",
         "method": "sft",
@@ -280,9 +280,7 @@ def run_warmup(
         base = load_model(model_dir, dtype=hp["base_dtype"], device=device)
         if initial_dir is not None:
             return inits.residual_from_initial(base, initial_dir, variant["init_lora_weights"]), []
-        return inits.fresh_adapter(
-            base, lora, variant, texts, tokenizer, max_length=int(hp.get("max_length", 1024))
-        ), []
+        return inits.fresh_adapter(base, lora, variant, texts, tokenizer, max_length=max_length), []
 
     inputs = {"model": model_dir, "train_data": train_path}
     return _fit(
@@ -339,11 +337,8 @@ def run_adaptation(
             )
         warm_start.check_warmup_matches(warmup_dir, lora, variant, model_dir)
     tokenizer = load_tokenizer(model_dir)
-    texts, calibration = (
-        ([], None)
-        if warm
-        else inits.calibration_for(rows, variant, tokenizer, "adapt", int(hp.get("max_length", 1024)))
-    )
+    max_length = int(hp.get("max_length", 1024))
+    texts, calibration = ([], None) if warm else inits.calibration_for(rows, variant, tokenizer, "adapt", max_length)
     if warm and variants.needs_calibration(variant):
         calibration = dict(
             read_json(Path(warmup_dir) / "training.json").get("calibration") or {}, from_warmup=str(warmup_dir)
@@ -374,9 +369,7 @@ def run_adaptation(
             return warm_start.warm_started_adapter(base, warmup_dir, lora, variant, model_dir), []
         if initial_dir is not None:
             return inits.residual_from_initial(base, initial_dir, variant["init_lora_weights"]), []
-        return inits.fresh_adapter(
-            base, lora, variant, texts, tokenizer, max_length=int(hp.get("max_length", 1024))
-        ), []
+        return inits.fresh_adapter(base, lora, variant, texts, tokenizer, max_length=max_length), []
 
     inputs = {"model": model_dir, "train_data": train_path, "warmup_adapter": warmup_dir if warm else None}
     print(f"adapt: {method}/{init} n={n} seed={seed} on {device}", file=sys.stderr)
