@@ -92,7 +92,6 @@ def measure_matmul_peak(device: str = "cuda", size: int = 8192, repeats: int = 1
 
     METHOD.md's way: one large product, three warm-ups, the mean of `repeats` timed ones.
     """
-
     a = torch.randn(size, size, device=device, dtype=torch.bfloat16)
     b = torch.randn(size, size, device=device, dtype=torch.bfloat16)
     for _ in range(3):

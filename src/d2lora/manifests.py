@@ -35,7 +35,6 @@ def input_record(path: str | os.PathLike) -> dict:
     is represented by source.json alone: re-hashing 16 GB of weights in every job would cost
     minutes, and `d2lora.verify` checks the weights against source.json separately.
     """
-
     path = Path(path)
     if path.is_file():
         return {"path": str(path), "sha256": sha256_file(path)}
@@ -54,7 +53,6 @@ def build_manifest(
 ) -> dict:
     """The manifest of one result. `outputs` names files in output_dir (all of its files when None:
     the whole folder is the result, and verify also reports files the manifest does not list)."""
-
     output_dir = Path(output_dir)
     if outputs is None:
         names = sorted(

@@ -163,7 +163,6 @@ def sample_negatives(
     dtype: str | None = "auto",
 ) -> dict:
     """Sample negatives for the `from` source's questions and write the raw pair file + manifest."""
-
     settings = onpolicy_settings(source_cfg)
     base = dict(source_cfg["from"])
     raw, files = load_raw(base, seed)

@@ -95,7 +95,6 @@ class PartialResults:
 
 def eval_fingerprint(benchmark: str, settings: dict, eval_path, model_dir, adapter_dir, device: str) -> dict:
     """What must match for partial results to be reused: benchmark, settings and every input."""
-
     return {
         "benchmark": benchmark,
         "settings": settings,

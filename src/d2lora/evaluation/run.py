@@ -62,7 +62,6 @@ def engine_for(benchmark: str, settings: dict) -> str:
     lm-eval has tasks for GSM8K and ARC-Easy (workflow/resources/lm_eval/); titles (ROUGE) are
     always scored by our own evaluator.
     """
-
     engine = settings.get("engine", "pipeline")
     if engine not in ("pipeline", "lm_eval"):
         raise ValueError(f"evaluation.engine must be 'pipeline' or 'lm_eval', got {engine!r}")

@@ -127,7 +127,6 @@ def plot_score_vs_cost(
     The x axis is symmetric-log: linear through 0, where a cell that trained nothing (plain LoRA at
     n = 0) really sits, logarithmic above the cheapest trained cell.
     """
-
     matplotlib.use("Agg")
 
     labels = labels or {}

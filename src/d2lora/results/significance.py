@@ -65,7 +65,6 @@ def interval_table(
 ) -> "pd.DataFrame":
     """One row per (task, benchmark, metric, method, init, n): seeds, examples, mean and CI, in
     the metrics table's units. The mean is the mean over seeds of the seed means."""
-
     rows = []
     for key in sorted(examples):
         cell = examples[key]
@@ -158,7 +157,6 @@ def significance_table(
     the paired bootstrap's otherwise; the `test` column says which. The difference CI is not
     adjusted.
     """
-
     check_settings(samples, confidence)
     rows = []
     for task, metric in dict.fromkeys((t, m) for t, m in targets):
@@ -231,7 +229,6 @@ def _p_format(value) -> str:
 
 def write_significance(table: "pd.DataFrame", csv_path: str | os.PathLike, md_path: str | os.PathLike) -> None:
     """CSV and Markdown: means and differences at 2 decimals, p-values at 3 significant digits."""
-
     write_table(table, csv_path, md_path, formats={c: _p_format for c in ("p_mcnemar", "p_bootstrap", "p_holm")})
 
 
@@ -241,7 +238,6 @@ def spec_intervals(intervals: "pd.DataFrame", spec: Mapping) -> "pd.DataFrame":
     The n = 0 row (method 'none') is copied under each of the spec's methods, like the metrics
     (d2lora.results.metrics.expand_base_rows).
     """
-
     rows = intervals[(intervals["task"] == spec["task"]) & (intervals["metric"] == spec["metric"])]
     base = rows[rows["method"] == "none"]
     rows = pd.concat([rows[rows["method"] != "none"], *[base.assign(method=m) for m in spec["methods"]]])

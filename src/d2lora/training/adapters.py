@@ -32,7 +32,6 @@ def lora_config(lora: dict):
 
 def check_adapter_matches(adapter_dir: str | Path, lora: dict, base_model_dir: str | Path) -> None:
     """Refuse a warm-up adapter of another rank/alpha, or one trained on another base model."""
-
     try:
         require_safetensors_adapter(adapter_dir)
     except ModelSourceError as err:

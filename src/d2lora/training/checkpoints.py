@@ -66,7 +66,6 @@ def mark_complete_callback():
 
 def run_fingerprint(record: dict, inputs: dict) -> dict:
     """What must match for a checkpoint to be resumed: the run's settings, inputs and libraries."""
-
     run = {
         k: record[k]
         for k in ("phase", "method", "init", "variant", "n", "seed", "hparams", "lora", "device")

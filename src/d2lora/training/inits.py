@@ -154,7 +154,6 @@ def fresh_adapter(
     Residual inits rewrite `base_model`'s target weights in place (W_res = W - s·B0A0); the
     model then carries A0/B0 (attribute RESIDUAL_ATTR) for `save_adapter`'s conversion.
     """
-
     variant = normalize_variant(variant)
     if variant["adapter"] != "lora":
         raise VariantError(f"adapter: '{variant['adapter']}' adapters are built by d2lora.training.adaptive")
@@ -249,7 +248,6 @@ def residualize(base_model, initial_state: dict, scaling: float) -> int:
     The same float32 expression as peft's pissa/olora/corda init, so the result is bit-identical
     to the residual base peft built when the init ran. Returns the number of layers changed.
     """
-
     prefix = "base_model.model."
     layers = 0
     with torch.no_grad():
@@ -299,7 +297,6 @@ def read_residual_files(folder: Path, which: str) -> tuple[dict, object]:
 
 def peft_with_state(base_model, config, state: dict):
     """A trainable PeftModel ("default") of `config` holding exactly the A/B of `state`."""
-
     config = copy.deepcopy(config)
     config.init_lora_weights = True
     config.inference_mode = False

@@ -145,7 +145,6 @@ def module_fingerprint(module) -> str:
     """A cheap, content-based fingerprint of a model: every tensor's name, dtype and shape, the bytes of
     the small trainable ones (the adapters) and the float64 sum and sum of squares of the rest,
     computed where the tensor lives."""
-
     digest = hashlib.sha256()
     with torch.no_grad():
         for name, tensor in sorted(module.state_dict().items()):

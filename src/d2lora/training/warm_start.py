@@ -43,7 +43,6 @@ from d2lora.training.variants import (
 def save_adapter(model, out_dir: str | Path, variant: dict) -> None:
     """Write the trained "default" adapter so that plain PeftModel.from_pretrained(ORIGINAL base,
     out_dir) gives the trained function; residual models also get `residual/` to continue from."""
-
     out_dir = Path(out_dir)
     residual = getattr(model, RESIDUAL_ATTR, None)
     if residual is None:
@@ -134,7 +133,6 @@ def warm_started_adapter(
 ):
     """A trainable PeftModel whose function is the warm-up's trained function: for residual inits
     on W_res rebuilt from the warm-up's A0/B0, with the warm-up's trained A/B."""
-
     adapter_dir = Path(adapter_dir)
     variant = normalize_variant(variant if variant is not None else BUILTIN_VARIANTS["d2lora"])
     check_warmup_matches(adapter_dir, lora, variant, base_model_dir)

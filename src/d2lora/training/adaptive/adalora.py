@@ -35,7 +35,6 @@ def _allow_frozen_adalora_copies(peft_model) -> None:
     """DPOTrainer copies the trainable adapter into a frozen "ref" adapter with the same config
     (`model.add_adapter("ref", model.peft_config["default"])`). AdaLoraModel refuses a second
     adapter whose config is not in inference mode, so the copy is added in inference mode."""
-
     original = peft_model.add_adapter
 
     def add_adapter(adapter_name, peft_config, *args, **kwargs):
