@@ -34,6 +34,9 @@ Definitions (per training method):
 - mfu = 4 x base parameters x tokens / train_seconds / peak, peak the measured bf16 matmul rate
   (d2lora.cost.measure_matmul_peak). 4N: forward 2N plus a frozen base's backward, which computes input
   gradients only (2N); checkpointing's recomputed forward and DPO's reference forward are not counted.
+- steady_seconds_per_step, steady_tokens_per_second, steady_mfu: the same past the first STEADY_AFTER
+  optimizer steps (step-end clock), at the run's mean tokens per step: what compiling the layers or
+  the first steps' one-time costs leave out (unprofiled runs only).
 - peak_allocated_gib: training.json's / scores.json's peak (PyTorch allocated); peak_reserved_gib:
   PyTorch's reserved peak over the same span, what a card must hold. fits_80gb: reserved <= 79 GiB
   (an 80 GB card has 79.6 GiB, less the CUDA context).
@@ -83,6 +86,8 @@ DEFAULT_ORDER = ("warmup", "sft", "gsm8k", "dpo", "orpo")
 # settings run second (2026-12-02, benchmarks/RESULTS.md).
 FLOAT32_BASE = {"base_dtype": "float32"}
 NO_CHECKPOINTING = {"base_dtype": "bfloat16", "gradient_checkpointing": False}
+# The LoRA branch on the base's bf16 activations (d2lora.training.fast_paths); "lora" overrides training.lora.
+UNCAST = {**NO_CHECKPOINTING, "cast_adapter_inputs": False}
 LEVERS = {
     "sft": {
         "plain": FLOAT32_BASE,
@@ -98,6 +103,10 @@ LEVERS = {
         "no_checkpointing_group_by_length": {**NO_CHECKPOINTING, "group_by_length": True},
         "no_checkpointing_batch16x1": {**NO_CHECKPOINTING, "batch_size": 16, "grad_accum": 1},
         "no_checkpointing_batch4x4": {**NO_CHECKPOINTING, "batch_size": 4, "grad_accum": 4},
+        "no_checkpointing_uncast_inputs": UNCAST,
+        "no_checkpointing_uncast_inputs_dropout0": {**UNCAST, "lora": {"dropout": 0.0}},
+        "no_checkpointing_compiled_layers": {**NO_CHECKPOINTING, "compile_layers": True},
+        "no_checkpointing_uncast_inputs_compiled_layers": {**UNCAST, "compile_layers": True},
     },
     # DPO: the presets precompute the reference now, so every DPO lever names its choice.
     "dpo": {
@@ -105,6 +114,7 @@ LEVERS = {
         "bf16_base_no_checkpointing": {**NO_CHECKPOINTING, "precompute_reference": False},
         "no_checkpointing_precompute_reference": {**NO_CHECKPOINTING, "precompute_reference": True},
         "bf16_base_precompute_reference": {"base_dtype": "bfloat16", "precompute_reference": True},
+        "no_checkpointing_precompute_reference_uncast_inputs": {**UNCAST, "precompute_reference": True},
         "no_checkpointing_batch4x4": {
             **NO_CHECKPOINTING,
             "batch_size": 4,
@@ -117,6 +127,7 @@ LEVERS = {
         "bf16_base": {"base_dtype": "bfloat16"},
         "bf16_base_no_checkpointing": NO_CHECKPOINTING,
         "no_checkpointing_batch4x4": {**NO_CHECKPOINTING, "batch_size": 4, "grad_accum": 4},
+        "no_checkpointing_uncast_inputs": UNCAST,
     },
     # GSM8K: 1,319 prompts x 256 new tokens (a random model never stops: every row runs to the limit).
     # The static cache gives every batch one shape, so the compiled step is built once per process.
@@ -143,6 +154,7 @@ SMALL_MODEL_CONFIG = ROOT / "config" / "mini.yaml"
 GSM8K_LEVERS = ("gsm8k", "gsm8k_small")
 LEVER_EPOCHS = {"sft": 1, "dpo": 2, "orpo": 1}  # DPO: two epochs, so a precomputed reference is reused once
 LEVER_GSM8K_TOKENS = 256
+STEADY_AFTER = 3  # steps a steady rate leaves out (summary "steady_*"): compilation lands in the first two
 PROFILE_FIRST_STEP = 1  # the first optimizer step pays one-time costs (allocator growth, kernel choice)
 FITS_GIB = 79.0
 COMMIT_ENV = "D2LORA_GIT_COMMIT"
@@ -349,25 +361,52 @@ class ProfileSteps:
         self.profiler = None
 
 
+class StepClock:
+    """The wall time at the end of every optimizer step, after the device finishes it, so the steady
+    rate past the first STEADY_AFTER steps (compilation, allocator growth, kernel choice) can be told
+    from the whole run's."""
+
+    def __init__(self, device: str):
+        self.device, self.times = device, []
+
+    def on_step_begin(self, *args, **kwargs):
+        pass
+
+    def on_step_end(self, *args, **kwargs):
+        from d2lora.cost import synchronize
+
+        synchronize(self.device)
+        self.times.append(time.perf_counter())
+
+    def on_train_end(self, *args, **kwargs):
+        pass
+
+    def steady_seconds_per_step(self) -> float | None:
+        if len(self.times) < STEADY_AFTER + 2:
+            return None
+        return (self.times[-1] - self.times[STEADY_AFTER - 1]) / (len(self.times) - STEADY_AFTER)
+
+
 @contextlib.contextmanager
-def profiled_trainer(training_module, callback: ProfileSteps | None):
-    """Hand `callback` to the trainer training_module.build_trainer builds (observing only)."""
-    if callback is None:
-        yield
-        return
+def observed_trainer(training_module, observers: list):
+    """Hand every observer (on_step_begin/on_step_end/on_train_end, observing only) to the trainer
+    training_module.build_trainer builds."""
     from transformers import TrainerCallback
 
     original = training_module.build_trainer
 
     class Hook(TrainerCallback):
         def on_step_begin(self, *a, **k):
-            callback.on_step_begin(*a, **k)
+            for observer in observers:
+                observer.on_step_begin(*a, **k)
 
         def on_step_end(self, *a, **k):
-            callback.on_step_end(*a, **k)
+            for observer in observers:
+                observer.on_step_end(*a, **k)
 
         def on_train_end(self, *a, **k):
-            callback.on_train_end(*a, **k)
+            for observer in observers:
+                observer.on_train_end(*a, **k)
 
     def build(*args, **kwargs):
         trainer = original(*args, **kwargs)
@@ -581,6 +620,8 @@ def method_summary(
         "padding_free": bool(hp.get("padding_free", False)),
         "group_by_length": bool(hp.get("group_by_length", False)),
         "precompute_reference": bool(hp.get("precompute_reference", False)),
+        "lora_dropout": float(record["lora"].get("dropout", 0.0)),
+        "fast_paths": record.get("fast_paths"),
         "trainer_setup_seconds": record.get("trainer_setup_seconds"),
         "precision": record["precision"],
         "train_tokens": tokens,
@@ -602,6 +643,18 @@ def method_summary(
     }
 
 
+def steady_rates(result: dict, seconds_per_step: float | None, peak_flops: float | None) -> dict:
+    """Rates past the first STEADY_AFTER steps, at the run's mean tokens per step."""
+    if seconds_per_step is None:
+        return {"steady_seconds_per_step": None}
+    tokens_per_second = result["train_tokens"] / result["steps"] / seconds_per_step
+    return {
+        "steady_seconds_per_step": round(seconds_per_step, 4),
+        "steady_tokens_per_second": round(tokens_per_second, 2),
+        "steady_mfu": 4.0 * result["model_parameters"] * tokens_per_second / peak_flops if peak_flops else None,
+    }
+
+
 def train_stage(
     run: Run, stage: str, overrides: dict | None = None, name: str | None = None, n: int | None = None
 ) -> dict:
@@ -612,16 +665,18 @@ def train_stage(
 
     cfg, seed = run.config, int(run.config["seed"])
     name = name or stage
-    hparams = dict(
-        cfg["training"]["warmup"] if stage == "warmup" else cfg["training"]["adapt"][stage], **(overrides or {})
-    )
-    lora, checkpoints = cfg["training"]["lora"], int(cfg["training"].get("checkpoint_steps", 0))
+    overrides = dict(overrides or {})
+    lora = {**cfg["training"]["lora"], **overrides.pop("lora", {})}
+    hparams = dict(cfg["training"]["warmup"] if stage == "warmup" else cfg["training"]["adapt"][stage], **overrides)
+    checkpoints = int(cfg["training"].get("checkpoint_steps", 0))
     loads: list[float] = []
     profile = None
     if run.profile_steps > 0 and not name.endswith("process_warmup"):
         profile = ProfileSteps(PROFILE_FIRST_STEP, run.profile_steps, run.out / f"profile_{name}.txt", run.device)
+    clock = StepClock(run.device)
     start = time.perf_counter()
-    with timed(training, "load_model", run.device, loads), profiled_trainer(training, profile):
+    observers = [clock] + ([profile] if profile is not None else [])
+    with timed(training, "load_model", run.device, loads), observed_trainer(training, observers):
         if stage == "warmup":
             record = training.run_warmup(
                 run.model_dir,
@@ -654,6 +709,8 @@ def train_stage(
     )
     if profile is not None:
         result["profile"] = profile.result
+    else:  # a profiled step runs several times slower
+        result.update(steady_rates(result, clock.steady_seconds_per_step(), run.summary["device"]["peak_flops"]))
     log(
         f"{name}: {result['steps']} steps, {result['tokens_per_second']:.0f} tokens/s, {result['seconds_per_step']:.2f} s/step, "
         f"peak {result['peak_allocated_gib']} GiB allocated / {result['peak_reserved_gib']} reserved"

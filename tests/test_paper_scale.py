@@ -354,7 +354,10 @@ def test_levers_run_each_setting_against_the_plain_path_in_one_process(tmp_path,
     """A few levers of each kind at the tiny shape: each is recorded with its settings as they took effect
     and its ratio to plain, and a lever that fails is recorded without stopping the next."""
     levers = {
-        "sft": {k: paper_scale.LEVERS["sft"][k] for k in ("plain", "no_checkpointing_padding_free")},
+        "sft": {
+            k: paper_scale.LEVERS["sft"][k]
+            for k in ("plain", "no_checkpointing_padding_free", "no_checkpointing_uncast_inputs_dropout0")
+        },
         "dpo": {k: paper_scale.LEVERS["dpo"][k] for k in ("plain", "no_checkpointing_precompute_reference")},
         "gsm8k": {"plain": {}, "merged": {"merge_adapter": True}, "broken": {"cache": "paged"}},
         "gsm8k_small": {k: paper_scale.LEVERS["gsm8k_small"][k] for k in ("plain", "static_cache_eager")},
@@ -380,6 +383,13 @@ def test_levers_run_each_setting_against_the_plain_path_in_one_process(tmp_path,
     assert fast["speedup_tokens_per_second"] == pytest.approx(
         fast["tokens_per_second"] / plain["tokens_per_second"], abs=1e-3
     )
+    uncast = sft["no_checkpointing_uncast_inputs_dropout0"]
+    assert uncast["lora_dropout"] == 0.0 and plain["lora_dropout"] == summary["config"]["training"]["lora"]["dropout"]
+    # bf16 autocast is on where the CPU computes bf16 natively; the record says what took effect.
+    taken = uncast["fast_paths"]["cast_adapter_inputs"]
+    assert taken["setting"] is False and (taken["layers"] > 0) == uncast["bf16"]
+    assert plain["fast_paths"]["cast_adapter_inputs"] == {"setting": True, "layers": 0}
+    assert all("steady_seconds_per_step" in run for run in sft.values())
     assert (
         plain["epochs"] == paper_scale.LEVER_EPOCHS["sft"] and dpo["plain"]["epochs"] == paper_scale.LEVER_EPOCHS["dpo"]
     )
@@ -416,3 +426,15 @@ def test_profiled_training_stage_records_where_its_steps_go(tmp_path):
     assert sum(op["share"] for op in profile["top"]) <= 1.0 + 1e-6
     assert any("aten::" in op["op"] for op in profile["top"])
     assert (tmp_path / profile["table"]).read_text().count("\n") > 10
+
+
+def test_steady_rates_leave_out_the_first_steps():
+    clock = paper_scale.StepClock("cpu")
+    clock.times = [10.0, 13.0, 14.0, 15.0, 15.5, 16.0]  # compilation in the first steps, then 0.5 s/step
+    assert paper_scale.STEADY_AFTER == 3
+    assert clock.steady_seconds_per_step() == pytest.approx(2.0 / 3)
+    rates = paper_scale.steady_rates({"train_tokens": 600, "steps": 6, "model_parameters": 10}, 0.5, 1e4)
+    assert rates["steady_tokens_per_second"] == 200 and rates["steady_mfu"] == pytest.approx(4 * 10 * 200 / 1e4)
+    clock.times = clock.times[:4]
+    assert clock.steady_seconds_per_step() is None
+    assert paper_scale.steady_rates({}, None, 1e4) == {"steady_seconds_per_step": None}

@@ -203,3 +203,95 @@ def test_the_reference_fingerprint_is_cheap_content_based_and_restored(tiny_mode
     with torch.no_grad():
         base.model.layers[0].mlp.down_proj.weight[0, 0] += 1.0
     assert original(base) != before
+
+
+def _tiny_peft(tiny_model_dir, dtype: str, dropout: float = 0.0):
+    from peft import get_peft_model
+
+    from d2lora.models import load_model
+    from d2lora.training.adapters import lora_config
+
+    torch.manual_seed(0)
+    return get_peft_model(
+        load_model(tiny_model_dir, dtype=dtype, device="cpu"), lora_config(dict(LORA, dropout=dropout))
+    )
+
+
+def test_uncast_adapter_inputs_reach_the_branch_in_bf16(tiny_model_dir):
+    from d2lora.training import fast_paths
+
+    model = _tiny_peft(tiny_model_dir, "bfloat16")
+    seen = []
+    for name, module in model.named_modules():
+        if name.endswith("lora_A.default"):
+            module.register_forward_pre_hook(lambda _module, args: seen.append(args[0].dtype))
+    ids = torch.tensor([[1, 2, 3, 4]])
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        model(input_ids=ids)
+        assert set(seen) == {torch.float32}  # peft's default: a float32 copy for the float32 adapter
+        seen.clear()
+        layers = fast_paths.keep_adapter_inputs(model)
+        model(input_ids=ids)
+    assert set(seen) == {torch.bfloat16} and layers == len(seen) > 0
+
+
+def test_uncast_adapter_inputs_give_the_cast_gradients(tiny_model_dir):
+    from d2lora.training import fast_paths
+
+    ids = torch.tensor([[5, 9, 2, 7, 3, 8]])
+    grads = {}
+    for cast in (True, False):
+        model = _tiny_peft(tiny_model_dir, "bfloat16")
+        for name, param in model.named_parameters():
+            if "lora_B" in name:  # B starts at 0; a nonzero B makes A's gradient nonzero too
+                torch.nn.init.normal_(param, std=0.02, generator=torch.Generator().manual_seed(len(name)))
+        if not cast:
+            fast_paths.keep_adapter_inputs(model)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            model(input_ids=ids, labels=ids).loss.backward()
+        grads[cast] = {name: p.grad.float() for name, p in model.named_parameters() if p.requires_grad}
+    assert grads[True].keys() == grads[False].keys() and len(grads[True]) > 0
+    for name in grads[True]:
+        assert grads[True][name].abs().max() > 0, name
+        torch.testing.assert_close(grads[False][name], grads[True][name], rtol=1e-2, atol=1e-4)
+
+
+def test_uncast_adapter_inputs_train_what_the_cast_trains(tiny_model_dir, train_file, tmp_path):
+    lora = dict(LORA, dropout=0.1)  # dropout runs on the branch's input: in float32 or in bf16
+    records = {}
+    for cast in (True, False):
+        hp = dict(HP, bf16=True, cast_adapter_inputs=cast)
+        records[cast] = run_adaptation(
+            tiny_model_dir, train_file, "sft", "lora", 6, lora, hp, tmp_path / str(cast), seed=0, device="cpu"
+        )
+    assert records[False]["fast_paths"]["cast_adapter_inputs"]["layers"] > 0
+    assert records[True]["fast_paths"]["cast_adapter_inputs"]["layers"] == 0
+    # Adam moves each weight by about lr a step whatever its gradient's size, so weights whose
+    # gradient is near 0 differ by rounding's sign; the losses are what must agree.
+    assert _losses(records[False]) == pytest.approx(_losses(records[True]), rel=1e-3)
+    assert _losses(records[True])[0] != pytest.approx(_losses(records[True])[-1], rel=1e-3)
+
+
+def test_inputs_stay_cast_without_bf16_autocast(tiny_model_dir):
+    from d2lora.training import fast_paths
+
+    model = _tiny_peft(tiny_model_dir, "float32")
+    record = fast_paths.apply(model, {"bf16": False, "cast_adapter_inputs": False, "compile_layers": False})
+    assert record["cast_adapter_inputs"]["layers"] == 0 and "autocast is off" in record["cast_adapter_inputs"]["reason"]
+    assert all(getattr(m, "cast_input_dtype_enabled", True) for m in model.modules())
+
+
+def test_compiled_decoder_layers_compute_what_the_eager_ones_compute(tiny_model_dir):
+    from d2lora.training import fast_paths
+
+    model = _tiny_peft(tiny_model_dir, "float32")
+    ids = torch.tensor([[1, 2, 3, 4, 5]])
+    with torch.no_grad():
+        eager = model(input_ids=ids).logits
+        layers = fast_paths.compile_decoder_layers(model, backend="eager")
+        compiled = model(input_ids=ids).logits
+    assert layers == model.config.num_hidden_layers
+    assert all(layer._compiled_call_impl is not None for layer in fast_paths.decoder_layers(model))
+    torch.testing.assert_close(compiled, eager)
+    with pytest.raises(ValueError, match="compile_layers: the model names no decoder layer"):
+        fast_paths.compile_decoder_layers(torch.nn.Linear(2, 2))

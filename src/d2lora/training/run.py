@@ -48,7 +48,8 @@ from d2lora.io import (
 from d2lora.manifests import MANIFEST_NAME, build_manifest, write_manifest
 from d2lora.models import load_model, load_tokenizer, resolve_device
 from d2lora.precision import resolve_bf16_flag
-from d2lora.training import inits, variants, warm_start
+from d2lora import settings
+from d2lora.training import fast_paths, inits, variants, warm_start
 from d2lora.training.adaptive import DEFAULTS, adapter_report, adaptive_adapter
 from d2lora.training.checkpoints import (
     INITIAL_ADAPTER_DIR,
@@ -150,6 +151,7 @@ def _fit(
                 with staged_dir(initial_dir) as staging:
                     inits.save_initial_adapter(model, staging)
         record["base_weights_dtype"] = _frozen_dtype(model)
+        record["fast_paths"] = fast_paths.apply(model, hp)
         # The adaptive adapters' callbacks first: they write their state into a checkpoint before
         # the marker says the checkpoint is complete.
         callbacks = list(extra_callbacks or []) + ([mark_complete_callback()] if checkpoint_steps > 0 else [])
@@ -222,10 +224,11 @@ def _check_reference(method: str, hp: dict, variant: dict) -> None:
 
 def _resolve_precision(hp: dict, device: str, variant: dict) -> tuple[dict, dict]:
     """The hyperparameters with `bf16` resolved for this device (auto: native bf16 or not) and the
-    frozen base's dtype resolved from it (base_dtype auto), and why."""
-    precision = resolve_bf16_flag(hp.get("bf16"), device)
+    frozen base's dtype resolved from it (base_dtype auto), and why; the schema's defaults filled in."""
+    hp = settings.with_defaults("hparams", hp)
+    precision = resolve_bf16_flag(hp["bf16"], device)
     record = precision.record()
-    setting = hp.get("base_dtype", "auto")
+    setting = hp["base_dtype"]
     if setting != "auto":
         base_dtype, why = setting, "set in the config"
     elif not precision.bf16:
