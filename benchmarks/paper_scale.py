@@ -682,6 +682,11 @@ def train_stage(
     profile = None
     if run.profile_steps > 0 and not name.endswith("process_warmup"):
         profile = ProfileSteps(PROFILE_FIRST_STEP, run.profile_steps, run.out / f"profile_{name}.txt", run.device)
+    if "compile_layers" in overrides:
+        # A pipeline job compiles in a fresh process: no graphs (or recompile count) from an earlier lever.
+        import torch._dynamo
+
+        torch._dynamo.reset()
     clock = StepClock(run.device)
     start = time.perf_counter()
     observers = [clock] + ([profile] if profile is not None else [])

@@ -5,6 +5,8 @@ export PYTHONPATH=/tmp/site:/root/run/src PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 HF
 # One process, stages one after another: expandable segments let a stage reuse what the last one freed
 # (the evaluation's KV cache grows every token) instead of fragmenting the cache.
 export PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True
+# Why torch.compile recompiled, if it does (compiled levers); silent otherwise.
+export TORCH_LOGS=recompiles
 cd /root/run
 # The code came as `git archive` output, which names its commit in the tar header; there is no .git here.
 export D2LORA_GIT_COMMIT=$(python3 -c "import tarfile; print(tarfile.open('/root/stash/carry/repo.tar.gz').pax_headers.get('comment', ''))" 2>/dev/null)

@@ -8,7 +8,9 @@
   input must match the adapter's dtype, so the cast then stays.
 - `compile_layers: true`: each decoder layer compiled in place (torch.compile, regional: the layers
   share one code object, so one graph serves all of them), which fuses the LoRA branch's small
-  element-wise kernels. The first steps pay the compilation.
+  element-wise kernels. The first steps pay the compilation. Compiled with dynamic shapes from the
+  start: rows of every length then share one graph (two: the first layer's input needs no grad), where
+  a static first compile recompiles once for lengths and counts towards dynamo's recompile limit.
 """
 
 from __future__ import annotations
@@ -38,7 +40,7 @@ def compile_decoder_layers(model, backend: str = "inductor") -> int:
     if not layers:
         raise ValueError("compile_layers: the model names no decoder layer class (_no_split_modules)")
     for layer in layers:
-        layer.compile(backend=backend)
+        layer.compile(backend=backend, dynamic=True)
     return len(layers)
 
 
