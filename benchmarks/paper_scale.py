@@ -677,7 +677,7 @@ def train_stage(
     overrides = dict(overrides or {})
     lora = {**cfg["training"]["lora"], **overrides.pop("lora", {})}
     hparams = dict(cfg["training"]["warmup"] if stage == "warmup" else cfg["training"]["adapt"][stage], **overrides)
-    checkpoints = int(cfg["training"].get("checkpoint_steps", 0))
+    checkpoints = int(cfg["training"]["checkpoint_steps"])  # validated: the schema filled it
     loads: list[float] = []
     profile = None
     if run.profile_steps > 0 and not name.endswith("process_warmup"):

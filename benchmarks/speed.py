@@ -159,7 +159,14 @@ def training_bench(args, device, results, peak_flops):
         model = fresh_adapter(load_model(args.model, dtype="float32", device=device), LORA, BUILTIN_VARIANTS["lora"])
         hp = {"learning_rate": 1e-4, "epochs": 1, "scheduler": "cosine", "max_length": 768, **extra}
         trainer = build_trainer(
-            "sft", model, tokenizer, dataset, hp, str(Path(args.out) / f"trainer_{name}"), 0, device == "cpu"
+            "sft",
+            model,
+            tokenizer,
+            dataset,
+            hp=hp,
+            output_dir=str(Path(args.out) / f"trainer_{name}"),
+            seed=0,
+            use_cpu=device == "cpu",
         )
         tokens = sequence_tokens(trainer.train_dataset, hp["max_length"])
         reset_peak_memory(device)

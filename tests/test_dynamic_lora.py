@@ -80,10 +80,10 @@ def _train(
         model,
         tokenizer,
         Dataset.from_list(conversational(_pairs(rows), method)),
-        hp,
-        str(tmp_path / out_name),
-        seed,
-        True,
+        hp=hp,
+        output_dir=str(tmp_path / out_name),
+        seed=seed,
+        use_cpu=True,
         checkpoint_steps=checkpoint_steps,
         callbacks=callbacks,
     )
@@ -316,7 +316,14 @@ def test_trl_losses_ignore_adaloras_regularizer(method, tiny_model_dir, tokenize
     model, callbacks = dl.adaptive_adapter(_base(tiny_model_dir), LORA, {"adapter": "adalora"}, 2)
     hp = dict(HP, beta=0.1) if method != "sft" else HP
     trainer = build_trainer(
-        method, model, tokenizer, Dataset.from_list(conversational(_pairs(2), method)), hp, str(tmp_path), 0, True
+        method,
+        model,
+        tokenizer,
+        Dataset.from_list(conversational(_pairs(2), method)),
+        hp=hp,
+        output_dir=str(tmp_path),
+        seed=0,
+        use_cpu=True,
     )
     batch = trainer._prepare_inputs(next(iter(trainer.get_train_dataloader())))
     cfg = model.peft_config["default"]

@@ -185,7 +185,14 @@ def _first_batch_loss(model, tokenizer, tmp_path) -> float:
     from d2lora.training.trainers import build_trainer, conversational
 
     trainer = build_trainer(
-        "sft", model, tokenizer, Dataset.from_list(conversational(_rows(4), "sft")), HP, str(tmp_path), 0, True
+        "sft",
+        model,
+        tokenizer,
+        Dataset.from_list(conversational(_rows(4), "sft")),
+        hp=HP,
+        output_dir=str(tmp_path),
+        seed=0,
+        use_cpu=True,
     )
     collated = trainer.data_collator([trainer.train_dataset[i] for i in range(2)])
     model.eval()
@@ -286,10 +293,10 @@ def test_dpo_reference_copy_does_not_rerun_a_residual_init(pissa_warmup, tiny_mo
         model,
         tokenizer,
         Dataset.from_list(conversational(_rows(4), "dpo")),
-        dict(HP, beta=0.1),
-        str(tmp_path),
-        0,
-        True,
+        hp=dict(HP, beta=0.1),
+        output_dir=str(tmp_path),
+        seed=0,
+        use_cpu=True,
     )
     assert set(trainer.model.peft_config) == {"default", "ref"}
     after = _base_weights(trainer.model)

@@ -49,11 +49,11 @@ def test_prompts_that_jinja_would_change_are_refused(template):
 
 
 def test_titles_always_use_our_engine():
-    assert engine_for("titles", {"engine": "lm_eval"}) == "pipeline"
-    assert engine_for("gsm8k", {"engine": "lm_eval"}) == "lm_eval"
-    assert engine_for("arc_easy", {}) == "pipeline"
+    assert engine_for("titles", "lm_eval") == "pipeline"
+    assert engine_for("gsm8k", "lm_eval") == "lm_eval"
+    assert engine_for("arc_easy", "pipeline") == "pipeline"
     with pytest.raises(ValueError, match="engine"):
-        engine_for("gsm8k", {"engine": "vllm"})
+        engine_for("gsm8k", "vllm")
 
 
 @pytest.mark.parametrize(

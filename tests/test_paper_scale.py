@@ -19,7 +19,7 @@ from snakemake.utils import validate
 from d2lora import grid
 from d2lora.io import read_jsonl, write_jsonl
 from d2lora.models import ModelSourceError, _random_init, architecture_parameters
-from d2lora.training.run import _total_steps
+from d2lora.settings import TrainingHparams
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "benchmarks"))
@@ -86,10 +86,10 @@ def test_paper_shape_preset_is_the_8b_shape_with_table2_settings(monkeypatch):
     assert "limit" not in config["datasets"]["math"]["eval"], "GSM8K is evaluated on all 1,319 test questions"
     # >= 50 optimizer steps per training stage, by the trainer's own count.
     warm_rows = config["datasets"]["warmup"]["train"]["limit"] - 2  # at most the 2 empty Alpaca outputs drop
-    assert _total_steps(warm_rows, config["training"]["warmup"]) >= 50
+    assert TrainingHparams.of(config["training"]["warmup"]).optimizer_steps(warm_rows) >= 50
     for method in ("sft", "dpo", "orpo"):
         n = paper_scale.cell_n(config, method)
-        assert _total_steps(n, config["training"]["adapt"][method]) >= 50, method
+        assert TrainingHparams.of(config["training"]["adapt"][method]).optimizer_steps(n) >= 50, method
     assert config["datasets"]["math"]["train"]["from"]["limit"] >= max(
         paper_scale.cell_n(config, m) for m in ("sft", "dpo")
     )

@@ -122,7 +122,9 @@ def _dpo_trainer(tiny_model_dir, warmup_adapter, reference, tmp_path):
     model = warm_started_adapter(load_model(tiny_model_dir), warmup_adapter, LORA, None, tiny_model_dir)
     dataset = Dataset.from_list(conversational(_pairs(4), "dpo"))
     hp = dict(HP, beta=0.1, reference=reference)
-    return build_trainer("dpo", model, load_tokenizer(tiny_model_dir), dataset, hp, str(tmp_path), 0, True)
+    return build_trainer(
+        "dpo", model, load_tokenizer(tiny_model_dir), dataset, hp=hp, output_dir=str(tmp_path), seed=0, use_cpu=True
+    )
 
 
 def test_dpo_reference_is_the_policy_as_adaptation_starts(tiny_model_dir, warmup_adapter, tmp_path):

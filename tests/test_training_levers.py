@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from d2lora.io import write_jsonl
+from d2lora.settings import TrainingHparams
 from d2lora.training.run import _resolve_precision, run_adaptation, run_warmup
 from d2lora.training.trainers import build_trainer, conversational
 
@@ -101,7 +102,16 @@ def test_precomputed_dpo_reference_equals_the_per_step_reference(tiny_model_dir,
     model = warm_started_adapter(load_model(tiny_model_dir), warmup_adapter, LORA, None, tiny_model_dir)
     dataset = Dataset.from_list(conversational(_rows(6), "dpo"))
     hp = dict(HP, beta=0.1, precompute_reference=True)
-    trainer = build_trainer("dpo", model, load_tokenizer(tiny_model_dir), dataset, hp, str(tmp_path / "t"), 0, True)
+    trainer = build_trainer(
+        "dpo",
+        model,
+        load_tokenizer(tiny_model_dir),
+        dataset,
+        hp=hp,
+        output_dir=str(tmp_path / "t"),
+        seed=0,
+        use_cpu=True,
+    )
     assert {"ref_chosen_logps", "ref_rejected_logps"} <= set(trainer.train_dataset.column_names)
     batch = trainer.data_collator(
         [{k: v for k, v in trainer.train_dataset[i].items() if not k.startswith("ref_")} for i in range(6)]
@@ -143,13 +153,14 @@ def test_base_dtype_auto_follows_bf16_autocast_and_keeps_residual_bases_float32(
     lora = normalize_variant(None, "lora")
     pissa = normalize_variant({"init_lora_weights": "pissa"}, "pissa")
     monkeypatch.setenv("D2LORA_NATIVE_BF16", "1")
-    hp, record = _resolve_precision({"bf16": "auto"}, "cpu", lora)
-    assert (hp["bf16"], hp["base_dtype"]) == (True, "bfloat16") and record["base_dtype"]["setting"] == "auto"
-    assert _resolve_precision({"bf16": "auto"}, "cpu", pissa)[0]["base_dtype"] == "float32"
-    hp, record = _resolve_precision({"bf16": "auto", "base_dtype": "float32"}, "cpu", lora)
-    assert hp["base_dtype"] == "float32" and record["base_dtype"]["reason"] == "set in the config"
+    auto = TrainingHparams.of(HP)  # bf16 and base_dtype: the schema's default, auto
+    hp, record = _resolve_precision(auto, "cpu", lora)
+    assert (hp.bf16, hp.base_dtype) == (True, "bfloat16") and record["base_dtype"]["setting"] == "auto"
+    assert _resolve_precision(auto, "cpu", pissa)[0].base_dtype == "float32"
+    hp, record = _resolve_precision(auto.replace(base_dtype="float32"), "cpu", lora)
+    assert hp.base_dtype == "float32" and record["base_dtype"]["reason"] == "set in the config"
     monkeypatch.setenv("D2LORA_NATIVE_BF16", "0")
-    assert _resolve_precision({"bf16": "auto"}, "cpu", lora)[0]["base_dtype"] == "float32"
+    assert _resolve_precision(auto, "cpu", lora)[0].base_dtype == "float32"
 
 
 def test_a_bf16_base_trains_a_float32_adapter(tiny_model_dir, train_file, tmp_path):
@@ -189,10 +200,10 @@ def test_the_reference_fingerprint_is_cheap_content_based_and_restored(tiny_mode
             model,
             load_tokenizer(tiny_model_dir),
             Dataset.from_list(conversational(_rows(2), "dpo")),
-            dict(HP, beta=0.1, precompute_reference=True),
-            str(tmp_path / "t"),
-            0,
-            True,
+            hp=dict(HP, beta=0.1, precompute_reference=True),
+            output_dir=str(tmp_path / "t"),
+            seed=0,
+            use_cpu=True,
         )
     finally:
         trainers.module_fingerprint = original
@@ -276,7 +287,7 @@ def test_inputs_stay_cast_without_bf16_autocast(tiny_model_dir):
     from d2lora.training import fast_paths
 
     model = _tiny_peft(tiny_model_dir, "float32")
-    record = fast_paths.apply(model, {"bf16": False, "cast_adapter_inputs": False, "compile_layers": False})
+    record = fast_paths.apply(model, TrainingHparams.of(dict(HP, bf16=False, cast_adapter_inputs=False)))
     assert record["cast_adapter_inputs"]["layers"] == 0 and "autocast is off" in record["cast_adapter_inputs"]["reason"]
     assert all(getattr(m, "cast_input_dtype_enabled", True) for m in model.modules())
 

@@ -16,6 +16,7 @@ from d2lora.benchmarks import BENCHMARKS, METRICS, eval_roles
 from d2lora.data.formats import FORMATS
 from d2lora.data.prepare import ROLE_FORMS
 from d2lora.data.sources import available_rows, source_origin
+from d2lora.settings import Decoding, StatisticsSettings, defaults
 
 TASKS = ("math", "titles")
 # Each metric's benchmark and each benchmark's task, from the benchmark catalog (the schema's enum
@@ -262,8 +263,9 @@ def check(config: dict) -> None:
             raise ConfigError(
                 f"datasets.{role}.eval: benchmark '{benchmark}' is in the grid but has no evaluation source"
             )
-    gsm8k = config["evaluation"]["gsm8k"]  # the presets' tests check files the schema has not filled
-    if gsm8k.get("rows_leave_every") and gsm8k.get("cache") == "static" and gsm8k.get("compile", True):
+    # The presets' tests check files the schema has not filled: the defaults from d2lora.settings.
+    gsm8k = Decoding.of(config["evaluation"]["gsm8k"], "evaluation.gsm8k")
+    if gsm8k.rows_leave_every and gsm8k.cache == "static" and gsm8k.compile:
         raise ConfigError(
             "evaluation.gsm8k.rows_leave_every: finished rows leaving change the batch's shape, which "
             "a compiled decoding step cannot follow; with cache: static set compile: false"
@@ -274,10 +276,12 @@ def check(config: dict) -> None:
 
 
 # ----------------------------------------------------------------------------- the statistics block
-# Defaults of `statistics` (intervals and the D2LoRA-vs-LoRA tests of d2lora.results.statistics).
-DEFAULT_BOOTSTRAP_SAMPLES = 10_000
-DEFAULT_CONFIDENCE = 0.95
-DEFAULT_SEED = 0
+# Defaults of `statistics` (intervals and the D2LoRA-vs-LoRA tests of d2lora.results.statistics), the
+# schema's: the statistics functions' keyword defaults. The default pairs depend on the grid, so they
+# live here rather than in the schema.
+DEFAULT_BOOTSTRAP_SAMPLES = defaults("statistics")["bootstrap_samples"]
+DEFAULT_CONFIDENCE = defaults("statistics")["confidence"]
+DEFAULT_SEED = defaults("statistics")["seed"]
 DEFAULT_COMPARISONS = (("lora", "d2lora"),)
 
 
@@ -289,9 +293,9 @@ def comparison_targets(config: Mapping) -> list[tuple[str, str]]:
 
 def comparisons(config: Mapping) -> list[tuple[str, str]]:
     """The configured (A, B) pairs; by default lora vs d2lora where the grid has both."""
-    block = config.get("statistics") or {}
-    if "comparisons" in block:
-        return [(str(a), str(b)) for a, b in block["comparisons"]]
+    configured = StatisticsSettings.of(config.get("statistics")).comparisons
+    if configured is not None:
+        return [(str(a), str(b)) for a, b in configured]
     inits = set(inits_in_grid(config))
     return [pair for pair in DEFAULT_COMPARISONS if set(pair) <= inits]
 
@@ -299,11 +303,11 @@ def comparisons(config: Mapping) -> list[tuple[str, str]]:
 def statistics_settings(config: Mapping) -> dict:
     """The `statistics` block with defaults filled in (bootstrap_samples, confidence, seed,
     comparisons as a list of [a, b])."""
-    block = config.get("statistics") or {}
+    stats = StatisticsSettings.of(config.get("statistics"))
     return {
-        "bootstrap_samples": int(block.get("bootstrap_samples", DEFAULT_BOOTSTRAP_SAMPLES)),
-        "confidence": float(block.get("confidence", DEFAULT_CONFIDENCE)),
-        "seed": int(block.get("seed", DEFAULT_SEED)),
+        "bootstrap_samples": int(stats.bootstrap_samples),
+        "confidence": float(stats.confidence),
+        "seed": int(stats.seed),
         "comparisons": [list(pair) for pair in comparisons(config)],
     }
 
@@ -329,13 +333,14 @@ def check_statistics_config(config: Mapping) -> None:
     block = config.get("statistics") or {}
     if not isinstance(block, Mapping):
         raise ConfigError(f"statistics: expected a mapping, got {type(block).__name__}")
-    samples = block.get("bootstrap_samples", DEFAULT_BOOTSTRAP_SAMPLES)
+    block = {**defaults("statistics"), **block}
+    samples = block["bootstrap_samples"]
     if isinstance(samples, bool) or not isinstance(samples, int) or samples < 1:
         raise ConfigError(f"statistics.bootstrap_samples: must be a positive integer, got {samples!r}")
-    confidence = block.get("confidence", DEFAULT_CONFIDENCE)
+    confidence = block["confidence"]
     if isinstance(confidence, bool) or not isinstance(confidence, (int, float)) or not 0 < confidence < 1:
         raise ConfigError(f"statistics.confidence: must lie strictly between 0 and 1, got {confidence!r}")
-    seed = block.get("seed", DEFAULT_SEED)
+    seed = block["seed"]
     if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
         raise ConfigError(f"statistics.seed: must be a non-negative integer, got {seed!r}")
     if "comparisons" not in block:

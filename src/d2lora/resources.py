@@ -19,6 +19,7 @@ from typing import Mapping
 from d2lora.benchmarks import eval_roles
 from d2lora.data.sources import available_rows
 from d2lora.models import architecture_parameters
+from d2lora.settings import TrainingHparams, defaults
 
 GPU_FLOPS = 2e14  # sustained training FLOP/s of one GPU (a quarter of an H100's 8e14 bf16 matmul, SPEC)
 CPU_FLOPS = 2e10  # the same for one CPU core
@@ -57,10 +58,10 @@ class ResourceModel:
 
     @property
     def on_gpu(self) -> bool:
-        return self.config.get("device", "auto") != "cpu"
+        return {**defaults(""), **self.config}["device"] != "cpu"
 
     def weights_mb(self, dtype: str | None = None) -> float:
-        return self.params_b * 1000 * DTYPE_BYTES[dtype or self.config["model"].get("dtype", "auto")]
+        return self.params_b * 1000 * DTYPE_BYTES[dtype or {**defaults("model"), **self.config["model"]}["dtype"]]
 
     @functools.cache
     def source_rows(self, role: str, split: str) -> int:
@@ -82,7 +83,8 @@ class ResourceModel:
     def train_seconds(self, rows: int, hp: Mapping, method: str) -> float:
         """6 FLOPs per parameter and token (forward, backward, recomputation), every example padded
         to max_length."""
-        tokens = rows * hp["epochs"] * hp.get("max_length", 1024) * METHOD_PASSES[method]
+        hp = TrainingHparams.of(hp)
+        tokens = rows * hp.epochs * hp.max_length * METHOD_PASSES[method]
         return 6 * self.params_b * 1e9 * tokens / (GPU_FLOPS if self.on_gpu else CPU_FLOPS)
 
     def generate_seconds(self, rows: int, batch_size: int, max_new_tokens: int, rounds: int = 1) -> float:

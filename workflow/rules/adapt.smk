@@ -25,6 +25,6 @@ rule adapt:
         lora=config["training"]["lora"],
         hp=adapt_hparams,
         variant=variant_spec,
-        device=config.get("device", "auto"),
+        device=config["device"],
     script:
         "../scripts/adapt.py"

@@ -154,7 +154,7 @@ LM_EVAL_TEMPLATES = "workflow/resources/lm_eval"
 
 
 def eval_engine():
-    return config["evaluation"].get("engine", "pipeline")
+    return config["evaluation"]["engine"]
 
 
 def lm_eval_task_input(wildcards):
@@ -166,7 +166,7 @@ def lm_eval_task_input(wildcards):
 
 def eval_settings(wildcards):
     settings = dict(config["evaluation"][wildcards.benchmark])
-    settings["dtype"] = config["evaluation"].get("dtype", "auto")
+    settings["dtype"] = config["evaluation"]["dtype"]
     settings["engine"] = eval_engine()
     # Only when set, so configs without the key keep their parameters (and their results).
     if config["evaluation"].get("merge_adapter"):

@@ -49,7 +49,7 @@ rule sample_negatives:
         source_cfg=lambda wc: config["datasets"][wc.task]["train"],
         prompt_template=lambda wc: config["datasets"][wc.task].get("prompt_template"),
         seed=config["seed"],
-        device=config.get("device", "auto"),
-        dtype=config["evaluation"].get("dtype", "auto"),
+        device=config["device"],
+        dtype=config["evaluation"]["dtype"],
     script:
         "../scripts/sample_negatives.py"

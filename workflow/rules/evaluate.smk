@@ -25,7 +25,7 @@ rule evaluate:
         mem_mb=model_job_mem_mb,
     params:
         settings=eval_settings,
-        device=config.get("device", "auto"),
+        device=config["device"],
     script:
         "../scripts/evaluate.py"
 

@@ -25,6 +25,6 @@ rule warmup:
         hp=config["training"]["warmup"],
         variant=variant_spec,
         seed=config["seed"],
-        device=config.get("device", "auto"),
+        device=config["device"],
     script:
         "../scripts/warmup.py"

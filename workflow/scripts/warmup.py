@@ -14,5 +14,5 @@ with job(snakemake):
         variant=snakemake.params.variant,
         device=snakemake.params.device,
         # Read from the config, not params: the interval changes no result, so it reruns nothing.
-        checkpoint_steps=snakemake.config["training"].get("checkpoint_steps", 0),
+        checkpoint_steps=snakemake.config["training"]["checkpoint_steps"],
     )

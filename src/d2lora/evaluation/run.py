@@ -18,30 +18,43 @@ from d2lora.io import read_jsonl, sha256_file, write_json, write_jsonl
 from d2lora.manifests import MANIFEST_NAME, build_manifest, write_manifest
 from d2lora.models import load_model, load_tokenizer, resolve_device
 from d2lora.precision import resolve_dtype
+from d2lora.settings import Decoding, defaults
+
+# What the evaluate rule adds to a benchmark's own block (evaluation.<benchmark>): the evaluation
+# block's dtype, engine and merge_adapter, GSM8K's prompt template, lm-eval's task templates.
+CELL_KEYS = ("dtype", "engine", "merge_adapter", "prompt_template", "lm_eval_templates")
+
+
+def decoding(benchmark: str, settings: dict) -> Decoding:
+    """The benchmark's own settings (evaluation.<benchmark>, the schema's defaults filled in)."""
+    block = {key: value for key, value in settings.items() if key not in CELL_KEYS}
+    return Decoding.of(block, f"evaluation.{benchmark}", f"evaluation/{benchmark}")
 
 
 def _gsm8k(model, tokenizer, rows: list[dict], settings: dict, partial):
+    gsm8k = decoding("gsm8k", settings)
     return evaluate_math(
         model,
         tokenizer,
         rows,
         settings["prompt_template"],
-        settings["max_new_tokens"],
-        settings["batch_size"],
+        gsm8k.max_new_tokens,
+        gsm8k.batch_size,
         partial=partial,
-        cache=settings.get("cache", "dynamic"),
-        compile=settings.get("compile", True),
-        rows_leave_every=settings.get("rows_leave_every", 0),
-        packed_gqa=settings.get("packed_gqa", False),
+        cache=gsm8k.cache,
+        compile=gsm8k.compile,
+        rows_leave_every=gsm8k.rows_leave_every,
+        packed_gqa=gsm8k.packed_gqa,
     )
 
 
 def _titles(model, tokenizer, rows: list[dict], settings: dict, partial):
-    return evaluate_titles(model, tokenizer, rows, settings["max_new_tokens"], settings["batch_size"], partial=partial)
+    titles = decoding("titles", settings)
+    return evaluate_titles(model, tokenizer, rows, titles.max_new_tokens, titles.batch_size, partial=partial)
 
 
 def _arc_easy(model, tokenizer, rows: list[dict], settings: dict, partial):
-    return evaluate_multiple_choice(model, tokenizer, rows, settings["batch_size"], partial=partial)
+    return evaluate_multiple_choice(model, tokenizer, rows, decoding("arc_easy", settings).batch_size, partial=partial)
 
 
 # One evaluator per entry of the benchmark catalog (d2lora.benchmarks; tests/test_benchmarks.py checks
@@ -56,13 +69,12 @@ def score_benchmark(benchmark: str, model, tokenizer, rows: list[dict], settings
     return EVALUATORS[benchmark](model, tokenizer, rows, settings, partial)
 
 
-def engine_for(benchmark: str, settings: dict) -> str:
+def engine_for(benchmark: str, engine: str) -> str:
     """Which evaluator produces this benchmark's number: `evaluation.engine`, where it can.
 
     lm-eval has tasks for GSM8K and ARC-Easy (workflow/resources/lm_eval/); titles (ROUGE) are
     always scored by our own evaluator.
     """
-    engine = settings.get("engine", "pipeline")
     if engine not in ("pipeline", "lm_eval"):
         raise ValueError(f"evaluation.engine must be 'pipeline' or 'lm_eval', got {engine!r}")
     return engine if engine == "pipeline" or benchmark in SUPPORTED else "pipeline"
@@ -80,11 +92,14 @@ def evaluate_cell(
     device: str = "auto",
 ) -> dict:
     device = resolve_device(device)
-    precision = resolve_dtype(settings.get("dtype"), device)
+    # The evaluation block's defaults (dtype, engine, merge_adapter) where a caller leaves them out.
+    top_level = {key: value for key, value in defaults("evaluation").items() if key in CELL_KEYS}
+    settings = {**top_level, **settings}
+    precision = resolve_dtype(settings["dtype"], device)
     settings = {**settings, "dtype": precision.dtype}
     eval_path = Path(data_dir) / "eval.jsonl"
     rows = read_jsonl(eval_path)
-    engine = engine_for(benchmark, settings)
+    engine = engine_for(benchmark, settings["engine"])
     print(
         f"evaluate: {benchmark} on {len(rows)} items, adapter={adapter_dir}, device={device}, engine={engine}",
         file=sys.stderr,
@@ -105,7 +120,7 @@ def evaluate_cell(
             dtype=settings["dtype"],
             device=device,
             adapter_dir=adapter_dir,
-            merge_adapter=bool(settings.get("merge_adapter", False)),
+            merge_adapter=bool(settings["merge_adapter"]),
         )
         model.eval()
         # Finished batches go to a sidecar beside the outputs, so a killed job resumes (partial.py).

@@ -16,6 +16,7 @@ from d2lora.grid import variant
 from d2lora.io import atomic_path
 from d2lora.results.labels import init_label
 from d2lora.results.metrics import reference_rows, spec_cells
+from d2lora.settings import LoraShape, TrainingHparams
 
 DELTA = "Δ"
 MISSING_MD = "–"
@@ -152,19 +153,20 @@ def format_number(value) -> str:
 
 
 def hparam_row(task: str, phase: str, method: str, dataset: str, hp: dict, lora: dict) -> dict:
+    hp, lora = TrainingHparams.of(hp), LoraShape.of(lora)
     return {
         "task": task,
         "phase": phase,
         "dataset": dataset,
-        "lora_rank": lora["rank"],
-        "lora_alpha": lora["alpha"],
+        "lora_rank": lora.rank,
+        "lora_alpha": lora.alpha,
         "method": method,
-        "lr": format_number(hp["learning_rate"]),
-        "epochs": hp["epochs"],
-        "beta": format_number(hp.get("beta")),
-        "scheduler": hp.get("scheduler", ""),
-        "batch_size": hp.get("batch_size"),
-        "grad_accum": hp.get("grad_accum", 1),
+        "lr": format_number(hp.learning_rate),
+        "epochs": hp.epochs,
+        "beta": format_number(hp.beta),
+        "scheduler": hp.scheduler,
+        "batch_size": hp.batch_size,
+        "grad_accum": hp.grad_accum,
     }
 
 

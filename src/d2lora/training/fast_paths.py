@@ -17,6 +17,8 @@ from __future__ import annotations
 
 from peft.tuners.tuners_utils import BaseTunerLayer
 
+from d2lora.settings import TrainingHparams
+
 
 def keep_adapter_inputs(model) -> int:
     """LoRA layers take their input in the dtype it comes in (peft's cast_input_dtype_enabled off);
@@ -44,17 +46,17 @@ def compile_decoder_layers(model, backend: str = "inductor") -> int:
     return len(layers)
 
 
-def apply(model, hp: dict) -> dict:
+def apply(model, hp: TrainingHparams) -> dict:
     """Both settings as `hp` has them (bf16 already resolved for the device); what took effect, and why."""
     record = {}
-    if hp["cast_adapter_inputs"]:
+    if hp.cast_adapter_inputs:
         record["cast_adapter_inputs"] = {"setting": True, "layers": 0}
-    elif not hp["bf16"]:
+    elif hp.bf16 is not True:
         record["cast_adapter_inputs"] = {"setting": False, "layers": 0, "reason": "kept: bf16 autocast is off"}
     else:
         record["cast_adapter_inputs"] = {"setting": False, "layers": keep_adapter_inputs(model)}
     record["compile_layers"] = {
-        "setting": bool(hp["compile_layers"]),
-        "layers": compile_decoder_layers(model) if hp["compile_layers"] else 0,
+        "setting": hp.compile_layers,
+        "layers": compile_decoder_layers(model) if hp.compile_layers else 0,
     }
     return record

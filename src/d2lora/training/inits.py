@@ -58,6 +58,7 @@ from safetensors.torch import load_file, save_file
 from torch.utils.data import DataLoader
 
 from d2lora.data.schema import prompt_messages
+from d2lora.settings import LoraShape
 from d2lora.training.adapters import AdapterError, lora_config
 from d2lora.training.variants import VariantError, is_residual, needs_calibration, normalize_variant, peft_init_value
 
@@ -133,7 +134,7 @@ def _device_of(model):
 # ---- fresh adapters ---------------------------------------------------------------------------
 
 
-def _config(lora: dict, variant: dict):
+def _config(lora: LoraShape | dict, variant: dict):
     config = lora_config(lora)
     config.init_lora_weights = peft_init_value(variant["init_lora_weights"])
     return config
@@ -141,7 +142,7 @@ def _config(lora: dict, variant: dict):
 
 def fresh_adapter(
     base_model,
-    lora: dict,
+    lora: LoraShape | dict,
     variant: dict,
     calibration_texts: list[str] | None = None,
     tokenizer=None,

@@ -21,7 +21,6 @@ Trainer loads the checkpoint's A/B on top.
 
 from __future__ import annotations
 
-import math
 import sys
 import time
 from pathlib import Path
@@ -48,7 +47,7 @@ from d2lora.io import (
 from d2lora.manifests import MANIFEST_NAME, build_manifest, write_manifest
 from d2lora.models import load_model, load_tokenizer, resolve_device
 from d2lora.precision import resolve_bf16_flag
-from d2lora import settings
+from d2lora.settings import LoraShape, TrainingHparams
 from d2lora.training import fast_paths, inits, variants, warm_start
 from d2lora.training.adaptive import DEFAULTS, adapter_report, adaptive_adapter
 from d2lora.training.checkpoints import (
@@ -65,13 +64,15 @@ from d2lora.training.trainers import build_trainer, trl_dataset
 def _train_and_save(
     trainer,
     model,
+    *,
+    hp: TrainingHparams,
     out_dir: Path,
     record: dict,
-    resume_from: Path | None = None,
-    inputs: dict | None = None,
-    variant: dict | None = None,
+    resume_from: Path | None,
+    inputs: dict,
+    variant: dict,
 ) -> dict:
-    device = record.get("device", "cpu")
+    device = record["device"]
     reset_peak_memory(device)
     start = time.perf_counter()
     record["resumed_from_step"] = checkpoint_step(resume_from) if resume_from is not None else None
@@ -90,17 +91,13 @@ def _train_and_save(
     # Tokens the policy read: the tokenized rows (prompt + answer, both answers for DPO/ORPO,
     # each capped at max_length) times epochs; the same count for every method, unlike TRL's own
     # running `num_tokens` (SFT and DPO only; kept as trl_num_tokens).
-    epochs = float(record["hparams"]["epochs"])
-    record["sequence_tokens_per_epoch"] = sequence_tokens(
-        trainer.train_dataset, int(record["hparams"].get("max_length", 1024))
-    )
-    record["train_tokens"] = int(round(record["sequence_tokens_per_epoch"] * epochs))
+    record["sequence_tokens_per_epoch"] = sequence_tokens(trainer.train_dataset, hp.max_length)
+    record["train_tokens"] = int(round(record["sequence_tokens_per_epoch"] * float(hp.epochs)))
     record["trl_num_tokens"] = int(max((e.get("num_tokens", 0) for e in trainer.state.log_history), default=0))
     record["model_parameters"] = base_parameter_count(model)
     record["trainable_parameters"] = parameter_count(model, trainable=True)
-    if (variant or {}).get("adapter", "lora") != "lora":
+    if variant["adapter"] != "lora":
         record["adapter"] = adapter_report(model)
-    variant = variant if variant is not None else record.get("variant") or variants.BUILTIN_VARIANTS["lora"]
     with staged_dir(out_dir) as staging:
         warm_start.save_adapter(model, staging, variant)
         # Relative paths: residual inits also write residual/ (A0/B0, trained A/B, config).
@@ -112,7 +109,7 @@ def _train_and_save(
         }
         write_manifest(
             staging / MANIFEST_NAME,
-            build_manifest("training", inputs or {}, staging, params, device=record.get("device")),
+            build_manifest("training", inputs, staging, params, device=record["device"]),
         )
     return record
 
@@ -120,9 +117,10 @@ def _train_and_save(
 def _fit(
     method: str,
     build_model,
+    *,
     tokenizer,
     rows: list[dict],
-    hp: dict,
+    hp: TrainingHparams,
     out_dir: Path,
     seed: int,
     device: str,
@@ -130,7 +128,7 @@ def _fit(
     inputs: dict,
     checkpoint_steps: int,
     variant: dict,
-    fresh_residual: bool = False,
+    fresh_residual: bool,
 ) -> dict:
     """build_model(initial_dir) -> (PeftModel, extra callbacks); initial_dir is None except when a
     checkpointed run of a fresh residual init resumes (its saved A0/B0)."""
@@ -161,18 +159,27 @@ def _fit(
             model,
             tokenizer,
             trl_dataset(rows, method),
-            hp,
-            output_dir,
-            seed,
-            device == "cpu",
+            hp=hp,
+            output_dir=output_dir,
+            seed=seed,
+            use_cpu=device == "cpu",
             checkpoint_steps=checkpoint_steps,
             callbacks=callbacks or None,
         )
         synchronize(device)
         # Tokenizing the rows, and with precompute_reference the reference pass over every pair.
         record["trainer_setup_seconds"] = round(time.perf_counter() - started, 3)
-        _check_rows_kept(trainer, rows, record, hp)
-        return _train_and_save(trainer, model, out_dir, record, resume_from, inputs, variant)
+        _check_rows_kept(trainer, rows, record, hp.max_length)
+        return _train_and_save(
+            trainer,
+            model,
+            hp=hp,
+            out_dir=out_dir,
+            record=record,
+            resume_from=resume_from,
+            inputs=inputs,
+            variant=variant,
+        )
 
 
 def _frozen_dtype(model) -> str | None:
@@ -181,7 +188,7 @@ def _frozen_dtype(model) -> str | None:
     return None if frozen is None else str(frozen.dtype).removeprefix("torch.")
 
 
-def _check_rows_kept(trainer, rows: list[dict], record: dict, hp: dict) -> None:
+def _check_rows_kept(trainer, rows: list[dict], record: dict, max_length: int) -> None:
     """TRL silently drops rows whose prompt alone fills max_length (SFT, DPO). An adaptation cell
     would then train on fewer than n rows: refused. The warm-up records how many it kept."""
     kept = len(trainer.train_dataset)
@@ -191,20 +198,14 @@ def _check_rows_kept(trainer, rows: list[dict], record: dict, hp: dict) -> None:
     key = "training.warmup" if record["phase"] == "warmup" else f"training.adapt.{record['method']}"
     message = (
         f"{key}.max_length: {len(rows) - kept} of {len(rows)} training rows have a prompt of "
-        f"max_length={hp.get('max_length', 1024)} tokens or more, and TRL drops them"
+        f"max_length={max_length} tokens or more, and TRL drops them"
     )
     if record["phase"] == "adapt" or kept == 0:
         raise ValueError(f"{message}; the cell would not train on the n rows it names. Raise max_length")
     print(f"train: warning: {message}; warm-up trains on the other {kept}", file=sys.stderr)
 
 
-def _total_steps(rows: int, hp: dict) -> int:
-    batches = math.ceil(rows / int(hp["batch_size"]))
-    per_epoch = max(1, math.ceil(batches / int(hp.get("grad_accum", 1))))
-    return max(1, math.ceil(per_epoch * float(hp["epochs"])))
-
-
-def _adaptive_adapter(base, lora: dict, variant: dict, total_steps: int, seed: int):
+def _adaptive_adapter(base, lora: LoraShape, variant: dict, total_steps: int, seed: int):
     """AdaLoRA or Dynamic LoRA (d2lora.training.adaptive): the variant's `options` plus, for
     Dynamic LoRA, the run's seed (it draws the A rows of the rank it grants)."""
     options = dict(variant.get("options") or {})
@@ -213,8 +214,8 @@ def _adaptive_adapter(base, lora: dict, variant: dict, total_steps: int, seed: i
     return adaptive_adapter(base, lora, {"adapter": variant["adapter"], **options}, total_steps)
 
 
-def _check_reference(method: str, hp: dict, variant: dict) -> None:
-    if method == "dpo" and hp.get("reference", "initial_policy") == "base" and variants.is_residual(variant):
+def _check_reference(method: str, hp: TrainingHparams, variant: dict) -> None:
+    if method == "dpo" and hp.reference == "base" and variants.is_residual(variant):
         raise ValueError(
             f"training.adapt.dpo.reference: 'base' computes reference log-probs with the adapter disabled, but init "
             f"'{variant['init_lora_weights']}' trains on a residual base (W - s·B0A0), not the original model; "
@@ -222,13 +223,12 @@ def _check_reference(method: str, hp: dict, variant: dict) -> None:
         )
 
 
-def _resolve_precision(hp: dict, device: str, variant: dict) -> tuple[dict, dict]:
+def _resolve_precision(hp: TrainingHparams, device: str, variant: dict) -> tuple[TrainingHparams, dict]:
     """The hyperparameters with `bf16` resolved for this device (auto: native bf16 or not) and the
-    frozen base's dtype resolved from it (base_dtype auto), and why; the schema's defaults filled in."""
-    hp = settings.with_defaults("hparams", hp)
-    precision = resolve_bf16_flag(hp["bf16"], device)
+    frozen base's dtype resolved from it (base_dtype auto), and why."""
+    precision = resolve_bf16_flag(hp.bf16, device)
     record = precision.record()
-    setting = hp["base_dtype"]
+    setting = hp.base_dtype
     if setting != "auto":
         base_dtype, why = setting, "set in the config"
     elif not precision.bf16:
@@ -238,14 +238,14 @@ def _resolve_precision(hp: dict, device: str, variant: dict) -> tuple[dict, dict
     else:
         base_dtype, why = "bfloat16", "bf16 autocast casts every base weight to bf16 for its matmul"
     record["base_dtype"] = {"setting": setting, "dtype": base_dtype, "reason": why}
-    return {**hp, "bf16": precision.bf16, "base_dtype": base_dtype}, record
+    return hp.replace(bf16=precision.bf16, base_dtype=base_dtype), record
 
 
 def run_warmup(
     model_dir,
     train_path,
-    lora: dict,
-    hp: dict,
+    lora: LoraShape | dict,
+    hp: TrainingHparams | dict,
     out_dir,
     seed: int,
     device: str = "auto",
@@ -253,26 +253,27 @@ def run_warmup(
     variant: dict | None = None,
 ) -> dict:
     """Phase 1 of D2LoRA: SFT a fresh LoRA adapter (initialised by the variant's init) on prompt + chosen
-    of the general set. variant None: the built-in "d2lora" (peft's default init)."""
+    of the general set. variant None: the built-in "d2lora" (peft's default init). lora and hp: the
+    config's blocks (training.lora, training.warmup) or their settings."""
+    lora = LoraShape.of(lora, "training.lora")
     variant = variants.normalize_variant(variant, "d2lora")
     if variant["adapter"] != "lora":
         raise variants.VariantError(f"adapter: the warm-up trains a lora adapter, not '{variant['adapter']}'")
     variant["warmup"] = True
     hf_set_seed(seed)
     device = resolve_device(device)
-    hp, precision = _resolve_precision(hp, device, variant)
+    hp, precision = _resolve_precision(TrainingHparams.of(hp, "training.warmup"), device, variant)
     rows = read_jsonl(train_path)
     tokenizer = load_tokenizer(model_dir)
-    max_length = int(hp.get("max_length", 1024))
-    texts, calibration = inits.calibration_for(rows, variant, tokenizer, "warmup", max_length)
+    texts, calibration = inits.calibration_for(rows, variant, tokenizer, "warmup", hp.max_length)
     record = {
         "phase": "warmup",
         "method": "sft",
         "variant": variant,
         "rows": len(rows),
         "seed": seed,
-        "hparams": hp,
-        "lora": lora,
+        "hparams": hp.as_dict(),
+        "lora": lora.as_dict(),
         "calibration": calibration,
         "train_data_sha256": sha256_file(train_path),
         "device": device,
@@ -280,25 +281,24 @@ def run_warmup(
     }
 
     def build_model(initial_dir):
-        base = load_model(model_dir, dtype=hp["base_dtype"], device=device)
+        base = load_model(model_dir, dtype=hp.base_dtype, device=device)
         if initial_dir is not None:
             return inits.residual_from_initial(base, initial_dir, variant["init_lora_weights"]), []
-        return inits.fresh_adapter(base, lora, variant, texts, tokenizer, max_length=max_length), []
+        return inits.fresh_adapter(base, lora, variant, texts, tokenizer, max_length=hp.max_length), []
 
-    inputs = {"model": model_dir, "train_data": train_path}
     return _fit(
         "sft",
         build_model,
-        tokenizer,
-        rows,
-        hp,
-        Path(out_dir),
-        seed,
-        device,
-        record,
-        inputs,
-        checkpoint_steps,
-        variant,
+        tokenizer=tokenizer,
+        rows=rows,
+        hp=hp,
+        out_dir=Path(out_dir),
+        seed=seed,
+        device=device,
+        record=record,
+        inputs={"model": model_dir, "train_data": train_path},
+        checkpoint_steps=checkpoint_steps,
+        variant=variant,
         fresh_residual=variants.is_residual(variant),
     )
 
@@ -309,8 +309,8 @@ def run_adaptation(
     method: str,
     init: str,
     n: int,
-    lora: dict,
-    hp: dict,
+    lora: LoraShape | dict,
+    hp: TrainingHparams | dict,
     out_dir,
     seed: int,
     warmup_dir=None,
@@ -324,10 +324,11 @@ def run_adaptation(
     None for the built-ins "lora" (fresh, peft's default init) and "d2lora" (the default warm-up)."""
     if n <= 0:
         raise ValueError(f"adaptation with n={n}: n = 0 cells train nothing and are evaluated directly")
+    lora = LoraShape.of(lora, "training.lora")
     variant = variants.normalize_variant(variant, init)
     hf_set_seed(seed)
     device = resolve_device(device)
-    hp, precision = _resolve_precision(hp, device, variant)
+    hp, precision = _resolve_precision(TrainingHparams.of(hp, f"training.adapt.{method}"), device, variant)
     rows = subset(read_jsonl(train_path), n)
     _check_reference(method, hp, variant)
     warm = variant["warmup"]
@@ -340,8 +341,7 @@ def run_adaptation(
             )
         warm_start.check_warmup_matches(warmup_dir, lora, variant, model_dir)
     tokenizer = load_tokenizer(model_dir)
-    max_length = int(hp.get("max_length", 1024))
-    texts, calibration = ([], None) if warm else inits.calibration_for(rows, variant, tokenizer, "adapt", max_length)
+    texts, calibration = ([], None) if warm else inits.calibration_for(rows, variant, tokenizer, "adapt", hp.max_length)
     if warm and variants.needs_calibration(variant):
         calibration = dict(
             read_json(Path(warmup_dir) / "training.json").get("calibration") or {}, from_warmup=str(warmup_dir)
@@ -353,8 +353,8 @@ def run_adaptation(
         "variant": variant,
         "n": n,
         "seed": seed,
-        "hparams": hp,
-        "lora": lora,
+        "hparams": hp.as_dict(),
+        "lora": lora.as_dict(),
         "calibration": calibration,
         "train_ids": [r["id"] for r in rows],
         "train_data_sha256": sha256_file(train_path),
@@ -365,29 +365,28 @@ def run_adaptation(
         record["residual_base"] = warm_start.residual_record(warmup_dir)
 
     def build_model(initial_dir):
-        base = load_model(model_dir, dtype=hp["base_dtype"], device=device)
+        base = load_model(model_dir, dtype=hp.base_dtype, device=device)
         if variant["adapter"] != "lora":
-            return _adaptive_adapter(base, lora, variant, _total_steps(len(rows), hp), seed)
+            return _adaptive_adapter(base, lora, variant, hp.optimizer_steps(len(rows)), seed)
         if warm:
             return warm_start.warm_started_adapter(base, warmup_dir, lora, variant, model_dir), []
         if initial_dir is not None:
             return inits.residual_from_initial(base, initial_dir, variant["init_lora_weights"]), []
-        return inits.fresh_adapter(base, lora, variant, texts, tokenizer, max_length=max_length), []
+        return inits.fresh_adapter(base, lora, variant, texts, tokenizer, max_length=hp.max_length), []
 
-    inputs = {"model": model_dir, "train_data": train_path, "warmup_adapter": warmup_dir if warm else None}
     print(f"adapt: {method}/{init} n={n} seed={seed} on {device}", file=sys.stderr)
     return _fit(
         method,
         build_model,
-        tokenizer,
-        rows,
-        hp,
-        Path(out_dir),
-        seed,
-        device,
-        record,
-        inputs,
-        checkpoint_steps,
-        variant,
+        tokenizer=tokenizer,
+        rows=rows,
+        hp=hp,
+        out_dir=Path(out_dir),
+        seed=seed,
+        device=device,
+        record=record,
+        inputs={"model": model_dir, "train_data": train_path, "warmup_adapter": warmup_dir if warm else None},
+        checkpoint_steps=checkpoint_steps,
+        variant=variant,
         fresh_residual=variants.is_residual(variant) and not warm,
     )

@@ -18,6 +18,7 @@ from trl import DPOConfig, DPOTrainer, SFTConfig, SFTTrainer
 
 from d2lora.data.schema import prompt_messages
 from d2lora.grid import PREFERENCE_METHODS
+from d2lora.settings import TrainingHparams
 
 try:
     from trl.experimental.orpo import ORPOConfig, ORPOTrainer
@@ -51,24 +52,27 @@ def trl_dataset(rows: list[dict], method: str) -> Dataset:
     return Dataset.from_list(conversational(rows, method))
 
 
-def _common_args(hp: dict, output_dir: str, seed: int, use_cpu: bool, checkpoint_steps: int = 0) -> dict[str, Any]:
+def _common_args(
+    hp: TrainingHparams, *, output_dir: str, seed: int, use_cpu: bool, checkpoint_steps: int
+) -> dict[str, Any]:
     return dict(
         output_dir=output_dir,
-        per_device_train_batch_size=int(hp["batch_size"]),
-        gradient_accumulation_steps=int(hp.get("grad_accum", 1)),
-        num_train_epochs=float(hp["epochs"]),
-        learning_rate=float(hp["learning_rate"]),
-        lr_scheduler_type=hp["scheduler"],
+        per_device_train_batch_size=hp.batch_size,
+        gradient_accumulation_steps=hp.grad_accum,
+        num_train_epochs=float(hp.epochs),
+        learning_rate=float(hp.learning_rate),
+        lr_scheduler_type=hp.scheduler,
         # transformers 5 folded warmup_ratio into warmup_steps: a value below 1 is a ratio.
-        warmup_steps=float(hp.get("warmup_ratio", 0.0)),
-        max_length=int(hp.get("max_length", 1024)),
-        bf16=bool(hp.get("bf16", False)),
+        warmup_steps=float(hp.warmup_ratio),
+        max_length=hp.max_length,
+        # "auto" is resolved for the device before a trainer is built (d2lora.training.run).
+        bf16=hp.bf16 is True,
         # TRL turns checkpointing on by default; it trades ~30% speed for memory only large models need.
-        gradient_checkpointing=bool(hp.get("gradient_checkpointing", False)),
+        gradient_checkpointing=hp.gradient_checkpointing,
         # Batches of similar length pad less; the batches differ from random ones, so it is off
         # unless a config asks (benchmarks/speed.py measures both).
         # (transformers 5 spells it train_sampling_strategy; 4.x had group_by_length=True.)
-        train_sampling_strategy="group_by_length" if hp.get("group_by_length") else "random",
+        train_sampling_strategy="group_by_length" if hp.group_by_length else "random",
         seed=seed,
         data_seed=seed,
         logging_steps=1,
@@ -89,7 +93,8 @@ def build_trainer(
     model,
     tokenizer,
     train_dataset,
-    hp: dict,
+    *,
+    hp: TrainingHparams | dict,
     output_dir: str,
     seed: int,
     use_cpu: bool,
@@ -97,9 +102,10 @@ def build_trainer(
     callbacks: list | None = None,
 ):
     """A TRL trainer for `method` on a PeftModel whose trainable adapter is "default"."""
-    args = _common_args(hp, output_dir, seed, use_cpu, checkpoint_steps)
+    hp = TrainingHparams.of(hp, f"training.adapt.{method}")
+    args = _common_args(hp, output_dir=output_dir, seed=seed, use_cpu=use_cpu, checkpoint_steps=checkpoint_steps)
     if method == "sft":
-        if hp.get("padding_free"):
+        if hp.padding_free:
             # TRL enforces no max_length without packing when padding-free (it would not truncate);
             # check_padding_free_lengths refuses the rows that max_length would have cut instead.
             args.update(padding_free=True, max_length=None)
@@ -110,30 +116,29 @@ def build_trainer(
             processing_class=tokenizer,
             callbacks=callbacks,
         )
-        if hp.get("padding_free"):
-            check_padding_free_lengths(trainer, int(hp.get("max_length", 1024)))
+        if hp.padding_free:
+            check_padding_free_lengths(trainer, hp.max_length)
         return trainer
     if method == "dpo":
-        precompute = bool(hp.get("precompute_reference"))
-        if precompute:
+        if hp.precompute_reference:
             # Same batch size as training, so the precompute pass needs no more memory than a step.
-            args.update(precompute_ref_log_probs=True, precompute_ref_batch_size=int(hp["batch_size"]))
-        with _fast_reference_fingerprint(precompute):
+            args.update(precompute_ref_log_probs=True, precompute_ref_batch_size=hp.batch_size)
+        with _fast_reference_fingerprint(hp.precompute_reference):
             trainer = DPOTrainer(
                 model=model,
-                args=DPOConfig(beta=float(hp["beta"]), **args),
+                args=DPOConfig(beta=float(hp.beta), **args),
                 train_dataset=train_dataset,
                 processing_class=tokenizer,
                 callbacks=callbacks,
             )
-        if hp.get("reference", "initial_policy") == "base":
+        if hp.reference == "base":
             # Without a "ref" adapter TRL computes reference log-probs with adapters disabled: the bare base.
             drop_reference_adapter(trainer.model)
         return trainer
     if method == "orpo":
         return ORPOTrainer(
             model=model,
-            args=ORPOConfig(beta=float(hp["beta"]), **args),
+            args=ORPOConfig(beta=float(hp.beta), **args),
             train_dataset=train_dataset,
             processing_class=tokenizer,
             callbacks=callbacks,

@@ -15,6 +15,7 @@ from safetensors.torch import save_file
 
 from d2lora.io import write_json
 from d2lora.models import ModelSourceError, require_safetensors_adapter
+from d2lora.settings import LoraShape
 from d2lora.training.adapters import AdapterError, check_adapter_config, check_adapter_matches
 from d2lora.training.inits import (
     CONFIG_FILE,
@@ -92,7 +93,9 @@ def _warmup_variant(adapter_dir: Path) -> dict | None:
     return json.loads(path.read_text()).get("variant")
 
 
-def check_warmup_matches(adapter_dir: str | Path, lora: dict, variant: dict, base_model_dir: str | Path) -> None:
+def check_warmup_matches(
+    adapter_dir: str | Path, lora: LoraShape | dict, variant: dict, base_model_dir: str | Path
+) -> None:
     """Refuse a warm-up adapter made with another init (or calibration size), rank, alpha or base model."""
     adapter_dir = Path(adapter_dir)
     variant = normalize_variant(variant)
@@ -129,7 +132,7 @@ def check_warmup_matches(adapter_dir: str | Path, lora: dict, variant: dict, bas
 
 
 def warm_started_adapter(
-    base_model, adapter_dir: str | Path, lora: dict, variant: dict | None, base_model_dir: str | Path
+    base_model, adapter_dir: str | Path, lora: LoraShape | dict, variant: dict | None, base_model_dir: str | Path
 ):
     """A trainable PeftModel whose function is the warm-up's trained function: for residual inits
     on W_res rebuilt from the warm-up's A0/B0, with the warm-up's trained A/B."""

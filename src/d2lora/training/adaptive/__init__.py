@@ -35,8 +35,10 @@ this package without the rest of d2lora.
 
 from __future__ import annotations
 
-from peft import LoraConfig, get_peft_model
+from peft import get_peft_model
 
+from d2lora.settings import LoraShape
+from d2lora.training.adapters import lora_config
 from d2lora.training.adaptive import adalora, dynamic
 from d2lora.training.adaptive.base import (
     ADAPTER,
@@ -63,7 +65,7 @@ def _controller(model):
     return getattr(model, CONTROLLER_ATTR, None)
 
 
-def adaptive_adapter(base_model, lora: dict, variant: dict, total_steps: int):
+def adaptive_adapter(base_model, lora: LoraShape | dict, variant: dict, total_steps: int):
     """A fresh adapter of the given variant on `base_model` and the callbacks that drive it.
 
     lora: {rank, alpha, dropout, target_modules} (the pipeline's training.lora);
@@ -74,20 +76,13 @@ def adaptive_adapter(base_model, lora: dict, variant: dict, total_steps: int):
     Pass every returned callback to the Trainer (before any callback that marks a checkpoint
     complete in on_save: ours write their state into the checkpoint there).
     """
+    lora = LoraShape.of(lora, "training.lora")
     variant = dict(variant or {})
-    adapter = variant.get("adapter", "lora")
+    adapter = variant.setdefault("adapter", "lora")
     if adapter == "lora":
         if set(variant) - {"adapter"}:
             raise AdaptiveAdapterError(f"variant 'lora' takes no options, got {sorted(set(variant) - {'adapter'})}")
-        config = LoraConfig(
-            r=int(lora["rank"]),
-            lora_alpha=float(lora["alpha"]),
-            lora_dropout=float(lora.get("dropout", 0.0)),
-            target_modules=lora.get("target_modules", "all-linear"),
-            task_type="CAUSAL_LM",
-            bias="none",
-        )
-        return get_peft_model(base_model, config), []
+        return get_peft_model(base_model, lora_config(lora)), []
     if adapter not in CONTROLLERS:
         raise AdaptiveAdapterError(f"unknown adapter variant '{adapter}' (known: lora, {', '.join(CONTROLLERS)})")
     controller = CONTROLLERS[adapter].build(base_model, lora, _merge_options(adapter, variant), total_steps)

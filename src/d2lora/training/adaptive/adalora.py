@@ -8,6 +8,7 @@ import math
 import torch
 from peft import AdaLoraConfig, get_peft_model
 
+from d2lora.settings import LoraShape
 from d2lora.training.adaptive.base import (
     ADAPTER,
     CONTROLLER_ATTR,
@@ -78,8 +79,8 @@ class AdaLoRAController(AdaptiveController):
         self._terms = None
 
     @classmethod
-    def build(cls, base_model, lora: dict, options: dict, total_steps: int):
-        r = int(lora["rank"])
+    def build(cls, base_model, lora: LoraShape, options: dict, total_steps: int):
+        r = lora.rank
         init_r = int(math.ceil(float(options["init_r_factor"]) * r))
         if init_r <= r:
             raise AdaptiveAdapterError(
@@ -90,9 +91,9 @@ class AdaLoRAController(AdaptiveController):
         config = AdaLoraConfig(
             init_r=init_r,
             target_r=r,
-            lora_alpha=float(lora["alpha"]) * init_r / r,
-            lora_dropout=float(lora.get("dropout", 0.0)),
-            target_modules=lora.get("target_modules", "all-linear"),
+            lora_alpha=float(lora.alpha) * init_r / r,
+            lora_dropout=float(lora.dropout),
+            target_modules=lora.target_modules,
             tinit=schedule.tinit,
             tfinal=schedule.tfinal,
             deltaT=schedule.interval,

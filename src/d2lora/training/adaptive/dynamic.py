@@ -7,9 +7,11 @@ import copy
 import math
 
 import torch
-from peft import LoraConfig, get_peft_model
+from peft import get_peft_model
 from torch import nn
 
+from d2lora.settings import LoraShape
+from d2lora.training.adapters import lora_config
 from d2lora.training.adaptive.base import (
     ADAPTER,
     CONTROLLER_ATTR,
@@ -50,12 +52,19 @@ class DynamicLoRAController(AdaptiveController):
     label = "Dynamic LoRA"
 
     def __init__(
-        self, model, lora: dict, options: dict, schedule: Schedule, slots: list[Slot], max_rank: int, ema: torch.Tensor
+        self,
+        model,
+        lora: LoraShape,
+        options: dict,
+        schedule: Schedule,
+        slots: list[Slot],
+        max_rank: int,
+        ema: torch.Tensor,
     ):
-        super().__init__(model, int(lora["rank"]), options, schedule)
+        super().__init__(model, lora.rank, options, schedule)
         self.slots = slots
         self.ema = ema  # (modules, max_rank); each slot's ema is a row view of it
-        self.alpha = float(lora["alpha"])
+        self.alpha = float(lora.alpha)
         self.max_rank = max_rank
         self.min_rank = int(options["min_rank"])
         self.reallocations = 0
@@ -66,8 +75,8 @@ class DynamicLoRAController(AdaptiveController):
         self.groups = self._groups()
 
     @classmethod
-    def build(cls, base_model, lora: dict, options: dict, total_steps: int):
-        r = int(lora["rank"])
+    def build(cls, base_model, lora: LoraShape, options: dict, total_steps: int):
+        r = lora.rank
         max_rank = int(math.ceil(float(options["max_rank_factor"]) * r))
         min_rank = int(options["min_rank"])
         if not 1 <= min_rank <= r < max_rank:
@@ -85,19 +94,11 @@ class DynamicLoRAController(AdaptiveController):
             )
         schedule = make_schedule(total_steps, options["tinit_frac"], options["tfinal_frac"], options["reallocations"])
         # Room for max_rank components; lora_alpha scaled so peft's scaling alpha'/max_rank = alpha/r.
-        config = LoraConfig(
-            r=max_rank,
-            lora_alpha=float(lora["alpha"]) * max_rank / r,
-            lora_dropout=float(lora.get("dropout", 0.0)),
-            target_modules=lora.get("target_modules", "all-linear"),
-            task_type="CAUSAL_LM",
-            bias="none",
-        )
-        model = get_peft_model(base_model, config)
+        model = get_peft_model(base_model, lora_config(lora, rank=max_rank))
         slots = []
         layers = lora_layers(model)
         if not layers:
-            raise AdaptiveAdapterError(f"dynamic: no LoRA module matched target_modules {lora.get('target_modules')}")
+            raise AdaptiveAdapterError(f"dynamic: no LoRA module matched target_modules {lora.target_modules}")
         # One (modules, max_rank) table of smoothed scores; each slot holds a row view of it.
         ema = torch.zeros(len(layers), max_rank, dtype=torch.float32, device=layers[0][1].lora_A[ADAPTER].weight.device)
         sliced = options["forward"] == "active"
