@@ -9,8 +9,9 @@
 - `compile_layers: true`: each decoder layer compiled in place (torch.compile, regional: the layers
   share one code object, so one graph serves all of them), which fuses the LoRA branch's small
   element-wise kernels. The first steps pay the compilation. Compiled with dynamic shapes from the
-  start: rows of every length then share one graph (two: the first layer's input needs no grad), where
-  a static first compile recompiles once for lengths and counts towards dynamo's recompile limit.
+  start, so row lengths need no graph of their own: two graphs on the CPU (the first layer's input
+  needs no grad), four on CUDA (inductor also splits lengths that are a multiple of 8 from the rest),
+  where a static first compile recompiles for lengths too and reaches dynamo's recompile limit.
 """
 
 from __future__ import annotations
