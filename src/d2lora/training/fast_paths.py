@@ -7,7 +7,7 @@
   part of a step's element-wise kernels (benchmarks/RESULTS.md, Round 7). Without autocast the
   input must match the adapter's dtype, so the cast then stays.
 - `compile_layers: true`: each decoder layer compiled in place (torch.compile, regional: the layers
-  share one code object, so one graph serves all of them), which fuses the LoRA branch's small
+  share one code object, so the same graphs serve all of them), which fuses the LoRA branch's small
   element-wise kernels. The first steps pay the compilation. Compiled with dynamic shapes from the
   start, so row lengths need no graph of their own: two graphs on the CPU (the first layer's input
   needs no grad), four on CUDA (inductor also splits lengths that are a multiple of 8 from the rest),
