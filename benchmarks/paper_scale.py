@@ -88,6 +88,8 @@ FLOAT32_BASE = {"base_dtype": "float32"}
 NO_CHECKPOINTING = {"base_dtype": "bfloat16", "gradient_checkpointing": False}
 # The LoRA branch on the base's bf16 activations (d2lora.training.fast_paths); "lora" overrides training.lora.
 UNCAST = {**NO_CHECKPOINTING, "cast_adapter_inputs": False}
+# The same at the presets' own setting for memory: checkpointing kept.
+BF16_UNCAST = {"base_dtype": "bfloat16", "cast_adapter_inputs": False}
 LEVERS = {
     "sft": {
         "plain": FLOAT32_BASE,
@@ -104,7 +106,7 @@ LEVERS = {
         "no_checkpointing_batch16x1": {**NO_CHECKPOINTING, "batch_size": 16, "grad_accum": 1},
         "no_checkpointing_batch4x4": {**NO_CHECKPOINTING, "batch_size": 4, "grad_accum": 4},
         "no_checkpointing_uncast_inputs": UNCAST,
-        "bf16_base_uncast_inputs": {"base_dtype": "bfloat16", "cast_adapter_inputs": False},
+        "bf16_base_uncast_inputs": BF16_UNCAST,
         "no_checkpointing_uncast_inputs_dropout0": {**UNCAST, "lora": {"dropout": 0.0}},
         "no_checkpointing_compiled_layers": {**NO_CHECKPOINTING, "compile_layers": True},
         "no_checkpointing_uncast_inputs_compiled_layers": {**UNCAST, "compile_layers": True},
@@ -116,11 +118,7 @@ LEVERS = {
         "no_checkpointing_precompute_reference": {**NO_CHECKPOINTING, "precompute_reference": True},
         "bf16_base_precompute_reference": {"base_dtype": "bfloat16", "precompute_reference": True},
         # The paper preset's DPO setting (checkpointing kept for memory) with the LoRA branch on bf16 inputs.
-        "bf16_base_precompute_reference_uncast_inputs": {
-            "base_dtype": "bfloat16",
-            "precompute_reference": True,
-            "cast_adapter_inputs": False,
-        },
+        "bf16_base_precompute_reference_uncast_inputs": {**BF16_UNCAST, "precompute_reference": True},
         "no_checkpointing_precompute_reference_uncast_inputs": {**UNCAST, "precompute_reference": True},
         "no_checkpointing_batch4x4": {
             **NO_CHECKPOINTING,
@@ -136,7 +134,7 @@ LEVERS = {
         "no_checkpointing_batch4x4": {**NO_CHECKPOINTING, "batch_size": 4, "grad_accum": 4},
         "no_checkpointing_uncast_inputs": UNCAST,
         # The paper preset's ORPO setting (checkpointing kept: without it ORPO needs 81.5 GiB) uncast.
-        "bf16_base_uncast_inputs": {"base_dtype": "bfloat16", "cast_adapter_inputs": False},
+        "bf16_base_uncast_inputs": BF16_UNCAST,
     },
     # GSM8K: 1,319 prompts x 256 new tokens (a random model never stops: every row runs to the limit).
     # The static cache gives every batch one shape, so the compiled step is built once per process.

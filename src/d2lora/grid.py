@@ -16,7 +16,7 @@ from d2lora.benchmarks import BENCHMARKS, METRICS, eval_roles
 from d2lora.data.formats import FORMATS
 from d2lora.data.prepare import ROLE_FORMS
 from d2lora.data.sources import available_rows, source_origin
-from d2lora.settings import Decoding, StatisticsSettings, defaults
+from d2lora.settings import Decoding, StatisticsSettings, defaults, with_defaults
 
 TASKS = ("math", "titles")
 # Each metric's benchmark and each benchmark's task, from the benchmark catalog (the schema's enum
@@ -333,7 +333,7 @@ def check_statistics_config(config: Mapping) -> None:
     block = config.get("statistics") or {}
     if not isinstance(block, Mapping):
         raise ConfigError(f"statistics: expected a mapping, got {type(block).__name__}")
-    block = {**defaults("statistics"), **block}
+    block = with_defaults("statistics", block)
     samples = block["bootstrap_samples"]
     if isinstance(samples, bool) or not isinstance(samples, int) or samples < 1:
         raise ConfigError(f"statistics.bootstrap_samples: must be a positive integer, got {samples!r}")

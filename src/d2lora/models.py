@@ -23,18 +23,13 @@ from typing import Any
 
 from d2lora.io import sha256_file, staged_dir, write_json
 from d2lora.precision import resolve_dtype
-from d2lora.settings import defaults
+from d2lora.settings import with_defaults
 
 DTYPES = {"float32": "float32", "bfloat16": "bfloat16", "float16": "float16"}
 
 
 class ModelSourceError(ValueError):
     """The configured model cannot be found or used; the message names the config key."""
-
-
-def _setting(model_cfg: dict, key: str):
-    """A `model` block's setting, the schema's default where the block leaves it out."""
-    return {**defaults("model"), **model_cfg}[key]
 
 
 def _torch_dtype(name: str):
@@ -65,7 +60,7 @@ def _load_tokenizer_from_source(model_cfg: dict):
     from transformers import AutoTokenizer
 
     source = model_cfg["source"]
-    trust = bool(_setting(model_cfg, "trust_remote_code"))
+    trust = bool(with_defaults("model", model_cfg)["trust_remote_code"])
     if source == "gguf":
         gguf = resolve_gguf_file(model_cfg)
         return AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
@@ -167,7 +162,7 @@ def _random_init(model_cfg: dict, tokenizer, dtype):
         )
     config = LlamaConfig(**settings)
     device = random_init_device(model_cfg)
-    torch.manual_seed(int(_setting(model_cfg, "seed")))
+    torch.manual_seed(int(with_defaults("model", model_cfg)["seed"]))
     if device == "cpu" and "init_device" not in model_cfg:
         # The original path (float32 on the CPU, then cast), kept so existing presets keep their weights.
         return LlamaForCausalLM(config).to(dtype)
@@ -190,7 +185,7 @@ def prepare_base_model(model_cfg: dict, out_dir: str | os.PathLike) -> dict[str,
     dtype = _torch_dtype(dtype_name)
     source = model_cfg["source"]
     record: dict[str, Any] = {"source": source, "dtype": dtype_name, "precision": precision.record()}
-    trust = bool(_setting(model_cfg, "trust_remote_code"))
+    trust = bool(with_defaults("model", model_cfg)["trust_remote_code"])
 
     # transformers: kept out of workflow parsing (the rules import this module)
     from transformers import AutoModelForCausalLM
@@ -221,7 +216,11 @@ def prepare_base_model(model_cfg: dict, out_dir: str | os.PathLike) -> dict[str,
             raise ModelSourceError("model.tokenizer: source 'random_init' needs a tokenizer source")
         tokenizer = _load_tokenizer_from_source(tok_cfg)
         model = _random_init(model_cfg, tokenizer, dtype)
-        record.update(architecture=model_cfg.get("architecture"), tokenizer=tok_cfg, seed=_setting(model_cfg, "seed"))
+        record.update(
+            architecture=model_cfg.get("architecture"),
+            tokenizer=tok_cfg,
+            seed=with_defaults("model", model_cfg)["seed"],
+        )
         if "init_device" in model_cfg:
             record["init_device"] = random_init_device(model_cfg)
     else:

@@ -19,7 +19,7 @@ from typing import Mapping
 from d2lora.benchmarks import eval_roles
 from d2lora.data.sources import available_rows
 from d2lora.models import architecture_parameters
-from d2lora.settings import TrainingHparams, defaults
+from d2lora.settings import TrainingHparams, with_defaults
 
 GPU_FLOPS = 2e14  # sustained training FLOP/s of one GPU (a quarter of an H100's 8e14 bf16 matmul, SPEC)
 CPU_FLOPS = 2e10  # the same for one CPU core
@@ -58,10 +58,10 @@ class ResourceModel:
 
     @property
     def on_gpu(self) -> bool:
-        return {**defaults(""), **self.config}["device"] != "cpu"
+        return with_defaults("", self.config)["device"] != "cpu"
 
     def weights_mb(self, dtype: str | None = None) -> float:
-        return self.params_b * 1000 * DTYPE_BYTES[dtype or {**defaults("model"), **self.config["model"]}["dtype"]]
+        return self.params_b * 1000 * DTYPE_BYTES[dtype or with_defaults("model", self.config["model"])["dtype"]]
 
     @functools.cache
     def source_rows(self, role: str, split: str) -> int:

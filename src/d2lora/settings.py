@@ -56,6 +56,11 @@ def defaults(path: str) -> dict:
     return {key: spec["default"] for key, spec in properties.items() if "default" in spec}
 
 
+def with_defaults(path: str, block: Mapping | None) -> dict:
+    """A config block (a plain mapping) with the schema's defaults filled in where it leaves keys out."""
+    return {**defaults(path), **(block or {})}
+
+
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class Settings:
     """Base of the typed settings: SCHEMA_PATH names the schema object the fields mirror; fields
@@ -77,7 +82,7 @@ class Settings:
         unknown = sorted(set(block) - names)
         if unknown:
             raise SettingsError(f"{key}.{unknown[0]}: unknown setting (known: {', '.join(sorted(names))})")
-        values = {**defaults(cls.SCHEMA_PATH), **defaults(schema_path), **block}
+        values = {**defaults(cls.SCHEMA_PATH), **with_defaults(schema_path, block)}
         for name in schema_object(schema_path).get("required", []):
             if name not in values:
                 raise SettingsError(f"{key}.{name}: required setting missing")
