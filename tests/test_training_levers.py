@@ -76,6 +76,43 @@ def test_padding_free_sft_trains_what_padded_batches_train(tiny_model_dir, train
     assert records["padding_free"]["train_tokens"] == records["padded"]["train_tokens"]
 
 
+@pytest.mark.parametrize("method", ["sft", "dpo"])
+def test_padding_to_a_multiple_of_8_pads_every_batch_and_trains_the_same(method, tiny_model_dir, tokenizer, tmp_path):
+    """The lever that halves compile_layers' graphs (benchmarks/RESULTS.md, Round 9): every batch's
+    width a multiple of 8, and the same training, since padding is masked."""
+    from d2lora.training.trainers import trl_dataset
+
+    widths, losses = [], {}
+    for name, extra in (("plain", {}), ("multiple_of_8", {"pad_to_multiple_of": 8})):
+        hp = TrainingHparams.of(dict(HP, batch_size=2, beta=0.1, **extra), f"training.adapt.{method}")
+        trainer = build_trainer(
+            method,
+            _tiny_peft(tiny_model_dir, "float32"),
+            tokenizer,
+            trl_dataset(_rows(6), method),
+            hp=hp,
+            output_dir=str(tmp_path / name),
+            seed=0,
+            use_cpu=True,
+        )
+        collate = trainer.data_collator
+
+        def collate_and_record(examples, collate=collate, name=name):
+            batch = collate(examples)
+            widths.append((name, batch["input_ids"].shape[-1]))
+            return batch
+
+        trainer.data_collator = collate_and_record
+        trainer.train()
+        losses[name] = [e["loss"] for e in trainer.state.log_history if "loss" in e]
+    padded = [width for name, width in widths if name == "multiple_of_8"]
+    assert padded and all(width % 8 == 0 for width in padded), widths
+    # The check can fail: the rows' own widths are not all multiples of 8.
+    assert any(width % 8 for name, width in widths if name == "plain"), widths
+    assert len(losses["plain"]) == 6  # 6 rows / batch 2 x 2 epochs
+    assert losses["plain"] == pytest.approx(losses["multiple_of_8"], rel=1e-4, abs=1e-5)
+
+
 def test_padding_free_refuses_rows_that_padded_batches_would_truncate(tiny_model_dir, train_file, tmp_path):
     with pytest.raises(ValueError, match=r"padding_free: \d+ of 6 rows are longer than max_length=40"):
         run_adaptation(

@@ -175,7 +175,12 @@ def _check_formats(datasets: dict) -> None:
 
 # Training options that exist for one method only: anywhere else they would be silently ignored
 # (group_by_length: preference rows have no single length).
-METHOD_ONLY_OPTIONS = {"group_by_length": "sft", "padding_free": "sft", "precompute_reference": "dpo"}
+METHOD_ONLY_OPTIONS = {
+    "group_by_length": ("sft",),
+    "padding_free": ("sft",),
+    "pad_to_multiple_of": ("sft", "dpo"),
+    "precompute_reference": ("dpo",),
+}
 
 
 def _check_method_options(training: dict) -> None:
@@ -183,8 +188,9 @@ def _check_method_options(training: dict) -> None:
     sections.update({f"training.adapt.{m}": (m, hp) for m, hp in (training.get("adapt") or {}).items()})
     for key, (method, hp) in sections.items():
         for option, only in METHOD_ONLY_OPTIONS.items():
-            if hp.get(option) and method != only:
-                raise ConfigError(f"{key}.{option}: {only.upper()} only ({key} trains {method.upper()})")
+            if hp.get(option) and method not in only:
+                names = ", ".join(m.upper() for m in only)
+                raise ConfigError(f"{key}.{option}: {names} only ({key} trains {method.upper()})")
 
 
 def check(config: dict) -> None:

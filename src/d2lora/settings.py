@@ -129,6 +129,7 @@ class TrainingHparams(Settings):
     group_by_length: bool
     base_dtype: str
     padding_free: bool
+    pad_to_multiple_of: int | None
     cast_adapter_inputs: bool
     compile_layers: bool
     precompute_reference: bool

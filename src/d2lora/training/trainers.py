@@ -104,6 +104,8 @@ def build_trainer(
     """A TRL trainer for `method` on a PeftModel whose trainable adapter is "default"."""
     hp = TrainingHparams.of(hp, f"training.adapt.{method}")
     args = _common_args(hp, output_dir=output_dir, seed=seed, use_cpu=use_cpu, checkpoint_steps=checkpoint_steps)
+    if hp.pad_to_multiple_of and method in ("sft", "dpo"):  # ORPO's config has no such field (grid.check)
+        args.update(pad_to_multiple_of=hp.pad_to_multiple_of)
     if method == "sft":
         if hp.padding_free:
             # TRL enforces no max_length without packing when padding-free (it would not truncate);
