@@ -441,19 +441,21 @@ def test_warmup_calibration_reads_the_warmup_rows(tiny_model_dir, train_file, tm
         ({"init_lora_weights": "pissa_niter_"}, r"init_lora_weights: unknown init 'pissa_niter_'"),
         ({"init_lora_weights": "pissa", "rank": 8}, r"rank: unknown key"),
         ({"adapter": "vera"}, r"adapter: unknown adapter 'vera'"),
+        ({"adapter": "dynamic", "label": "x"}, r"label: unknown key of a dynamic variant"),
+        ({"options": {"initial_rank": 2}}, r"options: only adapters adalora and dynamic take options"),
         ({"init_lora_weights": "eva", "calibration_rows": 0}, r"calibration_rows: expected a positive integer"),
     ],
 )
 def test_a_bad_variant_fails_naming_its_key(variant, message, tiny_model_dir, train_file, tmp_path):
     with pytest.raises(variants.VariantError, match=message):
-        variants.normalize_variant(variant)
+        variants.Variant.of(variant)
     with pytest.raises(variants.VariantError, match=message):
         run_adaptation(
             tiny_model_dir, train_file, "sft", "x", 2, LORA, HP, tmp_path / "out", seed=0, device="cpu", variant=variant
         )
     assert not list(tmp_path.iterdir())
-    assert variants.normalize_variant(None, "lora") == _variant("default")
-    assert variants.normalize_variant(None, "d2lora") == _variant("default", warmup=True)
+    assert variants.Variant.of(None, "lora").as_dict() == _variant("default")
+    assert variants.Variant.of(None, "d2lora").as_dict() == _variant("default", warmup=True)
 
 
 def test_adaptive_adapters_dispatch_to_dynamic_lora(tiny_model_dir, train_file, tmp_path, monkeypatch):

@@ -58,6 +58,30 @@ def test_defaults_are_the_schemas():
     assert (stats.bootstrap_samples, stats.confidence, stats.seed, stats.comparisons) == (10000, 0.95, 0, None)
 
 
+def test_a_variant_has_the_schemas_keys_and_defaults_and_round_trips_its_record():
+    from d2lora.training.variants import BUILTIN_VARIANTS, Variant, VariantError
+
+    item = schema_object("variants")["additionalProperties"]["properties"]
+    fields = {field.name: field for field in dataclasses.fields(Variant)}
+    assert set(fields) == set(item) - {"label"}  # the label names a figure's line, not the training
+    for key, spec in item.items():
+        if "default" in spec:
+            assert fields[key].default == spec["default"], key
+    pissa = Variant.of({"init_lora_weights": "pissa_niter_4", "warmup": True})
+    assert (pissa.residual, pissa.needs_calibration, pissa.calibration_rows) == (True, False, 256)
+    assert Variant.of({"init_lora_weights": "eva", "calibration_rows": 8}).needs_calibration
+    dynamic = Variant.of({"adapter": "dynamic", "options": {"initial_rank": 4}})
+    assert not dynamic.residual and dynamic.as_dict()["options"] == {"initial_rank": 4}
+    for variant in (pissa, dynamic, *BUILTIN_VARIANTS.values()):
+        assert Variant.of(variant.as_dict()) == variant and Variant.of(variant) is variant
+    assert "options" not in pissa.as_dict()  # records of plain LoRA variants keep their four keys
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        pissa.warmup = False
+    assert pissa.replace(warmup=False).warmup is False and pissa.warmup is True
+    with pytest.raises(VariantError, match="unknown init 'x' \\(built-ins: lora, d2lora"):
+        Variant.of(None, "x")
+
+
 def test_benchmark_settings_take_their_own_required_keys_and_gsm8ks_defaults():
     evaluation = EvaluationSettings.of(
         {

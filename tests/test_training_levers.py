@@ -185,10 +185,10 @@ def test_precomputed_dpo_reference_gives_the_same_training(tiny_model_dir, train
 
 
 def test_base_dtype_auto_follows_bf16_autocast_and_keeps_residual_bases_float32(monkeypatch):
-    from d2lora.training.variants import normalize_variant
+    from d2lora.training.variants import Variant
 
-    lora = normalize_variant(None, "lora")
-    pissa = normalize_variant({"init_lora_weights": "pissa"}, "pissa")
+    lora = Variant.of(None, "lora")
+    pissa = Variant.of({"init_lora_weights": "pissa"}, "pissa")
     monkeypatch.setenv("D2LORA_NATIVE_BF16", "1")
     auto = TrainingHparams.of(HP)  # bf16 and base_dtype: the schema's default, auto
     hp, record = _resolve_precision(auto, "cpu", lora)

@@ -10,6 +10,8 @@ settings class mirrors one schema object, field for field (tests/test_settings.p
 - Decoding: evaluation.gsm8k / titles / arc_easy
 - EvaluationSettings: evaluation (its dtype, merge, engine and the three benchmarks' decoding)
 - StatisticsSettings: statistics (comparisons resolved by d2lora.grid, which knows the grid)
+- Variant (one entry of `variants`, or a built-in init): d2lora.training.variants, next to the
+  init and adapter names it checks
 
 `Settings.of(block, key)` refuses a key the schema does not know and a required one left out,
 naming the config key; `as_dict()` gives the plain mapping that records and manifests store.

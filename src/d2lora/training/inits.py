@@ -60,7 +60,7 @@ from torch.utils.data import DataLoader
 from d2lora.data.schema import prompt_messages
 from d2lora.settings import LoraShape
 from d2lora.training.adapters import AdapterError, lora_config
-from d2lora.training.variants import VariantError, is_residual, needs_calibration, normalize_variant, peft_init_value
+from d2lora.training.variants import Variant, VariantError, peft_init_value
 
 EVA_RHO = 1.0  # no rank redistribution: every layer keeps rank r, so only the init differs from LoRA
 # EVA's incremental SVD is checked for convergence after every batch, cycling over the rows until
@@ -81,11 +81,11 @@ RESIDUAL_ATTR = "_d2lora_residual"
 # ---- calibration data -------------------------------------------------------------------------
 
 
-def calibration_rows(rows: list[dict], variant: dict) -> list[dict]:
+def calibration_rows(rows: list[dict], variant: Variant) -> list[dict]:
     """The rows EVA/CorDA read: the first `calibration_rows` training rows (none for other inits)."""
-    if not needs_calibration(variant):
+    if not variant.needs_calibration:
         return []
-    return list(rows[: int(variant["calibration_rows"])])
+    return list(rows[: variant.calibration_rows])
 
 
 def calibration_texts(rows: list[dict], tokenizer) -> list[str]:
@@ -98,7 +98,7 @@ def calibration_texts(rows: list[dict], tokenizer) -> list[str]:
 
 
 def calibration_for(
-    rows: list[dict], variant: dict, tokenizer, phase: str, max_length: int
+    rows: list[dict], variant: Variant, tokenizer, phase: str, max_length: int
 ) -> tuple[list[str], dict | None]:
     """(texts, record) of the rows an EVA/CorDA init reads; ([], None) for inits that read none."""
     chosen = calibration_rows(rows, variant)
@@ -107,12 +107,12 @@ def calibration_for(
     record = {
         "phase": phase,
         "rows": len(chosen),
-        "calibration_rows": variant["calibration_rows"],
+        "calibration_rows": variant.calibration_rows,
         "ids": [r["id"] for r in chosen],
         "max_length": max_length,
         "format": "prompt + chosen through the tokenizer's chat template (user, assistant)",
     }
-    if variant["init_lora_weights"] == "eva":
+    if variant.init_lora_weights == "eva":
         record["batch_size"] = EVA_BATCH_SIZE
     return calibration_texts(chosen, tokenizer), record
 
@@ -134,16 +134,16 @@ def _device_of(model):
 # ---- fresh adapters ---------------------------------------------------------------------------
 
 
-def _config(lora: LoraShape | dict, variant: dict):
+def _config(lora: LoraShape | dict, variant: Variant):
     config = lora_config(lora)
-    config.init_lora_weights = peft_init_value(variant["init_lora_weights"])
+    config.init_lora_weights = peft_init_value(variant.init_lora_weights)
     return config
 
 
 def fresh_adapter(
     base_model,
     lora: LoraShape | dict,
-    variant: dict,
+    variant: Variant | dict,
     calibration_texts: list[str] | None = None,
     tokenizer=None,
     *,
@@ -155,12 +155,12 @@ def fresh_adapter(
     Residual inits rewrite `base_model`'s target weights in place (W_res = W - s·B0A0); the
     model then carries A0/B0 (attribute RESIDUAL_ATTR) for `save_adapter`'s conversion.
     """
-    variant = normalize_variant(variant)
-    if variant["adapter"] != "lora":
-        raise VariantError(f"adapter: '{variant['adapter']}' adapters are built by d2lora.training.adaptive")
-    name = variant["init_lora_weights"]
+    variant = Variant.of(variant)
+    if variant.adapter != "lora":
+        raise VariantError(f"adapter: '{variant.adapter}' adapters are built by d2lora.training.adaptive")
+    name = variant.init_lora_weights
     config = _config(lora, variant)
-    if needs_calibration(variant):
+    if variant.needs_calibration:
         if not calibration_texts:
             raise ValueError(f"init '{name}' needs calibration texts (the training rows) and got none")
         if tokenizer is None:
@@ -187,7 +187,7 @@ def fresh_adapter(
     # Their settings are spent; saved, they would only make every later load warn.
     model.peft_config["default"].eva_config = None
     model.peft_config["default"].corda_config = None
-    if is_residual(variant):
+    if variant.residual:
         _remember_initial(model, name)
     return model
 

@@ -48,7 +48,7 @@ from d2lora.manifests import MANIFEST_NAME, build_manifest, write_manifest
 from d2lora.models import load_model, load_tokenizer, resolve_device
 from d2lora.precision import resolve_bf16_flag
 from d2lora.settings import LoraShape, TrainingHparams
-from d2lora.training import fast_paths, inits, variants, warm_start
+from d2lora.training import fast_paths, inits, warm_start
 from d2lora.training.adaptive import DEFAULTS, adapter_report, adaptive_adapter
 from d2lora.training.checkpoints import (
     INITIAL_ADAPTER_DIR,
@@ -59,6 +59,7 @@ from d2lora.training.checkpoints import (
     trainer_dir,
 )
 from d2lora.training.trainers import build_trainer, trl_dataset
+from d2lora.training.variants import Variant, VariantError
 
 
 def _train_and_save(
@@ -70,7 +71,7 @@ def _train_and_save(
     record: dict,
     resume_from: Path | None,
     inputs: dict,
-    variant: dict,
+    variant: Variant,
 ) -> dict:
     device = record["device"]
     reset_peak_memory(device)
@@ -96,7 +97,7 @@ def _train_and_save(
     record["trl_num_tokens"] = int(max((e.get("num_tokens", 0) for e in trainer.state.log_history), default=0))
     record["model_parameters"] = base_parameter_count(model)
     record["trainable_parameters"] = parameter_count(model, trainable=True)
-    if variant["adapter"] != "lora":
+    if variant.adapter != "lora":
         record["adapter"] = adapter_report(model)
     with staged_dir(out_dir) as staging:
         warm_start.save_adapter(model, staging, variant)
@@ -127,7 +128,7 @@ def _fit(
     record: dict,
     inputs: dict,
     checkpoint_steps: int,
-    variant: dict,
+    variant: Variant,
     fresh_residual: bool,
 ) -> dict:
     """build_model(initial_dir) -> (PeftModel, extra callbacks); initial_dir is None except when a
@@ -205,25 +206,25 @@ def _check_rows_kept(trainer, rows: list[dict], record: dict, max_length: int) -
     print(f"train: warning: {message}; warm-up trains on the other {kept}", file=sys.stderr)
 
 
-def _adaptive_adapter(base, lora: LoraShape, variant: dict, total_steps: int, seed: int):
+def _adaptive_adapter(base, lora: LoraShape, variant: Variant, total_steps: int, seed: int):
     """AdaLoRA or Dynamic LoRA (d2lora.training.adaptive): the variant's `options` plus, for
     Dynamic LoRA, the run's seed (it draws the A rows of the rank it grants)."""
-    options = dict(variant.get("options") or {})
-    if "seed" in DEFAULTS.get(variant["adapter"], {}):
+    options = dict(variant.options)
+    if "seed" in DEFAULTS.get(variant.adapter, {}):
         options.setdefault("seed", seed)
-    return adaptive_adapter(base, lora, {"adapter": variant["adapter"], **options}, total_steps)
+    return adaptive_adapter(base, lora, {"adapter": variant.adapter, **options}, total_steps)
 
 
-def _check_reference(method: str, hp: TrainingHparams, variant: dict) -> None:
-    if method == "dpo" and hp.reference == "base" and variants.is_residual(variant):
+def _check_reference(method: str, hp: TrainingHparams, variant: Variant) -> None:
+    if method == "dpo" and hp.reference == "base" and variant.residual:
         raise ValueError(
             f"training.adapt.dpo.reference: 'base' computes reference log-probs with the adapter disabled, but init "
-            f"'{variant['init_lora_weights']}' trains on a residual base (W - s·B0A0), not the original model; "
+            f"'{variant.init_lora_weights}' trains on a residual base (W - s·B0A0), not the original model; "
             "use 'initial_policy'"
         )
 
 
-def _resolve_precision(hp: TrainingHparams, device: str, variant: dict) -> tuple[TrainingHparams, dict]:
+def _resolve_precision(hp: TrainingHparams, device: str, variant: Variant) -> tuple[TrainingHparams, dict]:
     """The hyperparameters with `bf16` resolved for this device (auto: native bf16 or not) and the
     frozen base's dtype resolved from it (base_dtype auto), and why."""
     precision = resolve_bf16_flag(hp.bf16, device)
@@ -233,8 +234,8 @@ def _resolve_precision(hp: TrainingHparams, device: str, variant: dict) -> tuple
         base_dtype, why = setting, "set in the config"
     elif not precision.bf16:
         base_dtype, why = "float32", "bf16 autocast is off"
-    elif variants.is_residual(variant):
-        base_dtype, why = "float32", f"init '{variant['init_lora_weights']}' rewrites the base weights (W - s*B0A0)"
+    elif variant.residual:
+        base_dtype, why = "float32", f"init '{variant.init_lora_weights}' rewrites the base weights (W - s*B0A0)"
     else:
         base_dtype, why = "bfloat16", "bf16 autocast casts every base weight to bf16 for its matmul"
     record["base_dtype"] = {"setting": setting, "dtype": base_dtype, "reason": why}
@@ -250,16 +251,16 @@ def run_warmup(
     seed: int,
     device: str = "auto",
     checkpoint_steps: int = 0,
-    variant: dict | None = None,
+    variant: Variant | dict | None = None,
 ) -> dict:
     """Phase 1 of D2LoRA: SFT a fresh LoRA adapter (initialised by the variant's init) on prompt + chosen
     of the general set. variant None: the built-in "d2lora" (peft's default init). lora and hp: the
     config's blocks (training.lora, training.warmup) or their settings."""
     lora = LoraShape.of(lora, "training.lora")
-    variant = variants.normalize_variant(variant, "d2lora")
-    if variant["adapter"] != "lora":
-        raise variants.VariantError(f"adapter: the warm-up trains a lora adapter, not '{variant['adapter']}'")
-    variant["warmup"] = True
+    variant = Variant.of(variant, "d2lora")
+    if variant.adapter != "lora":
+        raise VariantError(f"adapter: the warm-up trains a lora adapter, not '{variant.adapter}'")
+    variant = variant.replace(warmup=True)
     hf_set_seed(seed)
     device = resolve_device(device)
     hp, precision = _resolve_precision(TrainingHparams.of(hp, "training.warmup"), device, variant)
@@ -269,7 +270,7 @@ def run_warmup(
     record = {
         "phase": "warmup",
         "method": "sft",
-        "variant": variant,
+        "variant": variant.as_dict(),
         "rows": len(rows),
         "seed": seed,
         "hparams": hp.as_dict(),
@@ -283,7 +284,7 @@ def run_warmup(
     def build_model(initial_dir):
         base = load_model(model_dir, dtype=hp.base_dtype, device=device)
         if initial_dir is not None:
-            return inits.residual_from_initial(base, initial_dir, variant["init_lora_weights"]), []
+            return inits.residual_from_initial(base, initial_dir, variant.init_lora_weights), []
         return inits.fresh_adapter(base, lora, variant, texts, tokenizer, max_length=hp.max_length), []
 
     return _fit(
@@ -299,7 +300,7 @@ def run_warmup(
         inputs={"model": model_dir, "train_data": train_path},
         checkpoint_steps=checkpoint_steps,
         variant=variant,
-        fresh_residual=variants.is_residual(variant),
+        fresh_residual=variant.residual,
     )
 
 
@@ -316,7 +317,7 @@ def run_adaptation(
     warmup_dir=None,
     device: str = "auto",
     checkpoint_steps: int = 0,
-    variant: dict | None = None,
+    variant: Variant | dict | None = None,
 ) -> dict:
     """Phase 2: train on the first n task rows, from a fresh adapter or the warm-up adapter.
 
@@ -325,24 +326,22 @@ def run_adaptation(
     if n <= 0:
         raise ValueError(f"adaptation with n={n}: n = 0 cells train nothing and are evaluated directly")
     lora = LoraShape.of(lora, "training.lora")
-    variant = variants.normalize_variant(variant, init)
+    variant = Variant.of(variant, init)
     hf_set_seed(seed)
     device = resolve_device(device)
     hp, precision = _resolve_precision(TrainingHparams.of(hp, f"training.adapt.{method}"), device, variant)
     rows = subset(read_jsonl(train_path), n)
     _check_reference(method, hp, variant)
-    warm = variant["warmup"]
+    warm = variant.warmup
     if warm:
         if warmup_dir is None:
             raise ValueError(f"init '{init}' needs the warm-up adapter")
-        if variant["adapter"] != "lora":
-            raise variants.VariantError(
-                f"adapter: '{variant['adapter']}' cannot continue a warm-up adapter (warmup: true)"
-            )
+        if variant.adapter != "lora":
+            raise VariantError(f"adapter: '{variant.adapter}' cannot continue a warm-up adapter (warmup: true)")
         warm_start.check_warmup_matches(warmup_dir, lora, variant, model_dir)
     tokenizer = load_tokenizer(model_dir)
     texts, calibration = ([], None) if warm else inits.calibration_for(rows, variant, tokenizer, "adapt", hp.max_length)
-    if warm and variants.needs_calibration(variant):
+    if warm and variant.needs_calibration:
         calibration = dict(
             read_json(Path(warmup_dir) / "training.json").get("calibration") or {}, from_warmup=str(warmup_dir)
         )
@@ -350,7 +349,7 @@ def run_adaptation(
         "phase": "adapt",
         "method": method,
         "init": init,
-        "variant": variant,
+        "variant": variant.as_dict(),
         "n": n,
         "seed": seed,
         "hparams": hp.as_dict(),
@@ -366,12 +365,12 @@ def run_adaptation(
 
     def build_model(initial_dir):
         base = load_model(model_dir, dtype=hp.base_dtype, device=device)
-        if variant["adapter"] != "lora":
+        if variant.adapter != "lora":
             return _adaptive_adapter(base, lora, variant, hp.optimizer_steps(len(rows)), seed)
         if warm:
             return warm_start.warm_started_adapter(base, warmup_dir, lora, variant, model_dir), []
         if initial_dir is not None:
-            return inits.residual_from_initial(base, initial_dir, variant["init_lora_weights"]), []
+            return inits.residual_from_initial(base, initial_dir, variant.init_lora_weights), []
         return inits.fresh_adapter(base, lora, variant, texts, tokenizer, max_length=hp.max_length), []
 
     print(f"adapt: {method}/{init} n={n} seed={seed} on {device}", file=sys.stderr)
@@ -388,5 +387,5 @@ def run_adaptation(
         inputs={"model": model_dir, "train_data": train_path, "warmup_adapter": warmup_dir if warm else None},
         checkpoint_steps=checkpoint_steps,
         variant=variant,
-        fresh_residual=variants.is_residual(variant) and not warm,
+        fresh_residual=variant.residual and not warm,
     )

@@ -1,16 +1,20 @@
 """Variant specs: what an init names (adapter, peft init, warm start, calibration rows), checked
 and completed. Pure data, no torch: the config check reads it before any job (d2lora.grid).
 
-A variant spec is a dict::
+A config spec is a dict (config `variants`, schema-checked)::
 
     {"adapter": "lora", "init_lora_weights": "default", "warmup": False, "calibration_rows": 256}
 
-d2lora.training.inits builds the adapter a spec names.
+Variant.of checks and completes it into a frozen Variant; d2lora.training.inits builds the adapter
+it names.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import re
+from collections.abc import Mapping
+from typing import Any
 
 # init name -> peft's init_lora_weights value
 INITS = {
@@ -27,25 +31,84 @@ DATA_INITS = ("eva", "corda")
 ADAPTERS = ("lora", "adalora", "dynamic")
 DEFAULT_CALIBRATION_ROWS = 256
 
-VARIANT_KEYS = ("adapter", "init_lora_weights", "warmup", "calibration_rows")
-BUILTIN_VARIANTS = {
-    "lora": {
-        "adapter": "lora",
-        "init_lora_weights": "default",
-        "warmup": False,
-        "calibration_rows": DEFAULT_CALIBRATION_ROWS,
-    },
-    "d2lora": {
-        "adapter": "lora",
-        "init_lora_weights": "default",
-        "warmup": True,
-        "calibration_rows": DEFAULT_CALIBRATION_ROWS,
-    },
-}
+VARIANT_KEYS = ("adapter", "init_lora_weights", "warmup", "calibration_rows", "options")
 
 
 class VariantError(ValueError):
     """A variant spec that names an unknown init, adapter or key; the message names the key."""
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class Variant:
+    """One variant of the init axis, checked and complete: the adapter type, peft's init, whether it
+    continues from its own warm-up, EVA/CorDA's calibration rows, and an adaptive adapter's options
+    (d2lora.training.adaptive checks those). Built from a config spec with Variant.of."""
+
+    adapter: str = "lora"
+    init_lora_weights: str = "default"
+    warmup: bool = False
+    calibration_rows: int = DEFAULT_CALIBRATION_ROWS
+    options: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+
+    @classmethod
+    def of(cls, spec: Variant | dict | None, init: str | None = None) -> Variant:
+        """The variant a spec names; None means the built-in variant named `init`."""
+        if isinstance(spec, cls):
+            return spec
+        if spec is None:
+            if init not in BUILTIN_VARIANTS:
+                raise VariantError(
+                    f"unknown init '{init}' (built-ins: {', '.join(BUILTIN_VARIANTS)}; any other init "
+                    f"needs its variant spec with keys {', '.join(VARIANT_KEYS)})"
+                )
+            return BUILTIN_VARIANTS[init]
+        if not isinstance(spec, dict):
+            raise VariantError(f"variant: expected a mapping with keys {', '.join(VARIANT_KEYS)}, got {spec!r}")
+        adapter = spec.get("adapter", "lora")
+        if adapter not in ADAPTERS:
+            raise VariantError(f"adapter: unknown adapter '{adapter}' (known: {', '.join(ADAPTERS)})")
+        unknown = sorted(set(spec) - set(VARIANT_KEYS))
+        if unknown:
+            raise VariantError(f"{unknown[0]}: unknown key of a {adapter} variant (known: {', '.join(VARIANT_KEYS)})")
+        if adapter == "lora" and spec.get("options"):
+            raise VariantError("options: only adapters adalora and dynamic take options")
+        name = spec.get("init_lora_weights", "default")
+        if name is True:
+            name = "default"
+        peft_init_value(name)
+        rows = spec.get("calibration_rows", DEFAULT_CALIBRATION_ROWS)
+        if isinstance(rows, bool) or not isinstance(rows, int) or rows < 1:
+            raise VariantError(f"calibration_rows: expected a positive integer, got {rows!r}")
+        return cls(
+            adapter=adapter,
+            init_lora_weights=name,
+            warmup=bool(spec.get("warmup", False)),
+            calibration_rows=rows,
+            options=dict(spec.get("options") or {}),
+        )
+
+    @property
+    def residual(self) -> bool:
+        """The init rewrites the base weights (W - s*B0A0): PiSSA, OLoRA, CorDA."""
+        return self.adapter == "lora" and is_residual_init(self.init_lora_weights)
+
+    @property
+    def needs_calibration(self) -> bool:
+        """The init reads training rows' activations: EVA, CorDA."""
+        return self.adapter == "lora" and self.init_lora_weights in DATA_INITS
+
+    def replace(self, **changes) -> Variant:
+        return dataclasses.replace(self, **changes)
+
+    def as_dict(self) -> dict:
+        """The recorded form (training.json's "variant"): options only where an adapter has them."""
+        out = dataclasses.asdict(self)
+        if not out["options"]:
+            del out["options"]
+        return out
+
+
+BUILTIN_VARIANTS = {"lora": Variant(), "d2lora": Variant(warmup=True)}
 
 
 def init_names() -> list[str]:
@@ -62,46 +125,3 @@ def peft_init_value(name: str):
 
 def is_residual_init(name: str) -> bool:
     return name in RESIDUAL_INITS or bool(PISSA_NITER.fullmatch(str(name)))
-
-
-def normalize_variant(variant: dict | None, init: str | None = None) -> dict:
-    """A complete, checked variant spec; None means the built-in variant named `init`."""
-    if variant is None:
-        if init not in BUILTIN_VARIANTS:
-            raise VariantError(
-                f"unknown init '{init}' (built-ins: {', '.join(BUILTIN_VARIANTS)}; any other init "
-                f"needs its variant spec with keys {', '.join(VARIANT_KEYS)})"
-            )
-        return dict(BUILTIN_VARIANTS[init])
-    if not isinstance(variant, dict):
-        raise VariantError(f"variant: expected a mapping with keys {', '.join(VARIANT_KEYS)}, got {variant!r}")
-    adapter = variant.get("adapter", "lora")
-    if adapter not in ADAPTERS:
-        raise VariantError(f"adapter: unknown adapter '{adapter}' (known: {', '.join(ADAPTERS)})")
-    out = dict(variant)
-    out["adapter"] = adapter
-    out["warmup"] = bool(variant.get("warmup", False))
-    if adapter != "lora":
-        # Built by d2lora.training.adaptive, which owns (and checks) its own keys.
-        return out
-    unknown = sorted(set(variant) - set(VARIANT_KEYS))
-    if unknown:
-        raise VariantError(f"{unknown[0]}: unknown key of a lora variant (known: {', '.join(VARIANT_KEYS)})")
-    name = variant.get("init_lora_weights", "default")
-    if name is True:
-        name = "default"
-    peft_init_value(name)
-    out["init_lora_weights"] = name
-    rows = variant.get("calibration_rows", DEFAULT_CALIBRATION_ROWS)
-    if isinstance(rows, bool) or not isinstance(rows, int) or rows < 1:
-        raise VariantError(f"calibration_rows: expected a positive integer, got {rows!r}")
-    out["calibration_rows"] = rows
-    return out
-
-
-def is_residual(variant: dict) -> bool:
-    return variant.get("adapter", "lora") == "lora" and is_residual_init(variant.get("init_lora_weights", "default"))
-
-
-def needs_calibration(variant: dict) -> bool:
-    return variant.get("adapter", "lora") == "lora" and variant.get("init_lora_weights") in DATA_INITS

@@ -35,21 +35,21 @@ from d2lora.training.variants import (
     BUILTIN_VARIANTS,
     DATA_INITS,
     DEFAULT_CALIBRATION_ROWS,
-    is_residual,
+    Variant,
     is_residual_init,
-    normalize_variant,
 )
 
 
-def save_adapter(model, out_dir: str | Path, variant: dict) -> None:
+def save_adapter(model, out_dir: str | Path, variant: Variant | dict) -> None:
     """Write the trained "default" adapter so that plain PeftModel.from_pretrained(ORIGINAL base,
     out_dir) gives the trained function; residual models also get `residual/` to continue from."""
     out_dir = Path(out_dir)
     residual = getattr(model, RESIDUAL_ATTR, None)
     if residual is None:
-        if is_residual(normalize_variant(variant)):
+        variant = Variant.of(variant)
+        if variant.residual:
             raise ValueError(
-                f"init '{variant['init_lora_weights']}' rewrote the base weights, but the model carries "
+                f"init '{variant.init_lora_weights}' rewrote the base weights, but the model carries "
                 "no initial adapter to convert against"
             )
         model.save_pretrained(str(out_dir), selected_adapters=["default"], safe_serialization=True)
@@ -94,11 +94,11 @@ def _warmup_variant(adapter_dir: Path) -> dict | None:
 
 
 def check_warmup_matches(
-    adapter_dir: str | Path, lora: LoraShape | dict, variant: dict, base_model_dir: str | Path
+    adapter_dir: str | Path, lora: LoraShape | dict, variant: Variant | dict, base_model_dir: str | Path
 ) -> None:
     """Refuse a warm-up adapter made with another init (or calibration size), rank, alpha or base model."""
     adapter_dir = Path(adapter_dir)
-    variant = normalize_variant(variant)
+    variant = Variant.of(variant)
     record = residual_record(adapter_dir)
     if record is None:
         check_adapter_matches(adapter_dir, lora, base_model_dir)
@@ -109,20 +109,22 @@ def check_warmup_matches(
             raise AdapterError(str(err)) from err
         residual_cfg = json.loads((adapter_dir / RESIDUAL_DIR / CONFIG_FILE).read_text())
         check_adapter_config(residual_cfg, adapter_dir / RESIDUAL_DIR, lora, base_model_dir)
-    made_with = _warmup_variant(adapter_dir) or BUILTIN_VARIANTS["d2lora"]
-    want = variant["init_lora_weights"]
+    # The warm-up's recorded variant, read as recorded (a file, not config); none: the default warm-up.
+    made_with = _warmup_variant(adapter_dir) or BUILTIN_VARIANTS["d2lora"].as_dict()
+    want = variant.init_lora_weights
     got = made_with.get("init_lora_weights", "default")
     if got != want:
         raise AdapterError(
             f"{adapter_dir}: the warm-up adapter was initialised with init_lora_weights '{got}'; "
             f"this variant continues one made with '{want}'"
         )
-    if want in DATA_INITS and int(made_with.get("calibration_rows", DEFAULT_CALIBRATION_ROWS)) != int(
-        variant["calibration_rows"]
+    if (
+        want in DATA_INITS
+        and int(made_with.get("calibration_rows", DEFAULT_CALIBRATION_ROWS)) != variant.calibration_rows
     ):
         raise AdapterError(
             f"{adapter_dir}: the warm-up adapter's {want} init read {made_with.get('calibration_rows')} "
-            f"calibration rows; this variant asks for calibration_rows={variant['calibration_rows']}"
+            f"calibration rows; this variant asks for calibration_rows={variant.calibration_rows}"
         )
     if is_residual_init(want) and record is None:
         raise AdapterError(
@@ -132,12 +134,16 @@ def check_warmup_matches(
 
 
 def warm_started_adapter(
-    base_model, adapter_dir: str | Path, lora: LoraShape | dict, variant: dict | None, base_model_dir: str | Path
+    base_model,
+    adapter_dir: str | Path,
+    lora: LoraShape | dict,
+    variant: Variant | dict | None,
+    base_model_dir: str | Path,
 ):
     """A trainable PeftModel whose function is the warm-up's trained function: for residual inits
     on W_res rebuilt from the warm-up's A0/B0, with the warm-up's trained A/B."""
     adapter_dir = Path(adapter_dir)
-    variant = normalize_variant(variant if variant is not None else BUILTIN_VARIANTS["d2lora"])
+    variant = Variant.of(variant, "d2lora")
     check_warmup_matches(adapter_dir, lora, variant, base_model_dir)
     record = residual_record(adapter_dir)
     if record is None:
