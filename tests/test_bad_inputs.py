@@ -425,21 +425,54 @@ def test_training_refuses_bad_arguments_before_writing_anything(tiny_model_dir, 
     hp = {"learning_rate": 1e-3, "epochs": 1, "scheduler": "cosine", "batch_size": 2, "max_length": 64}
     lora = {"rank": 4, "alpha": 8}
     with pytest.raises(ValueError, match=r"n=0"):
-        run_adaptation(tiny_model_dir, train, "sft", "lora", 0, lora, hp, tmp_path / "out", seed=0, device="cpu")
+        run_adaptation(
+            tiny_model_dir,
+            train,
+            method="sft",
+            init="lora",
+            n=0,
+            lora=lora,
+            hp=hp,
+            out_dir=tmp_path / "out",
+            seed=0,
+            device="cpu",
+        )
     with pytest.raises(ValueError, match=r"n=9 training rows, but there are only 4"):
-        run_adaptation(tiny_model_dir, train, "sft", "lora", 9, lora, hp, tmp_path / "out", seed=0, device="cpu")
+        run_adaptation(
+            tiny_model_dir,
+            train,
+            method="sft",
+            init="lora",
+            n=9,
+            lora=lora,
+            hp=hp,
+            out_dir=tmp_path / "out",
+            seed=0,
+            device="cpu",
+        )
     with pytest.raises(ValueError, match=r"unknown init 'pissa'"):
-        run_adaptation(tiny_model_dir, train, "sft", "pissa", 2, lora, hp, tmp_path / "out", seed=0, device="cpu")
+        run_adaptation(
+            tiny_model_dir,
+            train,
+            method="sft",
+            init="pissa",
+            n=2,
+            lora=lora,
+            hp=hp,
+            out_dir=tmp_path / "out",
+            seed=0,
+            device="cpu",
+        )
     with pytest.raises(AdapterError, match=r"not an adapter folder"):
         run_adaptation(
             tiny_model_dir,
             train,
-            "sft",
-            "d2lora",
-            2,
-            lora,
-            hp,
-            tmp_path / "out",
+            method="sft",
+            init="d2lora",
+            n=2,
+            lora=lora,
+            hp=hp,
+            out_dir=tmp_path / "out",
             seed=0,
             warmup_dir=tmp_path / "no-warmup",
             device="cpu",
@@ -462,12 +495,12 @@ def test_prompts_longer_than_max_length_are_refused_not_silently_dropped(tiny_mo
         run_adaptation(
             tiny_model_dir,
             train,
-            method,
-            "lora",
-            4,
-            {"rank": 4, "alpha": 8},
-            hp,
-            tmp_path / "out",
+            method=method,
+            init="lora",
+            n=4,
+            lora={"rank": 4, "alpha": 8},
+            hp=hp,
+            out_dir=tmp_path / "out",
             seed=0,
             device="cpu",
             checkpoint_steps=1,

@@ -227,13 +227,13 @@ def _cell(benchmark, tiny_model_dir, tmp_path, rows, engine, settings):
     cell = {"task": "math", "method": "none", "init": "lora", "n": 0, "seed": 0}
     record = evaluate_cell(
         benchmark,
-        cell,
-        tiny_model_dir,
-        None,
-        data,
-        {**settings, "engine": engine},
-        out / "scores.json",
-        out / "predictions.jsonl",
+        cell=cell,
+        model_dir=tiny_model_dir,
+        adapter_dir=None,
+        data_dir=data,
+        settings={**settings, "engine": engine},
+        scores_path=out / "scores.json",
+        predictions_path=out / "predictions.jsonl",
         device="cpu",
     )
     return record, read_jsonl(out / "predictions.jsonl")

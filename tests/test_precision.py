@@ -97,13 +97,13 @@ def test_evaluation_records_the_resolved_dtype_and_its_reason(tiny_model_dir, tm
     out.mkdir()
     record = evaluate_cell(
         "titles",
-        cell,
-        tiny_model_dir,
-        None,
-        data,
-        settings,
-        out / "scores.json",
-        out / "predictions.jsonl",
+        cell=cell,
+        model_dir=tiny_model_dir,
+        adapter_dir=None,
+        data_dir=data,
+        settings=settings,
+        scores_path=out / "scores.json",
+        predictions_path=out / "predictions.jsonl",
         device="cpu",
     )
     assert record["settings"]["dtype"] == "float32"

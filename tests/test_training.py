@@ -38,7 +38,7 @@ def train_file(tmp_path_factory):
 @pytest.fixture(scope="module")
 def warmup_adapter(tiny_model_dir, train_file, tmp_path_factory):
     out = tmp_path_factory.mktemp("warmup") / "adapter"
-    run_warmup(tiny_model_dir, train_file, LORA, HP, out, seed=0, device="cpu")
+    run_warmup(tiny_model_dir, train_file, lora=LORA, hp=HP, out_dir=out, seed=0, device="cpu")
     return out
 
 
@@ -64,12 +64,12 @@ def test_adaptation_trains_on_the_first_n_rows(method, init, tiny_model_dir, tra
     record = run_adaptation(
         tiny_model_dir,
         train_file,
-        method,
-        init,
-        4,
-        LORA,
-        hp,
-        out,
+        method=method,
+        init=init,
+        n=4,
+        lora=LORA,
+        hp=hp,
+        out_dir=out,
         seed=0,
         warmup_dir=warmup_adapter if init == "d2lora" else None,
         device="cpu",
@@ -101,7 +101,9 @@ def test_adapter_of_another_rank_is_refused(warmup_adapter, tiny_model_dir):
 
 def test_n_zero_trains_nothing(tiny_model_dir, train_file, tmp_path):
     with pytest.raises(ValueError, match="n=0"):
-        run_adaptation(tiny_model_dir, train_file, "sft", "lora", 0, LORA, HP, tmp_path / "a", seed=0)
+        run_adaptation(
+            tiny_model_dir, train_file, method="sft", init="lora", n=0, lora=LORA, hp=HP, out_dir=tmp_path / "a", seed=0
+        )
 
 
 def _sequence_logps(model, batch) -> tuple[torch.Tensor, torch.Tensor]:
@@ -164,7 +166,16 @@ def test_token_counts_are_comparable_across_methods(tiny_model_dir, train_file, 
     for method in ("sft", "dpo", "orpo"):
         hp = dict(HP, beta=0.1) if method != "sft" else HP
         records[method] = run_adaptation(
-            tiny_model_dir, train_file, method, "lora", 4, LORA, hp, tmp_path / method, seed=0, device="cpu"
+            tiny_model_dir,
+            train_file,
+            method=method,
+            init="lora",
+            n=4,
+            lora=LORA,
+            hp=hp,
+            out_dir=tmp_path / method,
+            seed=0,
+            device="cpu",
         )
     for method, record in records.items():
         assert record["train_tokens"] == round(record["sequence_tokens_per_epoch"] * float(HP["epochs"])), method

@@ -43,7 +43,7 @@ def train_file(tmp_path_factory):
 @pytest.fixture(scope="module")
 def warmup_adapter(tiny_model_dir, train_file, tmp_path_factory):
     out = tmp_path_factory.mktemp("levers_warmup") / "adapter"
-    run_warmup(tiny_model_dir, train_file, LORA, dict(HP, epochs=1), out, seed=0, device="cpu")
+    run_warmup(tiny_model_dir, train_file, lora=LORA, hp=dict(HP, epochs=1), out_dir=out, seed=0, device="cpu")
     return out
 
 
@@ -61,7 +61,16 @@ def test_padding_free_sft_trains_what_padded_batches_train(tiny_model_dir, train
     records = {}
     for name, extra in (("padded", {}), ("padding_free", {"padding_free": True})):
         records[name] = run_adaptation(
-            tiny_model_dir, train_file, "sft", "lora", 6, LORA, dict(HP, **extra), tmp_path / name, seed=0, device="cpu"
+            tiny_model_dir,
+            train_file,
+            method="sft",
+            init="lora",
+            n=6,
+            lora=LORA,
+            hp=dict(HP, **extra),
+            out_dir=tmp_path / name,
+            seed=0,
+            device="cpu",
         )
     plain, free = _losses(records["padded"]), _losses(records["padding_free"])
     assert len(plain) == len(free) == 4  # 6 rows / batch 3 x 2 epochs: the same steps
@@ -118,12 +127,12 @@ def test_padding_free_refuses_rows_that_padded_batches_would_truncate(tiny_model
         run_adaptation(
             tiny_model_dir,
             train_file,
-            "sft",
-            "lora",
-            6,
-            LORA,
-            dict(HP, max_length=40, padding_free=True),
-            tmp_path / "a",
+            method="sft",
+            init="lora",
+            n=6,
+            lora=LORA,
+            hp=dict(HP, max_length=40, padding_free=True),
+            out_dir=tmp_path / "a",
             seed=0,
             device="cpu",
         )
@@ -168,12 +177,12 @@ def test_precomputed_dpo_reference_gives_the_same_training(tiny_model_dir, train
         records[name] = run_adaptation(
             tiny_model_dir,
             train_file,
-            "dpo",
-            "d2lora",
-            6,
-            LORA,
-            dict(HP, beta=0.1, **extra),
-            tmp_path / name,
+            method="dpo",
+            init="d2lora",
+            n=6,
+            lora=LORA,
+            hp=dict(HP, beta=0.1, **extra),
+            out_dir=tmp_path / name,
             seed=0,
             warmup_dir=warmup_adapter,
             device="cpu",
@@ -204,12 +213,12 @@ def test_a_bf16_base_trains_a_float32_adapter(tiny_model_dir, train_file, tmp_pa
     record = run_adaptation(
         tiny_model_dir,
         train_file,
-        "sft",
-        "lora",
-        3,
-        LORA,
-        dict(HP, epochs=1, bf16=True),
-        tmp_path / "a",
+        method="sft",
+        init="lora",
+        n=3,
+        lora=LORA,
+        hp=dict(HP, epochs=1, bf16=True),
+        out_dir=tmp_path / "a",
         seed=0,
         device="cpu",
     )
@@ -310,7 +319,16 @@ def test_uncast_adapter_inputs_train_what_the_cast_trains(tiny_model_dir, train_
     for cast in (True, False):
         hp = dict(HP, bf16=True, cast_adapter_inputs=cast)
         records[cast] = run_adaptation(
-            tiny_model_dir, train_file, "sft", "lora", 6, lora, hp, tmp_path / str(cast), seed=0, device="cpu"
+            tiny_model_dir,
+            train_file,
+            method="sft",
+            init="lora",
+            n=6,
+            lora=lora,
+            hp=hp,
+            out_dir=tmp_path / str(cast),
+            seed=0,
+            device="cpu",
         )
     assert records[False]["fast_paths"]["cast_adapter_inputs"]["layers"] > 0
     assert records[True]["fast_paths"]["cast_adapter_inputs"]["layers"] == 0

@@ -8,7 +8,7 @@ RES=benchmarks/results_paper_scale
 grep -aE "^\[paper_scale|^==|Error|Traceback" /root/paper_scale.log 2>/dev/null | tail -25
 nvidia-smi --query-gpu=utilization.gpu,memory.used --format=csv,noheader 2>/dev/null
 [ -n "$OUT" ] || exit 0
-cp $RES/summary.json /root/paper_scale.log $OUT/ 2>/dev/null
+cp $RES/summary*.json /root/paper_scale.log $OUT/ 2>/dev/null
 tar -czf $OUT/paper_scale_records.tar.gz $RES/summary.json \
    $(ls $RES/work/model/prepare.json $RES/work/model/base/source.json $RES/work/model/base/config.json 2>/dev/null) \
    $(ls $RES/work/adapters/*/training.json $RES/work/adapters/*/manifest.json 2>/dev/null) \

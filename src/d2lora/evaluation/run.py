@@ -82,6 +82,7 @@ def engine_for(benchmark: str, engine: str) -> str:
 
 def evaluate_cell(
     benchmark: str,
+    *,
     cell: dict,
     model_dir,
     adapter_dir,

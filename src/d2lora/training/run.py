@@ -245,6 +245,7 @@ def _resolve_precision(hp: TrainingHparams, device: str, variant: Variant) -> tu
 def run_warmup(
     model_dir,
     train_path,
+    *,
     lora: LoraShape | dict,
     hp: TrainingHparams | dict,
     out_dir,
@@ -307,6 +308,7 @@ def run_warmup(
 def run_adaptation(
     model_dir,
     train_path,
+    *,
     method: str,
     init: str,
     n: int,
