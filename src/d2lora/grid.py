@@ -17,6 +17,8 @@ from d2lora.data.formats import FORMATS
 from d2lora.data.prepare import ROLE_FORMS
 from d2lora.data.sources import available_rows, source_origin
 from d2lora.settings import Decoding, StatisticsSettings, defaults, with_defaults
+from d2lora.training.variants import BUILTIN_VARIANTS as TYPED_BUILTINS
+from d2lora.training.variants import Variant, VariantError
 
 TASKS = ("math", "titles")
 # Each metric's benchmark and each benchmark's task, from the benchmark catalog (the schema's enum
@@ -114,11 +116,16 @@ def max_n(config: dict, task: str) -> int:
 # adaptive-rank AdaLoRA / Dynamic LoRA), which of peft's `init_lora_weights`, and whether it
 # continues from the D2LoRA warm-up (trained with the same init, on the same residual base where the
 # init rewrites the base weights). `lora` and `d2lora` are the paper's two; config `variants` adds more.
+# The spec form the rules pass to jobs (d2lora.training.variants.Variant.of completes it there): the
+# built-ins' three keys and a label; calibration_rows only where a config sets it, so specs, and
+# with them every job's parameters, stay what they were.
+SPEC_KEYS = ("adapter", "init_lora_weights", "warmup")
+BUILTIN_LABELS = {"lora": "LoRA", "d2lora": "D2LoRA"}
 BUILTIN_VARIANTS = {
-    "lora": {"adapter": "lora", "init_lora_weights": "default", "warmup": False, "label": "LoRA"},
-    "d2lora": {"adapter": "lora", "init_lora_weights": "default", "warmup": True, "label": "D2LoRA"},
+    name: {**{key: getattr(variant, key) for key in SPEC_KEYS}, "label": BUILTIN_LABELS[name]}
+    for name, variant in TYPED_BUILTINS.items()
 }
-VARIANT_DEFAULTS = {"adapter": "lora", "init_lora_weights": "default", "warmup": False}
+VARIANT_DEFAULTS = {key: getattr(Variant(), key) for key in SPEC_KEYS}
 
 
 def variants(config: dict) -> dict[str, dict]:
@@ -208,8 +215,10 @@ def check(config: dict) -> None:
             raise ConfigError(
                 f"variants.{name}.init_lora_weights: peft's LoRA inits apply to adapter 'lora', not '{adapter}'"
             )
-        if adapter == "lora" and spec.get("options"):
-            raise ConfigError(f"variants.{name}.options: only adapters adalora and dynamic take options")
+        try:
+            Variant.of({key: value for key, value in spec.items() if key != "label"})
+        except VariantError as err:  # its message starts with the key: "options: only adapters ..."
+            raise ConfigError(f"variants.{name}.{err}") from err
     known = variants(config)
     for name, experiment in config["experiments"].items():
         key = f"experiments.{name}"
