@@ -17,14 +17,18 @@ LOGS = "logs"
 CELL = "{task}/{method}/{init}/n{n}/s{seed}"
 
 
+def cell_path(cell):
+    """A cell's part of every per-cell path; `cell` is a rule's wildcards or a grid cell's wildcards dict."""
+    return CELL.format(**cell)
+
+
 def adapter_dir(cell):
-    """A cell's adapter folder; `cell` is a rule's wildcards or a grid cell's wildcards dict."""
-    return f"{RESULTS}/adapters/{CELL.format(**cell)}"
+    return f"{RESULTS}/adapters/{cell_path(cell)}"
 
 
 def eval_file(benchmark, cell, name):
     """One file (scores.json, predictions.jsonl, manifest.json) of a cell's evaluation on a benchmark."""
-    return f"{RESULTS}/eval/{benchmark}/{CELL.format(**cell)}/{name}"
+    return f"{RESULTS}/eval/{benchmark}/{cell_path(cell)}/{name}"
 
 
 FIGURES = ["figure1", "figure2", "figure3", "figure4"]
@@ -180,14 +184,14 @@ def eval_settings(wildcards):
 
 def benchmark_paths():
     """Every job's Snakemake benchmark file: the per-rule runtimes in the report."""
-    cells = [CELL.format(**c.wildcards) for c in grid.training_cells(config)]
+    cells = [cell_path(c.wildcards) for c in grid.training_cells(config)]
     paths = [f"{RESULTS}/benchmarks/prepare_model/base.tsv"]
     paths += expand(f"{RESULTS}/benchmarks/prepare_data/{{role}}.tsv", role=used_roles())
     paths += expand(f"{RESULTS}/benchmarks/sample_negatives/{{task}}.tsv", task=onpolicy_tasks())
     paths += [f"{RESULTS}/benchmarks/warmup/{init}.tsv" for init in grid.warm_inits(config)]
     paths += [f"{RESULTS}/benchmarks/adapt/{cell}.tsv" for cell in cells]
     paths += [
-        f"{RESULTS}/benchmarks/evaluate/{benchmark}/{CELL.format(**cell.wildcards)}.tsv"
+        f"{RESULTS}/benchmarks/evaluate/{benchmark}/{cell_path(cell.wildcards)}.tsv"
         for benchmark, cell in grid.evaluation_jobs(config)
     ]
     return paths
