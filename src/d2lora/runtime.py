@@ -1,4 +1,5 @@
-"""What every workflow script does around its one call: log to the rule's log file, bound threads.
+"""What every workflow script does around its one call: log to the rule's log file, bound threads,
+point torch.compile at the config's cache folder (`compile_cache_dir`).
 
 It also exports the config's sha256 (recorded in every result manifest) and the name of the
 config's token variable (`hf_token_env`), whose value is then redacted from the log and from
@@ -17,6 +18,8 @@ from pathlib import Path
 from d2lora.manifests import CONFIG_SHA_ENV, config_sha256
 from d2lora.redaction import SECRET_ENVS_VAR, secret_values
 
+COMPILE_CACHE_ENV = "TORCHINDUCTOR_CACHE_DIR"
+
 
 @contextlib.contextmanager
 def job(snakemake):
@@ -26,6 +29,7 @@ def job(snakemake):
         os.environ[var] = threads
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     _export_provenance_settings(getattr(snakemake, "config", None))
+    _export_compile_cache(getattr(snakemake, "config", None))
     log_path = Path(snakemake.log[0]) if len(snakemake.log) else None
     if log_path is None:
         yield
@@ -57,6 +61,14 @@ def _export_provenance_settings(config) -> None:
     if token_env:
         names = {n for n in os.environ.get(SECRET_ENVS_VAR, "").split(",") if n} | {str(token_env)}
         os.environ[SECRET_ENVS_VAR] = ",".join(sorted(names))
+
+
+def _export_compile_cache(config) -> None:
+    """torch.compile's cache folder from the config; inductor reads the variable when it compiles,
+    so setting it after torch is imported is in time."""
+    folder = (config or {}).get("compile_cache_dir")
+    if folder:
+        os.environ[COMPILE_CACHE_ENV] = str(Path(folder).resolve())
 
 
 class RedactingWriter:
