@@ -14,7 +14,7 @@ import torch
 from d2lora.io import write_jsonl
 from d2lora.settings import TrainingHparams
 from d2lora.training.run import _resolve_precision, run_adaptation, run_warmup
-from d2lora.training.trainers import build_trainer, conversational
+from d2lora.training.trainers import build_trainer, conversational, trl_dataset
 
 LORA = {"rank": 4, "alpha": 8, "dropout": 0.0, "target_modules": "all-linear"}
 HP = {"learning_rate": 5e-3, "epochs": 2, "scheduler": "constant", "batch_size": 3, "max_length": 160}
@@ -89,8 +89,6 @@ def test_padding_free_sft_trains_what_padded_batches_train(tiny_model_dir, train
 def test_padding_to_a_multiple_of_8_pads_every_batch_and_trains_the_same(method, tiny_model_dir, tokenizer, tmp_path):
     """The lever that halves compile_layers' graphs (benchmarks/RESULTS.md, Round 9): every batch's
     width a multiple of 8, and the same training, since padding is masked."""
-    from d2lora.training.trainers import trl_dataset
-
     widths, losses = [], {}
     for name, extra in (("plain", {}), ("multiple_of_8", {"pad_to_multiple_of": 8})):
         hp = TrainingHparams.of(dict(HP, batch_size=2, beta=0.1, **extra), f"training.adapt.{method}")
@@ -113,7 +111,7 @@ def test_padding_to_a_multiple_of_8_pads_every_batch_and_trains_the_same(method,
 
         trainer.data_collator = collate_and_record
         trainer.train()
-        losses[name] = [e["loss"] for e in trainer.state.log_history if "loss" in e]
+        losses[name] = _losses({"log_history": trainer.state.log_history})
     padded = [width for name, width in widths if name == "multiple_of_8"]
     assert padded and all(width % 8 == 0 for width in padded), widths
     # The check can fail: the rows' own widths are not all multiples of 8.
