@@ -13,6 +13,7 @@ import pytest
 from d2lora import settings
 from d2lora.settings import (
     Decoding,
+    EvaluationServer,
     EvaluationSettings,
     LoraShape,
     SettingsError,
@@ -36,6 +37,7 @@ CLASSES = {
     TrainingHparams: "$defs/hparams",
     Decoding: "evaluation/gsm8k",
     EvaluationSettings: "evaluation",
+    EvaluationServer: "evaluation/server",
     StatisticsSettings: "statistics",
 }
 

@@ -8,7 +8,8 @@ settings class mirrors one schema object, field for field (tests/test_settings.p
 - LoraShape: training.lora
 - TrainingHparams: $defs/hparams (training.warmup, training.adapt.<method>)
 - Decoding: evaluation.gsm8k / titles / arc_easy
-- EvaluationSettings: evaluation (its dtype, merge, engine and the three benchmarks' decoding)
+- EvaluationSettings: evaluation (its dtype, merge, engine, the three benchmarks' decoding and the
+  cell server, EvaluationServer)
 - StatisticsSettings: statistics (comparisons resolved by d2lora.grid, which knows the grid)
 - Variant (one entry of `variants`, or a built-in init): d2lora.training.variants, next to the
   init and adapter names it checks
@@ -158,13 +159,29 @@ class Decoding(Settings):
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
+class EvaluationServer(Settings):
+    """Where evaluate jobs run their cell: in their own process, or in the machine's cell server."""
+
+    SCHEMA_PATH: ClassVar[str] = "evaluation/server"
+
+    enabled: bool
+    idle_seconds: int
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
 class EvaluationSettings(Settings):
     SCHEMA_PATH: ClassVar[str] = "evaluation"
-    NESTED: ClassVar[dict[str, type]] = {"gsm8k": Decoding, "titles": Decoding, "arc_easy": Decoding}
+    NESTED: ClassVar[dict[str, type]] = {
+        "gsm8k": Decoding,
+        "titles": Decoding,
+        "arc_easy": Decoding,
+        "server": EvaluationServer,
+    }
 
     dtype: str
     merge_adapter: bool
     engine: str
+    server: EvaluationServer
     gsm8k: Decoding
     titles: Decoding
     arc_easy: Decoding

@@ -1,8 +1,10 @@
-from d2lora.evaluation.run import evaluate_cell
+from d2lora.evaluation.dispatch import evaluate_cell_job
 from d2lora.runtime import job
 
 with job(snakemake):
-    evaluate_cell(
+    evaluate_cell_job(
+        server=snakemake.config["evaluation"].get("server"),
+        log_path=snakemake.log[0],
         benchmark=snakemake.wildcards.benchmark,
         cell=dict(snakemake.wildcards.items()),
         model_dir=snakemake.input.model,
