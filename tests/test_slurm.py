@@ -7,7 +7,9 @@ rule, both inits: 22 SLURM jobs) with the production profile plus tests/slurm/pr
 which changes only how the plugin polls (squeue, every few seconds) and keeps every job's SLURM
 log. Checked: every job of the DAG was a SLURM job that completed, with the runtime, memory and
 GPUs its rule declares; a failing cell is reported with its logs while --keep-going finishes
-another; after the fix, what is left to redo is the failed job and what depends on it.
+another; after the fix, what is left to redo is the failed job and what depends on it. Then the
+evaluations again with profiles/slurm_grouped_evaluations: two per SLURM job, one GPU and one cell
+server per group, the same predictions; and what a failing cell does to its group.
 
 Skipped, with the reason, where a cluster cannot be started: not Linux, not root (the daemons and
 the jobs run as root), or SLURM neither installed nor installable with apt-get.
@@ -87,14 +89,18 @@ def slurm_env(tmp_path_factory):
         subprocess.run(["bash", CLUSTER, "stop", state], capture_output=True)
 
 
-def _snakemake(work: Path, env: dict, *args: str, check: bool = True) -> subprocess.CompletedProcess:
-    # --configfile takes several values, so it goes last, after any targets.
+def _snakemake(
+    work: Path, env: dict, *args: str, check: bool = True, profiles: tuple[str, ...] = ()
+) -> subprocess.CompletedProcess:
+    # --configfile takes several values, so it goes last, after any targets. `profiles` come
+    # between the production profile and the test's.
     cmd = [
         sys.executable,
         "-m",
         "snakemake",
         "--profile",
         "profiles/slurm",
+        *(arg for profile in profiles for arg in ("--profile", profile)),
         "--profile",
         str(TEST_PROFILE),
         *args,
@@ -252,3 +258,77 @@ def test_failed_cell_is_reported_others_go_on_and_rerun_redoes_only_it(slurm_run
     assert not {"prepare_data", "prepare_model", "warmup", "adapt"} & set(counts), counts
     _snakemake(work, env, scores[BAD])
     assert (work / scores[BAD]).is_file()
+
+
+@pytest.fixture(scope="module")
+def grouped_run(slurm_run, tmp_path_factory):
+    """The same workflow's evaluations again, in a copy whose scores are gone, grouped as
+    profiles/slurm_grouped_evaluations groups them, two to a SLURM job here (the reduced grid has
+    four evaluations; the profile's eight would make one group)."""
+    work = tmp_path_factory.mktemp("slurm_grouped") / "work"
+    shutil.copytree(slurm_run["work"], work, symlinks=True)
+    shutil.rmtree(work / "results" / "eval")
+    shutil.rmtree(work / "logs" / "evaluate")
+    original = slurm_run["work"]
+    targets = sorted(str(p.relative_to(original)) for p in (original / "results" / "eval").rglob("scores.json"))
+    result = _snakemake(
+        work,
+        slurm_run["env"],
+        *targets,
+        "--group-components",
+        "evaluations=2",
+        profiles=("profiles/slurm_grouped_evaluations",),
+    )
+    output = result.stdout + result.stderr
+    (work / "snakemake_grouped.log").write_text(output)
+    return {"work": work, "env": slurm_run["env"], "output": output, "targets": targets, "original": original}
+
+
+def test_grouped_evaluations_share_one_gpu_job_and_one_cell_server(grouped_run):
+    output, work, cells = grouped_run["output"], grouped_run["work"], len(grouped_run["targets"])
+    jobs = _slurm_jobs(grouped_run["env"], _run_id(output))
+    assert cells == 4
+    assert len(jobs) == 2, jobs  # two groups of two
+    runtimes = [int(m) for m in re.findall(r"^\s+resources: .*\bruntime=(\d+)", output, re.M)]
+    memory = [int(m) for m in re.findall(r"^\s+resources: .*\bmem_mb=(\d+)", output, re.M)]
+    assert len(runtimes) == len(memory) == cells
+    for job in jobs.values():
+        assert job["Comment"].startswith("rule_evaluations") and job["JobState"] == "COMPLETED", job
+        # one GPU per group (the pool is per group job), the group's time the sum of two evaluations'
+        assert job.get("TresPerJob") == "gres:gpu:1", job.get("TresPerJob")
+        assert _minutes(job["TimeLimit"]) == 2 * max(runtimes) and job["MinMemoryNode"] == f"{max(memory)}M", job
+    servers: dict[int, list[int]] = {}
+    for log in (work / "logs" / "evaluate").rglob("*.log"):
+        pid, request = re.search(r"cell server: pid (\d+) on \S+, request (\d+)", log.read_text()).groups()
+        servers.setdefault(int(pid), []).append(int(request))
+    # one server per SLURM job, serving both evaluations of its group in turn
+    assert sorted(sorted(requests) for requests in servers.values()) == [[1, 2], [1, 2]], servers
+    for predictions in (work / "results" / "eval").rglob("predictions.jsonl"):
+        original = grouped_run["original"] / predictions.relative_to(work)
+        assert predictions.read_bytes() == original.read_bytes(), predictions
+
+
+def test_a_failing_cell_ends_its_group_and_the_rerun_redoes_what_did_not_finish(grouped_run):
+    """Inside a group job Snakemake does not keep going: the cell that fails ends its SLURM job, and
+    the group's cells that had not run are left for the rerun, with the failed one (docs/cluster.md)."""
+    work, env, targets = grouped_run["work"], grouped_run["env"], grouped_run["targets"]
+    bad = f"results/eval/gsm8k/{BAD}/scores.json"
+    assert bad in targets
+    for target in targets:
+        for name in ("scores.json", "predictions.jsonl"):
+            (work / target).with_name(name).unlink()
+    bad_weights = work / "results" / "adapters" / BAD / "adapter_model.safetensors"
+    original = bad_weights.read_bytes()
+    bad_weights.write_bytes(b"not a safetensors file")
+    grouped = ("--group-components", "evaluations=4")  # all four in one group
+    failed = _snakemake(work, env, *targets, *grouped, profiles=("profiles/slurm_grouped_evaluations",), check=False)
+    output = failed.stdout + failed.stderr
+    (work / "snakemake_grouped_failure.log").write_text(output)
+    assert failed.returncode != 0 and "Error in group evaluations" in output, output[-3000:]
+    assert "safetensor" in (work / f"logs/evaluate/gsm8k/{BAD}.log").read_text().lower()
+    finished = [target for target in targets if (work / target).is_file()]
+    assert bad not in finished and len(finished) < len(targets)
+
+    bad_weights.write_bytes(original)
+    counts = _job_counts(_snakemake(work, env, "-n", *targets, profiles=("profiles/slurm_grouped_evaluations",)).stdout)
+    assert counts == {"evaluate": len(targets) - len(finished)}, (counts, finished)
