@@ -2,6 +2,12 @@
 # Progress so far, and everything worth keeping packed into the output folder $OUT (8 files at most).
 # A node started with MODE=paper_scale has its own, smaller collection.
 [ -f /root/paper_scale.sh ] && exec bash "$(dirname "$0")/collect_paper_scale.sh"
+if [ -f /root/evaluate_startup.sh ]; then
+  cat /root/evaluate_startup.log 2>/dev/null | tail -30
+  [ -n "$OUT" ] && cd /root/run && cp /root/evaluate_startup.log $OUT/ && \
+    tar -czf $OUT/evaluate_startup.tar.gz $(ls benchmarks/out/evaluate_startup_*/summary.json benchmarks/out/evaluate_startup_*/*/job*/*.json benchmarks/out/evaluate_startup_*/*/job*/*.log 2>/dev/null) && ls -la $OUT
+  exit 0
+fi
 cd /root/run 2>/dev/null || exit 0
 export PYTHONPATH=/tmp/site:/root/run/src
 cat /root/pipeline.log | tail -25

@@ -18,7 +18,15 @@ if [ "${MODE:-grid}" = paper_scale ]; then
   sleep 5; cat /root/paper_scale.log
   exit 0
 fi
+# MODE=evaluate_startup: evaluate jobs with and without the cell server (benchmarks/evaluate_startup.py).
+if [ "${MODE:-grid}" = evaluate_startup ]; then
+  cp benchmarks/device/evaluate_startup.sh /root/evaluate_startup.sh
+  rm -f /root/paper_scale.sh
+  JOBS="${JOBS:-6}" setsid nohup bash /root/evaluate_startup.sh > /root/evaluate_startup.log 2>&1 < /dev/null &
+  sleep 5; cat /root/evaluate_startup.log
+  exit 0
+fi
 cp benchmarks/device/pipeline.sh /root/pipeline.sh
-rm -f /root/paper_scale.sh  # collect.sh takes its presence to mean a paper-scale run
+rm -f /root/paper_scale.sh /root/evaluate_startup.sh  # collect.sh reads which run this is from them
 setsid nohup bash /root/pipeline.sh > /root/pipeline.log 2>&1 < /dev/null &
 sleep 5; cat /root/pipeline.log

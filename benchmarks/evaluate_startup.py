@@ -1,0 +1,122 @@
+"""What an evaluate job costs beyond its cell: N jobs in a row, each a fresh process as Snakemake
+starts one, with `evaluation.server` off and then on, side by side in one run.
+
+    python benchmarks/evaluate_startup.py --model results/model/base --data results/data/math \
+        --benchmark gsm8k --jobs 6 --device auto --out benchmarks/out/evaluate_startup \
+        --settings '{"max_new_tokens": 48, "batch_size": 32, "prompt_template": "{question} Answer."}'
+
+Each job evaluates the same cell (the base model, no adapter) into its own folder through
+d2lora.evaluation.dispatch, as workflow/scripts/evaluate.py does, so the difference between the
+two modes is what the server saves: imports, the CUDA context and, with a compiled decoding step,
+the compile. `--rows` evaluates only the first rows, so a job is mostly start-up. Writes
+summary.json: wall seconds per job and mode, the mean of jobs 2..N (the amortized cost; job 1 with
+the server on also starts it), and whether every job's predictions equal the first off job's.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "src"))
+
+from d2lora.io import read_jsonl, write_jsonl  # noqa: E402
+
+# One evaluate job, as workflow/scripts/evaluate.py runs it (argv[1]: its arguments as JSON).
+JOB = """
+import json, sys, types
+from d2lora.evaluation.dispatch import evaluate_cell_job
+from d2lora.runtime import job
+arguments = json.loads(sys.argv[1])
+fake = types.SimpleNamespace(threads=1, log=[arguments.pop("log")], config={})
+with job(fake):
+    evaluate_cell_job(log_path=fake.log[0], **arguments)
+"""
+
+
+def run_jobs(mode: str, count: int, arguments: dict, out: Path, server_dir: Path) -> list[float]:
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT / "src"), os.environ.get("PYTHONPATH", "")])}
+    env["D2LORA_SERVER_DIR"] = str(server_dir)  # a server of this run's own
+    seconds = []
+    for index in range(count):
+        folder = out / mode / f"job{index}"
+        job_arguments = {
+            **arguments,
+            "server": {"enabled": mode == "server", "idle_seconds": 60},
+            "log": str(folder / "evaluate.log"),
+            "scores_path": str(folder / "scores.json"),
+            "predictions_path": str(folder / "predictions.jsonl"),
+        }
+        start = time.perf_counter()
+        done = subprocess.run([sys.executable, "-c", JOB, json.dumps(job_arguments)], env=env)
+        seconds.append(round(time.perf_counter() - start, 3))
+        if done.returncode != 0:
+            sys.exit(f"{mode} job {index} failed; its log: {folder / 'evaluate.log'}")
+        print(f"{mode:>9} job {index}: {seconds[-1]:.2f} s", flush=True)
+    return seconds
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", required=True, help="a prepared base model folder (results/model/base)")
+    parser.add_argument("--data", required=True, help="a prepared data folder with eval.jsonl (results/data/math)")
+    parser.add_argument("--benchmark", default="gsm8k", choices=["gsm8k", "titles", "arc_easy"])
+    parser.add_argument("--settings", required=True, help="the evaluate rule's settings, as JSON")
+    parser.add_argument("--jobs", type=int, default=6)
+    parser.add_argument("--rows", type=int, default=0, help="evaluate only the first rows (0: all)")
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "out" / "evaluate_startup")
+    args = parser.parse_args()
+
+    args.out.mkdir(parents=True, exist_ok=True)
+    data = Path(args.data).resolve()
+    if args.rows:
+        data = args.out / "data"
+        write_jsonl(data / "eval.jsonl", read_jsonl(Path(args.data) / "eval.jsonl")[: args.rows])
+    task = {"gsm8k": "math", "arc_easy": "math", "titles": "titles"}[args.benchmark]
+    arguments = {
+        "benchmark": args.benchmark,
+        "cell": {"task": task, "method": "none", "init": "lora", "n": 0, "seed": 0},
+        "model_dir": str(Path(args.model).resolve()),
+        "adapter_dir": None,
+        "data_dir": str(data),
+        "settings": json.loads(args.settings),
+        "device": args.device,
+    }
+    with tempfile.TemporaryDirectory(prefix="d2s") as server_dir:  # short: a socket path has a limit
+        seconds = {mode: run_jobs(mode, args.jobs, arguments, args.out, Path(server_dir)) for mode in ("own", "server")}
+    first = (args.out / "own" / "job0" / "predictions.jsonl").read_bytes()
+    identical = all(
+        (args.out / mode / f"job{i}" / "predictions.jsonl").read_bytes() == first
+        for mode in seconds
+        for i in range(args.jobs)
+    )
+    amortized = {mode: round(statistics.mean(values[1:]), 3) for mode, values in seconds.items() if len(values) > 1}
+    record = json.loads((args.out / "own" / "job0" / "scores.json").read_text())
+    summary = {
+        "benchmark": args.benchmark,
+        "items": record["n_items"],
+        "device": record["device"],
+        "host_cpu": platform.processor() or platform.machine(),
+        "jobs": args.jobs,
+        "seconds": seconds,
+        "mean_jobs_2_to_n": amortized,
+        "speedup_jobs_2_to_n": round(amortized["own"] / amortized["server"], 2) if len(amortized) == 2 else None,
+        "predictions_identical": identical,
+        "settings": arguments["settings"],
+    }
+    (args.out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    print(json.dumps({k: summary[k] for k in ("mean_jobs_2_to_n", "speedup_jobs_2_to_n", "predictions_identical")}))
+
+
+if __name__ == "__main__":
+    main()
