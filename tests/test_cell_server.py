@@ -22,6 +22,7 @@ import pytest
 
 from d2lora import cell_server
 from d2lora.evaluation.dispatch import evaluate_cell_job
+from d2lora.evaluation.partial import sidecar_path
 from d2lora.io import write_jsonl
 from d2lora.runtime import job
 
@@ -146,6 +147,7 @@ def test_the_server_leaves_when_idle(workdir):
 CLIENT = """
 import sys, types
 from d2lora.evaluation.dispatch import evaluate_cell_job
+from d2lora.evaluation.partial import sidecar_path
 from d2lora.runtime import job
 fake = types.SimpleNamespace(threads=1, log=["logs/slow.log"], config={})
 with job(fake):
@@ -176,16 +178,21 @@ def test_the_server_ends_when_its_job_is_gone_and_writes_nothing_after(workdir):
     write_jsonl(workdir / "results" / "data" / "slow" / "eval.jsonl", rows)
     client = subprocess.Popen([sys.executable, "-c", CLIENT % (CELL, TEMPLATE)], env=dict(os.environ))
     log = workdir / "logs" / "slow.log"
+    sidecar = sidecar_path(workdir / "results" / "eval" / "slow" / "predictions.jsonl")
     deadline = time.monotonic() + 120
-    while not (log.exists() and "evaluate: gsm8k on 400 items" in log.read_text()):
-        assert client.poll() is None and time.monotonic() < deadline, "the cell never started in the server"
-        time.sleep(0.1)
+    # killed once the server has finished a batch of the cell (the sidecar's header and one batch)
+    while not (sidecar.exists() and len(sidecar.read_text().splitlines()) >= 2):
+        assert client.poll() is None and time.monotonic() < deadline, "the cell never got going in the server"
+        time.sleep(0.05)
     pid, _ = _server_of(log.read_text())
     client.kill()
     client.wait()
     assert _gone(pid, within=10)
     time.sleep(1)
     assert not (workdir / "results" / "eval" / "slow" / "scores.json").exists()
+    # what it finished stays for the next job to resume from (d2lora.evaluation.partial), and the
+    # server did not get to the end
+    assert 2 <= len(sidecar.read_text().splitlines()) < 1 + 400
 
 
 def test_jobs_share_a_server_only_on_one_machine_slurm_job_gpu_set_and_code(monkeypatch, tmp_path):
