@@ -220,13 +220,14 @@ class _Handler(socketserver.StreamRequestHandler):
             self.server.broken = "CUDA error" in str(error)
         finally:
             stop_watching.set()
-        self.wfile.write((json.dumps(answer) + "\n").encode())
+        # logged before the answer goes out: the job may read the server's log as soon as it has it
         print(
             f"cell server: request {self.server.requests_served} ({request['log']}) "
             f"{'done' if answer['ok'] else 'failed'} in {time.perf_counter() - started:.1f} s; "
             f"{_device_memory_left()} left allocated",
             flush=True,
         )
+        self.wfile.write((json.dumps(answer) + "\n").encode())
 
 
 def _device_memory_left() -> str:
