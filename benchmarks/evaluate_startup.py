@@ -19,6 +19,7 @@ import argparse
 import json
 import os
 import platform
+import shutil
 import statistics
 import subprocess
 import sys
@@ -94,6 +95,9 @@ def main() -> None:
     }
     with tempfile.TemporaryDirectory(prefix="d2s") as server_dir:  # short: a socket path has a limit
         seconds = {mode: run_jobs(mode, args.jobs, arguments, args.out, Path(server_dir)) for mode in ("own", "server")}
+        # the servers' own logs: per cell its time and the GPU memory left allocated after it
+        for log in Path(server_dir).glob("*.log"):
+            shutil.copy(log, args.out / "server" / f"server_{log.name}")
     first = (args.out / "own" / "job0" / "predictions.jsonl").read_bytes()
     identical = all(
         (args.out / mode / f"job{i}" / "predictions.jsonl").read_bytes() == first
