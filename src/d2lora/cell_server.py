@@ -32,7 +32,6 @@ import gc
 import hashlib
 import importlib
 import json
-import logging
 import os
 import socket
 import socketserver
@@ -41,11 +40,10 @@ import sys
 import tempfile
 import threading
 import time
-import traceback
 from pathlib import Path
 from typing import Any
 
-from d2lora.runtime import RedactingWriter
+from d2lora.runtime import output_to_log
 
 # name -> (module, function): what a client may ask the server to run
 FUNCTIONS = {"evaluate_cell": ("d2lora.evaluation.run", "evaluate_cell")}
@@ -261,11 +259,7 @@ def _run(request: dict) -> Any:
     module, name = FUNCTIONS[request["function"]]
     function = getattr(importlib.import_module(module), name)
     with _as_job(request):
-        try:
-            return function(**request["kwargs"])
-        except Exception:
-            traceback.print_exc()
-            raise
+        return function(**request["kwargs"])
 
 
 @contextlib.contextmanager
@@ -280,16 +274,11 @@ def _as_job(request: dict):
     os.environ.update(request["env"])
     os.chdir(request["cwd"])
     torch.set_num_threads(max(1, int(os.environ.get("OMP_NUM_THREADS", "1"))))
-    log = open(request["log"], "a", buffering=1, encoding="utf-8") if request["log"] else open(os.devnull, "w")
-    handle = RedactingWriter(log)  # after the job's environment: it names the secrets
-    sys.stdout = sys.stderr = handle
-    logging.basicConfig(stream=handle, level=logging.INFO, force=True)
     try:
-        yield
+        # after the job's environment: it names the secrets to redact
+        with output_to_log(request["log"] or os.devnull, "a"):
+            yield
     finally:
-        sys.stdout, sys.stderr = sys.__stdout__, sys.__stderr__
-        logging.basicConfig(stream=sys.__stderr__, level=logging.INFO, force=True)
-        log.close()
         os.chdir(saved_cwd)
         os.environ.clear()
         os.environ.update(saved_env)

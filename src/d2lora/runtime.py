@@ -35,22 +35,33 @@ def job(snakemake):
         yield
         return
     log_path.parent.mkdir(parents=True, exist_ok=True)
-    with open(log_path, "w", buffering=1, encoding="utf-8") as raw:
+    with output_to_log(log_path, "w"):
+        # torch reads OMP_NUM_THREADS when it is imported; only an already imported torch needs
+        # telling. Importing it here would add seconds to every figure and table job.
+        if "torch" in sys.modules:
+            sys.modules["torch"].set_num_threads(int(threads))
+        yield
+
+
+@contextlib.contextmanager
+def output_to_log(log_path, mode: str):
+    """stdout, stderr and logging into `log_path` (token values redacted, so the environment must
+    already name them), with the traceback of a failure; the previous streams back after. The job
+    wrapper above and the cell server (d2lora.cell_server, a job's cell in a long-lived process)
+    both log through it."""
+    with open(log_path, mode, buffering=1, encoding="utf-8") as raw:
         handle = RedactingWriter(raw)
         old_out, old_err = sys.stdout, sys.stderr
         sys.stdout = sys.stderr = handle
         logging.basicConfig(stream=handle, level=logging.INFO, force=True)
         try:
-            # torch reads OMP_NUM_THREADS when it is imported; only an already imported torch needs
-            # telling. Importing it here would add seconds to every figure and table job.
-            if "torch" in sys.modules:
-                sys.modules["torch"].set_num_threads(int(threads))
             yield
         except BaseException:
             traceback.print_exc(file=handle)
             raise
         finally:
             sys.stdout, sys.stderr = old_out, old_err
+            logging.basicConfig(stream=old_err, level=logging.INFO, force=True)
 
 
 def _export_provenance_settings(config) -> None:
