@@ -52,6 +52,7 @@ import contextlib
 import copy
 import datetime
 import gc
+import json
 import os
 import sys
 import time
@@ -90,6 +91,8 @@ NO_CHECKPOINTING = {"base_dtype": "bfloat16", "gradient_checkpointing": False}
 UNCAST = {**NO_CHECKPOINTING, "cast_adapter_inputs": False}
 # The same at the presets' own setting for memory: checkpointing kept.
 BF16_UNCAST = {"base_dtype": "bfloat16", "cast_adapter_inputs": False}
+# GSM8K: the adapter merged, a static KV cache, the decoding step compiled with the query heads folded onto KV heads.
+PACKED_STATIC = {"merge_adapter": True, "cache": "static", "packed_gqa": True}
 LEVERS = {
     "sft": {
         "plain": FLOAT32_BASE,
@@ -158,7 +161,14 @@ LEVERS = {
         "merged_static_cache_eager": {"merge_adapter": True, "cache": "static", "compile": False},
         "merged_static_cache": {"merge_adapter": True, "cache": "static"},
         # The compiled step folds the query heads onto the 8 KV heads instead of copying K and V 4x.
-        "merged_static_cache_packed_gqa": {"merge_adapter": True, "cache": "static", "packed_gqa": True},
+        "merged_static_cache_packed_gqa": PACKED_STATIC,
+        # The same again on a freshly loaded model in this process: the cell server's next cell. Whether
+        # the compiled step (and its CUDA graphs) carries over to a new model object, or compiles again.
+        "merged_static_cache_packed_gqa_next_cell": PACKED_STATIC,
+        # Two batches of 660 instead of three of 440: the weights are read once a step for more rows.
+        # The KV cache grows to ~1.5x (about 42 GiB at 256 new tokens), still inside an 80 GB card.
+        "merged_static_cache_packed_gqa_batch660": {**PACKED_STATIC, "batch_size": 660},
+        "merged_static_cache_packed_gqa_batch660_next_cell": {**PACKED_STATIC, "batch_size": 660},
     },
     # GSM8K on the real SmolLM2-135M-Instruct (SMALL_MODEL_CONFIG: its model and GSM8K settings, no
     # adapter): real answers that stop at their end, so these times depend on what the model writes.
@@ -1046,7 +1056,20 @@ def parse_args(argv=None) -> argparse.Namespace:
         default="paper",
         help="tiny: a 2-layer model, a few rows, steps, prompts and tokens (tests, CPU)",
     )
+    parser.add_argument(
+        "--print-eval-settings",
+        metavar="JSON",
+        help="print the GSM8K settings the evaluate rule would pass for --config and --shape, updated with "
+        "JSON (e.g. '{\"cache\": \"static\"}'), as JSON, and exit (for benchmarks/evaluate_startup.py)",
+    )
     args = parser.parse_args(argv)
+    if args.print_eval_settings is not None:
+        try:
+            args.print_eval_settings = json.loads(args.print_eval_settings)
+        except json.JSONDecodeError as err:
+            parser.error(f"--print-eval-settings: not JSON: {err}")
+        if not isinstance(args.print_eval_settings, dict):
+            parser.error("--print-eval-settings: give a JSON object of settings")
     args.stages = list(dict.fromkeys(s.strip() for s in args.stages.split(",") if s.strip()))
     levers: dict[str, set] = {}
     for item in filter(None, (x.strip() for x in args.levers.split(","))):
@@ -1072,6 +1095,13 @@ def main(argv=None) -> dict:
     from d2lora.models import resolve_device
 
     config = load_config(args.config, args.shape, args.device)
+    if args.print_eval_settings is not None:
+        settings = eval_settings(config)
+        if args.shape == "tiny":
+            settings.update(TINY["evaluation.gsm8k"], dtype=TINY["evaluation.dtype"])
+        settings.update(args.print_eval_settings)
+        print(json.dumps(settings))
+        sys.exit(0)
     device = resolve_device(config.get("device", "auto"))
     log(f"config {args.config} (shape {args.shape}) on {device}; out {args.out}")
     summary = {

@@ -438,3 +438,20 @@ def test_steady_rates_leave_out_the_first_steps():
     clock.times = clock.times[:4]
     assert clock.steady_seconds_per_step() is None
     assert paper_scale.steady_rates({}, None, 1e4) == {"steady_seconds_per_step": None}
+
+
+@NEEDS_DATA
+def test_print_eval_settings_gives_the_evaluate_rules_settings_with_overrides(capsys):
+    """What benchmarks/device/paper_scale.sh hands benchmarks/evaluate_startup.py at this shape."""
+    with pytest.raises(SystemExit) as done:
+        paper_scale.main(["--shape", "tiny", "--print-eval-settings", '{"cache": "static", "batch_size": 660}'])
+    assert done.value.code == 0
+    settings = json.loads(capsys.readouterr().out)
+    config = yaml.safe_load(SHAPE.read_text())
+    assert settings["prompt_template"] == config["datasets"]["math"]["prompt_template"]
+    assert settings["cache"] == "static" and settings["batch_size"] == 660  # the overrides win over the tiny shape's
+    assert settings["max_new_tokens"] == paper_scale.TINY["evaluation.gsm8k"]["max_new_tokens"]
+    for bad in ("[1]", "{cache"):
+        with pytest.raises(SystemExit) as refused:
+            paper_scale.main(["--shape", "tiny", "--print-eval-settings", bad])
+        assert refused.value.code == 2
