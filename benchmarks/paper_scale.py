@@ -1060,7 +1060,7 @@ def parse_args(argv=None) -> argparse.Namespace:
         "--print-eval-settings",
         metavar="JSON",
         help="print the GSM8K settings the evaluate rule would pass for --config and --shape, updated with "
-        "JSON (e.g. '{\"cache\": \"static\"}'), as JSON, and exit (for benchmarks/evaluate_startup.py)",
+        'JSON (e.g. \'{"cache": "static"}\'), as JSON, and exit (for benchmarks/evaluate_startup.py)',
     )
     args = parser.parse_args(argv)
     if args.print_eval_settings is not None:
