@@ -1034,7 +1034,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument(
         "--stages",
         default=",".join(DEFAULT_ORDER),
-        help=f"comma-separated subset of {','.join(STAGES)}, run in the order given",
+        help=f"comma-separated subset of {','.join(STAGES)}, run in the order given; "
+        "'prepare': none, only the base model and the data (what benchmarks/evaluate_startup.py reads)",
     )
     parser.add_argument("--device", choices=["auto", "cpu", "cuda"], help="overrides the config's device")
     parser.add_argument(
@@ -1080,6 +1081,8 @@ def parse_args(argv=None) -> argparse.Namespace:
             )
         levers.setdefault(method, {"plain"}).add(lever)
     args.levers = levers
+    if args.stages == ["prepare"]:
+        args.stages = []
     unknown = sorted(set(args.stages) - set(STAGES))
     if unknown:
         parser.error(f"--stages: unknown {unknown}; known: {', '.join(STAGES)}")
@@ -1135,6 +1138,7 @@ def main(argv=None) -> dict:
     run.write()
     for stage in summary["stages_requested"]:
         _stage(run, stage, lambda s=stage: stage_work(run, s))
+    summary.setdefault("grid_estimate", grid_estimate(run))  # set by every stage; none ran for 'prepare'
     summary["status"] = "complete" if not summary["errors"] else "complete with errors"
     summary["wall_seconds"] = round(time.perf_counter() - began, 2)
     run.write()
