@@ -21,6 +21,16 @@ for process in $(seq 1 "${PROCESSES:-1}"); do
   code=$?
   cp benchmarks/results_paper_scale/summary.json "benchmarks/results_paper_scale/summary_process$process.json"
 done
+# DECODE_PROFILE_ROWS=N: then profile eager GSM8K decoding steps of a batch of N rows at this shape
+# (benchmarks/decode_profile.py): where a step's time goes.
+if [ "${DECODE_PROFILE_ROWS:-0}" -gt 0 ]; then
+  echo "== $(date +%T) decoding profile, ${DECODE_PROFILE_ROWS} rows"
+  python3 benchmarks/decode_profile.py --model benchmarks/results_paper_scale/work/model/base \
+    --data benchmarks/results_paper_scale/work/data/math --rows "$DECODE_PROFILE_ROWS" \
+    --out benchmarks/results_paper_scale/decode_profile > /root/decode_profile.log 2>&1
+  code=$?
+  tail -15 /root/decode_profile.log
+fi
 # STARTUP_JOBS=N: then N GSM8K evaluate jobs at this shape (the model and data just prepared), each a
 # fresh process as Snakemake starts one, without and with the cell server (benchmarks/evaluate_startup.py):
 # the 8B model's per-job start-up, and whether a server's compiled decoding step serves its next cells.
