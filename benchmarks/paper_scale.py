@@ -157,6 +157,9 @@ LEVERS = {
     # The static cache gives every batch one shape, so the compiled step is built once per process.
     "gsm8k": {
         "plain": {},
+        # Plain again, warm: the first generation of a process pays the allocator's growth and kernel
+        # choice (Round 12), which a job served by the cell server does not.
+        "plain_second": {},
         "merged": {"merge_adapter": True},
         "merged_static_cache_eager": {"merge_adapter": True, "cache": "static", "compile": False},
         "merged_static_cache": {"merge_adapter": True, "cache": "static"},

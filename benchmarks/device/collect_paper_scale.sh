@@ -2,7 +2,8 @@
 # Progress of the paper-shape measurement, and its results packed into $OUT (4 files): the summary
 # (rewritten after every stage), the log, and a tarball of the per-stage records (with the real 135M
 # model's answers, whose lengths bound what finished rows leaving the batch can save) and of the
-# start-up jobs (STARTUP_JOBS) and the decoding profile (DECODE_PROFILE_ROWS). The 16 GB base model and the adapters stay on the node.
+# start-up jobs (STARTUP_JOBS) and the decoding profile (DECODE_PROFILE_ROWS). The 16 GB base
+# model and the adapters stay on the node.
 cd /root/run 2>/dev/null || exit 0
 RES=benchmarks/results_paper_scale
 grep -aE "^\[paper_scale|^==|Error|Traceback" /root/paper_scale.log 2>/dev/null | tail -25
