@@ -311,6 +311,43 @@ def test_merged_adapter_matches_the_unmerged_one(tiny_model_dir, tmp_path):
     assert torch.allclose(merged, unmerged, atol=1e-4)
 
 
+def test_merge_in_bf16_rounds_once_after_a_float32_merge(tiny_model_dir, tmp_path):
+    """merge_adapter with dtype bfloat16 loads float32 onto the device (the GPU, for an 8B model),
+    folds W + scale * BA there in float32 and rounds once: every adapted weight equals that sum
+    computed here from the saved files, cast to bf16."""
+    import torch
+    from safetensors.torch import load_file
+
+    from d2lora.models import load_model
+    from d2lora.training.inits import fresh_adapter
+    from d2lora.training.variants import BUILTIN_VARIANTS
+
+    torch.manual_seed(1)
+    peft_model = fresh_adapter(
+        load_model(tiny_model_dir), {"rank": 4, "alpha": 8, "target_modules": "all-linear"}, BUILTIN_VARIANTS["lora"]
+    )
+    for name, param in peft_model.named_parameters():
+        if "lora_B" in name:
+            torch.nn.init.normal_(param, std=0.05)
+    peft_model.save_pretrained(str(tmp_path / "adapter"), safe_serialization=True)
+    adapter = load_file(str(tmp_path / "adapter" / "adapter_model.safetensors"))
+    base = load_model(tiny_model_dir).state_dict()
+    merged = load_model(
+        tiny_model_dir, dtype="bfloat16", device="cpu", adapter_dir=tmp_path / "adapter", merge_adapter=True
+    ).state_dict()
+    checked = 0
+    for key, lora_a in adapter.items():
+        if ".lora_A." not in key:
+            continue
+        module = key.removeprefix("base_model.model.").split(".lora_A.")[0]
+        lora_b = adapter[key.replace(".lora_A.", ".lora_B.")]
+        expected = (base[f"{module}.weight"] + (lora_b @ lora_a) * (8 / 4)).to(torch.bfloat16)
+        assert merged[f"{module}.weight"].dtype == torch.bfloat16
+        assert torch.equal(merged[f"{module}.weight"], expected), module
+        checked += 1
+    assert checked >= 7, "every linear layer of the tiny model is adapted"
+
+
 def test_generation_returns_original_order(varied_model, tokenizer, single_outputs):
     reversed_outputs = greedy_generate(varied_model, tokenizer, PROMPTS[::-1], max_new_tokens=16, batch_size=3)
     assert reversed_outputs == single_outputs[::-1]

@@ -295,8 +295,15 @@ def load_model(
 
     merge = adapter_dir is not None and merge_adapter and not trainable
     load_dtype = "float32" if merge else dtype
+    # A merge loads float32 weights straight onto the device and merges there: the same float32
+    # arithmetic as on the CPU, without building, merging and casting an 8B model's 32 GB float32
+    # copy on the host first (the part of a merged evaluation's start-up that grows with the model).
     model = AutoModelForCausalLM.from_pretrained(
-        str(model_dir), dtype=_torch_dtype(load_dtype), use_safetensors=True, trust_remote_code=False
+        str(model_dir),
+        dtype=_torch_dtype(load_dtype),
+        use_safetensors=True,
+        trust_remote_code=False,
+        device_map=device if merge else None,
     )
     if adapter_dir is not None:
         require_safetensors_adapter(adapter_dir)
