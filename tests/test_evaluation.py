@@ -312,9 +312,9 @@ def test_merged_adapter_matches_the_unmerged_one(tiny_model_dir, tmp_path):
 
 
 def test_merge_in_bf16_rounds_once_after_a_float32_merge(tiny_model_dir, tmp_path):
-    """merge_adapter with dtype bfloat16 loads float32 onto the device (the GPU, for an 8B model),
-    folds W + scale * BA there in float32 and rounds once: every adapted weight equals that sum
-    computed here from the saved files, cast to bf16."""
+    """merge_adapter with dtype bfloat16 loads float32 weights (onto the card where it has room:
+    merge_device), folds W + scale * BA in float32 and rounds once: every adapted weight equals that
+    sum computed here from the saved files, cast to bf16."""
     import torch
     from safetensors.torch import load_file
 
@@ -346,6 +346,19 @@ def test_merge_in_bf16_rounds_once_after_a_float32_merge(tiny_model_dir, tmp_pat
         assert torch.equal(merged[f"{module}.weight"], expected), module
         checked += 1
     assert checked >= 7, "every linear layer of the tiny model is adapted"
+
+
+def test_merge_happens_on_the_card_only_with_room_for_the_float32_copy(tiny_model_dir, monkeypatch):
+    import torch
+
+    from d2lora.models import merge_device
+
+    stored = sum(path.stat().st_size for path in tiny_model_dir.glob("*.safetensors"))
+    assert merge_device(tiny_model_dir, "cpu") == "cpu"
+    assert merge_device(tiny_model_dir, "mps") == "cpu"
+    for free, where in ((2 * stored + 1, "cuda"), (2 * stored - 1, "cpu")):
+        monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None, free=free: (free, 10 * free))
+        assert merge_device(tiny_model_dir, "cuda") == where
 
 
 def test_generation_returns_original_order(varied_model, tokenizer, single_outputs):

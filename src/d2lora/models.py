@@ -295,15 +295,13 @@ def load_model(
 
     merge = adapter_dir is not None and merge_adapter and not trainable
     load_dtype = "float32" if merge else dtype
-    # A merge loads float32 weights straight onto the device and merges there: the same float32
-    # arithmetic as on the CPU, without building, merging and casting an 8B model's 32 GB float32
-    # copy on the host first (the part of a merged evaluation's start-up that grows with the model).
+    load_device = merge_device(model_dir, device) if merge else "cpu"
     model = AutoModelForCausalLM.from_pretrained(
         str(model_dir),
         dtype=_torch_dtype(load_dtype),
         use_safetensors=True,
         trust_remote_code=False,
-        device_map=device if merge else None,
+        device_map=None if load_device == "cpu" else load_device,
     )
     if adapter_dir is not None:
         require_safetensors_adapter(adapter_dir)
@@ -314,6 +312,22 @@ def load_model(
         if merge:
             model = model.merge_and_unload().to(_torch_dtype(dtype))
     return model.to(device)
+
+
+def merge_device(model_dir: str | os.PathLike, device: str) -> str:
+    """Where a merged evaluation builds its float32 model and folds the adapter in: on a CUDA device
+    with room for twice the checkpoint (its float32 copy, whatever the stored precision), else on the
+    host. The arithmetic is float32 either way; on the device an 8B model skips building, merging and
+    casting its 32 GB float32 copy on the host, the part of a merged evaluation's start-up that grows
+    with the model, while a card too small for that copy still evaluates."""
+    if not str(device).startswith("cuda"):
+        return "cpu"
+    # torch: kept out of workflow parsing (the rules import this module)
+    import torch
+
+    needed = 2 * sum(path.stat().st_size for path in Path(model_dir).glob("*.safetensors"))
+    free, _total = torch.cuda.mem_get_info(torch.device(device))
+    return device if free > needed else "cpu"
 
 
 def resolve_device(device: str = "auto") -> str:
