@@ -1,8 +1,11 @@
 """Where a GSM8K decoding step goes: torch.profiler over a few greedy decoding steps of one batch,
-eager, with the static KV cache and the packed-GQA attention the paper preset's evaluation uses.
+eager, with the static KV cache and the packed-GQA attention (`evaluation.gsm8k.cache: static`,
+`packed_gqa: true`; the compiled step runs the same kernels, fused and replayed as CUDA graphs).
 
     python benchmarks/decode_profile.py --model benchmarks/results_paper_scale/work/model/base \
         --data benchmarks/results_paper_scale/work/data/math --rows 440 --out benchmarks/out/decode_profile
+    python benchmarks/decode_profile.py --random-init config/paper_shape.yaml \
+        --data ../shared/data/gsm8k/test.jsonl --rows 440     # the 8B shape drawn on the GPU, no files
 
 The prompts are the eval set's longest first (as the evaluator batches them), left-padded to the
 set's longest prompt, and the cache is as long as that plus `--new-tokens`, as in the evaluator.
@@ -25,8 +28,16 @@ sys.path.insert(0, str(ROOT / "src"))
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", required=True, help="a prepared base model folder")
-    parser.add_argument("--data", required=True, help="a prepared data folder with eval.jsonl")
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--model", help="a prepared base model folder")
+    source.add_argument(
+        "--random-init",
+        type=Path,
+        metavar="CONFIG",
+        help="a config whose model is random_init (config/paper_shape.yaml): drawn in memory in bf16 "
+        "where its init_device says, nothing written",
+    )
+    parser.add_argument("--data", required=True, help="a prepared data folder with eval.jsonl, or a GSM8K-style jsonl")
     parser.add_argument("--rows", type=int, default=440)
     parser.add_argument("--new-tokens", type=int, default=256, help="the cache's room for new tokens")
     parser.add_argument("--warmup", type=int, default=4)
@@ -50,7 +61,9 @@ def main() -> None:
     from d2lora.evaluation.math_eval import render_math_prompt
     from d2lora.evaluation.packed_gqa import packed_gqa_attention
     from d2lora.io import read_jsonl
-    from d2lora.models import load_model, load_tokenizer
+    import yaml
+
+    from d2lora.models import load_model, load_tokenizer, random_init_model
 
     args.out.mkdir(parents=True, exist_ok=True)
     cuda = args.device == "cuda"
@@ -59,9 +72,19 @@ def main() -> None:
         if cuda:
             torch.cuda.synchronize()
 
-    tokenizer = load_tokenizer(args.model, padding_side="left")
-    model = load_model(args.model, dtype="bfloat16", device=args.device).eval()
-    rows = read_jsonl(Path(args.data) / "eval.jsonl")
+    if args.model:
+        tokenizer = load_tokenizer(args.model, padding_side="left")
+        model = load_model(args.model, dtype="bfloat16", device=args.device).eval()
+    else:
+        model_cfg = yaml.safe_load(args.random_init.read_text())["model"]
+        if model_cfg.get("source") != "random_init":
+            parser.error(f"--random-init: {args.random_init}'s model.source is not random_init")
+        model, tokenizer = random_init_model(model_cfg, torch.bfloat16)
+        model = model.to(args.device).eval()
+        tokenizer.pad_token = tokenizer.pad_token or tokenizer.eos_token
+        tokenizer.padding_side = "left"
+    data = Path(args.data)
+    rows = read_jsonl(data / "eval.jsonl" if data.is_dir() else data)
     prompts = [render_math_prompt(args.prompt_template, row["question"]) for row in rows]
     encoded = sorted(encode_chat_prompts(tokenizer, prompts), key=len, reverse=True)
     width = len(encoded[0])

@@ -60,3 +60,44 @@ def test_profile_covers_only_the_decoding_steps(tiny_model_dir, tmp_path):
     attention = [count for op, count in calls.items() if "scaled_dot_product" in op]
     assert attention and all(count == 2 for count in attention), calls
     assert summary["step_seconds"] > 0 and (out / "profile.txt").read_text().strip()
+
+
+def test_random_init_shape_needs_no_model_files(tmp_path):
+    """--random-init draws a config's random_init model in memory (the 8B shape on a GPU node)."""
+    import yaml
+    from conftest import SMOL_GGUF, TINY_ARCH
+
+    config = tmp_path / "shape.yaml"
+    config.write_text(
+        yaml.safe_dump(
+            {
+                "model": {
+                    "source": "random_init",
+                    "architecture": TINY_ARCH,
+                    "tokenizer": SMOL_GGUF,
+                    "init_device": "cpu",
+                }
+            }
+        )
+    )
+    data = tmp_path / "test.jsonl"
+    write_jsonl(data, [{"id": str(i), "question": q, "answer": "0"} for i, q in enumerate(QUESTIONS)])
+    out = tmp_path / "profile"
+    arguments = ["--data", str(data), "--rows", "3", "--new-tokens", "8", "--warmup", "1", "--steps", "2"]
+    arguments += ["--timed-steps", "2", "--device", "cpu", "--out", str(out)]
+    done = subprocess.run(
+        [sys.executable, str(REPO / "benchmarks" / "decode_profile.py"), "--random-init", str(config), *arguments],
+        capture_output=True,
+        text=True,
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["rows"] == 3 and summary["cache_length"] == summary["prompt_width"] + 8
+    wrong = tmp_path / "hub.yaml"
+    wrong.write_text(yaml.safe_dump({"model": {"source": "hub", "id": "x/y"}}))
+    refused = subprocess.run(
+        [sys.executable, str(REPO / "benchmarks" / "decode_profile.py"), "--random-init", str(wrong), *arguments],
+        capture_output=True,
+        text=True,
+    )
+    assert refused.returncode == 2 and "not random_init" in refused.stderr

@@ -18,6 +18,18 @@ if [ "${MODE:-grid}" = paper_scale ]; then
   sleep 5; cat /root/paper_scale.log
   exit 0
 fi
+# MODE=decode_profile: where a GSM8K decoding step at the 8B shape goes (benchmarks/decode_profile.py,
+# the model drawn on the GPU, nothing written), in the foreground (about a minute); results into $OUT.
+if [ "${MODE:-grid}" = decode_profile ]; then
+  rm -f /root/paper_scale.sh /root/evaluate_startup.sh
+  cd /root/run
+  python3 benchmarks/decode_profile.py --random-init config/paper_shape.yaml --data ../shared/data/gsm8k/test.jsonl \
+    --rows "${ROWS:-440}" --out benchmarks/out/decode_profile > /root/decode_profile.log 2>&1
+  code=$?
+  tail -70 /root/decode_profile.log
+  [ -n "$OUT" ] && cp benchmarks/out/decode_profile/* /root/decode_profile.log "$OUT"/ 2>/dev/null
+  exit $code
+fi
 # MODE=evaluate_startup: evaluate jobs with and without the cell server (benchmarks/evaluate_startup.py).
 if [ "${MODE:-grid}" = evaluate_startup ]; then
   cp benchmarks/device/evaluate_startup.sh /root/evaluate_startup.sh

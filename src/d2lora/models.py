@@ -172,6 +172,16 @@ def _random_init(model_cfg: dict, tokenizer, dtype):
         return LlamaForCausalLM._from_config(config, dtype=dtype)
 
 
+def random_init_model(model_cfg: dict, dtype):
+    """A random_init source's model and tokenizer, in memory (prepare_base_model saves them; a
+    benchmark that needs only the shape can skip writing 16 GB)."""
+    tok_cfg = model_cfg.get("tokenizer")
+    if not tok_cfg:
+        raise ModelSourceError("model.tokenizer: source 'random_init' needs a tokenizer source")
+    tokenizer = _load_tokenizer_from_source(tok_cfg)
+    return _random_init(model_cfg, tokenizer, dtype), tokenizer
+
+
 def prepare_base_model(model_cfg: dict, out_dir: str | os.PathLike) -> dict[str, Any]:
     """Materialise the configured model as a plain safetensors folder at `out_dir`.
 
@@ -212,10 +222,7 @@ def prepare_base_model(model_cfg: dict, out_dir: str | os.PathLike) -> dict[str,
         model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, trust_remote_code=trust, use_safetensors=True)
     elif source == "random_init":
         tok_cfg = model_cfg.get("tokenizer")
-        if not tok_cfg:
-            raise ModelSourceError("model.tokenizer: source 'random_init' needs a tokenizer source")
-        tokenizer = _load_tokenizer_from_source(tok_cfg)
-        model = _random_init(model_cfg, tokenizer, dtype)
+        model, tokenizer = random_init_model(model_cfg, dtype)
         record.update(
             architecture=model_cfg.get("architecture"),
             tokenizer=tok_cfg,
