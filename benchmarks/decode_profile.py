@@ -11,7 +11,8 @@ The prompts are the eval set's longest first (as the evaluator batches them), le
 set's longest prompt, and the cache is as long as that plus `--new-tokens`, as in the evaluator.
 The prefill and `--warmup` steps run outside the profiler; only `--steps` decoding steps are
 profiled, so the table is the decoding step alone. Writes profile.txt (operators by GPU time) and
-summary.json (the unprofiled step time, GPU time per operator group, the arithmetic's floors).
+summary.json (the unprofiled step time, GPU time and calls per operator a step, and what a step must
+at least move and compute: the weights, the static KV cache, the matmuls' FLOPs).
 """
 
 from __future__ import annotations
@@ -54,6 +55,7 @@ def main() -> None:
         parser.error("--warmup + --steps + --timed-steps must stay under --new-tokens")
 
     import torch
+    import yaml
     from torch.profiler import ProfilerActivity, profile
     from transformers import StaticCache
 
@@ -61,8 +63,6 @@ def main() -> None:
     from d2lora.evaluation.math_eval import render_math_prompt
     from d2lora.evaluation.packed_gqa import packed_gqa_attention
     from d2lora.io import read_jsonl
-    import yaml
-
     from d2lora.models import load_model, load_tokenizer, random_init_model
 
     args.out.mkdir(parents=True, exist_ok=True)
