@@ -62,15 +62,12 @@ def main() -> None:
     from d2lora.evaluation.generation import encode_chat_prompts, left_pad
     from d2lora.evaluation.math_eval import render_math_prompt
     from d2lora.evaluation.packed_gqa import packed_gqa_attention
+    from d2lora.cost import parameter_count, synchronize
     from d2lora.io import read_jsonl
     from d2lora.models import load_model, load_tokenizer, random_init_model
 
     args.out.mkdir(parents=True, exist_ok=True)
     cuda = args.device == "cuda"
-
-    def synchronize():
-        if cuda:
-            torch.cuda.synchronize()
 
     if args.model:
         tokenizer = load_tokenizer(args.model, padding_side="left")
@@ -113,16 +110,16 @@ def main() -> None:
         following = step(input_ids)  # the prefill
         for _ in range(args.warmup):
             following = step(following)
-        synchronize()
+        synchronize(args.device)
         start = time.perf_counter()
         for _ in range(args.timed_steps):
             following = step(following)
-        synchronize()
+        synchronize(args.device)
         step_seconds = (time.perf_counter() - start) / args.timed_steps
         with profile(activities=[ProfilerActivity.CPU, *([ProfilerActivity.CUDA] if cuda else [])]) as prof:
             for _ in range(args.steps):
                 following = step(following)
-            synchronize()
+            synchronize(args.device)
 
     averages = prof.key_averages()
     table = averages.table(sort_by="self_cuda_time_total" if cuda else "self_cpu_time_total", row_limit=40)
@@ -139,7 +136,7 @@ def main() -> None:
         key=lambda item: -item[1],
     )
     busy = sum(seconds for _, seconds, _ in per_op)
-    parameters = sum(p.numel() for p in model.parameters())
+    parameters = parameter_count(model)
     config = model.config
     kv_bytes_per_token = 2 * config.num_hidden_layers * config.num_key_value_heads * config.head_dim * 2
     summary = {

@@ -1102,10 +1102,7 @@ def main(argv=None) -> dict:
 
     config = load_config(args.config, args.shape, args.device)
     if args.print_eval_settings is not None:
-        settings = eval_settings(config)
-        if args.shape == "tiny":
-            settings.update(TINY["evaluation.gsm8k"], dtype=TINY["evaluation.dtype"])
-        settings.update(args.print_eval_settings)
+        settings = {**eval_settings(config), **args.print_eval_settings}  # load_config applied the tiny shape
         print(json.dumps(settings))
         sys.exit(0)
     device = resolve_device(config.get("device", "auto"))

@@ -284,22 +284,32 @@ def test_unknown_cache_kind_is_refused(varied_model, tokenizer):
         greedy_generate(varied_model, tokenizer, PROMPTS[:1], max_new_tokens=2, batch_size=1, cache="paged")
 
 
-def test_merged_adapter_matches_the_unmerged_one(tiny_model_dir, tmp_path):
-    """evaluation.merge_adapter folds W + BA once; logits stay within bf16/fp32 rounding."""
+def _save_adapter_with_nonzero_b(model_dir, out, seed: int):
+    """A rank-4, alpha-8 LoRA adapter on every linear layer of the model, B drawn away from zero so
+    that the adapter changes the output, saved to `out` as safetensors."""
     import torch
 
     from d2lora.models import load_model
     from d2lora.training.inits import fresh_adapter
     from d2lora.training.variants import BUILTIN_VARIANTS
 
-    torch.manual_seed(0)
+    torch.manual_seed(seed)
     peft_model = fresh_adapter(
-        load_model(tiny_model_dir), {"rank": 4, "alpha": 8, "target_modules": "all-linear"}, BUILTIN_VARIANTS["lora"]
+        load_model(model_dir), {"rank": 4, "alpha": 8, "target_modules": "all-linear"}, BUILTIN_VARIANTS["lora"]
     )
     for name, param in peft_model.named_parameters():
         if "lora_B" in name:
             torch.nn.init.normal_(param, std=0.05)
-    peft_model.save_pretrained(str(tmp_path / "adapter"), safe_serialization=True)
+    peft_model.save_pretrained(str(out), safe_serialization=True)
+
+
+def test_merged_adapter_matches_the_unmerged_one(tiny_model_dir, tmp_path):
+    """evaluation.merge_adapter folds W + BA once; logits stay within bf16/fp32 rounding."""
+    import torch
+
+    from d2lora.models import load_model
+
+    _save_adapter_with_nonzero_b(tiny_model_dir, tmp_path / "adapter", seed=0)
     ids = torch.tensor([[1, 5, 9, 12, 7, 3]])
     with torch.no_grad():
         unmerged = load_model(tiny_model_dir, adapter_dir=tmp_path / "adapter").eval()(ids).logits
@@ -318,19 +328,10 @@ def test_merge_in_bf16_rounds_once_after_a_float32_merge(tiny_model_dir, tmp_pat
     import torch
     from safetensors.torch import load_file
 
-    from d2lora.models import load_model
-    from d2lora.training.inits import fresh_adapter
-    from d2lora.training.variants import BUILTIN_VARIANTS
+    from d2lora.models import ADAPTER_WEIGHTS, load_model
 
-    torch.manual_seed(1)
-    peft_model = fresh_adapter(
-        load_model(tiny_model_dir), {"rank": 4, "alpha": 8, "target_modules": "all-linear"}, BUILTIN_VARIANTS["lora"]
-    )
-    for name, param in peft_model.named_parameters():
-        if "lora_B" in name:
-            torch.nn.init.normal_(param, std=0.05)
-    peft_model.save_pretrained(str(tmp_path / "adapter"), safe_serialization=True)
-    adapter = load_file(str(tmp_path / "adapter" / "adapter_model.safetensors"))
+    _save_adapter_with_nonzero_b(tiny_model_dir, tmp_path / "adapter", seed=1)
+    adapter = load_file(str(tmp_path / "adapter" / ADAPTER_WEIGHTS))
     base = load_model(tiny_model_dir).state_dict()
     merged = load_model(
         tiny_model_dir, dtype="bfloat16", device="cpu", adapter_dir=tmp_path / "adapter", merge_adapter=True
