@@ -61,7 +61,7 @@ def main() -> None:
 
     from d2lora.evaluation.generation import encode_chat_prompts, left_pad
     from d2lora.evaluation.math_eval import render_math_prompt
-    from d2lora.evaluation.packed_gqa import packed_gqa_attention
+    from d2lora.evaluation.packed_gqa import decoding_attention
     from d2lora.cost import parameter_count, synchronize
     from d2lora.io import read_jsonl
     from d2lora.models import load_model, load_tokenizer, random_init_model
@@ -100,13 +100,14 @@ def main() -> None:
             past_key_values=cache,
             cache_position=torch.arange(position, position + ids.shape[1], device=args.device),
             use_cache=True,
+            logits_to_keep=1,  # as generate: a prefill's logits for every position are 26 GB at 440 x 235
         )
         position += ids.shape[1]
         following = out.logits[:, -1].float().argmax(-1, keepdim=True)
         mask = torch.cat([mask, mask.new_ones((mask.shape[0], 1))], dim=1)
         return following
 
-    with torch.inference_mode(), packed_gqa_attention(model):
+    with torch.inference_mode(), decoding_attention(model, gqa="packed"):
         following = step(input_ids)  # the prefill
         for _ in range(args.warmup):
             following = step(following)
@@ -135,7 +136,14 @@ def main() -> None:
         ),
         key=lambda item: -item[1],
     )
-    busy = sum(seconds for _, seconds, _ in per_op)
+    if cuda:
+        # Device-side events only, as the table's "Self CUDA time total": an operator's row repeats
+        # the time of the kernels it launched, so summing every row counts it twice.
+        from torch.autograd import DeviceType
+
+        busy = sum(e.self_device_time_total for e in averages if e.device_type == DeviceType.CUDA) / 1e6 / args.steps
+    else:
+        busy = sum(seconds for _, seconds, _ in per_op)
     parameters = parameter_count(model)
     config = model.config
     kv_bytes_per_token = 2 * config.num_hidden_layers * config.num_key_value_heads * config.head_dim * 2

@@ -5,7 +5,8 @@ starts one, with `evaluation.server` off and then on, side by side in one run.
         --benchmark gsm8k --jobs 6 --device auto --out benchmarks/out/evaluate_startup \
         --settings '{"max_new_tokens": 48, "batch_size": 32, "prompt_template": "{question} Answer."}'
 
-Each job evaluates the same cell (the base model, no adapter) into its own folder through
+Each job evaluates the same cell (the base model, or with `--adapter` a trained adapter on it: an SFT
+cell, merged or not as the settings say) into its own folder through
 d2lora.evaluation.dispatch, as workflow/scripts/evaluate.py does, so the difference between the
 two modes is what the server saves: imports, the CUDA context and, with a compiled decoding step,
 the compile. `--rows` evaluates only the first rows, so a job is mostly start-up. Writes
@@ -70,6 +71,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", required=True, help="a prepared base model folder (results/model/base)")
     parser.add_argument("--data", required=True, help="a prepared data folder with eval.jsonl (results/data/math)")
+    parser.add_argument("--adapter", help="a trained adapter folder: every job evaluates it as an SFT cell")
     parser.add_argument("--benchmark", default="gsm8k", choices=["gsm8k", "titles", "arc_easy"])
     parser.add_argument("--settings", required=True, help="the evaluate rule's settings, as JSON")
     parser.add_argument("--jobs", type=int, default=6)
@@ -86,9 +88,9 @@ def main() -> None:
     task = {"gsm8k": "math", "arc_easy": "math", "titles": "titles"}[args.benchmark]
     arguments = {
         "benchmark": args.benchmark,
-        "cell": {"task": task, "method": "none", "init": "lora", "n": 0, "seed": 0},
+        "cell": {"task": task, "method": "sft" if args.adapter else "none", "init": "lora", "n": 0, "seed": 0},
         "model_dir": str(Path(args.model).resolve()),
-        "adapter_dir": None,
+        "adapter_dir": str(Path(args.adapter).resolve()) if args.adapter else None,
         "data_dir": str(data),
         "settings": json.loads(args.settings),
         "device": args.device,
@@ -112,6 +114,7 @@ def main() -> None:
         "device": record["device"],
         "host_cpu": platform.processor() or platform.machine(),
         "jobs": args.jobs,
+        "adapter": arguments["adapter_dir"],
         "seconds": seconds,
         "mean_jobs_2_to_n": amortized,
         "speedup_jobs_2_to_n": round(amortized["own"] / amortized["server"], 2) if len(amortized) == 2 else None,

@@ -162,6 +162,32 @@ LEVERS = {
         "plain_second": {},
         "merged": {"merge_adapter": True},
         "merged_static_cache_eager": {"merge_adapter": True, "cache": "static", "compile": False},
+        # The same, attention reading only the cache positions written so far, each batch its own prompt
+        # width (Round 13's profile: the attention over the whole static cache was half of a step).
+        # Round 14 read a new length every step: slower (67.9 s against 40.1); now in windows of 128.
+        "merged_static_cache_eager_filled": {
+            "merge_adapter": True,
+            "cache": "static",
+            "compile": False,
+            "filled_cache_only": True,
+        },
+        # Decoding steps through SDPA's enable_gqa with the mask instead of the folded heads (Round 14,
+        # one layer on an H100: 313 us against 568 us), eager and compiled.
+        "merged_static_cache_eager_native_gqa": {
+            "merge_adapter": True,
+            "cache": "static",
+            "compile": False,
+            "native_gqa": True,
+        },
+        "merged_static_cache_eager_native_gqa_filled": {
+            "merge_adapter": True,
+            "cache": "static",
+            "compile": False,
+            "native_gqa": True,
+            "filled_cache_only": True,
+        },
+        "merged_static_cache_native_gqa": {"merge_adapter": True, "cache": "static", "native_gqa": True},
+        "merged_static_cache_native_gqa_next_cell": {"merge_adapter": True, "cache": "static", "native_gqa": True},
         "merged_static_cache": {"merge_adapter": True, "cache": "static"},
         # The compiled step folds the query heads onto the 8 KV heads instead of copying K and V 4x.
         "merged_static_cache_packed_gqa": PACKED_STATIC,
@@ -846,6 +872,8 @@ def gsm8k_stage(
         "compile": record["settings"].get("compile", True),
         "rows_leave_every": record["settings"].get("rows_leave_every", 0),
         "packed_gqa": record["settings"].get("packed_gqa", False),
+        "filled_cache_only": record["settings"].get("filled_cache_only", False),
+        "native_gqa": record["settings"].get("native_gqa", False),
         "eval_seconds": record["eval_seconds"],
         "load_seconds": round(sum(loads), 2),
         "generate_seconds": round(generate_seconds, 3),

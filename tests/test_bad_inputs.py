@@ -142,6 +142,16 @@ CONFIG_CASES = [
         r"evaluation\.gsm8k\.rows_leave_every: .*set compile: false",
     ),
     (
+        "two ways to attend over grouped KV heads at once",
+        _set("evaluation.gsm8k", {"max_new_tokens": 4, "batch_size": 2, "packed_gqa": True, "native_gqa": True}),
+        r"evaluation\.gsm8k\.native_gqa: packed_gqa is also on",
+    ),
+    (
+        "attention over the filled cache with a compiled step",
+        _set("evaluation.gsm8k", {"max_new_tokens": 4, "batch_size": 2, "cache": "static", "filled_cache_only": True}),
+        r"evaluation\.gsm8k\.filled_cache_only: .*cache: static and compile: false \(got cache: static, compile: true\)",
+    ),
+    (
         "precomputed reference outside DPO",
         _set("training.warmup.precompute_reference", True),
         r"training\.warmup\.precompute_reference: DPO only",

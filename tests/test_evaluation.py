@@ -232,50 +232,175 @@ def test_finished_rows_leave_the_batch_without_changing_an_answer(varied_model, 
     assert rounds[0] == 6 and rounds == sorted(rounds, reverse=True) and rounds[-1] < 6, rounds
 
 
-def test_packed_gqa_attention_equals_sdpa_for_a_decoding_step():
+@pytest.mark.parametrize("forward", ["packed_gqa_attention_forward", "native_gqa_attention_forward"])
+def test_grouped_attention_equals_sdpa_for_a_decoding_step(forward):
     # One query token, 8 query heads on 2 KV heads, a padding mask shared by the heads: folding the
-    # heads onto the KV heads must give SDPA's result over repeated K and V.
+    # heads onto the KV heads (packed), or SDPA's enable_gqa with the mask (native), must give SDPA's
+    # result over repeated K and V.
     from transformers.integrations.sdpa_attention import repeat_kv
 
-    from d2lora.evaluation.packed_gqa import packed_gqa_attention_forward
+    from d2lora.evaluation import packed_gqa
 
     torch.manual_seed(0)
     module = SimpleNamespace(num_key_value_groups=4, is_causal=True)
     query, key, value = torch.randn(3, 8, 1, 16), torch.randn(3, 2, 9, 16), torch.randn(3, 2, 9, 16)
     mask = torch.ones(3, 1, 1, 9, dtype=torch.bool)
     mask[0, ..., :4] = False  # left padding of the first row
-    packed, _ = packed_gqa_attention_forward(module, query, key, value, mask, scaling=0.25)
+    grouped, _ = getattr(packed_gqa, forward)(module, query, key, value, mask, scaling=0.25)
     expected = torch.nn.functional.scaled_dot_product_attention(
         query, repeat_kv(key, 4), repeat_kv(value, 4), attn_mask=mask, scale=0.25
     ).transpose(1, 2)
-    assert packed.shape == (3, 1, 8, 16)
-    torch.testing.assert_close(packed, expected)
+    assert grouped.shape == (3, 1, 8, 16)
+    torch.testing.assert_close(grouped, expected)
 
 
+@pytest.mark.parametrize("setting", ["packed_gqa", "native_gqa"])
 @pytest.mark.parametrize("cache", ["dynamic", "static"])
-def test_packed_gqa_attention_gives_the_same_answers(varied_model, tokenizer, single_outputs, monkeypatch, cache):
+def test_grouped_attention_gives_the_same_answers(varied_model, tokenizer, single_outputs, monkeypatch, cache, setting):
     from d2lora.evaluation import packed_gqa
 
     assert varied_model.config.num_key_value_heads < varied_model.config.num_attention_heads
-    query_lengths, real = [], packed_gqa.packed_gqa_attention_forward
+    forward = f"{setting}_attention_forward"
+    query_lengths, real = [], getattr(packed_gqa, forward)
 
     def spy(module, query, *args, **kwargs):
         query_lengths.append(query.shape[2])
         return real(module, query, *args, **kwargs)
 
-    monkeypatch.setattr(packed_gqa, "packed_gqa_attention_forward", spy)  # what register() installs
-    packed = greedy_generate(
-        varied_model, tokenizer, PROMPTS, max_new_tokens=16, batch_size=4, cache=cache, compile=False, packed_gqa=True
+    monkeypatch.setattr(packed_gqa, forward, spy)  # what the registered attention calls
+    answers = greedy_generate(
+        varied_model, tokenizer, PROMPTS, max_new_tokens=16, batch_size=4, cache=cache, compile=False, **{setting: True}
     )
-    assert packed == single_outputs
+    assert answers == single_outputs
     assert 1 in query_lengths and max(query_lengths) > 1, "prefill and decoding steps both go through it"
     assert varied_model.config._attn_implementation == "sdpa", "the model's own attention is restored"
+
+
+def test_packed_and_native_gqa_are_one_choice(varied_model, tokenizer):
+    with pytest.raises(ValueError, match="packed_gqa and native_gqa"):
+        greedy_generate(
+            varied_model, tokenizer, PROMPTS[:1], max_new_tokens=2, batch_size=1, packed_gqa=True, native_gqa=True
+        )
 
 
 def test_rows_leaving_refuses_a_compiled_static_cache(varied_model, tokenizer):
     with pytest.raises(ValueError, match="evaluation.gsm8k.compile"):
         greedy_generate(
             varied_model, tokenizer, PROMPTS[:1], max_new_tokens=2, batch_size=1, cache="static", rows_leave_every=2
+        )
+
+
+@pytest.mark.parametrize("gqa", ["transformers", "packed", "native"])
+def test_attention_over_the_filled_cache_gives_the_same_answers(
+    varied_model, tokenizer, single_outputs, monkeypatch, gqa
+):
+    # The static cache is as long as the longest prompt + 16 new tokens; with filled_cache_only each
+    # batch keeps its own width and every attention call reads only the positions written so far.
+    from d2lora.evaluation import packed_gqa
+
+    monkeypatch.setattr(packed_gqa, "FILLED_WINDOW", 4)  # 128 on a GPU; windows this short show the cut here
+    reads, widths = [], []
+    real = packed_gqa.decoding_attention_forward
+
+    def spy(module, query, key, value, attention_mask, **kwargs):
+        reads.append((query.shape[2], attention_mask.shape[-1], key.shape[2], kwargs["gqa"]))
+        return real(module, query, key, value, attention_mask, **kwargs)
+
+    monkeypatch.setattr(packed_gqa, "decoding_attention_forward", spy)  # what register() installs calls it
+    generate = varied_model.generate
+
+    def shape_spy(*args, **kwargs):
+        widths.append(kwargs["input_ids"].shape[1])
+        return generate(*args, **kwargs)
+
+    monkeypatch.setattr(varied_model, "generate", shape_spy)
+    filled = greedy_generate(
+        varied_model,
+        tokenizer,
+        PROMPTS,
+        max_new_tokens=16,
+        batch_size=4,
+        cache="static",
+        compile=False,
+        packed_gqa=gqa == "packed",
+        native_gqa=gqa == "native",
+        filled_cache_only=True,
+    )
+    assert filled == single_outputs
+    assert {kind for *_, kind in reads} == {gqa}
+    lengths = [len(ids) for ids in generation.encode_chat_prompts(tokenizer, PROMPTS)]
+    assert len(set(widths)) > 1 and widths[0] == max(lengths), "each batch its own prompt width"
+    decoding = [(mask, cache) for q_length, mask, cache, _ in reads if q_length == 1]
+    prefills = [mask for q_length, mask, _, _ in reads if q_length > 1]
+    assert decoding and prefills
+    # a decoding step's mask covers the prompt and the tokens so far, in windows of 4, not the whole
+    # static cache (the attention cuts the keys and values to it: test_filled_cache_reads_only_the_masked_positions)
+    cache_length = max(widths) + 16
+
+    def window(seen):
+        return min(cache_length, -(-seen // 4) * 4)
+
+    assert min(mask for mask, _ in decoding) == window(min(widths) + 1)
+    assert max(mask for mask, _ in decoding) == window(max(widths) + 15)
+    assert {cache for _, cache in decoding} == {cache_length}
+    assert sum(mask < cache for mask, cache in decoding) > len(decoding) / 2
+    assert set(prefills) == {window(width) for width in widths}
+    assert varied_model.config._attn_implementation == "sdpa", "the model's own attention is restored"
+
+
+@pytest.mark.parametrize("gqa", ["transformers", "packed", "native"])
+def test_filled_cache_reads_only_the_masked_positions(gqa):
+    # Garbage past the mask's length (the cache's unwritten positions) must not reach the output.
+    from d2lora.evaluation.packed_gqa import decoding_attention_forward
+
+    torch.manual_seed(0)
+    module = SimpleNamespace(num_key_value_groups=4, is_causal=True)
+    query, key, value = torch.randn(3, 8, 1, 16), torch.randn(3, 2, 9, 16), torch.randn(3, 2, 9, 16)
+    mask = torch.ones(3, 1, 1, 6, dtype=torch.bool)
+    mask[0, ..., :2] = False
+    poisoned_key, poisoned_value = key.clone(), value.clone()
+    poisoned_key[:, :, 6:], poisoned_value[:, :, 6:] = float("nan"), float("nan")
+    clean, _ = decoding_attention_forward(
+        module, query, key[:, :, :6], value[:, :, :6], mask, scaling=0.25, gqa=gqa, filled_cache_only=True
+    )
+    cut, _ = decoding_attention_forward(
+        module, query, poisoned_key, poisoned_value, mask, scaling=0.25, gqa=gqa, filled_cache_only=True
+    )
+    torch.testing.assert_close(cut, clean)
+
+
+def test_filled_cache_mask_covers_the_tokens_seen_and_is_never_skipped():
+    from d2lora.evaluation import packed_gqa
+    from d2lora.evaluation.packed_gqa import filled_cache_mask
+
+    seen = torch.ones(2, 5, dtype=torch.long)
+    seen[0, :2] = 0  # left padding
+    mask = filled_cache_mask(
+        batch_size=2, q_length=1, kv_length=300, q_offset=4, attention_mask=seen, allow_is_causal_skip=True
+    )
+    assert mask.shape == (2, 1, 1, packed_gqa.FILLED_WINDOW)  # 5 seen, read in one window
+    assert mask[0, 0, 0, :5].tolist() == [False, False, True, True, True] and mask[1, ..., :5].all()
+    assert not mask[..., 5:].any(), "the window's unwritten positions are masked"
+    assert filled_cache_mask(batch_size=2, q_length=1, kv_length=12, q_offset=4, attention_mask=seen).shape[-1] == 12
+    # no padding and one query token: transformers would skip the mask; the length must still reach the attention
+    unpadded = filled_cache_mask(
+        batch_size=1, q_length=1, kv_length=300, q_offset=4, attention_mask=torch.ones(1, 5, dtype=torch.long)
+    )
+    assert unpadded is not None and unpadded.shape[-1] == packed_gqa.FILLED_WINDOW
+
+
+@pytest.mark.parametrize(("cache", "compile"), [("static", True), ("dynamic", False)])
+def test_attention_over_the_filled_cache_needs_an_eager_static_cache(varied_model, tokenizer, cache, compile):
+    with pytest.raises(ValueError, match="filled_cache_only .* needs cache: static and compile: false"):
+        greedy_generate(
+            varied_model,
+            tokenizer,
+            PROMPTS[:1],
+            max_new_tokens=2,
+            batch_size=1,
+            cache=cache,
+            compile=compile,
+            filled_cache_only=True,
         )
 
 
@@ -343,6 +468,45 @@ def test_merge_in_bf16_rounds_once_after_a_float32_merge(tiny_model_dir, tmp_pat
         module = key.removeprefix("base_model.model.").split(".lora_A.")[0]
         lora_b = adapter[key.replace(".lora_A.", ".lora_B.")]
         expected = (base[f"{module}.weight"] + (lora_b @ lora_a) * (8 / 4)).to(torch.bfloat16)
+        assert merged[f"{module}.weight"].dtype == torch.bfloat16
+        assert torch.equal(merged[f"{module}.weight"], expected), module
+        checked += 1
+    assert checked >= 7, "every linear layer of the tiny model is adapted"
+
+
+def test_a_checkpoint_stored_in_bf16_merges_without_a_float32_copy(tiny_model_dir, tmp_path, monkeypatch):
+    """A bf16 checkpoint evaluated in bf16 loads in bf16 (no float32 copy of the model) and still folds
+    W + scale * BA in float32 with one rounding: every adapted weight equals that sum from the files."""
+    import torch
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+
+    from d2lora import models
+    from d2lora.models import ADAPTER_WEIGHTS, load_model, stored_dtype
+
+    stored = tmp_path / "bf16"
+    load_model(tiny_model_dir, dtype="bfloat16").save_pretrained(str(stored), safe_serialization=True)
+    assert stored_dtype(stored) == torch.bfloat16 and stored_dtype(tiny_model_dir) == torch.float32
+    assert stored_dtype(tmp_path) is None
+    _save_adapter_with_nonzero_b(tiny_model_dir, tmp_path / "adapter", seed=2)
+    adapter = load_file(str(tmp_path / "adapter" / ADAPTER_WEIGHTS))
+    base = load_file(str(next(stored.glob("*.safetensors"))))
+
+    loads = []
+    real = AutoModelForCausalLM.from_pretrained
+    monkeypatch.setattr(
+        AutoModelForCausalLM, "from_pretrained", lambda *a, **k: loads.append(k["dtype"]) or real(*a, **k)
+    )
+    monkeypatch.setattr(models, "merge_device", lambda *a: pytest.fail("no float32 copy to place"))
+    merged = load_model(stored, dtype="bfloat16", adapter_dir=tmp_path / "adapter", merge_adapter=True).state_dict()
+    assert loads == [torch.bfloat16]
+    checked = 0
+    for key, lora_a in adapter.items():
+        if ".lora_A." not in key:
+            continue
+        module = key.removeprefix("base_model.model.").split(".lora_A.")[0]
+        lora_b = adapter[key.replace(".lora_A.", ".lora_B.")]
+        expected = (base[f"{module}.weight"].float() + (lora_b @ lora_a) * (8 / 4)).to(torch.bfloat16)
         assert merged[f"{module}.weight"].dtype == torch.bfloat16
         assert torch.equal(merged[f"{module}.weight"], expected), module
         checked += 1

@@ -34,14 +34,21 @@ fi
 # STARTUP_JOBS=N: then N GSM8K evaluate jobs at this shape (the model and data just prepared), each a
 # fresh process as Snakemake starts one, without and with the cell server (benchmarks/evaluate_startup.py):
 # the 8B model's per-job start-up, and whether a server's compiled decoding step serves its next cells.
-# STARTUP_SETTINGS (JSON) overrides config/paper_shape.yaml's GSM8K settings.
+# STARTUP_SETTINGS (JSON) overrides config/paper_shape.yaml's GSM8K settings. Where this run trained
+# an SFT adapter (stage sft, or levers_sft's plain lever), every job evaluates it: a merged evaluation's
+# start-up then includes the merge.
 if [ "${STARTUP_JOBS:-0}" -gt 0 ]; then
   echo "== $(date +%T) evaluate start-up at this shape, ${STARTUP_JOBS} jobs a mode"
   OVERRIDES=${STARTUP_SETTINGS:-"{}"}
   SETTINGS=$(python3 benchmarks/paper_scale.py --config config/paper_shape.yaml --print-eval-settings "$OVERRIDES") || exit 1
   echo "settings: $SETTINGS"
+  ADAPTER=""
+  for stage in sft levers_sft_plain; do
+    [ -f "benchmarks/results_paper_scale/work/adapters/$stage/training.json" ] && ADAPTER="benchmarks/results_paper_scale/work/adapters/$stage"
+  done
+  echo "adapter: ${ADAPTER:-none}"
   python3 benchmarks/evaluate_startup.py --model benchmarks/results_paper_scale/work/model/base \
-    --data benchmarks/results_paper_scale/work/data/math --benchmark gsm8k --jobs "$STARTUP_JOBS" --device cuda \
+    --data benchmarks/results_paper_scale/work/data/math --benchmark gsm8k --jobs "$STARTUP_JOBS" --device cuda ${ADAPTER:+--adapter "$ADAPTER"} \
     --settings "$SETTINGS" --out benchmarks/results_paper_scale/startup
   code=$?
 fi

@@ -285,6 +285,17 @@ def check(config: dict) -> None:
             "evaluation.gsm8k.rows_leave_every: finished rows leaving change the batch's shape, which "
             "a compiled decoding step cannot follow; with cache: static set compile: false"
         )
+    if gsm8k.filled_cache_only and (gsm8k.cache != "static" or gsm8k.compile):
+        raise ConfigError(
+            "evaluation.gsm8k.filled_cache_only: the attention's length changes every step, which a "
+            f"compiled decoding step cannot follow; it needs cache: static and compile: false (got cache: "
+            f"{gsm8k.cache}, compile: {str(gsm8k.compile).lower()})"
+        )
+    if gsm8k.packed_gqa and gsm8k.native_gqa:
+        raise ConfigError(
+            "evaluation.gsm8k.native_gqa: packed_gqa is also on; they are two ways to attend over grouped "
+            "KV heads, choose one"
+        )
     if needs_warmup(config) and "train" not in config["datasets"]["warmup"]:
         raise ConfigError("datasets.warmup.train: d2lora cells need a warm-up training source")
     check_statistics_config(config)

@@ -172,13 +172,18 @@ def _random_init(model_cfg: dict, tokenizer, dtype):
         return LlamaForCausalLM._from_config(config, dtype=dtype)
 
 
-def random_init_model(model_cfg: dict, dtype):
-    """A random_init source's model and tokenizer, in memory (prepare_base_model saves them; a
-    benchmark that needs only the shape can skip writing 16 GB)."""
+def random_init_tokenizer(model_cfg: dict):
+    """A random_init source's tokenizer (`model.tokenizer`), without its model."""
     tok_cfg = model_cfg.get("tokenizer")
     if not tok_cfg:
         raise ModelSourceError("model.tokenizer: source 'random_init' needs a tokenizer source")
-    tokenizer = _load_tokenizer_from_source(tok_cfg)
+    return _load_tokenizer_from_source(tok_cfg)
+
+
+def random_init_model(model_cfg: dict, dtype):
+    """A random_init source's model and tokenizer, in memory (prepare_base_model saves them; a
+    benchmark that needs only the shape can skip writing 16 GB)."""
+    tokenizer = random_init_tokenizer(model_cfg)
     return _random_init(model_cfg, tokenizer, dtype), tokenizer
 
 
@@ -295,14 +300,22 @@ def load_model(
     merge_adapter folds the adapter into the base weights (evaluation only): decoding then runs
     the base model's kernels alone instead of two extra small matrix products per adapted layer,
     which dominate a small model's step time. The merge is done in float32 and the result cast to
-    `dtype`, so the only difference from the unmerged adapter is one rounding of W + BA.
+    `dtype`, so the only difference from the unmerged adapter is one rounding of W + BA. A checkpoint
+    stored in `dtype` loads as it is, straight onto `device`: peft adds its float32 BA to each weight
+    in float32 and rounds once, the same numbers as a float32 copy merged and cast, without building
+    that copy (twice the checkpoint). A checkpoint with more precision than `dtype` is loaded in
+    float32 (on the card when it has room: merge_device) and merged before its one rounding.
     """
     # transformers: kept out of workflow parsing (the rules import this module)
     from transformers import AutoModelForCausalLM
 
     merge = adapter_dir is not None and merge_adapter and not trainable
-    load_dtype = "float32" if merge else dtype
-    load_device = merge_device(model_dir, device) if merge else "cpu"
+    as_stored = merge and stored_dtype(model_dir) == _torch_dtype(dtype)
+    load_dtype = "float32" if merge and not as_stored else dtype
+    if as_stored:
+        load_device = device if str(device).startswith("cuda") else "cpu"
+    else:
+        load_device = merge_device(model_dir, device) if merge else "cpu"
     model = AutoModelForCausalLM.from_pretrained(
         str(model_dir),
         dtype=_torch_dtype(load_dtype),
@@ -319,6 +332,25 @@ def load_model(
         if merge:
             model = model.merge_and_unload().to(_torch_dtype(dtype))
     return model.to(device)
+
+
+def stored_dtype(model_dir: str | os.PathLike):
+    """The torch dtype of a safetensors checkpoint's floating-point weights, from its first file's
+    header (None for a folder without one, or with several floating-point dtypes)."""
+    # torch: kept out of workflow parsing (the rules import this module)
+    import torch
+
+    # safetensors: kept out of workflow parsing, as torch
+    from safetensors import safe_open
+
+    files = sorted(Path(model_dir).glob("*.safetensors"))
+    if not files:
+        return None
+    names = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16, "F64": torch.float64}
+    with safe_open(str(files[0]), framework="pt") as handle:
+        found = {handle.get_slice(key).get_dtype() for key in handle.keys()}
+    floating = {names[name] for name in found if name in names}
+    return floating.pop() if len(floating) == 1 else None
 
 
 def merge_device(model_dir: str | os.PathLike, device: str) -> str:

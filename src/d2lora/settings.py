@@ -156,6 +156,8 @@ class Decoding(Settings):
     compile: bool
     rows_leave_every: int
     packed_gqa: bool
+    filled_cache_only: bool
+    native_gqa: bool
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)

@@ -192,6 +192,8 @@ def greedy_generate(
     compile: bool = True,
     rows_leave_every: int = 0,
     packed_gqa: bool = False,
+    filled_cache_only: bool = False,
+    native_gqa: bool = False,
 ) -> list[str]:
     """Greedy completions of each prompt (as a chat user turn), in the order given.
 
@@ -201,12 +203,15 @@ def greedy_generate(
     so that the compiled decoding step (one graph per shape) is built once, not once per batch.
     `rows_leave_every` > 0: finished rows leave the batch every that many new tokens (eager only).
     `packed_gqa`: decode with d2lora.evaluation.packed_gqa's attention (no KV head copies when compiled).
+    `native_gqa`: decoding steps through SDPA's enable_gqa with the padding mask (d2lora.evaluation.packed_gqa).
+    `filled_cache_only` (static cache, eager): attention reads only the cache positions written so far,
+    and each batch keeps its own prompt width (d2lora.evaluation.packed_gqa).
     """
     # torch: kept out of workflow parsing (the rules import this module)
     import torch
 
     # packed_gqa imports torch and transformers: kept out of workflow parsing (the rules import this module)
-    from d2lora.evaluation.packed_gqa import packed_gqa_attention
+    from d2lora.evaluation.packed_gqa import decoding_attention
 
     if rows_leave_every < 0:
         raise ValueError(f"rows_leave_every must be >= 0, got {rows_leave_every}")
@@ -215,14 +220,23 @@ def greedy_generate(
             "finished rows leaving the batch change its shape, which a compiled decoding step cannot "
             "follow: with the static cache set compile: false (evaluation.gsm8k.compile)"
         )
+    if filled_cache_only and (cache != "static" or compile):
+        raise ValueError(
+            "filled_cache_only changes the attention's length every step: it needs cache: static and "
+            f"compile: false (evaluation.gsm8k), got cache: {cache}, compile: {compile}"
+        )
+    if packed_gqa and native_gqa:
+        raise ValueError("packed_gqa and native_gqa are two ways to attend over grouped KV heads: choose one")
     if not user_prompts:
         return []
+    gqa = "native" if native_gqa else "packed" if packed_gqa else "transformers"
     device = model_device(model)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     eos_ids = stop_token_ids(model, tokenizer)
     encoded = encode_chat_prompts(tokenizer, user_prompts)
     batches = longest_first_batches([len(ids) for ids in encoded], batch_size)
-    fixed_shape = cache == "static"
+    # Eager with filled_cache_only, a batch's shape costs nothing: each keeps its own width.
+    fixed_shape = cache == "static" and not filled_cache_only
     width = max(len(ids) for ids in encoded) if fixed_shape else None
     rows = len(batches[0]) if fixed_shape else None
     config = greedy_config(
@@ -244,14 +258,21 @@ def greedy_generate(
             flush=True,
         )
     started, done = time.perf_counter(), 0
-    with torch.inference_mode(), packed_gqa_attention(model, enabled=packed_gqa):
+    with torch.inference_mode(), decoding_attention(model, gqa, filled_cache_only):
         for number, batch in enumerate(batches, start=1):
             if partial is not None and partial.has_all(batch):
                 for index in batch:
                     outputs[index] = partial.done[index]
                 done += len(batch)
                 continue
-            input_ids, attention_mask = left_pad([encoded[i] for i in batch], pad_id, device, width=width, rows=rows)
+            batch_width = width
+            if filled_cache_only and len({len(encoded[i]) for i in batch}) == 1:
+                # transformers drops a padding mask of all ones, and the filled length is read from it:
+                # one pad column keeps it (a masked position, so the answers stay the same)
+                batch_width = len(encoded[batch[0]]) + 1
+            input_ids, attention_mask = left_pad(
+                [encoded[i] for i in batch], pad_id, device, width=batch_width, rows=rows
+            )
             if rows_leave_every:
                 new_tokens = _generate_rows_leaving(
                     model, input_ids, attention_mask, config, eos_ids, pad_id, cache, rows_leave_every

@@ -60,6 +60,8 @@ def evaluate_math(
     compile: bool = True,
     rows_leave_every: int = 0,
     packed_gqa: bool = False,
+    filled_cache_only: bool = False,
+    native_gqa: bool = False,
 ) -> tuple[list[dict], dict]:
     """Per-example records and {"accuracy" (fraction), "n_items", "n_boxed"}."""
     if not rows:
@@ -77,6 +79,8 @@ def evaluate_math(
         compile=compile,
         rows_leave_every=rows_leave_every,
         packed_gqa=packed_gqa,
+        filled_cache_only=filled_cache_only,
+        native_gqa=native_gqa,
     )
     per_example = [score_math_output(row, prompt, output) for row, prompt, output in zip(rows, prompts, outputs)]
     return per_example, summarize_math(per_example)

@@ -1,4 +1,5 @@
-"""Decoding attention over grouped KV heads without copying them, compiled or not.
+"""Decoding attention: over grouped KV heads without copying them, compiled or not; and over only the
+filled part of a static KV cache.
 
 transformers' SDPA attention already folds a single query token's heads onto the key/value heads
 (`pack_gqa`) instead of repeating K and V `num_key_value_groups` times, but only in eager mode: under
@@ -6,6 +7,15 @@ torch.compile it falls back to `repeat_kv`, which copies the whole KV cache ever
 is why the compiled static cache was slower than the eager one at the 8B shape (benchmarks/RESULTS.md).
 Decoding shapes are fixed with the static cache, so the fold is safe to compile; this attention
 does it there too and hands every other case (prefill, masks per head, position bias) to SDPA's own.
+
+A static cache is as long as the run's longest prompt plus the new tokens, and SDPA reads all of it
+every step, the positions not yet written included (masked): at the 8B shape on GSM8K that is 491
+positions a row where 237 are filled on average, and the attention was half of a decoding step
+(Round 13, benchmarks/RESULTS.md). With `filled_cache_only` the mask is built over the positions
+written so far, in windows of FILLED_WINDOW (the 2-D padding mask has one column per token seen),
+and the keys and values are cut to the same length, a view of the cache, not a copy. The length
+changes as the batch decodes, so this is for the eager static cache (a compiled step would
+recompile for each).
 """
 
 from __future__ import annotations
@@ -17,23 +27,27 @@ from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import pack_gqa, sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
-PACKED_GQA = "sdpa_packed_gqa"
+
+def _grouped_decoding_step(groups: int, query, attention_mask, kwargs: dict) -> bool:
+    """Whether a call is one decoding step over grouped KV heads with a mask shared by the heads and
+    nothing else (position bias, paged cache, softcap): the case the packed and native attentions
+    take; every other goes to transformers' SDPA attention."""
+    return (
+        groups > 1
+        and query.shape[2] == 1
+        and (attention_mask is None or attention_mask.shape[1] == 1)
+        and kwargs.get("position_bias") is None
+        and kwargs.get("cache") is None
+        and kwargs.get("softcap") is None
+    )
 
 
 def packed_gqa_attention_forward(
     module, query, key, value, attention_mask, dropout=0.0, scaling=None, is_causal=None, **kwargs
 ):
     groups = getattr(module, "num_key_value_groups", 1)
-    batch, heads, q_length, _ = query.shape
-    mask_shared_by_heads = attention_mask is None or attention_mask.shape[1] == 1
-    if (
-        groups == 1
-        or q_length != 1
-        or not mask_shared_by_heads
-        or kwargs.get("position_bias") is not None
-        or kwargs.get("cache") is not None
-        or kwargs.get("softcap") is not None
-    ):
+    batch, heads, _, _ = query.shape
+    if not _grouped_decoding_step(groups, query, attention_mask, kwargs):
         return sdpa_attention_forward(
             module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, is_causal=is_causal, **kwargs
         )
@@ -46,22 +60,91 @@ def packed_gqa_attention_forward(
     return output.reshape(batch, heads, 1, value.shape[-1]).transpose(1, 2).contiguous(), None
 
 
-def register() -> str:
-    AttentionInterface.register(PACKED_GQA, packed_gqa_attention_forward)
-    AttentionMaskInterface.register(PACKED_GQA, sdpa_mask)  # the same masks as "sdpa"
-    return PACKED_GQA
+# The filled part is read in windows of this many positions: a length that changed every step made
+# the eager step slower, not faster (Round 14: 67.9 s against 40.1 s for 1,319 x 256 at the 8B shape on
+# an H100), each new attention shape paying the kernel's set-up again; windows give a batch a few shapes.
+FILLED_WINDOW = 128
+
+
+def filled_cache_mask(*, kv_length: int, kv_offset: int = 0, attention_mask=None, **kwargs):
+    """transformers' SDPA mask over the cache positions written so far, rounded up to FILLED_WINDOW
+    (the 2-D padding mask has one column per token seen, this step's included) instead of the static
+    cache's full length. Never None (no causal skip), so that the attention always learns the length
+    to read from the mask."""
+    if attention_mask is not None and attention_mask.dim() == 2 and kv_offset == 0:
+        seen = attention_mask.shape[-1]
+        kv_length = min(kv_length, -(-seen // FILLED_WINDOW) * FILLED_WINDOW)
+    kwargs["allow_is_causal_skip"] = False
+    return sdpa_mask(kv_length=kv_length, kv_offset=kv_offset, attention_mask=attention_mask, **kwargs)
+
+
+def native_gqa_attention_forward(
+    module, query, key, value, attention_mask, dropout=0.0, scaling=None, is_causal=None, **kwargs
+):
+    """A decoding step through SDPA's own grouped-query attention (`enable_gqa`), the padding mask
+    included: transformers keeps `enable_gqa` for calls without a mask on CUDA (it expects the math
+    kernel otherwise) and folds the heads instead, which ran at 568 us a layer against 313 us for
+    this call at the 8B shape on an H100 (Round 14, benchmarks/decode_attention.py). Every other case
+    goes to transformers' SDPA attention."""
+    if not _grouped_decoding_step(getattr(module, "num_key_value_groups", 1), query, attention_mask, kwargs):
+        return sdpa_attention_forward(
+            module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, is_causal=is_causal, **kwargs
+        )
+    output = torch.nn.functional.scaled_dot_product_attention(
+        query, key, value, attn_mask=attention_mask, dropout_p=dropout, scale=scaling, is_causal=False, enable_gqa=True
+    )
+    return output.transpose(1, 2).contiguous(), None
+
+
+def _filled(key, value, attention_mask):
+    """Keys and values cut to the mask's length (views of the cache): the filled positions only."""
+    if attention_mask is not None and attention_mask.shape[-1] < key.shape[-2]:
+        length = attention_mask.shape[-1]
+        return key[:, :, :length], value[:, :, :length]
+    return key, value
+
+
+GQA_KINDS = ("transformers", "packed", "native")
+
+
+def decoding_attention_forward(
+    module, query, key, value, attention_mask, *, gqa: str, filled_cache_only: bool, **kwargs
+):
+    """The attention `register` installs: keys and values cut to the filled cache if asked, then the
+    grouped heads folded (packed), through SDPA's enable_gqa (native), or as transformers does."""
+    if filled_cache_only:
+        key, value = _filled(key, value, attention_mask)
+    inner = {"packed": packed_gqa_attention_forward, "native": native_gqa_attention_forward}.get(gqa)
+    return (inner or sdpa_attention_forward)(module, query, key, value, attention_mask, **kwargs)
+
+
+def register(gqa: str = "packed", filled_cache_only: bool = False) -> str:
+    """Register the attention (and its mask) for this combination; its name for set_attn_implementation.
+    The forwards are looked up when called, so that a test can spy on them."""
+    if gqa not in GQA_KINDS:
+        raise ValueError(f"gqa must be one of {GQA_KINDS}, got {gqa!r}")
+    name = f"sdpa_{gqa}_gqa" + ("_filled_cache" if filled_cache_only else "")
+
+    def forward(*args, **kwargs):
+        return decoding_attention_forward(*args, gqa=gqa, filled_cache_only=filled_cache_only, **kwargs)
+
+    AttentionInterface.register(name, forward)
+    AttentionMaskInterface.register(name, filled_cache_mask if filled_cache_only else sdpa_mask)
+    return name
 
 
 @contextmanager
-def packed_gqa_attention(model, enabled: bool = True):
-    """Decode with the packed-GQA attention inside the block, then restore the model's own."""
-    if not enabled:
+def decoding_attention(model, gqa: str = "packed", filled_cache_only: bool = False):
+    """Decode with the chosen grouped-query attention and/or attention over the filled cache inside
+    the block, then restore the model's own."""
+    if gqa == "transformers" and not filled_cache_only:
         yield model
         return
     previous = model.config._attn_implementation
     if previous != "sdpa":
-        raise ValueError(f"evaluation.gsm8k.packed_gqa needs the model's attention to be 'sdpa', it is '{previous}'")
-    model.set_attn_implementation(register())
+        setting = f"{gqa}_gqa" if gqa != "transformers" else "filled_cache_only"
+        raise ValueError(f"evaluation.gsm8k.{setting} needs the model's attention to be 'sdpa', it is '{previous}'")
+    model.set_attn_implementation(register(gqa, filled_cache_only))
     try:
         yield model
     finally:

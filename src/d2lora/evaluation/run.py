@@ -45,6 +45,8 @@ def _gsm8k(model, tokenizer, rows: list[dict], settings: dict, partial):
         compile=gsm8k.compile,
         rows_leave_every=gsm8k.rows_leave_every,
         packed_gqa=gsm8k.packed_gqa,
+        filled_cache_only=gsm8k.filled_cache_only,
+        native_gqa=gsm8k.native_gqa,
     )
 
 
