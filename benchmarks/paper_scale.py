@@ -154,7 +154,7 @@ LEVERS = {
         "bf16_base_uncast_inputs": BF16_UNCAST,
     },
     # GSM8K: 1,319 prompts x 256 new tokens (a random model never stops: every row runs to the limit).
-    # The static cache gives every batch one shape, so the compiled step is built once per process.
+    # The static cache gives every batch one decoding shape, so the compiled step is built once per process.
     "gsm8k": {
         "plain": {},
         # Plain again, warm: the first generation of a process pays the allocator's growth and kernel
@@ -198,6 +198,11 @@ LEVERS = {
         # Round 12 (H200): 31.9 s against 33.3 s, but 71.9 GiB allocated, 88 reserved: over an 80 GB card.
         "merged_static_cache_packed_gqa_batch660": {**PACKED_STATIC, "batch_size": 660},
         "merged_static_cache_packed_gqa_batch660_next_cell": {**PACKED_STATIC, "batch_size": 660},
+        # Every batch's prompts padded to the run's longest, as through Round 14 (since then each batch
+        # keeps its own width; the cache, and with it the compiled step, stays one shape either way).
+        # Run it first, then the default: the second reuses the first's compiled step.
+        "merged_static_cache_packed_gqa_longest_prompt": {**PACKED_STATIC, "prompt_width": "longest"},
+        "merged_static_cache_packed_gqa_longest_prompt_next_cell": {**PACKED_STATIC, "prompt_width": "longest"},
     },
     # GSM8K on the real SmolLM2-135M-Instruct (SMALL_MODEL_CONFIG: its model and GSM8K settings, no
     # adapter): real answers that stop at their end, so these times depend on what the model writes.
@@ -874,6 +879,7 @@ def gsm8k_stage(
         "packed_gqa": record["settings"].get("packed_gqa", False),
         "filled_cache_only": record["settings"].get("filled_cache_only", False),
         "native_gqa": record["settings"].get("native_gqa", False),
+        "prompt_width": record["settings"].get("prompt_width", "batch"),
         "eval_seconds": record["eval_seconds"],
         "load_seconds": round(sum(loads), 2),
         "generate_seconds": round(generate_seconds, 3),

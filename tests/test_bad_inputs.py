@@ -147,6 +147,11 @@ CONFIG_CASES = [
         r"evaluation\.gsm8k\.native_gqa: packed_gqa is also on",
     ),
     (
+        "unknown prompt width",
+        _set("evaluation.gsm8k", {"max_new_tokens": 4, "batch_size": 2, "prompt_width": "widest"}),
+        r"'widest' is not one of[\s\S]*\['gsm8k'\]\['prompt_width'\]",
+    ),
+    (
         "attention over the filled cache with a compiled step",
         _set("evaluation.gsm8k", {"max_new_tokens": 4, "batch_size": 2, "cache": "static", "filled_cache_only": True}),
         r"evaluation\.gsm8k\.filled_cache_only: .*cache: static and compile: false \(got cache: static, compile: true\)",

@@ -161,10 +161,13 @@ def test_static_kv_cache_gives_the_same_answers(varied_model, tokenizer, single_
     assert static == single_outputs
 
 
-def test_static_cache_gives_every_batch_one_shape(varied_model, tokenizer, single_outputs, monkeypatch):
-    # One shape for the whole run is what lets the compiled decoding step be built once: every batch
-    # gets the longest prompt's width and a full batch of rows (padding rows repeat the last prompt
-    # and are dropped); the answers stay those of one prompt at a time.
+@pytest.mark.parametrize("prompt_width", ["batch", "longest"])
+def test_static_cache_gives_every_batch_one_cache_length(
+    varied_model, tokenizer, single_outputs, monkeypatch, prompt_width
+):
+    # One cache length and a full batch of rows for the whole run is what lets the compiled decoding
+    # step be built once (padding rows repeat the last prompt and are dropped); the prompts are padded
+    # to the batch's own longest or the run's; the answers stay those of one prompt at a time.
     shapes, configs = [], []
     generate = varied_model.generate
 
@@ -175,14 +178,59 @@ def test_static_cache_gives_every_batch_one_shape(varied_model, tokenizer, singl
 
     monkeypatch.setattr(varied_model, "generate", spy)
     static = greedy_generate(
-        varied_model, tokenizer, PROMPTS, max_new_tokens=16, batch_size=4, cache="static", compile=False
+        varied_model,
+        tokenizer,
+        PROMPTS,
+        max_new_tokens=16,
+        batch_size=4,
+        cache="static",
+        compile=False,
+        prompt_width=prompt_width,
     )
     assert static == single_outputs
     assert len(PROMPTS) % 4 != 0 and len(shapes) == -(-len(PROMPTS) // 4)
-    assert len(set(shapes)) == 1 and shapes[0][0] == 4
-    width = max(len(ids) for ids in generation.encode_chat_prompts(tokenizer, PROMPTS))
-    assert shapes[0][1] == width
-    assert {(c.max_cache_len, c.disable_compile) for c in configs} == {(width + 16, True)}
+    assert {rows for rows, _ in shapes} == {4}
+    encoded = generation.encode_chat_prompts(tokenizer, PROMPTS)
+    longest = max(len(ids) for ids in encoded)
+    batches = generation.longest_first_batches([len(ids) for ids in encoded], 4)
+    own = [max(len(encoded[i]) for i in batch) for batch in batches]
+    assert len(set(own)) > 1, "the batches' own widths must differ for the comparison to mean anything"
+    assert [width for _, width in shapes] == (own if prompt_width == "batch" else [longest] * len(batches))
+    assert {(c.max_cache_len, c.disable_compile) for c in configs} == {(longest + 16, True)}
+
+
+def test_a_compiled_decoding_step_is_built_once_for_batches_of_their_own_width(varied_model, tokenizer, monkeypatch):
+    # transformers compiles only the decoding step (the prefill runs eagerly) and builds its mask over
+    # the whole static cache, so batches padded to their own widths keep its shapes: no recompile after
+    # the first batch. On the CPU through a backend that counts the graphs dynamo hands it.
+    from transformers import CompileConfig
+
+    graphs = []
+
+    def counting_backend(graph_module, example_inputs):
+        graphs.append(len(example_inputs))
+        return graph_module.forward
+
+    generate = varied_model.generate
+    graphs_after_batch = []
+
+    def compiled_generate(*args, generation_config, **kwargs):
+        generation_config.compile_config = CompileConfig(backend=counting_backend, mode=None)
+        generation_config.compile_config._compile_all_devices = True  # transformers compiles on CUDA only otherwise
+        out = generate(*args, generation_config=generation_config, **kwargs)
+        graphs_after_batch.append(len(graphs))
+        return out
+
+    monkeypatch.setattr(varied_model, "generate", compiled_generate)
+    torch._dynamo.reset()
+    try:
+        greedy_generate(varied_model, tokenizer, PROMPTS, max_new_tokens=4, batch_size=4, cache="static", compile=True)
+    finally:
+        torch._dynamo.reset()
+        if hasattr(varied_model, "_compiled_call"):
+            del varied_model._compiled_call  # later tests decode eagerly on this module-scoped model
+    assert len(graphs_after_batch) == 2 and graphs_after_batch[0] > 0, graphs_after_batch
+    assert graphs_after_batch[1] == graphs_after_batch[0], f"the second batch recompiled: {graphs_after_batch}"
 
 
 def test_dynamic_cache_keeps_each_batch_its_own_shape(varied_model, tokenizer, monkeypatch):

@@ -158,6 +158,7 @@ class Decoding(Settings):
     packed_gqa: bool
     filled_cache_only: bool
     native_gqa: bool
+    prompt_width: str
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)

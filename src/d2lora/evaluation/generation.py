@@ -77,6 +77,7 @@ def stop_token_ids(model, tokenizer) -> list[int]:
 
 
 CACHE_KINDS = ("dynamic", "static")
+PROMPT_WIDTHS = ("batch", "longest")
 
 
 def greedy_config(
@@ -194,13 +195,17 @@ def greedy_generate(
     packed_gqa: bool = False,
     filled_cache_only: bool = False,
     native_gqa: bool = False,
+    prompt_width: str = "batch",
 ) -> list[str]:
     """Greedy completions of each prompt (as a chat user turn), in the order given.
 
     `partial` (d2lora.evaluation.partial.PartialResults, optional) holds batches finished by an
     earlier, killed run: they are taken from it, and every new batch is recorded in it.
-    With the static cache every batch gets the run's longest prompt width and a full batch of rows,
-    so that the compiled decoding step (one graph per shape) is built once, not once per batch.
+    With the static cache every batch gets one cache length (the run's longest prompt plus the new
+    tokens) and a full batch of rows, so that the compiled decoding step (one graph per shape) is
+    built once, not once per batch. `prompt_width` "batch" pads each batch's prompts to its own
+    longest: transformers runs the prefill eagerly and builds the decoding step's mask over the
+    whole cache, so that step's shapes stay the same; "longest" pads every batch to the run's longest.
     `rows_leave_every` > 0: finished rows leave the batch every that many new tokens (eager only).
     `packed_gqa`: decode with d2lora.evaluation.packed_gqa's attention (no KV head copies when compiled).
     `native_gqa`: decoding steps through SDPA's enable_gqa with the padding mask (d2lora.evaluation.packed_gqa).
@@ -227,6 +232,8 @@ def greedy_generate(
         )
     if packed_gqa and native_gqa:
         raise ValueError("packed_gqa and native_gqa are two ways to attend over grouped KV heads: choose one")
+    if prompt_width not in PROMPT_WIDTHS:
+        raise ValueError(f"prompt_width must be one of {PROMPT_WIDTHS}, got {prompt_width!r}")
     if not user_prompts:
         return []
     gqa = "native" if native_gqa else "packed" if packed_gqa else "transformers"
@@ -235,9 +242,10 @@ def greedy_generate(
     eos_ids = stop_token_ids(model, tokenizer)
     encoded = encode_chat_prompts(tokenizer, user_prompts)
     batches = longest_first_batches([len(ids) for ids in encoded], batch_size)
-    # Eager with filled_cache_only, a batch's shape costs nothing: each keeps its own width.
+    # Eager with filled_cache_only, a batch's shape costs nothing: each keeps its own cache length.
     fixed_shape = cache == "static" and not filled_cache_only
-    width = max(len(ids) for ids in encoded) if fixed_shape else None
+    longest = max(len(ids) for ids in encoded)
+    width = longest if fixed_shape and prompt_width == "longest" else None
     rows = len(batches[0]) if fixed_shape else None
     config = greedy_config(
         max_new_tokens,
@@ -245,7 +253,7 @@ def greedy_generate(
         pad_id,
         cache,
         compile=compile,
-        max_cache_len=width + max_new_tokens if fixed_shape else None,
+        max_cache_len=longest + max_new_tokens if fixed_shape else None,
     )
     desc = progress_desc or "generate"
 

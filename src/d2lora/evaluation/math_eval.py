@@ -62,6 +62,7 @@ def evaluate_math(
     packed_gqa: bool = False,
     filled_cache_only: bool = False,
     native_gqa: bool = False,
+    prompt_width: str = "batch",
 ) -> tuple[list[dict], dict]:
     """Per-example records and {"accuracy" (fraction), "n_items", "n_boxed"}."""
     if not rows:
@@ -81,6 +82,7 @@ def evaluate_math(
         packed_gqa=packed_gqa,
         filled_cache_only=filled_cache_only,
         native_gqa=native_gqa,
+        prompt_width=prompt_width,
     )
     per_example = [score_math_output(row, prompt, output) for row, prompt, output in zip(rows, prompts, outputs)]
     return per_example, summarize_math(per_example)
