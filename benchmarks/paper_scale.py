@@ -111,6 +111,10 @@ LEVERS = {
         "no_checkpointing_uncast_inputs": UNCAST,
         "bf16_base_uncast_inputs": BF16_UNCAST,
         "no_checkpointing_uncast_inputs_dropout0": {**UNCAST, "lora": {"dropout": 0.0}},
+        # The B matmul adds into the base output (addmm, scaling 1.0 as its alpha): per projection ~4 of
+        # ~20 operator calls fewer (benchmarks/lora_branch_ops.py), where eager steps are launch-bound.
+        "no_checkpointing_uncast_inputs_fused_add": {**UNCAST, "fuse_adapter_add": True},
+        "bf16_base_uncast_inputs_fused_add": {**BF16_UNCAST, "fuse_adapter_add": True},
         "no_checkpointing_compiled_layers": {**NO_CHECKPOINTING, "compile_layers": True},
         "no_checkpointing_uncast_inputs_compiled_layers": {**UNCAST, "compile_layers": True},
         # Rows padded to a multiple of 8: inductor's alignment guard sees one case, half the graphs.

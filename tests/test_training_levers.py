@@ -260,7 +260,7 @@ def test_the_reference_fingerprint_is_cheap_content_based_and_restored(tiny_mode
     assert original(base) != before
 
 
-def _tiny_peft(tiny_model_dir, dtype: str, dropout: float = 0.0):
+def _tiny_peft(tiny_model_dir, dtype: str, dropout: float = 0.0, alpha: int = LORA["alpha"]):
     from peft import get_peft_model
 
     from d2lora.models import load_model
@@ -268,7 +268,7 @@ def _tiny_peft(tiny_model_dir, dtype: str, dropout: float = 0.0):
 
     torch.manual_seed(0)
     return get_peft_model(
-        load_model(tiny_model_dir, dtype=dtype, device="cpu"), lora_config(dict(LORA, dropout=dropout))
+        load_model(tiny_model_dir, dtype=dtype, device="cpu"), lora_config(dict(LORA, dropout=dropout, alpha=alpha))
     )
 
 
@@ -389,3 +389,101 @@ def test_compiled_layers_train_rows_of_every_length_without_recompiling(tiny_mod
                 model(input_ids=ids, labels=ids, use_cache=False).loss.backward()
     finally:
         torch._dynamo.reset()
+
+
+def _nonzero_b(model) -> None:
+    """B starts at 0, which would make the branch and A's gradient vanish from any comparison."""
+    for name, param in model.named_parameters():
+        if "lora_B" in name:
+            torch.nn.init.normal_(param, std=0.02, generator=torch.Generator().manual_seed(len(name)))
+
+
+@pytest.mark.parametrize("alpha", [4, 8])  # scaling 1.0 (Table 2's alpha = r) and 2.0
+def test_fused_adapter_add_gives_peft_outputs_and_gradients_in_float32(tiny_model_dir, alpha):
+    from peft import get_peft_model
+
+    from d2lora.models import load_model
+    from d2lora.training import fast_paths
+    from d2lora.training.adapters import lora_config
+
+    ids = torch.tensor([[5, 9, 2, 7, 3, 8], [4, 4, 1, 6, 2, 9]])
+    results = {}
+    for fused in (False, True):
+        torch.manual_seed(0)
+        model = get_peft_model(load_model(tiny_model_dir), lora_config(dict(LORA, alpha=alpha)))
+        _nonzero_b(model)
+        layers = fast_paths.fuse_adapter_add(model) if fused else 0
+        out = model(input_ids=ids, labels=ids)
+        out.loss.backward()
+        grads = {name: p.grad.clone() for name, p in model.named_parameters() if p.requires_grad}
+        results[fused] = (out.logits.detach(), grads, layers)
+    assert results[True][2] == sum(1 for m in model.modules() if type(m).__name__ == "Linear" and hasattr(m, "lora_A"))
+    assert results[True][2] > 0
+    torch.testing.assert_close(results[True][0], results[False][0], rtol=1e-5, atol=1e-6)
+    assert results[True][1].keys() == results[False][1].keys()
+    for name, grad in results[False][1].items():
+        assert grad.abs().max() > 0, name
+        torch.testing.assert_close(results[True][1][name], grad, rtol=1e-4, atol=1e-7)
+
+
+def test_fused_adapter_add_makes_one_call_of_three_under_bf16_autocast(tiny_model_dir):
+    from torch.profiler import ProfilerActivity, profile
+
+    from d2lora.training import fast_paths
+
+    ids = torch.tensor([[5, 9, 2, 7, 3, 8]])
+    calls, losses = {}, {}
+    for fused in (False, True):
+        model = _tiny_peft(tiny_model_dir, "bfloat16", alpha=LORA["rank"])  # Table 2's scaling of 1.0
+        _nonzero_b(model)
+        fast_paths.keep_adapter_inputs(model)
+        if fused:
+            fast_paths.fuse_adapter_add(model)
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                loss = model(input_ids=ids, labels=ids).loss
+            loss.backward()
+        calls[fused] = {e.key: e.count for e in prof.key_averages()}
+        losses[fused] = loss.item()
+    projections = sum(1 for m in model.modules() if type(m).__name__ == "Linear" and hasattr(m, "lora_A"))
+    assert calls[True].get("AddmmBackward0", 0) - calls[False].get("AddmmBackward0", 0) == projections
+    # forward: the B matmul, the multiply by the scaling (1.0 here) and the add become one addmm;
+    # backward: no multiply by an alpha of 1
+    assert calls[False]["aten::mul"] - calls[True]["aten::mul"] == 2 * projections
+    assert calls[False]["aten::add"] - calls[True].get("aten::add", 0) >= projections
+    assert losses[True] == pytest.approx(losses[False], rel=1e-2)
+
+
+def test_fused_adapter_add_merges_as_peft_does(tiny_model_dir):
+    from d2lora.training import fast_paths
+
+    merged = {}
+    for fused in (False, True):
+        model = _tiny_peft(tiny_model_dir, "float32")
+        _nonzero_b(model)
+        if fused:
+            fast_paths.fuse_adapter_add(model)
+        merged[fused] = model.merge_and_unload().state_dict()
+    for name, weight in merged[False].items():
+        torch.testing.assert_close(merged[True][name], weight, rtol=0, atol=0)
+
+
+def test_fused_adapter_add_trains_what_peft_trains(tiny_model_dir, train_file, tmp_path):
+    records = {}
+    for fused in (False, True):
+        records[fused] = run_adaptation(
+            tiny_model_dir,
+            train_file,
+            method="sft",
+            init="lora",
+            n=6,
+            lora=dict(LORA, dropout=0.1),
+            hp=dict(HP, fuse_adapter_add=fused),
+            out_dir=tmp_path / str(fused),
+            seed=0,
+            device="cpu",
+        )
+    assert records[True]["fast_paths"]["fuse_adapter_add"]["layers"] > 0
+    assert records[False]["fast_paths"]["fuse_adapter_add"] == {"setting": False, "layers": 0}
+    assert _losses(records[True]) == pytest.approx(_losses(records[False]), rel=1e-4)
+    assert _losses(records[False])[0] != pytest.approx(_losses(records[False])[-1], rel=1e-3)

@@ -6,6 +6,13 @@
   full-width copies (and their backward) fewer per projection, which at the 8B shape were a large
   part of a step's element-wise kernels (benchmarks/RESULTS.md, Round 7). Without autocast the
   input must match the adapter's dtype, so the cast then stays.
+- `fuse_adapter_add: true`: peft adds the branch to the base layer's output as
+  `result + lora_B(h) * scaling`: a matmul, a multiply (by 1.0 at Table 2's alpha = r) and an add,
+  and the multiply again backward. Here the B matmul adds into the output itself,
+  `addmm(result, h, B^T, alpha=scaling)`: one call for three, and autograd skips the multiply by an
+  alpha of 1. The same sum with one rounding instead of three, so bf16 results differ within
+  rounding (float32: tests). Through peft's extension point for a layer's forward (LoraVariant),
+  only on plain LoRA layers (no DoRA or other variant, no lora_bias).
 - `compile_layers: true`: each decoder layer compiled in place (torch.compile, regional: the layers
   share one code object, so the same graphs serve all of them), which fuses the LoRA branch's small
   element-wise kernels. The first steps pay the compilation. Compiled with dynamic shapes from the
@@ -16,6 +23,9 @@
 
 from __future__ import annotations
 
+import torch
+from peft.tuners.lora.layer import Linear as LoraLinear
+from peft.tuners.lora.layer import LoraVariant
 from peft.tuners.tuners_utils import BaseTunerLayer
 
 from d2lora.settings import TrainingHparams
@@ -28,6 +38,54 @@ def keep_adapter_inputs(model) -> int:
     for layer in layers:
         layer.cast_input_dtype_enabled = False
     return len(layers)
+
+
+class FusedAdapterAdd(LoraVariant):
+    """Plain LoRA whose B matmul adds into the base layer's output (addmm); merging is peft's own."""
+
+    @staticmethod
+    def init(module, adapter_name: str, **kwargs) -> None:
+        return None
+
+    @staticmethod
+    def merge_safe(module, active_adapter: str, orig_weight: torch.Tensor) -> torch.Tensor:
+        return orig_weight + module.get_delta_weight(active_adapter).to(orig_weight.dtype)
+
+    @staticmethod
+    def merge_unsafe(module, active_adapter: str, orig_weight: torch.Tensor) -> None:
+        orig_weight.data += module.get_delta_weight(active_adapter).to(orig_weight.dtype)
+
+    @staticmethod
+    def unmerge(module, active_adapter: str, orig_weight: torch.Tensor) -> torch.Tensor:
+        return orig_weight.data - module.get_delta_weight(active_adapter).to(orig_weight.dtype)
+
+    @staticmethod
+    def forward(module, active_adapter: str, x: torch.Tensor, result: torch.Tensor, **kwargs) -> torch.Tensor:
+        lora_b = module.lora_B[active_adapter]
+        hidden = module.lora_A[active_adapter](module.lora_dropout[active_adapter](x))
+        scaling = module.scaling[active_adapter]
+        if not torch.is_autocast_enabled(result.device.type) and hidden.dtype != result.dtype:
+            # addmm takes one dtype; peft's own sum casts the branch to the output's type
+            return result + lora_b(hidden) * scaling
+        fused = torch.addmm(
+            result.reshape(-1, result.shape[-1]), hidden.reshape(-1, hidden.shape[-1]), lora_b.weight.t(), alpha=scaling
+        )
+        return fused.view(result.shape)
+
+
+def fuse_adapter_add(model) -> int:
+    """FusedAdapterAdd on every plain LoRA linear layer's adapters; the number of layers changed."""
+    changed = 0
+    for module in model.modules():
+        if not isinstance(module, LoraLinear):
+            continue
+        plain = [
+            name for name in module.lora_A if name not in module.lora_variant and not module.lora_bias.get(name, False)
+        ]
+        for name in plain:
+            module.lora_variant[name] = FusedAdapterAdd()
+        changed += bool(plain)
+    return changed
 
 
 def decoder_layers(model) -> list:
@@ -48,7 +106,7 @@ def compile_decoder_layers(model, backend: str = "inductor") -> int:
 
 
 def apply(model, hp: TrainingHparams) -> dict:
-    """Both settings as `hp` has them (bf16 already resolved for the device); what took effect, and why."""
+    """The settings as `hp` has them (bf16 already resolved for the device); what took effect, and why."""
     record = {}
     if hp.cast_adapter_inputs:
         record["cast_adapter_inputs"] = {"setting": True, "layers": 0}
@@ -56,6 +114,10 @@ def apply(model, hp: TrainingHparams) -> dict:
         record["cast_adapter_inputs"] = {"setting": False, "layers": 0, "reason": "kept: bf16 autocast is off"}
     else:
         record["cast_adapter_inputs"] = {"setting": False, "layers": keep_adapter_inputs(model)}
+    record["fuse_adapter_add"] = {
+        "setting": hp.fuse_adapter_add,
+        "layers": fuse_adapter_add(model) if hp.fuse_adapter_add else 0,
+    }
     record["compile_layers"] = {
         "setting": hp.compile_layers,
         "layers": compile_decoder_layers(model) if hp.compile_layers else 0,
