@@ -487,3 +487,24 @@ def test_fused_adapter_add_trains_what_peft_trains(tiny_model_dir, train_file, t
     assert records[False]["fast_paths"]["fuse_adapter_add"] == {"setting": False, "layers": 0}
     assert _losses(records[True]) == pytest.approx(_losses(records[False]), rel=1e-4)
     assert _losses(records[False])[0] != pytest.approx(_losses(records[False])[-1], rel=1e-3)
+
+
+def test_fused_adapter_add_leaves_dynamic_loras_sliced_factors_to_peft(tiny_model_dir):
+    # Dynamic LoRA swaps lora_A / lora_B for wrappers that use only their active components; a layer
+    # whose B is such a wrapper must keep peft's sum, whenever the swap happens.
+    from d2lora.training import fast_paths
+    from d2lora.training.adaptive.dynamic_modules import DynamicA, DynamicB
+
+    ids = torch.tensor([[5, 9, 2, 7, 3, 8]])
+    logits = {}
+    for fused in (False, True):
+        model = _tiny_peft(tiny_model_dir, "float32")
+        _nonzero_b(model)
+        if fused:
+            assert fast_paths.fuse_adapter_add(model) > 0
+        for module in model.modules():
+            if hasattr(module, "lora_A") and "default" in module.lora_A:
+                module.lora_A["default"] = DynamicA(module.lora_A["default"], 2, sliced=True)
+                module.lora_B["default"] = DynamicB(module.lora_B["default"], 2, sliced=True)
+        logits[fused] = model(input_ids=ids).logits.detach()
+    torch.testing.assert_close(logits[True], logits[False], rtol=1e-5, atol=1e-6)

@@ -12,7 +12,8 @@
   `addmm(result, h, B^T, alpha=scaling)`: one call for three, and autograd skips the multiply by an
   alpha of 1. The same sum with one rounding instead of three, so bf16 results differ within
   rounding (float32: tests). Through peft's extension point for a layer's forward (LoraVariant),
-  only on plain LoRA layers (no DoRA or other variant, no lora_bias).
+  only on plain LoRA layers (no DoRA or other variant, no lora_bias, not dynamic LoRA's sliced
+  factors: a layer whose B is no longer a plain linear layer takes peft's sum).
 - `compile_layers: true`: each decoder layer compiled in place (torch.compile, regional: the layers
   share one code object, so the same graphs serve all of them), which fuses the LoRA branch's small
   element-wise kernels. The first steps pay the compilation. Compiled with dynamic shapes from the
@@ -64,13 +65,21 @@ class FusedAdapterAdd(LoraVariant):
         lora_b = module.lora_B[active_adapter]
         hidden = module.lora_A[active_adapter](module.lora_dropout[active_adapter](x))
         scaling = module.scaling[active_adapter]
-        if not torch.is_autocast_enabled(result.device.type) and hidden.dtype != result.dtype:
+        unfusable = not _plain_linear(lora_b) or (
             # addmm takes one dtype; peft's own sum casts the branch to the output's type
+            not torch.is_autocast_enabled(result.device.type) and hidden.dtype != result.dtype
+        )
+        if unfusable:
             return result + lora_b(hidden) * scaling
         fused = torch.addmm(
             result.reshape(-1, result.shape[-1]), hidden.reshape(-1, hidden.shape[-1]), lora_b.weight.t(), alpha=scaling
         )
         return fused.view(result.shape)
+
+
+def _plain_linear(module) -> bool:
+    """An nn.Linear itself without bias, whose output is `x @ weight.T` (not dynamic LoRA's sliced B)."""
+    return type(module) is torch.nn.Linear and module.bias is None
 
 
 def fuse_adapter_add(model) -> int:
@@ -80,7 +89,11 @@ def fuse_adapter_add(model) -> int:
         if not isinstance(module, LoraLinear):
             continue
         plain = [
-            name for name in module.lora_A if name not in module.lora_variant and not module.lora_bias.get(name, False)
+            name
+            for name in module.lora_A
+            if name not in module.lora_variant
+            and not module.lora_bias.get(name, False)
+            and _plain_linear(module.lora_B[name])
         ]
         for name in plain:
             module.lora_variant[name] = FusedAdapterAdd()
