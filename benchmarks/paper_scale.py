@@ -141,6 +141,11 @@ LEVERS = {
         # The paper preset's DPO setting (checkpointing kept for memory) with the LoRA branch on bf16 inputs.
         "bf16_base_precompute_reference_uncast_inputs": {**BF16_UNCAST, "precompute_reference": True},
         "no_checkpointing_precompute_reference_uncast_inputs": {**UNCAST, "precompute_reference": True},
+        "bf16_base_precompute_reference_uncast_inputs_fused_add": {
+            **BF16_UNCAST,
+            "precompute_reference": True,
+            "fuse_adapter_add": True,
+        },
         "no_checkpointing_batch4x4": {
             **NO_CHECKPOINTING,
             "batch_size": 4,
@@ -156,6 +161,7 @@ LEVERS = {
         "no_checkpointing_uncast_inputs": UNCAST,
         # The paper preset's ORPO setting (checkpointing kept: without it ORPO needs 81.5 GiB) uncast.
         "bf16_base_uncast_inputs": BF16_UNCAST,
+        "bf16_base_uncast_inputs_fused_add": {**BF16_UNCAST, "fuse_adapter_add": True},
     },
     # GSM8K: 1,319 prompts x 256 new tokens (a random model never stops: every row runs to the limit).
     # The static cache gives every batch one decoding shape, so the compiled step is built once per process.
