@@ -1,6 +1,7 @@
 """Where a GSM8K decoding step goes: torch.profiler over a few greedy decoding steps of one batch,
 eager, with the static KV cache and the packed-GQA attention (`evaluation.gsm8k.cache: static`,
-`packed_gqa: true`; the compiled step runs the same kernels, fused and replayed as CUDA graphs).
+`packed_gqa: true`; the compiled step runs the same kernels, fused and replayed as CUDA graphs), or
+with `--gqa native` SDPA's enable_gqa (`native_gqa: true`), or transformers' own attention.
 
     python benchmarks/decode_profile.py --model benchmarks/results_paper_scale/work/model/base \
         --data benchmarks/results_paper_scale/work/data/math --rows 440 --out benchmarks/out/decode_profile
@@ -47,6 +48,12 @@ def main() -> None:
     parser.add_argument(
         "--prompt-template",
         default="{question} Please reason step by step, and put your final answer within \\boxed{}.",
+    )
+    parser.add_argument(
+        "--gqa",
+        choices=["packed", "native", "transformers"],
+        default="packed",
+        help="attention over the grouped KV heads: packed_gqa, native_gqa, or transformers' own",
     )
     parser.add_argument("--device", default="cuda", help="cuda; cpu only to try the script on a tiny model")
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "out" / "decode_profile")
@@ -107,7 +114,7 @@ def main() -> None:
         mask = torch.cat([mask, mask.new_ones((mask.shape[0], 1))], dim=1)
         return following
 
-    with torch.inference_mode(), decoding_attention(model, gqa="packed"):
+    with torch.inference_mode(), decoding_attention(model, gqa=args.gqa):
         following = step(input_ids)  # the prefill
         for _ in range(args.warmup):
             following = step(following)
@@ -150,6 +157,7 @@ def main() -> None:
     summary = {
         "device": torch.cuda.get_device_properties(0).name if cuda else "cpu",
         "rows": args.rows,
+        "gqa": args.gqa,
         "prompt_width": width,
         "cache_length": width + args.new_tokens,
         "step_seconds": round(step_seconds, 5),

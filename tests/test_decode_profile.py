@@ -8,6 +8,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from d2lora.io import write_jsonl
 
 REPO = Path(__file__).resolve().parents[1]
@@ -18,7 +20,8 @@ QUESTIONS = [
 ]
 
 
-def test_profile_covers_only_the_decoding_steps(tiny_model_dir, tmp_path):
+@pytest.mark.parametrize("gqa", ["packed", "native"])
+def test_profile_covers_only_the_decoding_steps(tiny_model_dir, tmp_path, gqa):
     write_jsonl(
         tmp_path / "data" / "eval.jsonl",
         [{"id": str(i), "question": q, "answer": "0"} for i, q in enumerate(QUESTIONS)],
@@ -44,6 +47,8 @@ def test_profile_covers_only_the_decoding_steps(tiny_model_dir, tmp_path):
             "2",
             "--device",
             "cpu",
+            "--gqa",
+            gqa,
             "--out",
             str(out),
         ],
@@ -52,7 +57,8 @@ def test_profile_covers_only_the_decoding_steps(tiny_model_dir, tmp_path):
     )
     assert done.returncode == 0, done.stderr[-2000:]
     summary = json.loads((out / "summary.json").read_text())
-    assert summary["rows"] == 2 and summary["cache_length"] == summary["prompt_width"] + 16
+    assert summary["rows"] == 2 and summary["gqa"] == gqa
+    assert summary["cache_length"] == summary["prompt_width"] + 16
     calls = {op["op"]: op["calls_per_step"] for op in summary["top_operators"]}
     # Per step: 7 projections in each of 2 layers and the output layer, one attention per layer. The
     # prefill (and the warm-up steps) ran outside the profiler, or the counts would be higher.

@@ -24,7 +24,7 @@ if [ "${MODE:-grid}" = decode_profile ]; then
   rm -f /root/paper_scale.sh /root/evaluate_startup.sh
   cd /root/run
   python3 benchmarks/decode_profile.py --random-init config/paper_shape.yaml --data ../shared/data/gsm8k/test.jsonl \
-    --rows "${ROWS:-440}" --out benchmarks/out/decode_profile > /root/decode_profile.log 2>&1 && code=0 || code=$?  # set -e: keep the log's tail
+    --rows "${ROWS:-440}" --gqa "${GQA:-packed}" --out benchmarks/out/decode_profile > /root/decode_profile.log 2>&1 && code=0 || code=$?  # set -e: keep the log's tail
   tail -70 /root/decode_profile.log
   [ -n "$OUT" ] && cp benchmarks/out/decode_profile/* /root/decode_profile.log "$OUT"/ 2>/dev/null
   exit $code
