@@ -11,7 +11,8 @@ d2lora.evaluation.dispatch, as workflow/scripts/evaluate.py does, so the differe
 two modes is what the server saves: imports, the CUDA context and, with a compiled decoding step,
 the compile. `--rows` evaluates only the first rows, so a job is mostly start-up. Writes
 summary.json: wall seconds per job and mode, the mean of jobs 2..N (the amortized cost; job 1 with
-the server on also starts it), and whether every job's predictions equal the first off job's.
+the server on also starts it), each job's seconds in its cell and, of those, loading the model (with
+the merge), and whether every job's predictions equal the first off job's.
 """
 
 from __future__ import annotations
@@ -107,6 +108,18 @@ def main() -> None:
         for i in range(args.jobs)
     )
     amortized = {mode: round(statistics.mean(values[1:]), 3) for mode, values in seconds.items() if len(values) > 1}
+    # Where each job's wall time went: in the cell (evaluate_cell's eval_seconds), of which loading the
+    # model (and merging); the rest of the wall time is the job's process, the request and the scores' writing.
+    cells = {
+        mode: [
+            {
+                key: json.loads((args.out / mode / f"job{i}" / "scores.json").read_text())[key]
+                for key in ("eval_seconds", "load_seconds")
+            }
+            for i in range(args.jobs)
+        ]
+        for mode in seconds
+    }
     record = json.loads((args.out / "own" / "job0" / "scores.json").read_text())
     summary = {
         "benchmark": args.benchmark,
@@ -116,6 +129,7 @@ def main() -> None:
         "jobs": args.jobs,
         "adapter": arguments["adapter_dir"],
         "seconds": seconds,
+        "in_cell_seconds": cells,
         "mean_jobs_2_to_n": amortized,
         "speedup_jobs_2_to_n": round(amortized["own"] / amortized["server"], 2) if len(amortized) == 2 else None,
         "predictions_identical": identical,

@@ -100,12 +100,13 @@ def test_a_cell_in_the_server_writes_what_the_job_itself_writes(workdir):
 
     eval_dir = workdir / "results" / "eval"
     assert (eval_dir / "here/predictions.jsonl").read_bytes() == (eval_dir / "served/predictions.jsonl").read_bytes()
-    varying = {"predictions", "eval_seconds", "items_per_second"}
+    varying = {"predictions", "eval_seconds", "load_seconds", "items_per_second"}
     for record in (served, again):
         assert {k: v for k, v in record.items() if k not in varying} == {
             k: v for k, v in here.items() if k not in varying
         }
         assert record == json.loads((eval_dir / Path(record["predictions"]).parent.name / "scores.json").read_text())
+        assert 0 < record["load_seconds"] < record["eval_seconds"]
     manifests = [json.loads((eval_dir / name / "manifest.json").read_text()) for name in ("here", "served")]
     assert manifests[0]["outputs"]["predictions.jsonl"] == manifests[1]["outputs"]["predictions.jsonl"]
     assert manifests[0]["inputs"] == manifests[1]["inputs"] and manifests[0]["params"] == manifests[1]["params"]

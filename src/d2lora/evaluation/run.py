@@ -110,6 +110,7 @@ def evaluate_cell(
     )
     reset_peak_memory(device)
     start = time.perf_counter()
+    load_seconds = None  # lm-eval loads the model inside its own run
     if engine == "lm_eval":
         work_dir = Path(predictions_path).parent / "lm_eval"
         per_example, scores = lm_eval_backend.evaluate_with_lm_eval(
@@ -127,6 +128,8 @@ def evaluate_cell(
             merge_adapter=bool(settings["merge_adapter"]),
         )
         model.eval()
+        synchronize(device)
+        load_seconds = time.perf_counter() - start
         # Finished batches go to a sidecar beside the outputs, so a killed job resumes (partial.py).
         partial = PartialResults(
             sidecar_path(predictions_path),
@@ -157,6 +160,8 @@ def evaluate_cell(
         "engine_version": engine_version,
         # Model load included: what the job held the device for, the cost a user pays per cell.
         "eval_seconds": round(seconds, 3),
+        # Of which loading the tokenizer and the model (and merging the adapter): a job's start-up.
+        "load_seconds": round(load_seconds, 3) if load_seconds is not None else None,
         "items_per_second": round(len(per_example) / seconds, 3) if seconds > 0 else None,
         "peak_gpu_memory_mb": peak_memory_mb(device),
         "device": device,
