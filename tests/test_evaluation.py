@@ -147,6 +147,18 @@ def single_outputs(varied_model, tokenizer):
     return greedy_generate(varied_model, tokenizer, PROMPTS, max_new_tokens=16, batch_size=1)
 
 
+def record_generate_calls(model, monkeypatch) -> list[dict]:
+    """The keyword arguments of every `model.generate` call from now on (the calls still run)."""
+    calls, generate = [], model.generate
+
+    def spy(*args, **kwargs):
+        calls.append(kwargs)
+        return generate(*args, **kwargs)
+
+    monkeypatch.setattr(model, "generate", spy)
+    return calls
+
+
 def test_batched_generation_equals_one_at_a_time(varied_model, tokenizer, single_outputs, capfd):
     batched = greedy_generate(varied_model, tokenizer, PROMPTS, max_new_tokens=16, batch_size=4, progress_desc="t")
     assert len(set(single_outputs)) > 1, "outputs must differ between prompts for the comparison to mean anything"
@@ -168,15 +180,7 @@ def test_static_cache_gives_every_batch_one_cache_length(
     # One cache length and a full batch of rows for the whole run is what lets the compiled decoding
     # step be built once (padding rows repeat the last prompt and are dropped); the prompts are padded
     # to the batch's own longest or the run's; the answers stay those of one prompt at a time.
-    shapes, configs = [], []
-    generate = varied_model.generate
-
-    def spy(*args, **kwargs):
-        shapes.append(tuple(kwargs["input_ids"].shape))
-        configs.append(kwargs["generation_config"])
-        return generate(*args, **kwargs)
-
-    monkeypatch.setattr(varied_model, "generate", spy)
+    calls = record_generate_calls(varied_model, monkeypatch)
     static = greedy_generate(
         varied_model,
         tokenizer,
@@ -187,6 +191,8 @@ def test_static_cache_gives_every_batch_one_cache_length(
         compile=False,
         prompt_width=prompt_width,
     )
+    shapes = [tuple(call["input_ids"].shape) for call in calls]
+    configs = [call["generation_config"] for call in calls]
     assert static == single_outputs
     assert len(PROMPTS) % 4 != 0 and len(shapes) == -(-len(PROMPTS) // 4)
     assert {rows for rows, _ in shapes} == {4}
@@ -234,12 +240,9 @@ def test_a_compiled_decoding_step_is_built_once_for_batches_of_their_own_width(v
 
 
 def test_dynamic_cache_keeps_each_batch_its_own_shape(varied_model, tokenizer, monkeypatch):
-    shapes = []
-    generate = varied_model.generate
-    monkeypatch.setattr(
-        varied_model, "generate", lambda *a, **k: shapes.append(tuple(k["input_ids"].shape)) or generate(*a, **k)
-    )
+    calls = record_generate_calls(varied_model, monkeypatch)
     greedy_generate(varied_model, tokenizer, PROMPTS, max_new_tokens=2, batch_size=4)
+    shapes = [tuple(call["input_ids"].shape) for call in calls]
     assert shapes[-1][0] == len(PROMPTS) % 4 and len({width for _, width in shapes}) > 1
 
 
@@ -347,7 +350,7 @@ def test_attention_over_the_filled_cache_gives_the_same_answers(
     from d2lora.evaluation import packed_gqa
 
     monkeypatch.setattr(packed_gqa, "FILLED_WINDOW", 4)  # 128 on a GPU; windows this short show the cut here
-    reads, widths = [], []
+    reads = []
     real = packed_gqa.decoding_attention_forward
 
     def spy(module, query, key, value, attention_mask, **kwargs):
@@ -355,13 +358,7 @@ def test_attention_over_the_filled_cache_gives_the_same_answers(
         return real(module, query, key, value, attention_mask, **kwargs)
 
     monkeypatch.setattr(packed_gqa, "decoding_attention_forward", spy)  # what register() installs calls it
-    generate = varied_model.generate
-
-    def shape_spy(*args, **kwargs):
-        widths.append(kwargs["input_ids"].shape[1])
-        return generate(*args, **kwargs)
-
-    monkeypatch.setattr(varied_model, "generate", shape_spy)
+    calls = record_generate_calls(varied_model, monkeypatch)
     filled = greedy_generate(
         varied_model,
         tokenizer,
@@ -374,6 +371,7 @@ def test_attention_over_the_filled_cache_gives_the_same_answers(
         native_gqa=gqa == "native",
         filled_cache_only=True,
     )
+    widths = [call["input_ids"].shape[1] for call in calls]
     assert filled == single_outputs
     assert {kind for *_, kind in reads} == {gqa}
     lengths = [len(ids) for ids in generation.encode_chat_prompts(tokenizer, PROMPTS)]
