@@ -18,11 +18,14 @@ points of a batch's decoding: its first step, its middle and its last (`filled` 
   static cache read in a few fixed windows would do (each window its own compiled shape);
 - flex: FlexAttention (compiled), `enable_gqa`, a block mask that skips the cache's unfilled blocks
   and masks each row's left padding;
+- sdpa_gqa_without_cudnn: the same call with cuDNN's kernel excluded (SDPA picks among the others);
 - flash_no_mask: SDPA's flash kernel on the packed query without any mask, wrong wherever a row is
   padded: how fast a mask-free kernel reads the same cache (a bound, not a lever).
 
-Each is checked against a float32 reference of the same attention (max abs difference) and timed
-with CUDA events (mean of --repeats calls after --warmup). Rows' left padding is drawn with --seed
+Each is checked against a float32 reference of the same attention (max abs difference), timed
+with CUDA events (mean of --repeats calls after --warmup), and called --repeat-check more times on
+the same inputs: `bitwise_repeatable` says whether every output equalled the first bit for bit (a
+kernel whose reduction order varies from call to call makes greedy decoding differ between runs). Rows' left padding is drawn with --seed
 from the lengths of real prompts (`--data` rendered and tokenized as `--config`'s GSM8K evaluation
 does; the longest sets the width), else uniformly up to --width. Writes summary.json with
 microseconds per call, the bytes of cache each reads, and the implied GB/s. On a CPU the kernels
@@ -150,6 +153,12 @@ def variants(query, key, value, pads, filled: int, cuda: bool) -> dict:
                 return unfold(F.scaled_dot_product_attention(folded, key, value), heads)
 
         out["flash_no_mask"] = (flash_no_mask, cache)
+
+        def sdpa_gqa_without_cudnn():
+            with sdpa_kernel([SDPBackend.EFFICIENT_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBackend.MATH]):
+                return F.scaled_dot_product_attention(query, key, value, attn_mask=mask, enable_gqa=True)
+
+        out["sdpa_gqa_without_cudnn"] = (sdpa_gqa_without_cudnn, cache)
     out["flex"] = (flex_variant(query, key, value, pads, filled, cuda), window)
     return out
 
@@ -195,6 +204,12 @@ def time_call(call, warmup: int, repeats: int, cuda: bool) -> float:
     return (time.perf_counter() - began) * 1e6 / repeats
 
 
+def repeat_drift(call, calls: int) -> float:
+    """The largest absolute difference between the first output and any of `calls` more."""
+    first = call()
+    return max((call() - first).abs().max().item() for _ in range(calls)) if calls else 0.0
+
+
 def measure(args) -> dict:
     import torch
 
@@ -220,6 +235,7 @@ def measure(args) -> dict:
                 try:
                     difference = (call().float() - expected).abs().max().item()
                     micros = time_call(call, args.warmup, args.repeats, cuda)
+                    drift = repeat_drift(call, args.repeat_check)
                 except Exception as err:  # noqa: BLE001 -- a kernel this build lacks is recorded, the rest run
                     results[point][name] = {"error": f"{type(err).__name__}: {err}"[:500]}
                     print(f"{point:>10} {name:>18}: {type(err).__name__}: {str(err)[:200]}", flush=True)
@@ -231,11 +247,13 @@ def measure(args) -> dict:
                     "cache_gb_read": round(moved / 1e9, 4),
                     "gb_per_second": round(moved / micros / 1e3, 1),
                     "max_abs_difference": difference,
+                    "bitwise_repeatable": drift == 0.0,
+                    "max_abs_drift_between_calls": drift,
                     "exact_for_padded_rows": name != "flash_no_mask",
                 }
                 print(
                     f"{point:>10} {name:>18}: {micros:8.1f} us, {moved / micros / 1e3:7.1f} GB/s, "
-                    f"max |diff| {difference:.2e}",
+                    f"max |diff| {difference:.2e}, between calls {drift:.2e}",
                     flush=True,
                 )
     return {
@@ -257,6 +275,7 @@ def measure(args) -> dict:
             "seed": args.seed,
         },
         "repeats": args.repeats,
+        "repeat_check": args.repeat_check,
         "points": results,
     }
 
@@ -278,6 +297,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--warmup", type=int, default=5)
     parser.add_argument("--repeats", type=int, default=50)
+    parser.add_argument("--repeat-check", type=int, default=20, help="calls compared with the first, bit for bit")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "out" / "decode_attention")
     args = parser.parse_args(argv)

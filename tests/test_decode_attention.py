@@ -32,6 +32,7 @@ def test_every_exact_variant_equals_the_float32_reference(tmp_path):
         assert {"sdpa_gqa", "packed", "packed_filled_128", "flex"} <= set(ran)
         for name, result in ran.items():
             assert result["max_abs_difference"] < 1e-5, (name, result)
+            assert result["bitwise_repeatable"], (name, result)
         window = min(cache, math.ceil(point["filled"] / decode_attention.WINDOW) * decode_attention.WINDOW)
         assert ran["packed"]["cache_positions_read"] == cache
         assert ran["packed_filled_128"]["cache_positions_read"] == window
@@ -60,3 +61,10 @@ def test_real_prompt_lengths_set_the_width(tmp_path):
     summary = decode_attention.main([*TINY, "--data", str(DATA), "--new-tokens", "4", "--out", str(tmp_path)])
     assert summary["shape"]["prompt_width"] == max(lengths)
     assert 0 < summary["padding"]["mean_pad"] < max(lengths)
+
+
+def test_repeat_drift_sees_a_call_that_varies():
+    steady = torch.ones(3)
+    assert decode_attention.repeat_drift(lambda: steady, 4) == 0.0
+    generator = torch.Generator().manual_seed(0)
+    assert decode_attention.repeat_drift(lambda: torch.rand(3, generator=generator), 4) > 0.0
