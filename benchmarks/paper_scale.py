@@ -204,6 +204,11 @@ LEVERS = {
         # The same again on a freshly loaded model in this process: the cell server's next cell. Whether
         # the compiled step (and its CUDA graphs) carries over to a new model object, or compiles again.
         "merged_static_cache_packed_gqa_next_cell": PACKED_STATIC,
+        # The folded heads on SDPA's memory-efficient kernel instead of cuDNN's: one layer 455 against
+        # 565 us on an H100 and the same output on every call (Round 15, benchmarks/decode_attention.py),
+        # where native_gqa's cuDNN kernel gave two runs different answers.
+        "merged_static_cache_packed_gqa_without_cudnn": {**PACKED_STATIC, "cudnn_attention": False},
+        "merged_static_cache_packed_gqa_without_cudnn_next_cell": {**PACKED_STATIC, "cudnn_attention": False},
         # Two batches of 660 instead of three of 440: the weights are read once a step for more rows.
         # Round 12 (H200): 31.9 s against 33.3 s, but 71.9 GiB allocated, 88 reserved: over an 80 GB card.
         "merged_static_cache_packed_gqa_batch660": {**PACKED_STATIC, "batch_size": 660},
@@ -890,6 +895,7 @@ def gsm8k_stage(
         "filled_cache_only": record["settings"].get("filled_cache_only", False),
         "native_gqa": record["settings"].get("native_gqa", False),
         "prompt_width": record["settings"].get("prompt_width", "batch"),
+        "cudnn_attention": record["settings"].get("cudnn_attention", True),
         "eval_seconds": record["eval_seconds"],
         "load_seconds": round(sum(loads), 2),
         "generate_seconds": round(generate_seconds, 3),
@@ -994,6 +1000,13 @@ def _compare_to_plain(run: Run, method: str, results: dict) -> None:
                 run.work / "eval" / f"levers_{method}_plain" / "predictions.jsonl",
                 run.work / "eval" / f"levers_{method}_{lever}" / "predictions.jsonl",
             )
+            first_cell = lever.removesuffix("_next_cell")
+            if first_cell != lever and first_cell in results:
+                # the same settings twice in one process: whether the answers repeat bit for bit
+                result["outputs_equal_to_first_cell"] = _same_outputs(
+                    run.work / "eval" / f"levers_{method}_{first_cell}" / "predictions.jsonl",
+                    run.work / "eval" / f"levers_{method}_{lever}" / "predictions.jsonl",
+                )
         else:
             # Training time plus the trainer's setup (tokenizing; a precomputed reference's pass).
             def cost(r):

@@ -147,6 +147,11 @@ CONFIG_CASES = [
         r"evaluation\.gsm8k\.native_gqa: packed_gqa is also on",
     ),
     (
+        "native grouped-query attention without cuDNN's kernel",
+        _set("evaluation.gsm8k", {"max_new_tokens": 4, "batch_size": 2, "native_gqa": True, "cudnn_attention": False}),
+        r"evaluation\.gsm8k\.cudnn_attention: false with native_gqa .*use packed_gqa instead",
+    ),
+    (
         "unknown prompt width",
         _set("evaluation.gsm8k", {"max_new_tokens": 4, "batch_size": 2, "prompt_width": "widest"}),
         r"'widest' is not one of[\s\S]*\['gsm8k'\]\['prompt_width'\]",

@@ -334,6 +334,39 @@ def test_packed_and_native_gqa_are_one_choice(varied_model, tokenizer):
         )
 
 
+@pytest.mark.parametrize("gqa", ["transformers", "packed"])
+def test_attention_without_cudnn_gives_the_same_answers(varied_model, tokenizer, single_outputs, monkeypatch, gqa):
+    # Every SDPA call of the run (prefill and decoding) sees cuDNN's kernel switched off, the other
+    # kernels on; the run with the default sees it on; afterwards it is on again. A CPU has no cuDNN
+    # kernel, so the answers stay those of the plain path.
+    real = torch.nn.functional.scaled_dot_product_attention
+    seen = []
+
+    def spy(*args, **kwargs):
+        seen.append((torch.backends.cuda.cudnn_sdp_enabled(), torch.backends.cuda.mem_efficient_sdp_enabled()))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", spy)
+    settings = {"packed_gqa": gqa == "packed", "cache": "static", "compile": False}
+    without = greedy_generate(
+        varied_model, tokenizer, PROMPTS, max_new_tokens=16, batch_size=4, cudnn_attention=False, **settings
+    )
+    assert without == single_outputs
+    assert seen and set(seen) == {(False, True)}
+    seen.clear()
+    assert greedy_generate(varied_model, tokenizer, PROMPTS[:2], max_new_tokens=4, batch_size=2, **settings)
+    assert seen and set(seen) == {(True, True)}
+    assert torch.backends.cuda.cudnn_sdp_enabled()
+    assert varied_model.config._attn_implementation == "sdpa", "the model's own attention is restored"
+
+
+def test_native_gqa_without_cudnn_is_refused(varied_model, tokenizer):
+    with pytest.raises(ValueError, match="use packed_gqa with cudnn_attention: false"):
+        greedy_generate(
+            varied_model, tokenizer, PROMPTS[:1], max_new_tokens=2, batch_size=1, native_gqa=True, cudnn_attention=False
+        )
+
+
 def test_rows_leaving_refuses_a_compiled_static_cache(varied_model, tokenizer):
     with pytest.raises(ValueError, match="evaluation.gsm8k.compile"):
         greedy_generate(

@@ -359,7 +359,12 @@ def test_levers_run_each_setting_against_the_plain_path_in_one_process(tmp_path,
             for k in ("plain", "no_checkpointing_padding_free", "no_checkpointing_uncast_inputs_dropout0")
         },
         "dpo": {k: paper_scale.LEVERS["dpo"][k] for k in ("plain", "no_checkpointing_precompute_reference")},
-        "gsm8k": {"plain": {}, "merged": {"merge_adapter": True}, "broken": {"cache": "paged"}},
+        "gsm8k": {
+            "plain": {},
+            "merged": {"merge_adapter": True},
+            "merged_next_cell": {"merge_adapter": True, "cudnn_attention": False},
+            "broken": {"cache": "paged"},
+        },
         "gsm8k_small": {k: paper_scale.LEVERS["gsm8k_small"][k] for k in ("plain", "static_cache_eager")},
     }
     monkeypatch.setattr(paper_scale, "LEVERS", levers)
@@ -397,6 +402,11 @@ def test_levers_run_each_setting_against_the_plain_path_in_one_process(tmp_path,
     assert summary["lever_ratios"]["dpo_pair_over_sft_example"] > 0
     assert gsm8k["merged"]["merge_adapter"] is True and gsm8k["merged"]["outputs_equal_to_plain"] is not None
     assert gsm8k["merged"]["adapter"].endswith("levers_sft_plain")
+    # A lever run again in the same process is compared with its first run: on a CPU (no cuDNN
+    # kernel to leave out) the answers repeat exactly.
+    again = gsm8k["merged_next_cell"]
+    assert again["outputs_equal_to_first_cell"] == 1.0 and again["cudnn_attention"] is False
+    assert "outputs_equal_to_first_cell" not in gsm8k["merged"] and gsm8k["merged"]["cudnn_attention"] is True
     assert "cache" in gsm8k["broken"]["error"] and summary["errors"] == {}
     # Every training lever stage began with a throwaway run of plain, outside the results.
     assert set(summary["lever_warmups"]) == {"sft", "dpo"} and all(
@@ -410,7 +420,7 @@ def test_levers_run_each_setting_against_the_plain_path_in_one_process(tmp_path,
     assert small["static_cache_eager"]["outputs_equal_to_plain"] == 1.0
     assert summary["small_model"]["parameters"] > 100_000_000
     written = json.loads((tmp_path / "summary.json").read_text())
-    assert set(written["levers"]["gsm8k"]) == {"plain", "merged", "broken"}
+    assert set(written["levers"]["gsm8k"]) == {"plain", "merged", "merged_next_cell", "broken"}
 
 
 def test_profiled_training_stage_records_where_its_steps_go(tmp_path):

@@ -160,6 +160,7 @@ class Decoding(Settings):
     filled_cache_only: bool
     native_gqa: bool
     prompt_width: str
+    cudnn_attention: bool
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)

@@ -196,6 +196,7 @@ def greedy_generate(
     filled_cache_only: bool = False,
     native_gqa: bool = False,
     prompt_width: str = "batch",
+    cudnn_attention: bool = True,
 ) -> list[str]:
     """Greedy completions of each prompt (as a chat user turn), in the order given.
 
@@ -211,12 +212,13 @@ def greedy_generate(
     `native_gqa`: decoding steps through SDPA's enable_gqa with the padding mask (d2lora.evaluation.packed_gqa).
     `filled_cache_only` (static cache, eager): attention reads only the cache positions written so far,
     and each batch keeps its own prompt width (d2lora.evaluation.packed_gqa).
+    `cudnn_attention` False: SDPA without cuDNN's kernel (d2lora.evaluation.packed_gqa says why).
     """
     # torch: kept out of workflow parsing (the rules import this module)
     import torch
 
     # packed_gqa imports torch and transformers: kept out of workflow parsing (the rules import this module)
-    from d2lora.evaluation.packed_gqa import decoding_attention
+    from d2lora.evaluation.packed_gqa import check_cudnn_choice, decoding_attention
 
     if rows_leave_every < 0:
         raise ValueError(f"rows_leave_every must be >= 0, got {rows_leave_every}")
@@ -232,6 +234,7 @@ def greedy_generate(
         )
     if packed_gqa and native_gqa:
         raise ValueError("packed_gqa and native_gqa are two ways to attend over grouped KV heads: choose one")
+    check_cudnn_choice("native" if native_gqa else "packed", cudnn_attention)
     if prompt_width not in PROMPT_WIDTHS:
         raise ValueError(f"prompt_width must be one of {PROMPT_WIDTHS}, got {prompt_width!r}")
     if not user_prompts:
@@ -266,7 +269,7 @@ def greedy_generate(
             flush=True,
         )
     started, done = time.perf_counter(), 0
-    with torch.inference_mode(), decoding_attention(model, gqa, filled_cache_only):
+    with torch.inference_mode(), decoding_attention(model, gqa, filled_cache_only, cudnn_attention):
         for number, batch in enumerate(batches, start=1):
             if partial is not None and partial.has_all(batch):
                 for index in batch:

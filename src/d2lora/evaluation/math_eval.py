@@ -63,6 +63,7 @@ def evaluate_math(
     filled_cache_only: bool = False,
     native_gqa: bool = False,
     prompt_width: str = "batch",
+    cudnn_attention: bool = True,
 ) -> tuple[list[dict], dict]:
     """Per-example records and {"accuracy" (fraction), "n_items", "n_boxed"}."""
     if not rows:
@@ -83,6 +84,7 @@ def evaluate_math(
         filled_cache_only=filled_cache_only,
         native_gqa=native_gqa,
         prompt_width=prompt_width,
+        cudnn_attention=cudnn_attention,
     )
     per_example = [score_math_output(row, prompt, output) for row, prompt, output in zip(rows, prompts, outputs)]
     return per_example, summarize_math(per_example)

@@ -16,6 +16,14 @@ written so far, in windows of FILLED_WINDOW (the 2-D padding mask has one column
 and the keys and values are cut to the same length, a view of the cache, not a copy. The length
 changes as the batch decodes, so this is for the eager static cache (a compiled step would
 recompile for each).
+
+On CUDA, SDPA takes cuDNN's kernel for a masked call wherever it can. For a single query position
+(`native`) that kernel's output drifts by a bf16 rounding from call to call on the same inputs (Round 15:
+two runs of one GSM8K evaluation gave different greedy answers); with `cudnn_attention=False` the
+decoding attention runs inside `sdpa_kernel` without it, so the packed call takes the memory-efficient
+kernel, repeatable and faster than cuDNN's at the 8B shape (455 against 565 us a layer on an H100,
+benchmarks/decode_attention.py). SDPA's memory-efficient kernel has no grouped KV heads, so `native`
+without cuDNN would fall back to the math kernel (11 ms a layer): refused.
 """
 
 from __future__ import annotations
@@ -23,6 +31,7 @@ from __future__ import annotations
 from contextlib import contextmanager
 
 import torch
+from torch.nn.attention import SDPBackend, sdpa_kernel
 from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import pack_gqa, sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
@@ -105,28 +114,61 @@ def _filled(key, value, attention_mask):
 
 
 GQA_KINDS = ("transformers", "packed", "native")
+# Every SDPA kernel but cuDNN's; on a CPU, which has no cuDNN kernel, SDPA's choice is unchanged.
+WITHOUT_CUDNN = [SDPBackend.EFFICIENT_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBackend.MATH]
+
+
+def check_cudnn_choice(gqa: str, cudnn_attention: bool) -> None:
+    if gqa == "native" and not cudnn_attention:
+        raise ValueError(
+            "native_gqa without cuDNN's attention falls back to SDPA's math kernel (no other takes grouped KV "
+            "heads with a mask; 11 ms against 0.3 ms a layer at the 8B shape): use packed_gqa with "
+            "cudnn_attention: false (evaluation.gsm8k)"
+        )
 
 
 def decoding_attention_forward(
-    module, query, key, value, attention_mask, *, gqa: str, filled_cache_only: bool, **kwargs
+    module,
+    query,
+    key,
+    value,
+    attention_mask,
+    *,
+    gqa: str,
+    filled_cache_only: bool,
+    cudnn_attention: bool = True,
+    **kwargs,
 ):
     """The attention `register` installs: keys and values cut to the filled cache if asked, then the
-    grouped heads folded (packed), through SDPA's enable_gqa (native), or as transformers does."""
+    grouped heads folded (packed), through SDPA's enable_gqa (native), or as transformers does; without
+    cuDNN's kernel if asked."""
     if filled_cache_only:
         key, value = _filled(key, value, attention_mask)
     inner = {"packed": packed_gqa_attention_forward, "native": native_gqa_attention_forward}.get(gqa)
-    return (inner or sdpa_attention_forward)(module, query, key, value, attention_mask, **kwargs)
+    attend = inner or sdpa_attention_forward
+    if cudnn_attention:
+        return attend(module, query, key, value, attention_mask, **kwargs)
+    with sdpa_kernel(WITHOUT_CUDNN):
+        return attend(module, query, key, value, attention_mask, **kwargs)
 
 
-def register(gqa: str = "packed", filled_cache_only: bool = False) -> str:
+def register(gqa: str = "packed", filled_cache_only: bool = False, cudnn_attention: bool = True) -> str:
     """Register the attention (and its mask) for this combination; its name for set_attn_implementation.
+    The name differs per combination, so a compiled step is built for each, never reused across them.
     The forwards are looked up when called, so that a test can spy on them."""
     if gqa not in GQA_KINDS:
         raise ValueError(f"gqa must be one of {GQA_KINDS}, got {gqa!r}")
-    name = f"sdpa_{gqa}_gqa" + ("_filled_cache" if filled_cache_only else "")
+    check_cudnn_choice(gqa, cudnn_attention)
+    name = (
+        f"sdpa_{gqa}_gqa"
+        + ("_filled_cache" if filled_cache_only else "")
+        + ("" if cudnn_attention else "_without_cudnn")
+    )
 
     def forward(*args, **kwargs):
-        return decoding_attention_forward(*args, gqa=gqa, filled_cache_only=filled_cache_only, **kwargs)
+        return decoding_attention_forward(
+            *args, gqa=gqa, filled_cache_only=filled_cache_only, cudnn_attention=cudnn_attention, **kwargs
+        )
 
     AttentionInterface.register(name, forward)
     AttentionMaskInterface.register(name, filled_cache_mask if filled_cache_only else sdpa_mask)
@@ -134,17 +176,20 @@ def register(gqa: str = "packed", filled_cache_only: bool = False) -> str:
 
 
 @contextmanager
-def decoding_attention(model, gqa: str = "packed", filled_cache_only: bool = False):
-    """Decode with the chosen grouped-query attention and/or attention over the filled cache inside
-    the block, then restore the model's own."""
-    if gqa == "transformers" and not filled_cache_only:
+def decoding_attention(model, gqa: str = "packed", filled_cache_only: bool = False, cudnn_attention: bool = True):
+    """Decode with the chosen grouped-query attention, attention over the filled cache and/or SDPA
+    without cuDNN's kernel inside the block, then restore the model's own."""
+    if gqa == "transformers" and not filled_cache_only and cudnn_attention:
         yield model
         return
+    check_cudnn_choice(gqa, cudnn_attention)
     previous = model.config._attn_implementation
     if previous != "sdpa":
-        setting = f"{gqa}_gqa" if gqa != "transformers" else "filled_cache_only"
+        setting = (
+            f"{gqa}_gqa" if gqa != "transformers" else "filled_cache_only" if filled_cache_only else "cudnn_attention"
+        )
         raise ValueError(f"evaluation.gsm8k.{setting} needs the model's attention to be 'sdpa', it is '{previous}'")
-    model.set_attn_implementation(register(gqa, filled_cache_only))
+    model.set_attn_implementation(register(gqa, filled_cache_only, cudnn_attention))
     try:
         yield model
     finally:

@@ -48,6 +48,7 @@ def _gsm8k(model, tokenizer, rows: list[dict], settings: dict, partial):
         filled_cache_only=gsm8k.filled_cache_only,
         native_gqa=gsm8k.native_gqa,
         prompt_width=gsm8k.prompt_width,
+        cudnn_attention=gsm8k.cudnn_attention,
     )
 
 
