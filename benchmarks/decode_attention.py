@@ -14,6 +14,9 @@ points of a batch's decoding: its first step, its middle and its last (`filled` 
 - packed: the evaluator's packed GQA (`evaluation.gsm8k.packed_gqa`), query heads folded onto the
   KV heads, over the whole cache;
 - packed_efficient: the same call with SDPA's memory-efficient kernel forced;
+- packed_without_cudnn, and _compiled: the same call with every kernel but cuDNN's allowed, as
+  `evaluation.gsm8k.cudnn_attention: false` runs it, eager and inside torch.compile (whether the
+  compiled graph keeps the choice);
 - packed_filled_128: packed over only the filled positions rounded up to a multiple of 128, what a
   static cache read in a few fixed windows would do (each window its own compiled shape);
 - flex: FlexAttention (compiled), `enable_gqa`, a block mask that skips the cache's unfilled blocks
@@ -44,6 +47,14 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 
 WINDOW = 128  # the window packed_filled_128 rounds to, and FlexAttention's block size
+
+
+def without_cudnn():
+    """SDPA's kernels but cuDNN's: d2lora.evaluation.packed_gqa.WITHOUT_CUDNN (a test keeps them equal),
+    repeated here so that this script runs where transformers is not installed."""
+    from torch.nn.attention import SDPBackend
+
+    return [SDPBackend.EFFICIENT_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBackend.MATH]
 
 
 def left_pad_lengths(rows: int, width: int, prompt_lengths: list[int] | None, seed: int):
@@ -120,6 +131,7 @@ def reference(query, key, value, mask):
 
 def variants(query, key, value, pads, filled: int, cuda: bool) -> dict:
     """name -> (a function of no arguments giving (rows, heads, 1, d), cache positions it reads)."""
+    import torch
     import torch.nn.functional as F
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
@@ -146,6 +158,14 @@ def variants(query, key, value, pads, filled: int, cuda: bool) -> dict:
             return unfold(F.scaled_dot_product_attention(folded, key, value, attn_mask=mask), heads)
 
     out["packed_efficient"] = (efficient, cache)
+
+    def packed_without_cudnn(folded, key, value, mask):
+        with sdpa_kernel(without_cudnn()):
+            return unfold(F.scaled_dot_product_attention(folded, key, value, attn_mask=mask), heads)
+
+    out["packed_without_cudnn"] = (lambda: packed_without_cudnn(folded, key, value, mask), cache)
+    compiled = torch.compile(packed_without_cudnn, fullgraph=True, dynamic=False)
+    out["packed_without_cudnn_compiled"] = (lambda: compiled(folded, key, value, mask), cache)
     if cuda:
 
         def flash_no_mask():

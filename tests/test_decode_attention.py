@@ -29,7 +29,14 @@ def test_every_exact_variant_equals_the_float32_reference(tmp_path):
     for point in summary["points"].values():
         ran = {name: result for name, result in point.items() if name != "filled" and "error" not in result}
         # the CPU has no fused SDPA kernels to force (packed_efficient) and no flash kernel
-        assert {"sdpa_gqa", "packed", "packed_filled_128", "flex"} <= set(ran)
+        assert {
+            "sdpa_gqa",
+            "packed",
+            "packed_filled_128",
+            "flex",
+            "packed_without_cudnn",
+            "packed_without_cudnn_compiled",
+        } <= set(ran)
         for name, result in ran.items():
             assert result["max_abs_difference"] < 1e-5, (name, result)
             assert result["bitwise_repeatable"], (name, result)
@@ -68,3 +75,9 @@ def test_repeat_drift_sees_a_call_that_varies():
     assert decode_attention.repeat_drift(lambda: steady, 4) == 0.0
     generator = torch.Generator().manual_seed(0)
     assert decode_attention.repeat_drift(lambda: torch.rand(3, generator=generator), 4) > 0.0
+
+
+def test_the_kernels_without_cudnn_are_the_evaluators():
+    from d2lora.evaluation.packed_gqa import WITHOUT_CUDNN
+
+    assert decode_attention.without_cudnn() == WITHOUT_CUDNN
