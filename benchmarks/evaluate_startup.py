@@ -12,7 +12,9 @@ two modes is what the server saves: imports, the CUDA context and, with a compil
 the compile. `--rows` evaluates only the first rows, so a job is mostly start-up. Writes
 summary.json: wall seconds per job and mode, the mean of jobs 2..N (the amortized cost; job 1 with
 the server on also starts it), each job's seconds in its cell and, of those, loading the model (with
-the merge), and whether every job's predictions equal the first off job's.
+the merge), and whether every job's predictions equal the first off job's. `--modes` adds
+`server_kept`: the server with `evaluation.server.keep_base_weights` (its first job reads the
+checkpoint into host memory, the next build their models from it; d2lora.base_weights).
 """
 
 from __future__ import annotations
@@ -46,6 +48,9 @@ with job(fake):
 """
 
 
+MODES = ("own", "server", "server_kept")
+
+
 def run_jobs(mode: str, count: int, arguments: dict, out: Path, server_dir: Path) -> list[float]:
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT / "src"), os.environ.get("PYTHONPATH", "")])}
     env["D2LORA_SERVER_DIR"] = str(server_dir)  # a server of this run's own
@@ -54,7 +59,7 @@ def run_jobs(mode: str, count: int, arguments: dict, out: Path, server_dir: Path
         folder = out / mode / f"job{index}"
         job_arguments = {
             **arguments,
-            "server": {"enabled": mode == "server", "idle_seconds": 60},
+            "server": {"enabled": mode != "own", "idle_seconds": 60, "keep_base_weights": mode == "server_kept"},
             "log": str(folder / "evaluate.log"),
             "scores_path": str(folder / "scores.json"),
             "predictions_path": str(folder / "predictions.jsonl"),
@@ -78,8 +83,12 @@ def main() -> None:
     parser.add_argument("--jobs", type=int, default=6)
     parser.add_argument("--rows", type=int, default=0, help="evaluate only the first rows (0: all)")
     parser.add_argument("--device", default="auto")
+    parser.add_argument("--modes", default="own,server", help=f"in this order, from {', '.join(MODES)}")
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "out" / "evaluate_startup")
     args = parser.parse_args()
+    args.modes = [mode.strip() for mode in args.modes.split(",") if mode.strip()]
+    if not args.modes or not set(args.modes) <= set(MODES) or len(set(args.modes)) < len(args.modes):
+        parser.error(f"--modes: some of {', '.join(MODES)}, each once; got {','.join(args.modes) or 'none'}")
 
     args.out.mkdir(parents=True, exist_ok=True)
     data = Path(args.data).resolve()
@@ -97,11 +106,12 @@ def main() -> None:
         "device": args.device,
     }
     with tempfile.TemporaryDirectory(prefix="d2s") as server_dir:  # short: a socket path has a limit
-        seconds = {mode: run_jobs(mode, args.jobs, arguments, args.out, Path(server_dir)) for mode in ("own", "server")}
+        seconds = {mode: run_jobs(mode, args.jobs, arguments, args.out, Path(server_dir)) for mode in args.modes}
         # the servers' own logs: per cell its time and the GPU memory left allocated after it
         for log in Path(server_dir).glob("*.log"):
+            (args.out / "server").mkdir(exist_ok=True)
             shutil.copy(log, args.out / "server" / f"server_{log.name}")
-    first = (args.out / "own" / "job0" / "predictions.jsonl").read_bytes()
+    first = (args.out / args.modes[0] / "job0" / "predictions.jsonl").read_bytes()
     identical = all(
         (args.out / mode / f"job{i}" / "predictions.jsonl").read_bytes() == first
         for mode in seconds
@@ -120,7 +130,7 @@ def main() -> None:
         ]
         for mode in seconds
     }
-    record = json.loads((args.out / "own" / "job0" / "scores.json").read_text())
+    record = json.loads((args.out / args.modes[0] / "job0" / "scores.json").read_text())
     summary = {
         "benchmark": args.benchmark,
         "items": record["n_items"],
@@ -131,7 +141,9 @@ def main() -> None:
         "seconds": seconds,
         "in_cell_seconds": cells,
         "mean_jobs_2_to_n": amortized,
-        "speedup_jobs_2_to_n": round(amortized["own"] / amortized["server"], 2) if len(amortized) == 2 else None,
+        "speedup_jobs_2_to_n": round(amortized["own"] / amortized["server"], 2)
+        if {"own", "server"} <= set(amortized)
+        else None,
         "predictions_identical": identical,
         "settings": arguments["settings"],
     }

@@ -112,6 +112,25 @@ def test_a_cell_in_the_server_writes_what_the_job_itself_writes(workdir):
     assert manifests[0]["inputs"] == manifests[1]["inputs"] and manifests[0]["params"] == manifests[1]["params"]
 
 
+def test_a_server_keeping_base_weights_reads_the_checkpoint_once(workdir):
+    here, _ = _evaluate("here", server={"enabled": False})
+    server = {"enabled": True, "idle_seconds": 60, "keep_base_weights": True}
+    _, first = _evaluate("first", server=server)
+    _, second = _evaluate("second", server=server)
+    assert _server_of(second)[0] == _server_of(first)[0]
+    assert "read into host memory" in first and "built from the base weights kept in host memory" in first
+    assert "read into host memory" not in second and "built from the base weights kept in host memory" in second
+    eval_dir = workdir / "results" / "eval"
+    for name in ("first", "second"):
+        assert (eval_dir / name / "predictions.jsonl").read_bytes() == (
+            eval_dir / "here/predictions.jsonl"
+        ).read_bytes()
+    # a job that does not keep them frees them: its server reads the files itself
+    _, plain = _evaluate("plain", server={"enabled": True, "idle_seconds": 60})
+    _, after = _evaluate("after", server=server)
+    assert "built from the base weights" not in plain and "read into host memory" in after
+
+
 def test_a_job_running_beside_another_gets_a_server_of_its_own(workdir):
     import fcntl
 

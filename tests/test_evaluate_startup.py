@@ -29,6 +29,8 @@ def test_jobs_report_their_wall_time_and_what_the_cell_spent_loading(tiny_model_
             json.dumps({"max_new_tokens": 4, "batch_size": 2, "prompt_template": "{question} Answer."}),
             "--jobs",
             "2",
+            "--modes",
+            "own,server,server_kept",
             "--device",
             "cpu",
             "--out",
@@ -41,9 +43,13 @@ def test_jobs_report_their_wall_time_and_what_the_cell_spent_loading(tiny_model_
     assert done.returncode == 0, done.stderr[-3000:]
     summary = json.loads((out / "summary.json").read_text())
     assert summary["predictions_identical"] and summary["items"] == 3
-    for mode in ("own", "server"):
+    for mode in ("own", "server", "server_kept"):
         walls, cells = summary["seconds"][mode], summary["in_cell_seconds"][mode]
         assert len(walls) == len(cells) == 2
         for wall, cell in zip(walls, cells):
             assert 0 < cell["load_seconds"] < cell["eval_seconds"] < wall
-    assert set(summary["mean_jobs_2_to_n"]) == {"own", "server"}
+    assert set(summary["mean_jobs_2_to_n"]) == {"own", "server", "server_kept"}
+    # the kept mode's first job read the checkpoint into host memory, its second built from it
+    kept_logs = [(out / "server_kept" / f"job{i}" / "evaluate.log").read_text() for i in range(2)]
+    assert "read into host memory" in kept_logs[0] and "read into host memory" not in kept_logs[1]
+    assert all("built from the base weights kept in host memory" in log for log in kept_logs)

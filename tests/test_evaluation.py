@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import os
 from types import SimpleNamespace
 
 import pytest
@@ -868,3 +869,53 @@ def test_answers_match_survives_a_runaway_number():
     runaway = "4" + "0" * 400
     assert answers_match(runaway, "40") is False
     assert answers_match(runaway, runaway) is True
+
+
+def _weights(model) -> dict:
+    return {name: tensor.detach().clone() for name, tensor in model.state_dict().items()}
+
+
+def test_kept_base_weights_build_the_same_models_from_one_read(tiny_model_dir, tmp_path, monkeypatch):
+    """evaluation.server.keep_base_weights (d2lora.base_weights): inside `keeping`, the checkpoint is
+    read once, and every model built from the kept tensors equals the one read from the files, a
+    merged adapter included; a merge does not write into the kept tensors; a rewritten checkpoint
+    is read again; a block that does not keep frees them."""
+    from d2lora import base_weights
+    from d2lora.evaluation.generation import stop_token_ids
+    from d2lora.models import load_model, load_tokenizer
+
+    _save_adapter_with_nonzero_b(tiny_model_dir, tmp_path / "adapter", seed=1)
+    base, merged = (
+        _weights(load_model(tiny_model_dir)),
+        _weights(load_model(tiny_model_dir, adapter_dir=tmp_path / "adapter", merge_adapter=True)),
+    )
+    reads, read = [], base_weights._read
+    monkeypatch.setattr(base_weights, "_read", lambda folder: reads.append(folder) or read(folder))
+    base_weights.forget()
+    try:
+        with base_weights.keeping(True):
+            first = load_model(tiny_model_dir)
+            assert len(reads) == 1 and base_weights.kept_key() is not None
+            kept_merged = load_model(tiny_model_dir, adapter_dir=tmp_path / "adapter", merge_adapter=True)
+            again = load_model(tiny_model_dir)
+            assert len(reads) == 1, "the next models came from the kept tensors"
+            for model, expected in ((first, base), (kept_merged, merged), (again, base)):
+                got = _weights(model)
+                assert got.keys() == expected.keys()
+                assert all(torch.equal(got[name], expected[name]) for name in expected)
+            assert stop_token_ids(again, load_tokenizer(tiny_model_dir)) == stop_token_ids(
+                load_model(tiny_model_dir), load_tokenizer(tiny_model_dir)
+            ), "the generation config comes from the folder too"
+            # a rewritten checkpoint (same name, new modification time) is read again
+            checkpoint = next(tiny_model_dir.glob("*.safetensors"))
+            stat = checkpoint.stat()
+            os.utime(checkpoint, ns=(stat.st_atime_ns, stat.st_mtime_ns + 1_000_000_000))
+            load_model(tiny_model_dir)
+            assert len(reads) == 2
+        with base_weights.keeping(False):
+            assert base_weights.kept_key() is None
+            load_model(tiny_model_dir)
+        assert len(reads) == 2, "without keeping, from_pretrained reads the files itself"
+        assert set(reads) == {tiny_model_dir.resolve()}
+    finally:
+        base_weights.forget()

@@ -34,7 +34,8 @@ fi
 # STARTUP_JOBS=N: then N GSM8K evaluate jobs at this shape (the model and data just prepared), each a
 # fresh process as Snakemake starts one, without and with the cell server (benchmarks/evaluate_startup.py):
 # the 8B model's per-job start-up, and whether a server's compiled decoding step serves its next cells.
-# STARTUP_SETTINGS (JSON) overrides config/paper_shape.yaml's GSM8K settings. Where this run trained
+# STARTUP_SETTINGS (JSON) overrides config/paper_shape.yaml's GSM8K settings; STARTUP_MODES (default
+# own,server) may add server_kept, the server keeping the base weights in host memory. Where this run trained
 # an SFT adapter (stage sft, or levers_sft's plain lever), every job evaluates it: a merged evaluation's
 # start-up then includes the merge.
 if [ "${STARTUP_JOBS:-0}" -gt 0 ]; then
@@ -49,7 +50,7 @@ if [ "${STARTUP_JOBS:-0}" -gt 0 ]; then
   echo "adapter: ${ADAPTER:-none}"
   python3 benchmarks/evaluate_startup.py --model benchmarks/results_paper_scale/work/model/base \
     --data benchmarks/results_paper_scale/work/data/math --benchmark gsm8k --jobs "$STARTUP_JOBS" --device cuda ${ADAPTER:+--adapter "$ADAPTER"} \
-    --settings "$SETTINGS" --out benchmarks/results_paper_scale/startup
+    --settings "$SETTINGS" ${STARTUP_MODES:+--modes "$STARTUP_MODES"} --out benchmarks/results_paper_scale/startup
   code=$?
 fi
 echo "== $(date +%T) done, exit $code"

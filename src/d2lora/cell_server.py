@@ -14,7 +14,8 @@ process on the same machine that has paid all of that once; the job waits for th
 - A request runs as the job would run it: in the job's folder, with the job's environment (config
   hash, token names, thread counts, torch.compile's cache folder), writing the job's log (secrets
   redacted). The model is loaded per request and freed after it, so the server holds no GPU memory
-  between cells beyond the CUDA context.
+  between cells beyond the CUDA context; with `keep_base_weights` it keeps the base checkpoint's
+  weights in host memory and builds the next cells' models from them (d2lora.base_weights).
 - The job that finds its slot without a server starts one, and the server leaves after
   `idle_seconds` without a request. If the job ends while its cell is running (cancelled, out of
   time), the server ends at once: nothing is written after Snakemake has given up on the job.
@@ -94,10 +95,19 @@ def server_key() -> str:
 # ----------------------------------------------------------------------------------------- client
 
 
-def call(function: str, kwargs: dict, *, log_path, idle_seconds: int, start_timeout: float = 600.0) -> Any:
+def call(
+    function: str,
+    kwargs: dict,
+    *,
+    log_path,
+    idle_seconds: int,
+    start_timeout: float = 600.0,
+    keep_base_weights: bool = False,
+) -> Any:
     """Run FUNCTIONS[function](**kwargs) in a server of this machine (started if none is free) and
     return its result. kwargs and the result travel as JSON. The server writes the cell's output
-    into `log_path` (appending)."""
+    into `log_path` (appending). `keep_base_weights`: the server keeps the base checkpoint's weights
+    in host memory for its next cells (d2lora.base_weights)."""
     if function not in FUNCTIONS:
         raise ValueError(f"unknown server function {function!r} (known: {', '.join(FUNCTIONS)})")
     request = {
@@ -107,6 +117,7 @@ def call(function: str, kwargs: dict, *, log_path, idle_seconds: int, start_time
         "env": dict(os.environ),
         "log": str(Path(log_path).resolve()) if log_path else None,
         "client_pid": os.getpid(),
+        "keep_base_weights": bool(keep_base_weights),
     }
     payload = (json.dumps(request) + "\n").encode()
     with _claim_slot(server_dir() / server_key()) as paths:
@@ -256,9 +267,12 @@ def _watch_client(pid: int) -> threading.Event:
 
 
 def _run(request: dict) -> Any:
+    # base_weights: the server's side only (the client job never loads a model)
+    from d2lora import base_weights
+
     module, name = FUNCTIONS[request["function"]]
     function = getattr(importlib.import_module(module), name)
-    with _as_job(request):
+    with _as_job(request), base_weights.keeping(request["keep_base_weights"]):
         return function(**request["kwargs"])
 
 

@@ -18,9 +18,11 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import sys
 from pathlib import Path
 from typing import Any
 
+from d2lora import base_weights
 from d2lora.io import sha256_file, staged_dir, write_json
 from d2lora.precision import resolve_dtype
 from d2lora.settings import with_defaults
@@ -305,24 +307,32 @@ def load_model(
     in float32 and rounds once, the same numbers as a float32 copy merged and cast, without building
     that copy (twice the checkpoint). A checkpoint with more precision than `dtype` is loaded in
     float32 (on the card when it has room: merge_device) and merged before its one rounding.
+    In a process keeping base weights (d2lora.base_weights, the cell server), a checkpoint stored in
+    the dtype it is loaded in is built from the kept tensors instead of read again.
     """
     # transformers: kept out of workflow parsing (the rules import this module)
     from transformers import AutoModelForCausalLM
 
     merge = adapter_dir is not None and merge_adapter and not trainable
-    as_stored = merge and stored_dtype(model_dir) == _torch_dtype(dtype)
+    stored = stored_dtype(model_dir)
+    as_stored = merge and stored == _torch_dtype(dtype)
     load_dtype = "float32" if merge and not as_stored else dtype
     if as_stored:
         load_device = device if str(device).startswith("cuda") else "cpu"
     else:
         load_device = merge_device(model_dir, device) if merge else "cpu"
-    model = AutoModelForCausalLM.from_pretrained(
-        str(model_dir),
-        dtype=_torch_dtype(load_dtype),
-        use_safetensors=True,
-        trust_remote_code=False,
-        device_map=None if load_device == "cpu" else load_device,
-    )
+    kept = base_weights.state_dict(model_dir, stored) if stored == _torch_dtype(load_dtype) else None
+    if kept is not None:
+        # straight onto the card: the kept tensors are already in host memory
+        model = _from_kept_weights(model_dir, kept, load_dtype, device if str(device).startswith("cuda") else "cpu")
+    else:
+        model = AutoModelForCausalLM.from_pretrained(
+            str(model_dir),
+            dtype=_torch_dtype(load_dtype),
+            use_safetensors=True,
+            trust_remote_code=False,
+            device_map=None if load_device == "cpu" else load_device,
+        )
     if adapter_dir is not None:
         require_safetensors_adapter(adapter_dir)
         # peft: kept out of workflow parsing (the rules import this module)
@@ -332,6 +342,28 @@ def load_model(
         if merge:
             model = model.merge_and_unload().to(_torch_dtype(dtype))
     return model.to(device)
+
+
+def _from_kept_weights(model_dir, kept: dict, dtype: str, device: str):
+    """The checkpoint's model built from tensors already in host memory: its config and generation
+    config from the folder, the weights from `kept`. On the host the model would share the kept
+    tensors' storage (from_pretrained assigns them), and a merge writes into its weights: a copy."""
+    # transformers: kept out of workflow parsing (the rules import this module)
+    from transformers import MODEL_FOR_CAUSAL_LM_MAPPING, AutoConfig, GenerationConfig
+
+    config = AutoConfig.from_pretrained(str(model_dir), trust_remote_code=False)
+    weights = {name: tensor.clone() for name, tensor in kept.items()} if device == "cpu" else kept
+    model = MODEL_FOR_CAUSAL_LM_MAPPING[type(config)].from_pretrained(
+        None,
+        config=config,
+        state_dict=weights,
+        dtype=_torch_dtype(dtype),
+        device_map=None if device == "cpu" else device,
+    )
+    if (Path(model_dir) / "generation_config.json").is_file():
+        model.generation_config = GenerationConfig.from_pretrained(str(model_dir))
+    print(f"model: {model_dir} built from the base weights kept in host memory", file=sys.stderr)
+    return model
 
 
 def stored_dtype(model_dir: str | os.PathLike):

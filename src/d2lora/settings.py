@@ -171,6 +171,7 @@ class EvaluationServer(Settings):
 
     enabled: bool
     idle_seconds: int
+    keep_base_weights: bool
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)

@@ -18,4 +18,10 @@ def evaluate_cell_job(*, server: EvaluationServer | Mapping | None, log_path, **
         from d2lora.evaluation.run import evaluate_cell
 
         return evaluate_cell(**arguments)
-    return cell_server.call("evaluate_cell", arguments, log_path=log_path, idle_seconds=server.idle_seconds)
+    return cell_server.call(
+        "evaluate_cell",
+        arguments,
+        log_path=log_path,
+        idle_seconds=server.idle_seconds,
+        keep_base_weights=server.keep_base_weights,
+    )

@@ -1,0 +1,93 @@
+"""A base checkpoint's weights kept in host memory across the cells of one process
+(`evaluation.server.keep_base_weights`).
+
+The cell server loads the model per cell and frees it after, so that it holds no GPU memory between
+cells; every cell then reads the whole checkpoint again: at the Llama-3.1-8B shape 16 GB, within the
+~3.6 s a merged GSM8K cell spent loading and merging in the server (benchmarks/RESULTS.md, Round 15;
+how much of it the read was is not measured). Kept,
+the tensors are read once per server and each cell's model is built from them (pinned host memory
+on a machine with CUDA, so the copy to the card is a plain DMA). One checkpoint is kept at a time,
+keyed by its folder, its files' sizes and modification times and its dtype: a rewritten checkpoint
+is read again, another base replaces it. The process holds the checkpoint's size in host memory
+until it ends (a server leaves after `idle_seconds` without a cell).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+_keeping = False
+_kept: tuple[tuple, dict[str, Any]] | None = None
+
+
+@contextlib.contextmanager
+def keeping(enabled: bool):
+    """Inside the block, `state_dict` answers from (and fills) the kept weights when `enabled`; a
+    block that does not keep frees what an earlier one kept."""
+    global _keeping
+    if not enabled:
+        forget()
+    previous, _keeping = _keeping, bool(enabled)
+    try:
+        yield
+    finally:
+        _keeping = previous
+
+
+def _key(model_dir: Path, dtype) -> tuple:
+    files = sorted(model_dir.glob("*.safetensors"))
+    return (str(model_dir), str(dtype), tuple((f.name, f.stat().st_size, f.stat().st_mtime_ns) for f in files))
+
+
+def state_dict(model_dir: str | os.PathLike, dtype) -> dict[str, Any] | None:
+    """The checkpoint's tensors from host memory (read now if not yet kept), or None when not keeping.
+    The caller asks only for a checkpoint stored in `dtype` (a conversion is from_pretrained's to do)."""
+    global _kept
+    if not _keeping:
+        return None
+    folder = Path(model_dir).resolve()
+    key = _key(folder, dtype)
+    if _kept is None or _kept[0] != key:
+        _kept = None  # the previous checkpoint's memory goes before the next one's comes
+        tensors = _read(folder)
+        _kept = (key, tensors)
+        size = sum(t.numel() * t.element_size() for t in tensors.values())
+        print(
+            f"base weights: {folder} read into host memory ({size / 1e9:.2f} GB), kept for the next cells",
+            file=sys.stderr,
+        )
+    return _kept[1]
+
+
+def _read(folder: Path) -> dict[str, Any]:
+    """Every tensor of the folder's safetensors files, pinned where there is CUDA."""
+    # torch: kept out of workflow parsing (the rules import d2lora.models, which imports this)
+    import torch
+
+    # safetensors: as torch
+    from safetensors import safe_open
+
+    pin = torch.cuda.is_available()
+    tensors: dict[str, Any] = {}
+    for path in sorted(folder.glob("*.safetensors")):
+        # one tensor at a time: pinning copies, and the whole unpinned checkpoint need not exist at once
+        with safe_open(str(path), framework="pt") as handle:
+            for name in handle.keys():
+                tensor = handle.get_tensor(name)
+                tensors[name] = tensor.pin_memory() if pin else tensor
+    return tensors
+
+
+def forget() -> None:
+    """Drop the kept weights (tests; a server frees them when it ends)."""
+    global _kept
+    _kept = None
+
+
+def kept_key() -> tuple | None:
+    """What is kept now: (folder, dtype, files) or None."""
+    return _kept[0] if _kept is not None else None
