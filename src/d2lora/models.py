@@ -360,6 +360,9 @@ def _from_kept_weights(model_dir, kept: dict, dtype: str, device: str):
         dtype=_torch_dtype(dtype),
         device_map=None if device == "cpu" else device,
     )
+    if device != "cpu":
+        # the weights on the card before any merge writes into them: never into the kept host tensors
+        model = model.to(device)
     if (Path(model_dir) / "generation_config.json").is_file():
         model.generation_config = GenerationConfig.from_pretrained(str(model_dir))
     print(f"model: {model_dir} built from the base weights kept in host memory", file=sys.stderr)
