@@ -990,23 +990,21 @@ def _compare_to_plain(run: Run, method: str, results: dict) -> None:
     plain = results.get("plain")
     if not plain or "error" in plain:
         return
+
+    def predictions(lever: str) -> Path:
+        return run.work / "eval" / f"levers_{method}_{lever}" / "predictions.jsonl"
+
     for lever, result in results.items():
         if "error" in result:
             continue
         if method in GSM8K_LEVERS:
             result["speedup_generate"] = round(plain["generate_seconds"] / result["generate_seconds"], 3)
             result["speedup_eval"] = round(plain["eval_seconds"] / result["eval_seconds"], 3)
-            result["outputs_equal_to_plain"] = _same_outputs(
-                run.work / "eval" / f"levers_{method}_plain" / "predictions.jsonl",
-                run.work / "eval" / f"levers_{method}_{lever}" / "predictions.jsonl",
-            )
+            result["outputs_equal_to_plain"] = _same_outputs(predictions("plain"), predictions(lever))
             first_cell = lever.removesuffix("_next_cell")
             if first_cell != lever and first_cell in results:
                 # the same settings twice in one process: whether the answers repeat bit for bit
-                result["outputs_equal_to_first_cell"] = _same_outputs(
-                    run.work / "eval" / f"levers_{method}_{first_cell}" / "predictions.jsonl",
-                    run.work / "eval" / f"levers_{method}_{lever}" / "predictions.jsonl",
-                )
+                result["outputs_equal_to_first_cell"] = _same_outputs(predictions(first_cell), predictions(lever))
         else:
             # Training time plus the trainer's setup (tokenizing; a precomputed reference's pass).
             def cost(r):

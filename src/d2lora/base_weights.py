@@ -37,9 +37,14 @@ def keeping(enabled: bool):
         _keeping = previous
 
 
+def active() -> bool:
+    """Whether this process keeps base weights now (inside `keeping(True)`)."""
+    return _keeping
+
+
 def _key(model_dir: Path, dtype) -> tuple:
-    files = sorted(model_dir.glob("*.safetensors"))
-    return (str(model_dir), str(dtype), tuple((f.name, f.stat().st_size, f.stat().st_mtime_ns) for f in files))
+    stats = [(f.name, f.stat()) for f in sorted(model_dir.glob("*.safetensors"))]
+    return (str(model_dir), str(dtype), tuple((name, st.st_size, st.st_mtime_ns) for name, st in stats))
 
 
 def state_dict(model_dir: str | os.PathLike, dtype) -> dict[str, Any] | None:

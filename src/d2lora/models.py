@@ -314,14 +314,19 @@ def load_model(
     from transformers import AutoModelForCausalLM
 
     merge = adapter_dir is not None and merge_adapter and not trainable
-    stored = stored_dtype(model_dir)
+    # the checkpoint's header is read only where its dtype decides something
+    stored = stored_dtype(model_dir) if merge or base_weights.active() else None
     as_stored = merge and stored == _torch_dtype(dtype)
     load_dtype = "float32" if merge and not as_stored else dtype
     if as_stored:
         load_device = device if str(device).startswith("cuda") else "cpu"
     else:
         load_device = merge_device(model_dir, device) if merge else "cpu"
-    kept = base_weights.state_dict(model_dir, stored) if stored == _torch_dtype(load_dtype) else None
+    kept = (
+        base_weights.state_dict(model_dir, stored)
+        if stored is not None and stored == _torch_dtype(load_dtype)
+        else None
+    )
     if kept is not None:
         # straight onto the card: the kept tensors are already in host memory
         model = _from_kept_weights(model_dir, kept, load_dtype, device if str(device).startswith("cuda") else "cpu")

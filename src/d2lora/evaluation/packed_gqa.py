@@ -182,7 +182,6 @@ def decoding_attention(model, gqa: str = "packed", filled_cache_only: bool = Fal
     if gqa == "transformers" and not filled_cache_only and cudnn_attention:
         yield model
         return
-    check_cudnn_choice(gqa, cudnn_attention)
     previous = model.config._attn_implementation
     if previous != "sdpa":
         setting = (
