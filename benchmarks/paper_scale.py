@@ -10,7 +10,8 @@ d2lora.evaluation.run.evaluate_cell. The base model and the data are prepared be
 (the model is reused when <work>/model holds one made from the same model settings).
 Stages, in the order --stages names them (default warmup,sft,gsm8k,dpo,orpo): the warm-up; one SFT,
 DPO and ORPO cell (d2lora init, continuing the warm-up; plain LoRA when no warm-up adapter exists: the
-same cost); GSM8K on the SFT cell's adapter (the base model when there is none). GSM8K comes before
+same cost); GSM8K on the SFT cell's adapter (the base model when there is none), decoded as
+config/paper.yaml decodes (config/paper_shape.yaml has its settings). GSM8K comes before
 the preference cells by default: it is the grid's costliest job type, so a time-limited run that
 ends early should lose a preference cell rather than it.
 
@@ -234,6 +235,10 @@ SMALL_MODEL_CONFIG = ROOT / "config" / "mini.yaml"
 GSM8K_LEVERS = ("gsm8k", "gsm8k_small")
 LEVER_EPOCHS = {"sft": 1, "dpo": 2, "orpo": 1}  # DPO: two epochs, so a precomputed reference is reused once
 LEVER_GSM8K_TOKENS = 256
+# The plain decoding path every 8B GSM8K lever starts from (HF generate, dynamic cache, the adapter
+# unmerged, transformers' attention), whatever config/paper_shape.yaml, like config/paper.yaml, decodes
+# with: its gsm8k stage measures the preset's job, its levers their ratios to this path.
+PLAIN_DECODING = {"merge_adapter": False, "cache": "dynamic", "packed_gqa": False, "cudnn_attention": True}
 STEADY_AFTER = 3  # steps a steady rate leaves out (summary "steady_*"): compilation lands in the first two
 PROFILE_FIRST_STEP = 1  # the first optimizer step pays one-time costs (allocator growth, kernel choice)
 FITS_GIB = 79.0
@@ -259,7 +264,8 @@ TINY = {
     "datasets.math.eval.limit": 3,
     "datasets.titles.train.limit": 4,
     "evaluation.dtype": "float32",
-    "evaluation.gsm8k": {"max_new_tokens": 4, "batch_size": 2},
+    "evaluation.gsm8k.max_new_tokens": 4,
+    "evaluation.gsm8k.batch_size": 2,
     "experiments.figure1.n": [2],
     "experiments.figure2.n": [0, 2],
     "experiments.table3.n": [0, 2],
@@ -814,6 +820,15 @@ def eval_settings(config: dict) -> dict:
     return settings
 
 
+def gsm8k_setting_names() -> set[str]:
+    """Every key eval_settings may give: the schema's evaluation.gsm8k and what eval_settings adds."""
+    import yaml
+
+    schema = yaml.safe_load((ROOT / "workflow" / "schemas" / "config.schema.yaml").read_text())
+    gsm8k = schema["properties"]["evaluation"]["properties"]["gsm8k"]["properties"]
+    return set(gsm8k) | {"dtype", "engine", "merge_adapter", "prompt_template"}
+
+
 def small_model(run: Run) -> tuple[Path, dict]:
     """SMALL_MODEL_CONFIG's real model, prepared once into work/model/small, and its GSM8K settings."""
     import yaml
@@ -835,7 +850,11 @@ def small_model(run: Run) -> tuple[Path, dict]:
         log(f"small model: {record['parameters']:,} parameters in {folder}")
     settings = eval_settings(config)
     if run.summary["shape"] == "tiny":
-        settings.update(TINY["evaluation.gsm8k"], dtype=TINY["evaluation.dtype"])
+        settings.update(
+            max_new_tokens=TINY["evaluation.gsm8k.max_new_tokens"],
+            batch_size=TINY["evaluation.gsm8k.batch_size"],
+            dtype=TINY["evaluation.dtype"],
+        )
     return folder, settings
 
 
@@ -946,7 +965,10 @@ def lever_stage(run: Run, method: str) -> dict:
             if method == "gsm8k":
                 tokens = min(LEVER_GSM8K_TOKENS, int(run.config["evaluation"]["gsm8k"]["max_new_tokens"]))
                 result = gsm8k_stage(
-                    run, {"max_new_tokens": tokens, **overrides}, name=name, adapter_stage="levers_sft_plain"
+                    run,
+                    {"max_new_tokens": tokens, **PLAIN_DECODING, **overrides},
+                    name=name,
+                    adapter_stage="levers_sft_plain",
                 )
             elif method == "gsm8k_small":
                 result = gsm8k_stage(
@@ -1129,6 +1151,10 @@ def parse_args(argv=None) -> argparse.Namespace:
             parser.error(f"--print-eval-settings: not JSON: {err}")
         if not isinstance(args.print_eval_settings, dict):
             parser.error("--print-eval-settings: give a JSON object of settings")
+        unknown = sorted(set(args.print_eval_settings) - gsm8k_setting_names())
+        if unknown:
+            # A misspelt key would otherwise reach the evaluator as a setting nothing reads.
+            parser.error(f"--print-eval-settings: unknown {unknown}; known: {', '.join(sorted(gsm8k_setting_names()))}")
     args.stages = list(dict.fromkeys(s.strip() for s in args.stages.split(",") if s.strip()))
     levers: dict[str, set] = {}
     for item in filter(None, (x.strip() for x in args.levers.split(","))):

@@ -83,6 +83,8 @@ def test_paper_shape_preset_is_the_8b_shape_with_table2_settings(monkeypatch):
             True,
         )
     assert config["evaluation"]["gsm8k"]["max_new_tokens"] == 512
+    # The gsm8k stage measures the paper preset's evaluate job: the same decoding settings.
+    assert config["evaluation"] == {"dtype": "auto", **PAPER["evaluation"]}
     assert "limit" not in config["datasets"]["math"]["eval"], "GSM8K is evaluated on all 1,319 test questions"
     # >= 50 optimizer steps per training stage, by the trainer's own count.
     warm_rows = config["datasets"]["warmup"]["train"]["limit"] - 2  # at most the 2 empty Alpaca outputs drop
@@ -314,9 +316,12 @@ def test_tiny_run_gsm8k_counts_every_generated_token(tiny_run):
     _, summary, _ = tiny_run
     g = summary["gsm8k"]
     assert g["items"] == 3 and g["max_new_tokens"] == 4 and g["adapter"].endswith("sft")
-    assert sum(c["rows"] for c in g["generate_calls"]) == 3
+    # config/paper.yaml's decoding, as the workflow's evaluate job runs it.
+    assert (g["merge_adapter"], g["cache"], g["packed_gqa"], g["cudnn_attention"]) == (True, "static", True, False)
+    # The static cache gives the last batch (1 prompt) the first's 2 rows: every row computed is counted.
+    assert sum(c["rows"] for c in g["generate_calls"]) == 4
     assert g["generated_tokens"] == sum(c["rows"] * c["new_tokens"] for c in g["generate_calls"])
-    assert 0 < g["generated_tokens_to_stop"] <= g["generated_tokens"] <= 3 * 4
+    assert 0 < g["generated_tokens_to_stop"] <= g["generated_tokens"] <= 4 * 4
     assert _close(g["generated_tokens_per_second"] * g["generate_seconds"], g["generated_tokens"], 0.01)
     assert 0 < g["generate_seconds"] <= g["eval_seconds"] and _positive(g["load_seconds"])
 
@@ -400,7 +405,15 @@ def test_levers_run_each_setting_against_the_plain_path_in_one_process(tmp_path,
     )
     assert dpo["no_checkpointing_precompute_reference"]["precompute_reference"] is True
     assert summary["lever_ratios"]["dpo_pair_over_sft_example"] > 0
+    # Every 8B GSM8K lever starts from HF generate's plain path, not from the preset's decoding.
+    plain_decoding = gsm8k["plain"]
+    assert (plain_decoding["merge_adapter"], plain_decoding["cache"], plain_decoding["packed_gqa"]) == (
+        False,
+        "dynamic",
+        False,
+    )
     assert gsm8k["merged"]["merge_adapter"] is True and gsm8k["merged"]["outputs_equal_to_plain"] is not None
+    assert gsm8k["merged"]["cache"] == "dynamic"
     assert gsm8k["merged"]["adapter"].endswith("levers_sft_plain")
     # A lever run again in the same process is compared with its first run: on a CPU (no cuDNN
     # kernel to leave out) the answers repeat exactly.
@@ -460,8 +473,9 @@ def test_print_eval_settings_gives_the_evaluate_rules_settings_with_overrides(ca
     config = yaml.safe_load(SHAPE.read_text())
     assert settings["prompt_template"] == config["datasets"]["math"]["prompt_template"]
     assert settings["cache"] == "static" and settings["batch_size"] == 660  # the overrides win over the tiny shape's
-    assert settings["max_new_tokens"] == paper_scale.TINY["evaluation.gsm8k"]["max_new_tokens"]
-    for bad in ("[1]", "{cache"):
+    assert settings["max_new_tokens"] == paper_scale.TINY["evaluation.gsm8k.max_new_tokens"]
+    for bad in ("[1]", "{cache", '{"cudnn": false}'):
         with pytest.raises(SystemExit) as refused:
             paper_scale.main(["--shape", "tiny", "--print-eval-settings", bad])
         assert refused.value.code == 2
+    assert "unknown ['cudnn']" in capsys.readouterr().err and "cudnn_attention" in paper_scale.gsm8k_setting_names()
