@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import shutil
 import statistics
 import subprocess
@@ -35,6 +34,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 
 from d2lora.io import read_jsonl, write_jsonl  # noqa: E402
+from d2lora.precision import cpu_model  # noqa: E402
 
 # One evaluate job, as workflow/scripts/evaluate.py runs it (argv[1]: its arguments as JSON).
 JOB = """
@@ -135,7 +135,7 @@ def main() -> None:
         "benchmark": args.benchmark,
         "items": record["n_items"],
         "device": record["device"],
-        "host_cpu": platform.processor() or platform.machine(),
+        "host_cpu": cpu_model(),
         "jobs": args.jobs,
         "adapter": arguments["adapter_dir"],
         "seconds": seconds,

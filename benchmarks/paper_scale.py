@@ -559,8 +559,9 @@ def device_info(device: str) -> dict:
     import torch
 
     from d2lora.cost import measure_matmul_peak
+    from d2lora.precision import cpu_model
 
-    info = {"device": device}
+    info = {"device": device, "host_cpu": f"{cpu_model()} ({os.cpu_count()} logical CPUs)"}
     if _cuda(device):
         props = torch.cuda.get_device_properties(device)
         info.update(

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 
 from d2lora import precision
-from d2lora.precision import cpu_flags, resolve_bf16_flag, resolve_dtype
+from d2lora.precision import cpu_flags, cpu_model, resolve_bf16_flag, resolve_dtype
 
 AVX2_ONLY = {"fpu", "sse2", "avx", "avx2", "fma", "avx512f"}
 WITH_BF16 = AVX2_ONLY | {"avx512_bf16"}
@@ -79,6 +79,15 @@ def test_cpu_flags_reads_x86_and_arm_cpuinfo(tmp_path):
     assert {"avx2", "avx512_bf16"} <= cpu_flags(x86)
     assert resolve_dtype("auto", "cpu", cpu_flags(arm)).dtype == "bfloat16"
     assert cpu_flags(tmp_path / "absent") == set()
+
+
+def test_cpu_model_names_the_host_cpu(tmp_path):
+    x86 = tmp_path / "x86"
+    x86.write_text("processor\t: 0\nmodel name\t: Intel(R) Xeon(R) Platinum 8480+\nflags\t\t: fpu\n")
+    assert cpu_model(x86) == "Intel(R) Xeon(R) Platinum 8480+"
+    arm = tmp_path / "arm"
+    arm.write_text("processor\t: 0\nFeatures\t: fp asimd\n")
+    assert cpu_model(arm) and cpu_model(arm) == cpu_model(tmp_path / "absent")  # platform's name instead
 
 
 def test_evaluation_records_the_resolved_dtype_and_its_reason(tiny_model_dir, tmp_path, monkeypatch):

@@ -53,6 +53,20 @@ def cpu_flags(cpuinfo: str | os.PathLike = "/proc/cpuinfo") -> set[str]:
     return flags
 
 
+def cpu_model(cpuinfo: str | os.PathLike = "/proc/cpuinfo") -> str:
+    """The CPU's model name (x86 `model name`; else platform's name for the machine). A GPU step
+    that waits on kernel launches runs as fast as the host CPU issues them, so timings name it."""
+    try:
+        text = Path(cpuinfo).read_text(errors="replace")
+    except OSError:
+        text = ""
+    for line in text.splitlines():
+        key, _, value = line.partition(":")
+        if key.strip().lower() == "model name" and value.strip():
+            return value.strip()
+    return platform.processor() or platform.machine()
+
+
 def native_bf16(device: str, flags: set[str] | None = None) -> tuple[bool, str]:
     """Whether `device` ("cpu" or "cuda[:i]") computes bf16 natively, and why we think so."""
     override = os.environ.get(OVERRIDE_ENV)
