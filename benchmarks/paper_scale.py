@@ -8,12 +8,13 @@ Everything runs through the pipeline's own code, as its rules call it: d2lora.mo
 (random init), d2lora.data.prepare.prepare_role, d2lora.training.run.run_warmup / run_adaptation,
 d2lora.evaluation.run.evaluate_cell. The base model and the data are prepared before the first stage
 (the model is reused when <work>/model holds one made from the same model settings).
-Stages, in the order --stages names them (default warmup,sft,gsm8k,dpo,orpo): the warm-up; one SFT,
-DPO and ORPO cell (d2lora init, continuing the warm-up; plain LoRA when no warm-up adapter exists: the
-same cost); GSM8K on the SFT cell's adapter (the base model when there is none), decoded as
+Stages, in the order --stages names them (default warmup,sft,gsm8k,dpo,orpo,arc_easy,titles): the
+warm-up; one SFT, DPO and ORPO cell (d2lora init, continuing the warm-up; plain LoRA when no warm-up
+adapter exists: the same cost); GSM8K on the SFT cell's adapter (the base model when there is none), decoded as
 config/paper.yaml decodes (config/paper_shape.yaml has its settings). GSM8K comes before
 the preference cells by default: it is the grid's costliest job type, so a time-limited run that
-ends early should lose a preference cell rather than it.
+ends early should lose a preference cell rather than it. Then ARC-Easy (the forgetting check) and
+titles, each one evaluation on the same adapter, so that the grid estimate covers every job.
 
 Lever stages (issue 15, item 2): levers_sft, levers_dpo, levers_orpo, levers_gsm8k (and levers_gsm8k_small,
 on the mini preset's real 135M model) run each speed
@@ -71,13 +72,17 @@ STAGES = (
     "dpo",
     "orpo",
     "gsm8k",
+    "arc_easy",
+    "titles",
     "levers_sft",
     "levers_dpo",
     "levers_orpo",
     "levers_gsm8k",
     "levers_gsm8k_small",
 )
-DEFAULT_ORDER = ("warmup", "sft", "gsm8k", "dpo", "orpo")
+DEFAULT_ORDER = ("warmup", "sft", "gsm8k", "dpo", "orpo", "arc_easy", "titles")
+# The other benchmarks' evaluations (the grid's ARC-Easy forgetting checks and titles), after training.
+OTHER_BENCHMARKS = ("arc_easy", "titles")
 # Speed levers (issue 15, item 2), each measured against the plain path (first in its list) in the
 # same process: name -> setting overrides, applied in order. Training variants run fewer epochs than
 # a paper cell (LEVER_EPOCHS): the rates, not the result, are what they measure. Plain is the code
@@ -263,9 +268,14 @@ TINY = {
     "datasets.math.train.from.limit": 6,
     "datasets.math.eval.limit": 3,
     "datasets.titles.train.limit": 4,
+    "datasets.titles.eval.limit": 2,
+    "datasets.forgetting.eval.limit": 3,
     "evaluation.dtype": "float32",
     "evaluation.gsm8k.max_new_tokens": 4,
     "evaluation.gsm8k.batch_size": 2,
+    "evaluation.titles.max_new_tokens": 4,
+    "evaluation.titles.batch_size": 2,
+    "evaluation.arc_easy.batch_size": 2,
     "experiments.figure1.n": [2],
     "experiments.figure2.n": [0, 2],
     "experiments.table3.n": [0, 2],
@@ -810,14 +820,15 @@ def train_stage(
     return result
 
 
-def eval_settings(config: dict) -> dict:
-    """The settings the workflow's evaluate rule passes (common.smk eval_settings) for GSM8K."""
-    settings = dict(config["evaluation"]["gsm8k"])
+def eval_settings(config: dict, benchmark: str = "gsm8k") -> dict:
+    """The settings the workflow's evaluate rule passes (common.smk eval_settings) for `benchmark`."""
+    settings = dict(config["evaluation"][benchmark])
     settings["dtype"] = config["evaluation"].get("dtype", "auto")
     settings["engine"] = config["evaluation"].get("engine", "pipeline")
     if config["evaluation"].get("merge_adapter"):
         settings["merge_adapter"] = True
-    settings["prompt_template"] = config["datasets"]["math"]["prompt_template"]
+    if benchmark == "gsm8k":
+        settings["prompt_template"] = config["datasets"]["math"]["prompt_template"]
     return settings
 
 
@@ -859,6 +870,17 @@ def small_model(run: Run) -> tuple[Path, dict]:
     return folder, settings
 
 
+def eval_cell(run: Run, adapter: Path | None) -> dict:
+    """The cell an evaluation records: the math SFT cell whose adapter it reads, or the base model."""
+    return {
+        "task": "math",
+        "method": "sft" if adapter else "none",
+        "init": read_json(adapter / "training.json")["init"] if adapter else "lora",
+        "n": cell_n(run.config, "sft") if adapter else 0,
+        "seed": int(run.config["seed"]),
+    }
+
+
 def gsm8k_stage(
     run: Run,
     overrides: dict | None = None,
@@ -873,14 +895,7 @@ def gsm8k_stage(
     from d2lora.evaluation.partial import sidecar_path
 
     adapter = run.adapter(adapter_stage) if adapter_stage and run.trained(adapter_stage) else None
-    init = read_json(adapter / "training.json")["init"] if adapter else "lora"
-    cell = {
-        "task": "math",
-        "method": "sft" if adapter else "none",
-        "init": init,
-        "n": cell_n(run.config, "sft") if adapter else 0,
-        "seed": int(run.config["seed"]),
-    }
+    cell = eval_cell(run, adapter)
     out = run.work / "eval" / name
     predictions = out / "predictions.jsonl"
     sidecar_path(predictions).unlink(missing_ok=True)  # measure a whole run, not a resumed one
@@ -933,6 +948,54 @@ def gsm8k_stage(
     log(
         f"{name}: {result['items']} items, {generated:,} tokens in {generate_seconds:.1f} s of generate, "
         f"{record['eval_seconds']:.1f} s in all"
+    )
+    return result
+
+
+def benchmark_stage(run: Run, benchmark: str) -> dict:
+    """One evaluation of another benchmark of the grid (ARC-Easy, titles) through the pipeline's
+    evaluator, on the SFT cell's adapter (the base model when there is none): what such a job costs,
+    not what it scores (every evaluation of the grid reads the same model shape)."""
+    from d2lora.benchmarks import eval_roles
+    from d2lora.evaluation import run as evaluation
+    from d2lora.evaluation.partial import sidecar_path
+
+    adapter = run.adapter("sft") if run.trained("sft") else None
+    cell = eval_cell(run, adapter)
+    out = run.work / "eval" / benchmark
+    predictions = out / "predictions.jsonl"
+    sidecar_path(predictions).unlink(missing_ok=True)  # measure a whole run, not a resumed one
+    settings = eval_settings(run.config, benchmark)
+    record = evaluation.evaluate_cell(
+        benchmark,
+        cell=cell,
+        model_dir=run.model_dir,
+        adapter_dir=adapter,
+        data_dir=run.data_dir / eval_roles()[benchmark],
+        settings=settings,
+        scores_path=out / "scores.json",
+        predictions_path=predictions,
+        device=run.device,
+    )
+    reserved = reserved_gib(run.device)
+    result = {
+        "cell": cell,
+        "adapter": str(adapter) if adapter else None,
+        "items": record["n_items"],
+        "batch_size": int(settings["batch_size"]),
+        "max_new_tokens": settings.get("max_new_tokens"),
+        "merge_adapter": bool(record["settings"].get("merge_adapter", False)),
+        "dtype": record["settings"]["dtype"],
+        "eval_seconds": record["eval_seconds"],
+        "load_seconds": record["load_seconds"],
+        "items_per_second": record["items_per_second"],
+        "peak_allocated_gib": _gib(record["peak_gpu_memory_mb"]),
+        "peak_reserved_gib": reserved,
+        "fits_80gb": None if reserved is None else reserved <= FITS_GIB,
+        "metrics": record["metrics"],
+    }
+    log(
+        f"{benchmark}: {result['items']} items in {record['eval_seconds']:.1f} s (loading {record['load_seconds']:.1f} s)"
     )
     return result
 
@@ -1065,14 +1128,13 @@ def grid_estimate(run: Run) -> dict:
 
     methods = run.summary["methods"]
     overheads = [m["overhead_seconds"] for m in methods.values()]
-    gsm8k = run.summary.get("gsm8k")
     paper = yaml.safe_load((ROOT / "config" / "paper.yaml").read_text())
     return estimate(
         paper,
         {k: m["tokens_per_second"] for k, m in methods.items()},
         {k: v for k, v in run.summary["tokens_per_row"].items() if isinstance(v, (int, float))},
         sum(overheads) / len(overheads) if overheads else None,
-        gsm8k["eval_seconds"] if gsm8k else None,
+        {b: run.summary[b]["eval_seconds"] for b in ("gsm8k", *OTHER_BENCHMARKS) if b in run.summary},
     )
 
 
@@ -1089,8 +1151,8 @@ def _stage(run: Run, stage: str, work) -> None:
         run.summary["errors"][stage] = f"{type(err).__name__}: {err}"[:2000]
         log(f"stage {stage} failed: {type(err).__name__}: {str(err)[:300]}")
     else:
-        if stage == "gsm8k":
-            run.summary["gsm8k"] = result
+        if stage == "gsm8k" or stage in OTHER_BENCHMARKS:
+            run.summary[stage] = result
         elif stage.startswith("levers_"):
             run.summary["lever_ratios"] = lever_ratios(run.summary["levers"])
         else:
@@ -1105,6 +1167,8 @@ def _stage(run: Run, stage: str, work) -> None:
 def stage_work(run: Run, stage: str):
     if stage.startswith("levers_"):
         return lever_stage(run, stage.removeprefix("levers_"))
+    if stage in OTHER_BENCHMARKS:
+        return benchmark_stage(run, stage)
     return gsm8k_stage(run) if stage == "gsm8k" else train_stage(run, stage)
 
 

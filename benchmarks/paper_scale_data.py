@@ -72,14 +72,13 @@ def standin_negatives(train_cfg: dict, prompt_template: str, seed: int, out_path
 
 
 def prepare_data(config: dict, data_dir: Path) -> dict:
-    """Prepare warmup, math (train + GSM8K eval) and titles (train: its tokens per row) into data_dir."""
+    """Prepare warmup, math (train + GSM8K eval), titles (train: its tokens per row; eval) and
+    forgetting (ARC-Easy eval) into data_dir: every role a paper job reads."""
     seed = int(config["seed"])
     report: dict = {}
-    for role in ("warmup", "math", "titles"):
+    for role in ("warmup", "math", "titles", "forgetting"):
         start = time.perf_counter()
         role_cfg = dict(config["datasets"][role])
-        if role == "titles":
-            role_cfg.pop("eval", None)  # the benchmark scores no titles
         train = role_cfg.get("train") or {}
         if train.get("source") == "onpolicy":
             pairs = data_dir / "onpolicy" / role / "negatives.jsonl"

@@ -2,7 +2,8 @@
 
 Every training cell of config/paper.yaml's grid is n rows x epochs x tokens per row, at the tokens/s
 its method ran at; every job also pays the measured per-job overhead (loading the base model,
-building the trainer, saving the adapter); every GSM8K evaluation costs what the measured one did.
+building the trainer, saving the adapter); every evaluation costs what the measured one of its
+benchmark did.
 Tokens per row come from the local stand-ins (the paper's hub sets are not on our machines), so
 these are estimates: GSM8K-based pairs for Math-Step-DPO-10K, Alpaca for orpo-dpo-mix-40k (whose
 replies are longer), arXiv abstracts for the economics titles.
@@ -15,6 +16,11 @@ from d2lora import grid
 # The warm-up set's size in the paper (SPEC, config/paper.yaml): the hub copy is not here to count.
 PAPER_WARMUP_ROWS = 40_218
 PREFERENCE = ("dpo", "orpo")
+# What a measured evaluation stands for, where its cost is a bound rather than an estimate.
+EVALUATION_NOTES = {
+    "gsm8k": "every answer max_new_tokens long (a random model never stops): an upper bound for trained models",
+    "titles": "every title max_new_tokens long (a random model never stops): an upper bound for trained models",
+}
 
 
 def tokens_key(task: str, method: str) -> str:
@@ -44,10 +50,11 @@ def estimate(
     rates: dict[str, float],
     tokens_per_row: dict[str, float],
     job_overhead_s: float | None,
-    gsm8k_seconds: float | None,
+    eval_seconds: dict[str, float],
 ) -> dict:
     """GPU-hours of `paper`'s grid. rates: tokens/s per method (warmup, sft, dpo, orpo);
-    tokens_per_row: per tokens_key and "warmup"; what is missing is listed, not guessed."""
+    tokens_per_row: per tokens_key and "warmup"; eval_seconds: one evaluation job's seconds per
+    benchmark measured; what is missing is listed, not guessed."""
     missing: list[str] = []
     parts: list[dict] = []
 
@@ -91,18 +98,20 @@ def estimate(
         missing.append("training job overhead: no training stage measured")
     else:
         overhead["gpu_hours"] = _hours(training_jobs * job_overhead_s)
-    gsm8k = {
-        "jobs": eval_counts.get("gsm8k", 0),
-        "seconds_per_job": gsm8k_seconds,
-        "note": "every answer 512 tokens (a random model never stops): an upper bound for trained models",
-    }
-    if gsm8k_seconds is None:
-        missing.append("gsm8k evaluation: not measured")
-    else:
-        gsm8k["gpu_hours"] = _hours(gsm8k["jobs"] * gsm8k_seconds)
+    evaluations: dict[str, dict] = {}
+    for benchmark, jobs in sorted(eval_counts.items()):
+        seconds = eval_seconds.get(benchmark)
+        entry = {"jobs": jobs, "seconds_per_job": seconds}
+        if benchmark in EVALUATION_NOTES:
+            entry["note"] = EVALUATION_NOTES[benchmark]
+        if seconds is None:
+            missing.append(f"{benchmark} evaluation: not measured")
+        else:
+            entry["gpu_hours"] = _hours(jobs * seconds)
+        evaluations[benchmark] = entry
 
     known = [p["gpu_hours"] for p in parts if "gpu_hours" in p]
-    known += [x["gpu_hours"] for x in (overhead, gsm8k) if "gpu_hours" in x]
+    known += [x["gpu_hours"] for x in (overhead, *evaluations.values()) if "gpu_hours" in x]
     return {
         "basis": (
             "estimates: config/paper.yaml's cells (n x epochs) x tokens per row of the LOCAL STAND-IN data "
@@ -110,9 +119,7 @@ def estimate(
         ),
         "training": parts,
         "training_job_overhead": overhead,
-        "gsm8k_evaluation": gsm8k,
-        "not_estimated": {name: count for name, count in sorted(eval_counts.items()) if name != "gsm8k"},
-        "not_estimated_reason": "ARC-Easy (log-likelihood scoring) and titles (100 x 48 tokens) evaluations were not measured",
+        "evaluations": evaluations,
         "total_gpu_hours": round(sum(known), 2),
         "complete": not missing,
         "missing": missing,

@@ -181,7 +181,8 @@ def test_standin_negatives_are_other_questions_solutions(tmp_path):
 def test_grid_estimate_is_cells_times_tokens_over_rates():
     rates = {"warmup": 1000.0, "sft": 2000.0, "dpo": 1000.0, "orpo": 1500.0}
     per_row = {"warmup": 100.0, "math_sft": 200.0, "math_preference": 400.0, "titles_sft": 250.0}
-    result = estimate(PAPER, rates, per_row, job_overhead_s=30.0, gsm8k_seconds=300.0)
+    eval_seconds = {"gsm8k": 300.0, "arc_easy": 60.0, "titles": 20.0}
+    result = estimate(PAPER, rates, per_row, job_overhead_s=30.0, eval_seconds=eval_seconds)
     assert result["complete"] and not result["missing"]
     parts = {(p["task"], p["method"]): p for p in result["training"]}
     assert parts[("warmup", "sft")]["tokens"] == PAPER_WARMUP_ROWS * 100
@@ -191,19 +192,25 @@ def test_grid_estimate_is_cells_times_tokens_over_rates():
     assert dpo["tokens"] == 2 * 18_000 * 4 * 400 and _close(dpo["gpu_hours"], dpo["tokens"] / 1000 / 3600, 1e-3)
     assert parts[("titles", "sft")]["rows_x_epochs"] == 2 * (1000 + 2000 + 5000 + 6970) * 3
     assert result["training_job_overhead"]["jobs"] == len(grid.training_cells(PAPER)) + 1
-    # 3 methods x 2 inits x 4 n, ORPO's 3 extra low-data n x 2 inits, and the 2 n = 0 cells.
-    assert result["gsm8k_evaluation"]["jobs"] == 32 and _close(
-        result["gsm8k_evaluation"]["gpu_hours"], 32 * 300 / 3600, 1e-3
-    )
+    # 3 methods x 2 inits x 4 n, ORPO's 3 extra low-data n x 2 inits, and the 2 n = 0 cells; each
+    # benchmark's jobs are the grid's own (grid.evaluation_jobs), every one costing its measured job.
+    evaluations = result["evaluations"]
+    assert evaluations["gsm8k"]["jobs"] == 32 and _close(evaluations["gsm8k"]["gpu_hours"], 32 * 300 / 3600, 1e-3)
+    counts = {}
+    for benchmark, _ in grid.evaluation_jobs(PAPER):
+        counts[benchmark] = counts.get(benchmark, 0) + 1
+    assert {b: e["jobs"] for b, e in evaluations.items()} == counts and set(counts) == set(eval_seconds)
+    assert _close(evaluations["arc_easy"]["gpu_hours"], counts["arc_easy"] * 60 / 3600, 1e-2)
     total = (
         sum(p["gpu_hours"] for p in result["training"])
         + result["training_job_overhead"]["gpu_hours"]
-        + result["gsm8k_evaluation"]["gpu_hours"]
+        + sum(e["gpu_hours"] for e in evaluations.values())
     )
     assert _close(result["total_gpu_hours"], total, 1e-3)
-    partial = estimate(PAPER, {k: v for k, v in rates.items() if k != "dpo"}, per_row, None, None)
+    partial = estimate(PAPER, {k: v for k, v in rates.items() if k != "dpo"}, per_row, None, {"gsm8k": 300.0})
     assert not partial["complete"]
-    assert any("math/dpo" in m for m in partial["missing"]) and any("gsm8k" in m for m in partial["missing"])
+    assert any("math/dpo" in m for m in partial["missing"]) and "titles evaluation: not measured" in partial["missing"]
+    assert "gpu_hours" not in partial["evaluations"]["arc_easy"] and "gpu_hours" in partial["evaluations"]["gsm8k"]
 
 
 def test_a_failed_stage_is_recorded_and_the_summary_still_written(tmp_path):
@@ -245,7 +252,8 @@ def tiny_run(tmp_path_factory):
 def test_tiny_run_completes_every_stage_and_writes_the_summary(tiny_run):
     out, summary, _ = tiny_run
     assert summary["status"] == "complete" and summary["errors"] == {}
-    assert summary["stages_done"] == list(paper_scale.DEFAULT_ORDER) == ["warmup", "sft", "gsm8k", "dpo", "orpo"]
+    assert summary["stages_done"] == list(paper_scale.DEFAULT_ORDER)
+    assert paper_scale.DEFAULT_ORDER == ("warmup", "sft", "gsm8k", "dpo", "orpo", "arc_easy", "titles")
     on_disk = json.loads((out / "summary.json").read_text())
     assert on_disk["methods"] == json.loads(json.dumps(summary["methods"]))
     assert set(on_disk["versions"]) >= {"torch", "transformers", "peft", "trl", "git_commit"}
@@ -261,7 +269,7 @@ def test_tiny_run_writes_each_stage_as_it_ends(tiny_run):
     _, _, snapshots = tiny_run
     # One write per stage, in order: a run cut off after a stage keeps every stage before it.
     seen = [tuple(s["stages_done"]) for s in snapshots]
-    for k in range(1, 6):
+    for k in range(1, len(paper_scale.DEFAULT_ORDER) + 1):
         assert tuple(paper_scale.DEFAULT_ORDER[:k]) in seen
     after_warmup = next(s for s in snapshots if s["stages_done"] == ["warmup"])
     assert set(after_warmup["methods"]) == {"warmup"} and "gsm8k" not in after_warmup
@@ -328,6 +336,20 @@ def test_tiny_run_gsm8k_counts_every_generated_token(tiny_run):
 
 
 @NEEDS_DATA
+def test_tiny_run_evaluates_the_other_benchmarks_as_the_workflow_does(tiny_run):
+    _, summary, _ = tiny_run
+    arc, titles = summary["arc_easy"], summary["titles"]
+    # The tiny shape's limits: 3 ARC-Easy questions, 2 abstracts, each through the SFT cell's adapter.
+    assert arc["items"] == 3 and titles["items"] == 2
+    assert arc["adapter"].endswith("sft") and titles["adapter"].endswith("sft")
+    assert 0.0 <= arc["metrics"]["accuracy"] <= 1.0 and "rougeL" in titles["metrics"]
+    assert titles["max_new_tokens"] == 4 and arc["max_new_tokens"] is None and arc["batch_size"] == 2
+    for record in (arc, titles):
+        assert 0 < record["load_seconds"] < record["eval_seconds"] and record["merge_adapter"] is True
+        assert record["peak_allocated_gib"] is None  # not measured on a CPU
+
+
+@NEEDS_DATA
 def test_tiny_run_estimates_the_whole_paper_grid(tiny_run):
     _, summary, _ = tiny_run
     est = summary["grid_estimate"]
@@ -340,7 +362,8 @@ def test_tiny_run_estimates_the_whole_paper_grid(tiny_run):
     per_row = summary["tokens_per_row"]
     assert per_row["math_preference"] > per_row["math_sft"] > 0 and per_row["titles_sft"] > 0
     assert _positive(est["total_gpu_hours"])
-    assert est["gsm8k_evaluation"]["seconds_per_job"] == summary["gsm8k"]["eval_seconds"]
+    for benchmark in ("gsm8k", "arc_easy", "titles"):
+        assert est["evaluations"][benchmark]["seconds_per_job"] == summary[benchmark]["eval_seconds"]
 
 
 def test_tiny_shape_refuses_a_config_of_another_layout(tmp_path):
