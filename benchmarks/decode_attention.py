@@ -175,7 +175,7 @@ def variants(query, key, value, pads, filled: int, cuda: bool) -> dict:
         out["flash_no_mask"] = (flash_no_mask, cache)
 
         def sdpa_gqa_without_cudnn():
-            with sdpa_kernel([SDPBackend.EFFICIENT_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBackend.MATH]):
+            with sdpa_kernel(without_cudnn()):
                 return F.scaled_dot_product_attention(query, key, value, attn_mask=mask, enable_gqa=True)
 
         out["sdpa_gqa_without_cudnn"] = (sdpa_gqa_without_cudnn, cache)

@@ -39,32 +39,29 @@ class Precision:
         return asdict(self)
 
 
-def cpu_flags(cpuinfo: str | os.PathLike = "/proc/cpuinfo") -> set[str]:
-    """The CPU's feature flags (x86 `flags`, Arm `Features`); empty where the file is absent."""
+def _cpuinfo_fields(cpuinfo: str | os.PathLike) -> list[tuple[str, str]]:
+    """(lower-case key, value) of every `key : value` line of a cpuinfo file; none where it is absent."""
     try:
         text = Path(cpuinfo).read_text(errors="replace")
     except OSError:
-        return set()
-    flags: set[str] = set()
+        return []
+    fields = []
     for line in text.splitlines():
         key, _, value = line.partition(":")
-        if key.strip().lower() in ("flags", "features"):
-            flags.update(value.split())
-    return flags
+        fields.append((key.strip().lower(), value.strip()))
+    return fields
+
+
+def cpu_flags(cpuinfo: str | os.PathLike = "/proc/cpuinfo") -> set[str]:
+    """The CPU's feature flags (x86 `flags`, Arm `Features`); empty where the file is absent."""
+    return {flag for key, value in _cpuinfo_fields(cpuinfo) if key in ("flags", "features") for flag in value.split()}
 
 
 def cpu_model(cpuinfo: str | os.PathLike = "/proc/cpuinfo") -> str:
     """The CPU's model name (x86 `model name`; else platform's name for the machine). A GPU step
     that waits on kernel launches runs as fast as the host CPU issues them, so timings name it."""
-    try:
-        text = Path(cpuinfo).read_text(errors="replace")
-    except OSError:
-        text = ""
-    for line in text.splitlines():
-        key, _, value = line.partition(":")
-        if key.strip().lower() == "model name" and value.strip():
-            return value.strip()
-    return platform.processor() or platform.machine()
+    names = [value for key, value in _cpuinfo_fields(cpuinfo) if key == "model name" and value]
+    return names[0] if names else platform.processor() or platform.machine()
 
 
 def native_bf16(device: str, flags: set[str] | None = None) -> tuple[bool, str]:
