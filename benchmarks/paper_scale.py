@@ -99,6 +99,7 @@ UNCAST = {**NO_CHECKPOINTING, "cast_adapter_inputs": False}
 BF16_UNCAST = {"base_dtype": "bfloat16", "cast_adapter_inputs": False}
 # GSM8K: the adapter merged, a static KV cache, the decoding step compiled with the query heads folded onto KV heads.
 PACKED_STATIC = {"merge_adapter": True, "cache": "static", "packed_gqa": True}
+FLEX_STATIC = {"merge_adapter": True, "cache": "static", "flex_attention": True, "cudnn_attention": False}
 LEVERS = {
     "sft": {
         "plain": FLOAT32_BASE,
@@ -215,6 +216,10 @@ LEVERS = {
         # where native_gqa's cuDNN kernel gave two runs different answers.
         "merged_static_cache_packed_gqa_without_cudnn": {**PACKED_STATIC, "cudnn_attention": False},
         "merged_static_cache_packed_gqa_without_cudnn_next_cell": {**PACKED_STATIC, "cudnn_attention": False},
+        # Decoding steps through FlexAttention, skipping the cache blocks all padding or unwritten (one layer:
+        # 145-288 us against ~457 us for the row above's kernel, Round 15); the prefill as the row above's.
+        "merged_static_cache_flex": FLEX_STATIC,
+        "merged_static_cache_flex_next_cell": FLEX_STATIC,
         # Two batches of 660 instead of three of 440: the weights are read once a step for more rows.
         # Round 12 (H200): 31.9 s against 33.3 s, but 71.9 GiB allocated, 88 reserved: over an 80 GB card.
         "merged_static_cache_packed_gqa_batch660": {**PACKED_STATIC, "batch_size": 660},
@@ -243,7 +248,13 @@ LEVER_GSM8K_TOKENS = 256
 # The plain decoding path every 8B GSM8K lever starts from (HF generate, dynamic cache, the adapter
 # unmerged, transformers' attention), whatever config/paper_shape.yaml, like config/paper.yaml, decodes
 # with: its gsm8k stage measures the preset's job, its levers their ratios to this path.
-PLAIN_DECODING = {"merge_adapter": False, "cache": "dynamic", "packed_gqa": False, "cudnn_attention": True}
+PLAIN_DECODING = {
+    "merge_adapter": False,
+    "cache": "dynamic",
+    "packed_gqa": False,
+    "cudnn_attention": True,
+    "flex_attention": False,
+}
 STEADY_AFTER = 3  # steps a steady rate leaves out (summary "steady_*"): compilation lands in the first two
 PROFILE_FIRST_STEP = 1  # the first optimizer step pays one-time costs (allocator growth, kernel choice)
 FITS_GIB = 79.0
@@ -931,6 +942,7 @@ def gsm8k_stage(
         "native_gqa": record["settings"].get("native_gqa", False),
         "prompt_width": record["settings"].get("prompt_width", "batch"),
         "cudnn_attention": record["settings"].get("cudnn_attention", True),
+        "flex_attention": record["settings"].get("flex_attention", False),
         "eval_seconds": record["eval_seconds"],
         "load_seconds": round(sum(loads), 2),
         "generate_seconds": round(generate_seconds, 3),

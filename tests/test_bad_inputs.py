@@ -147,6 +147,19 @@ CONFIG_CASES = [
         r"evaluation\.gsm8k\.native_gqa: packed_gqa is also on",
     ),
     (
+        "FlexAttention and the packed heads at once",
+        _set(
+            "evaluation.gsm8k",
+            {"max_new_tokens": 4, "batch_size": 2, "cache": "static", "packed_gqa": True, "flex_attention": True},
+        ),
+        r"evaluation\.gsm8k\.flex_attention: packed_gqa is also on",
+    ),
+    (
+        "FlexAttention without the static cache",
+        _set("evaluation.gsm8k", {"max_new_tokens": 4, "batch_size": 2, "flex_attention": True}),
+        r"evaluation\.gsm8k\.flex_attention: .*needs cache: static .*\(got cache: dynamic",
+    ),
+    (
         "native grouped-query attention without cuDNN's kernel",
         _set("evaluation.gsm8k", {"max_new_tokens": 4, "batch_size": 2, "native_gqa": True, "cudnn_attention": False}),
         r"evaluation\.gsm8k\.cudnn_attention: false with native_gqa .*use packed_gqa instead",

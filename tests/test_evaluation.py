@@ -306,6 +306,81 @@ def test_grouped_attention_equals_sdpa_for_a_decoding_step(forward):
     torch.testing.assert_close(grouped, expected)
 
 
+def test_flex_attention_equals_sdpa_for_a_decoding_step(monkeypatch):
+    # A decoding step over a cache of 12 positions in blocks of 4: the first row's first block is all
+    # left padding, the last block is not yet written for any row. FlexAttention over the grouped heads
+    # with the block mask must give SDPA's result over repeated K and V, and skip the masked blocks.
+    from transformers.integrations.sdpa_attention import repeat_kv
+
+    from d2lora.evaluation import packed_gqa
+
+    monkeypatch.setattr(packed_gqa, "FLEX_BLOCK", 4)
+    masks = []
+    real_create = packed_gqa.create_block_mask
+
+    def spy(*args, **kwargs):
+        masks.append(real_create(*args, **kwargs))
+        return masks[-1]
+
+    monkeypatch.setattr(packed_gqa, "create_block_mask", spy)
+    torch.manual_seed(0)
+    module = SimpleNamespace(num_key_value_groups=4, is_causal=True)
+    query, key, value = torch.randn(3, 8, 1, 16), torch.randn(3, 2, 12, 16), torch.randn(3, 2, 12, 16)
+    mask = torch.ones(3, 1, 1, 12, dtype=torch.bool)
+    mask[0, ..., :5] = False  # left padding of the first row: its whole first block and one more position
+    mask[..., 7:] = False  # not yet written
+    flex, _ = packed_gqa.flex_gqa_attention_forward(module, query, key, value, mask, scaling=0.25)
+    expected = torch.nn.functional.scaled_dot_product_attention(
+        query, repeat_kv(key, 4), repeat_kv(value, 4), attn_mask=mask, scale=0.25
+    ).transpose(1, 2)
+    assert flex.shape == (3, 1, 8, 16)
+    torch.testing.assert_close(flex, expected)
+    (block_mask,) = masks
+    dense = block_mask.to_dense()[:, 0, 0]  # (rows, kv blocks): which blocks each row reads
+    assert dense.tolist() == [[0, 1, 0], [1, 1, 0], [1, 1, 0]]
+
+
+def test_flex_attention_gives_the_same_answers(varied_model, tokenizer, single_outputs, monkeypatch):
+    from d2lora.evaluation import packed_gqa
+
+    query_lengths, real = [], packed_gqa.flex_attention
+
+    def spy(query, *args, **kwargs):
+        query_lengths.append(query.shape[2])
+        return real(query, *args, **kwargs)
+
+    monkeypatch.setattr(packed_gqa, "flex_attention", spy)
+    answers = greedy_generate(
+        varied_model,
+        tokenizer,
+        PROMPTS,
+        max_new_tokens=16,
+        batch_size=4,
+        cache="static",
+        compile=False,
+        flex_attention=True,
+    )
+    assert answers == single_outputs
+    # two batches of 15 decoding steps through FlexAttention in each of the 2 layers; prefills on SDPA
+    assert query_lengths == [1] * (2 * 15 * varied_model.config.num_hidden_layers)
+    assert varied_model.config._attn_implementation == "sdpa", "the model's own attention is restored"
+
+
+@pytest.mark.parametrize(
+    ("settings", "message"),
+    [
+        ({"cache": "static", "packed_gqa": True}, "packed_gqa, native_gqa and flex_attention"),
+        ({"cache": "dynamic"}, "needs cache: static"),
+        ({"cache": "static", "compile": False, "filled_cache_only": True}, "filled_cache_only: false"),
+    ],
+)
+def test_flex_attention_refuses_what_it_cannot_combine(varied_model, tokenizer, settings, message):
+    with pytest.raises(ValueError, match=message):
+        greedy_generate(
+            varied_model, tokenizer, PROMPTS[:1], max_new_tokens=2, batch_size=1, flex_attention=True, **settings
+        )
+
+
 @pytest.mark.parametrize("setting", ["packed_gqa", "native_gqa"])
 @pytest.mark.parametrize("cache", ["dynamic", "static"])
 def test_grouped_attention_gives_the_same_answers(varied_model, tokenizer, single_outputs, monkeypatch, cache, setting):
@@ -329,7 +404,7 @@ def test_grouped_attention_gives_the_same_answers(varied_model, tokenizer, singl
 
 
 def test_packed_and_native_gqa_are_one_choice(varied_model, tokenizer):
-    with pytest.raises(ValueError, match="packed_gqa and native_gqa"):
+    with pytest.raises(ValueError, match="packed_gqa, native_gqa and flex_attention"):
         greedy_generate(
             varied_model, tokenizer, PROMPTS[:1], max_new_tokens=2, batch_size=1, packed_gqa=True, native_gqa=True
         )

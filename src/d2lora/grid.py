@@ -296,6 +296,18 @@ def check(config: dict) -> None:
             "evaluation.gsm8k.native_gqa: packed_gqa is also on; they are two ways to attend over grouped "
             "KV heads, choose one"
         )
+    if gsm8k.flex_attention and (gsm8k.packed_gqa or gsm8k.native_gqa):
+        raise ConfigError(
+            "evaluation.gsm8k.flex_attention: "
+            + ("packed_gqa" if gsm8k.packed_gqa else "native_gqa")
+            + " is also on; they are ways to attend over grouped KV heads, choose one"
+        )
+    if gsm8k.flex_attention and (gsm8k.cache != "static" or gsm8k.filled_cache_only):
+        raise ConfigError(
+            "evaluation.gsm8k.flex_attention: it skips the static cache's unwritten blocks itself; it needs "
+            f"cache: static and filled_cache_only: false (got cache: {gsm8k.cache}, filled_cache_only: "
+            f"{str(gsm8k.filled_cache_only).lower()})"
+        )
     if gsm8k.native_gqa and not gsm8k.cudnn_attention:
         raise ConfigError(
             "evaluation.gsm8k.cudnn_attention: false with native_gqa leaves SDPA only its math kernel for grouped "

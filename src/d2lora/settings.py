@@ -161,6 +161,7 @@ class Decoding(Settings):
     native_gqa: bool
     prompt_width: str
     cudnn_attention: bool
+    flex_attention: bool
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)

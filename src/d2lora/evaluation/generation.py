@@ -197,6 +197,7 @@ def greedy_generate(
     native_gqa: bool = False,
     prompt_width: str = "batch",
     cudnn_attention: bool = True,
+    flex_attention: bool = False,
 ) -> list[str]:
     """Greedy completions of each prompt (as a chat user turn), in the order given.
 
@@ -213,6 +214,8 @@ def greedy_generate(
     `filled_cache_only` (static cache, eager): attention reads only the cache positions written so far,
     and each batch keeps its own prompt width (d2lora.evaluation.packed_gqa).
     `cudnn_attention` False: SDPA without cuDNN's kernel (d2lora.evaluation.packed_gqa says why).
+    `flex_attention` (static cache): decoding steps through FlexAttention over the grouped KV heads,
+    skipping the cache's blocks that are all padding or not yet written (d2lora.evaluation.packed_gqa).
     """
     # torch: kept out of workflow parsing (the rules import this module)
     import torch
@@ -232,14 +235,21 @@ def greedy_generate(
             "filled_cache_only changes the attention's length every step: it needs cache: static and "
             f"compile: false (evaluation.gsm8k), got cache: {cache}, compile: {compile}"
         )
-    if packed_gqa and native_gqa:
-        raise ValueError("packed_gqa and native_gqa are two ways to attend over grouped KV heads: choose one")
+    if packed_gqa + native_gqa + flex_attention > 1:
+        raise ValueError(
+            "packed_gqa, native_gqa and flex_attention are ways to attend over grouped KV heads: choose one"
+        )
+    if flex_attention and (cache != "static" or filled_cache_only):
+        raise ValueError(
+            "flex_attention skips the static cache's unwritten blocks itself: it needs cache: static and "
+            f"filled_cache_only: false (evaluation.gsm8k), got cache: {cache}, filled_cache_only: {filled_cache_only}"
+        )
     check_cudnn_choice("native" if native_gqa else "packed", cudnn_attention)
     if prompt_width not in PROMPT_WIDTHS:
         raise ValueError(f"prompt_width must be one of {PROMPT_WIDTHS}, got {prompt_width!r}")
     if not user_prompts:
         return []
-    gqa = "native" if native_gqa else "packed" if packed_gqa else "transformers"
+    gqa = "native" if native_gqa else "packed" if packed_gqa else "flex" if flex_attention else "transformers"
     device = model_device(model)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     eos_ids = stop_token_ids(model, tokenizer)

@@ -64,6 +64,7 @@ def evaluate_math(
     native_gqa: bool = False,
     prompt_width: str = "batch",
     cudnn_attention: bool = True,
+    flex_attention: bool = False,
 ) -> tuple[list[dict], dict]:
     """Per-example records and {"accuracy" (fraction), "n_items", "n_boxed"}."""
     if not rows:
@@ -85,6 +86,7 @@ def evaluate_math(
         native_gqa=native_gqa,
         prompt_width=prompt_width,
         cudnn_attention=cudnn_attention,
+        flex_attention=flex_attention,
     )
     per_example = [score_math_output(row, prompt, output) for row, prompt, output in zip(rows, prompts, outputs)]
     return per_example, summarize_math(per_example)

@@ -24,6 +24,15 @@ decoding attention runs inside `sdpa_kernel` without it, so the packed call take
 kernel, repeatable and faster than cuDNN's at the 8B shape (455 against 565 us a layer on an H100,
 benchmarks/decode_attention.py). SDPA's memory-efficient kernel has no grouped KV heads, so `native`
 without cuDNN would fall back to the math kernel (11 ms a layer): refused.
+
+`flex` runs each decoding step through FlexAttention over the grouped KV heads, with a block mask
+made from the step's padding-and-cache mask: blocks of 128 cache positions that are all padding or
+not yet written are skipped, not read (one layer at the 8B shape on an H100: 145-288 us against
+~457 us for the packed heads on the memory-efficient kernel, the same output on every call; Round 15,
+benchmarks/decode_attention.py). The mask is made where transformers makes SDPA's (flex's own mask in
+transformers 5.x breaks `generate` with a static cache: it calls `.contiguous()` on the BlockMask), and
+the block mask from it in each layer; under torch.compile the layers' identical block masks are
+computed once (AOT autograd's common-subexpression pass). The prefill goes to transformers' SDPA.
 """
 
 from __future__ import annotations
@@ -32,7 +41,10 @@ from contextlib import contextmanager
 
 import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.nn.attention.flex_attention import create_block_mask, flex_attention
 from transformers import AttentionInterface
+from transformers.integrations.flex_attention import compile_friendly_flex_attention
+from transformers.utils import is_torchdynamo_compiling
 from transformers.integrations.sdpa_attention import pack_gqa, sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
@@ -105,6 +117,51 @@ def native_gqa_attention_forward(
     return output.transpose(1, 2).contiguous(), None
 
 
+# FlexAttention's block of cache positions: a block all masked for a row is skipped for that row.
+FLEX_BLOCK = 128
+
+
+def flex_gqa_attention_forward(
+    module, query, key, value, attention_mask, dropout=0.0, scaling=None, is_causal=None, **kwargs
+):
+    """A decoding step through FlexAttention over the grouped KV heads, skipping the cache's blocks
+    that the step's boolean mask (batch, 1, 1, cache) hides entirely. Every other case (prefill, no
+    mask, float masks) goes to transformers' SDPA attention."""
+    groups = getattr(module, "num_key_value_groups", 1)
+    if (
+        not _grouped_decoding_step(groups, query, attention_mask, kwargs)
+        or attention_mask is None
+        or attention_mask.dtype != torch.bool
+        or dropout
+    ):
+        return sdpa_attention_forward(
+            module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, is_causal=is_causal, **kwargs
+        )
+    visible_mask = attention_mask
+
+    def visible(batch, head, q_index, kv_index):
+        return visible_mask[batch, 0, q_index, kv_index]
+
+    block_mask = create_block_mask(
+        visible,
+        B=query.shape[0],
+        H=None,
+        Q_LEN=1,
+        KV_LEN=key.shape[2],
+        device=query.device,
+        BLOCK_SIZE=FLEX_BLOCK,
+    )
+    # Inside a compiled step inductor lowers flex_attention to its decoding kernel; called eagerly on
+    # CUDA it is compiled once (transformers' wrapper); on a CPU the eager reference is enough.
+    if is_torchdynamo_compiling() or query.device.type != "cuda":
+        output = flex_attention(query, key, value, block_mask=block_mask, scale=scaling, enable_gqa=True)
+    else:
+        output = compile_friendly_flex_attention(
+            query, key, value, block_mask=block_mask, scale=scaling, enable_gqa=True, training=False
+        )
+    return output.transpose(1, 2).contiguous(), None
+
+
 def _filled(key, value, attention_mask):
     """Keys and values cut to the mask's length (views of the cache): the filled positions only."""
     if attention_mask is not None and attention_mask.shape[-1] < key.shape[-2]:
@@ -113,7 +170,7 @@ def _filled(key, value, attention_mask):
     return key, value
 
 
-GQA_KINDS = ("transformers", "packed", "native")
+GQA_KINDS = ("transformers", "packed", "native", "flex")
 # Every SDPA kernel but cuDNN's; on a CPU, which has no cuDNN kernel, SDPA's choice is unchanged.
 WITHOUT_CUDNN = [SDPBackend.EFFICIENT_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBackend.MATH]
 
@@ -140,11 +197,15 @@ def decoding_attention_forward(
     **kwargs,
 ):
     """The attention `register` installs: keys and values cut to the filled cache if asked, then the
-    grouped heads folded (packed), through SDPA's enable_gqa (native), or as transformers does; without
-    cuDNN's kernel if asked."""
+    grouped heads folded (packed), through SDPA's enable_gqa (native), through FlexAttention (flex), or
+    as transformers does; SDPA without cuDNN's kernel if asked."""
     if filled_cache_only:
         key, value = _filled(key, value, attention_mask)
-    inner = {"packed": packed_gqa_attention_forward, "native": native_gqa_attention_forward}.get(gqa)
+    inner = {
+        "packed": packed_gqa_attention_forward,
+        "native": native_gqa_attention_forward,
+        "flex": flex_gqa_attention_forward,
+    }.get(gqa)
     attend = inner or sdpa_attention_forward
     if cudnn_attention:
         return attend(module, query, key, value, attention_mask, **kwargs)
@@ -184,8 +245,8 @@ def decoding_attention(model, gqa: str = "packed", filled_cache_only: bool = Fal
         return
     previous = model.config._attn_implementation
     if previous != "sdpa":
-        setting = (
-            f"{gqa}_gqa" if gqa != "transformers" else "filled_cache_only" if filled_cache_only else "cudnn_attention"
+        setting = {"flex": "flex_attention", "transformers": ""}.get(gqa, f"{gqa}_gqa") or (
+            "filled_cache_only" if filled_cache_only else "cudnn_attention"
         )
         raise ValueError(f"evaluation.gsm8k.{setting} needs the model's attention to be 'sdpa', it is '{previous}'")
     model.set_attn_implementation(register(gqa, filled_cache_only, cudnn_attention))

@@ -49,6 +49,7 @@ def _gsm8k(model, tokenizer, rows: list[dict], settings: dict, partial):
         native_gqa=gsm8k.native_gqa,
         prompt_width=gsm8k.prompt_width,
         cudnn_attention=gsm8k.cudnn_attention,
+        flex_attention=gsm8k.flex_attention,
     )
 
 
