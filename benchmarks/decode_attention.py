@@ -20,7 +20,9 @@ points of a batch's decoding: its first step, its middle and its last (`filled` 
 - packed_filled_128: packed over only the filled positions rounded up to a multiple of 128, what a
   static cache read in a few fixed windows would do (each window its own compiled shape);
 - flex: FlexAttention (compiled), `enable_gqa`, a block mask that skips the cache's unfilled blocks
-  and masks each row's left padding;
+  and masks each row's left padding, made once outside the timed call;
+- flex_pipeline: `evaluation.gsm8k.flex_attention`'s call (d2lora.evaluation.packed_gqa), its block
+  mask made inside every call from the boolean mask, as each layer of a decoding step makes it;
 - sdpa_gqa_without_cudnn: the same call with cuDNN's kernel excluded (SDPA picks among the others);
 - flash_no_mask: SDPA's flash kernel on the packed query without any mask, wrong wherever a row is
   padded: how fast a mask-free kernel reads the same cache (a bound, not a lever).
@@ -180,7 +182,32 @@ def variants(query, key, value, pads, filled: int, cuda: bool) -> dict:
 
         out["sdpa_gqa_without_cudnn"] = (sdpa_gqa_without_cudnn, cache)
     out["flex"] = (flex_variant(query, key, value, pads, filled, cuda), window)
+    pipeline = pipeline_flex_variant(query, key, value, mask, cuda)
+    if pipeline is not None:
+        out["flex_pipeline"] = (pipeline, window)
     return out
+
+
+def pipeline_flex_variant(query, key, value, mask, cuda: bool):
+    """`evaluation.gsm8k.flex_attention`'s call as one layer makes it, the block mask built from the
+    step's boolean mask inside the call (compiled on CUDA, as in the compiled decoding step): what
+    `flex` costs with its block mask's making. None where transformers is not installed."""
+    import types
+
+    import torch
+
+    try:
+        from d2lora.evaluation.packed_gqa import flex_gqa_attention_forward
+    except ImportError:
+        return None
+    module = types.SimpleNamespace(num_key_value_groups=query.shape[1] // key.shape[1])
+
+    def attend(query, key, value, mask):
+        output, _ = flex_gqa_attention_forward(module, query, key, value, mask, scaling=query.shape[-1] ** -0.5)
+        return output.transpose(1, 2)
+
+    call = torch.compile(attend, fullgraph=True, dynamic=False) if cuda else attend
+    return lambda: call(query, key, value, mask)
 
 
 def flex_variant(query, key, value, pads, filled: int, cuda: bool):

@@ -34,6 +34,7 @@ def test_every_exact_variant_equals_the_float32_reference(tmp_path):
             "packed",
             "packed_filled_128",
             "flex",
+            "flex_pipeline",
             "packed_without_cudnn",
             "packed_without_cudnn_compiled",
         } <= set(ran)
