@@ -31,8 +31,9 @@ not yet written are skipped, not read (one layer at the 8B shape on an H100: 145
 ~457 us for the packed heads on the memory-efficient kernel, the same output on every call; Round 15,
 benchmarks/decode_attention.py). The mask is made where transformers makes SDPA's (flex's own mask in
 transformers 5.x breaks `generate` with a static cache: it calls `.contiguous()` on the BlockMask), and
-the block mask from it in each layer, a few small kernels a layer and step (whether torch.compile
-merges the layers' identical ones is not measured yet). The prefill goes to transformers' SDPA.
+the block mask from it in each layer: a few small kernels a layer and step, which torch.compile does
+not merge across layers (compiled on a CPU, four layers' calls kept four block masks' sorts in the
+graph); their cost on a GPU is not measured yet. The prefill goes to transformers' SDPA.
 """
 
 from __future__ import annotations
