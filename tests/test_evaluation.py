@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import math
 import os
 from types import SimpleNamespace
@@ -364,6 +365,42 @@ def test_flex_attention_gives_the_same_answers(varied_model, tokenizer, single_o
     # two batches of 15 decoding steps through FlexAttention in each of the 2 layers; prefills on SDPA
     assert query_lengths == [1] * (2 * 15 * varied_model.config.num_hidden_layers)
     assert varied_model.config._attn_implementation == "sdpa", "the model's own attention is restored"
+
+
+@pytest.mark.parametrize("setting", ["packed_gqa", "flex_attention"])
+def test_compiled_decoding_step_gives_the_same_answers(varied_model, tokenizer, single_outputs, monkeypatch, setting):
+    # transformers compiles the static cache's decoding step only on accelerators; here it is made to
+    # compile on the CPU (inductor, one graph for the whole forward), so that the attention is traced
+    # as on a GPU: no graph break, and the answers of the plain path.
+    from transformers.generation.configuration_utils import CompileConfig
+
+    real_config = generation.greedy_config
+    compiled_forwards = []
+
+    def compiling_config(*args, **kwargs):
+        config = real_config(*args, **kwargs)
+        config.compile_config = CompileConfig(fullgraph=True, mode="default")
+        config.compile_config._compile_all_devices = True
+        return config
+
+    def counting_backend(graph, example_inputs):
+        compiled_forwards.append(graph)
+        return torch._inductor.compile(graph, example_inputs)
+
+    monkeypatch.setattr(generation, "greedy_config", compiling_config)
+    torch._dynamo.reset()
+    real_compile = torch.compile
+
+    def compile_counting(model, **kwargs):
+        return real_compile(model, **{**kwargs, "backend": counting_backend, "mode": None})
+
+    monkeypatch.setattr(torch, "compile", compile_counting)
+    model = copy.deepcopy(varied_model)  # transformers keeps the compiled forward on the model
+    answers = greedy_generate(
+        model, tokenizer, PROMPTS, max_new_tokens=16, batch_size=4, cache="static", **{setting: True}
+    )
+    assert answers == single_outputs
+    assert len(compiled_forwards) == 1, "one compiled decoding step for both batches"
 
 
 @pytest.mark.parametrize(
