@@ -576,13 +576,38 @@ def counting_generate(device: str):
         GenerationMixin.generate = original
 
 
+def host_op_microseconds(device: str, ops: int = 2000, repeats: int = 3) -> float:
+    """Microseconds the host takes to issue one small eager operator on `device` (a one-element
+    add_, best of `repeats` loops of `ops`, synchronized at each loop's end): on a GPU, the rate at
+    which a step of thousands of small kernels (the LoRA branches') can be launched at all, which
+    differs from node to node with the host CPU (Round 16)."""
+    import torch
+
+    x = torch.zeros(1, device=device)
+    loops = []
+    for _ in range(repeats + 1):
+        if _cuda(device):
+            torch.cuda.synchronize(device)
+        start = time.perf_counter()
+        for _ in range(ops):
+            x.add_(1.0)
+        if _cuda(device):
+            torch.cuda.synchronize(device)
+        loops.append(time.perf_counter() - start)
+    return round(min(loops[1:]) / ops * 1e6, 2)  # the first loop is a warm-up
+
+
 def device_info(device: str) -> dict:
     import torch
 
     from d2lora.cost import measure_matmul_peak
     from d2lora.precision import cpu_model
 
-    info = {"device": device, "host_cpu": f"{cpu_model()} ({os.cpu_count()} logical CPUs)"}
+    info = {
+        "device": device,
+        "host_cpu": f"{cpu_model()} ({os.cpu_count()} logical CPUs)",
+        "host_op_microseconds": host_op_microseconds(device),
+    }
     if _cuda(device):
         props = torch.cuda.get_device_properties(device)
         info.update(

@@ -302,6 +302,7 @@ def test_tiny_run_training_numbers_are_consistent(tiny_run, method):
     assert _close(
         m["mfu"], 4 * m["model_parameters"] * m["train_tokens"] / m["train_seconds"] / summary["device"]["peak_flops"]
     )
+    assert summary["device"]["host_op_microseconds"] > 0
     assert "logical CPUs" in summary["device"]["host_cpu"]  # launch-bound steps go as fast as the host issues
     assert m["steps"] == math.ceil(m["rows"] / (m["batch_size"] * m["grad_accum"])) * m["epochs"]
     assert (m["batch_size"], m["grad_accum"], m["max_length"], m["gradient_checkpointing"]) == (
