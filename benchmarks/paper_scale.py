@@ -99,6 +99,8 @@ UNCAST = {**NO_CHECKPOINTING, "cast_adapter_inputs": False}
 BF16_UNCAST = {"base_dtype": "bfloat16", "cast_adapter_inputs": False}
 # GSM8K: the adapter merged, a static KV cache, the decoding step compiled with the query heads folded onto KV heads.
 PACKED_STATIC = {"merge_adapter": True, "cache": "static", "packed_gqa": True}
+# The 135M model's compiled decoding (mini.yaml lets finished rows leave, which a compiled step cannot follow).
+PACKED_STATIC_SMALL = {"cache": "static", "compile": True, "rows_leave_every": 0, "cudnn_attention": False}
 FLEX_STATIC = {"merge_adapter": True, "cache": "static", "flex_attention": True, "cudnn_attention": False}
 LEVERS = {
     "sft": {
@@ -239,6 +241,10 @@ LEVERS = {
         "static_cache_eager_rows_leave": {"cache": "static", "compile": False, "rows_leave_every": 32},
         "rows_leave": {"rows_leave_every": 32},
         "static_cache_packed_gqa": {"cache": "static", "packed_gqa": True},
+        # Compiled decoding steps (one batch of 1,319 rows, every row to the end) on the folded heads and on
+        # FlexAttention: whether flex_attention's real answers score as the plain path's (issue 15).
+        "static_cache_compiled_packed_gqa": {**PACKED_STATIC_SMALL, "packed_gqa": True},
+        "static_cache_compiled_flex": {**PACKED_STATIC_SMALL, "flex_attention": True},
     },
 }
 SMALL_MODEL_CONFIG = ROOT / "config" / "mini.yaml"
