@@ -245,6 +245,10 @@ LEVERS = {
         # FlexAttention: whether flex_attention's real answers score as the plain path's (issue 15).
         "static_cache_compiled_packed_gqa": {**PACKED_STATIC_SMALL, "packed_gqa": True},
         "static_cache_compiled_flex": {**PACKED_STATIC_SMALL, "flex_attention": True},
+        # The model's 3 KV heads repeated to its 9 query heads (the same function; flex's decoding kernel
+        # needs a power of 2 query heads per KV head, here 1): flex's real answers scored against plain.
+        "plain_kv_heads_repeated": {},
+        "static_cache_compiled_flex_kv_heads_repeated": {**PACKED_STATIC_SMALL, "flex_attention": True},
     },
 }
 SMALL_MODEL_CONFIG = ROOT / "config" / "mini.yaml"
@@ -912,6 +916,41 @@ def small_model(run: Run) -> tuple[Path, dict]:
     return folder, settings
 
 
+KV_HEADS_REPEATED = "_kv_heads_repeated"
+
+
+def kv_heads_repeated(source: Path, folder: Path) -> Path:
+    """A copy of the model in `source` with every KV head repeated for each query head it serves (as
+    transformers' repeat_kv does at run time): the same function with one query head per KV head."""
+    import shutil
+
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    if (folder / "config.json").is_file():
+        return folder
+    model = AutoModelForCausalLM.from_pretrained(source, dtype="auto")
+    config = model.config
+    groups = config.num_attention_heads // config.num_key_value_heads
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    with torch.no_grad():
+        for layer in model.model.layers:
+            for projection in (layer.self_attn.k_proj, layer.self_attn.v_proj):
+                weight = projection.weight.unflatten(0, (config.num_key_value_heads, head_dim))
+                projection.weight = torch.nn.Parameter(weight.repeat_interleave(groups, dim=0).flatten(0, 1))
+                if projection.bias is not None:
+                    bias = projection.bias.unflatten(0, (config.num_key_value_heads, head_dim))
+                    projection.bias = torch.nn.Parameter(bias.repeat_interleave(groups, dim=0).flatten())
+            layer.self_attn.num_key_value_groups = 1
+    config.num_key_value_heads = config.num_attention_heads
+    shutil.copytree(
+        source, folder, ignore=shutil.ignore_patterns("*.safetensors", "*.safetensors.index.json", "config.json")
+    )
+    model.save_pretrained(folder)
+    log(f"small model, {config.num_attention_heads} KV heads (from {config.num_attention_heads // groups}): {folder}")
+    return folder
+
+
 def eval_cell(run: Run, adapter: Path | None) -> dict:
     """The cell an evaluation records: the math SFT cell whose adapter it reads, or the base model."""
     return {
@@ -1078,9 +1117,10 @@ def lever_stage(run: Run, method: str) -> dict:
                     adapter_stage="levers_sft_plain",
                 )
             elif method == "gsm8k_small":
-                result = gsm8k_stage(
-                    run, overrides, name=name, adapter_stage=None, model_dir=small[0], settings=small[1]
-                )
+                folder = small[0]
+                if lever.endswith(KV_HEADS_REPEATED):
+                    folder = kv_heads_repeated(folder, run.work / "model" / f"small{KV_HEADS_REPEATED}")
+                result = gsm8k_stage(run, overrides, name=name, adapter_stage=None, model_dir=folder, settings=small[1])
             else:
                 result = train_stage(run, method, {"epochs": LEVER_EPOCHS[method], **overrides}, name=name)
         except Exception as err:  # noqa: BLE001 -- the next lever still runs
