@@ -327,7 +327,7 @@ def test_tiny_run_gsm8k_counts_every_generated_token(tiny_run):
     g = summary["gsm8k"]
     assert g["items"] == 3 and g["max_new_tokens"] == 4 and g["adapter"].endswith("sft")
     # config/paper.yaml's decoding, as the workflow's evaluate job runs it.
-    assert (g["merge_adapter"], g["cache"], g["packed_gqa"], g["cudnn_attention"]) == (True, "static", True, False)
+    assert (g["merge_adapter"], g["cache"], g["flex_attention"], g["cudnn_attention"]) == (True, "static", True, False)
     # The static cache gives the last batch (1 prompt) the first's 2 rows: every row computed is counted.
     assert sum(c["rows"] for c in g["generate_calls"]) == 4
     assert g["generated_tokens"] == sum(c["rows"] * c["new_tokens"] for c in g["generate_calls"])
