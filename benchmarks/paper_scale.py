@@ -1092,6 +1092,26 @@ def _same_outputs(a: Path, b: Path) -> float | None:
     return round(sum(left[i] == right.get(i) for i in left) / len(left), 4) if left else None
 
 
+def _accuracy_against(a: Path, b: Path) -> dict | None:
+    """Accuracy of predictions `b` minus `a` over the same items, with the paired bootstrap's 95 %
+    interval (d2lora.results.statistics): whether a decoding lever changes the score beyond noise."""
+    from d2lora.io import read_jsonl
+    from d2lora.results.statistics import paired_bootstrap
+
+    if not (a.is_file() and b.is_file()):
+        return None
+    left, right = {r["id"]: r for r in read_jsonl(a)}, {r["id"]: r for r in read_jsonl(b)}
+    if not left or set(left) != set(right) or any("correct" not in r for r in left.values()):
+        return None
+    items = sorted(left)
+    result = paired_bootstrap([float(left[i]["correct"]) for i in items], [float(right[i]["correct"]) for i in items])
+    return {
+        "difference": round(result.diff, 5),
+        "ci95": [round(result.low, 5), round(result.high, 5)],
+        "within_noise": result.low <= 0.0 <= result.high,
+    }
+
+
 def lever_stage(run: Run, method: str) -> dict:
     """Every lever of LEVERS[method] in turn, each against the plain path (the first) in this process:
     results by lever name, each with its speed-up over plain. One lever failing (say, out of memory)
@@ -1170,6 +1190,7 @@ def _compare_to_plain(run: Run, method: str, results: dict) -> None:
             result["speedup_generate"] = round(plain["generate_seconds"] / result["generate_seconds"], 3)
             result["speedup_eval"] = round(plain["eval_seconds"] / result["eval_seconds"], 3)
             result["outputs_equal_to_plain"] = _same_outputs(predictions("plain"), predictions(lever))
+            result["accuracy_minus_plain"] = _accuracy_against(predictions("plain"), predictions(lever))
             first_cell = lever.removesuffix("_next_cell")
             if first_cell != lever and first_cell in results:
                 # the same settings twice in one process: whether the answers repeat bit for bit

@@ -327,7 +327,7 @@ def test_tiny_run_gsm8k_counts_every_generated_token(tiny_run):
     g = summary["gsm8k"]
     assert g["items"] == 3 and g["max_new_tokens"] == 4 and g["adapter"].endswith("sft")
     # config/paper.yaml's decoding, as the workflow's evaluate job runs it.
-    assert (g["merge_adapter"], g["cache"], g["flex_attention"], g["cudnn_attention"]) == (True, "static", True, False)
+    assert (g["merge_adapter"], g["cache"], g["packed_gqa"], g["cudnn_attention"]) == (True, "static", True, False)
     # The static cache gives the last batch (1 prompt) the first's 2 rows: every row computed is counted.
     assert sum(c["rows"] for c in g["generate_calls"]) == 4
     assert g["generated_tokens"] == sum(c["rows"] * c["new_tokens"] for c in g["generate_calls"])
@@ -456,6 +456,12 @@ def test_levers_run_each_setting_against_the_plain_path_in_one_process(tmp_path,
     assert small["plain"]["adapter"] is None and small["plain"]["random_weights"] is False
     assert small["static_cache_eager"]["cache"] == "static" and small["static_cache_eager"]["compile"] is False
     assert small["static_cache_eager"]["outputs_equal_to_plain"] == 1.0
+    # the same answers: no difference in accuracy, an interval of one point
+    assert small["static_cache_eager"]["accuracy_minus_plain"] == {
+        "difference": 0.0,
+        "ci95": [0.0, 0.0],
+        "within_noise": True,
+    }
     assert summary["small_model"]["parameters"] > 100_000_000
     written = json.loads((tmp_path / "summary.json").read_text())
     assert set(written["levers"]["gsm8k"]) == {"plain", "merged", "merged_next_cell", "broken"}
@@ -504,3 +510,38 @@ def test_print_eval_settings_gives_the_evaluate_rules_settings_with_overrides(ca
             paper_scale.main(["--shape", "tiny", "--print-eval-settings", bad])
         assert refused.value.code == 2
     assert "unknown ['cudnn']" in capsys.readouterr().err and "cudnn_attention" in paper_scale.gsm8k_setting_names()
+
+
+def test_accuracy_against_plain_is_a_paired_difference_with_its_interval(tmp_path):
+    def predictions(name, correct):
+        path = tmp_path / name
+        write_jsonl(path, [{"id": f"q{i}", "output": str(c), "correct": c} for i, c in enumerate(correct)])
+        return path
+
+    plain = predictions("plain.jsonl", [True] * 10 + [False] * 90)
+    slightly_better = predictions("b.jsonl", [True] * 11 + [False] * 89)
+    much_better = predictions("c.jsonl", [True] * 60 + [False] * 40)
+    close = paper_scale._accuracy_against(plain, slightly_better)
+    assert close["difference"] == pytest.approx(0.01) and close["within_noise"]
+    assert close["ci95"][0] <= 0.0 <= close["ci95"][1]
+    far = paper_scale._accuracy_against(plain, much_better)
+    assert far["difference"] == pytest.approx(0.5) and not far["within_noise"] and far["ci95"][0] > 0.3
+    assert paper_scale._accuracy_against(plain, tmp_path / "missing.jsonl") is None
+
+
+def test_kv_heads_repeated_is_the_same_function_with_one_kv_head_per_query_head(tmp_path):
+    import torch
+    from conftest import TINY_ARCH
+    from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    grouped = LlamaForCausalLM(LlamaConfig(vocab_size=64, initializer_range=0.3, **TINY_ARCH)).eval()
+    grouped.save_pretrained(tmp_path / "grouped")
+    folder = paper_scale.kv_heads_repeated(tmp_path / "grouped", tmp_path / "repeated")
+    repeated = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+    assert repeated.config.num_key_value_heads == repeated.config.num_attention_heads == 4
+    assert repeated.model.layers[0].self_attn.k_proj.weight.shape == (32, 32)  # 4 heads x 8, was 2 x 8
+    tokens = torch.randint(0, 64, (2, 12))
+    with torch.no_grad():
+        torch.testing.assert_close(repeated(tokens).logits, grouped(tokens).logits)
+    assert paper_scale.kv_heads_repeated(tmp_path / "grouped", folder) == folder, "made once"
