@@ -160,6 +160,16 @@ CONFIG_CASES = [
         r"evaluation\.gsm8k\.flex_attention: .*needs cache: static .*\(got cache: dynamic",
     ),
     (
+        "FlexAttention for a model with 3 query heads per KV head",
+        lambda config: (
+            _set("model.architecture.num_attention_heads", 6)(config),
+            _set("evaluation.gsm8k", {"max_new_tokens": 4, "batch_size": 2, "cache": "static", "flex_attention": True})(
+                config
+            ),
+        ),
+        r"evaluation\.gsm8k\.flex_attention: the model has 6 query heads over 2 KV heads, 3 each; .*power of 2",
+    ),
+    (
         "native grouped-query attention without cuDNN's kernel",
         _set("evaluation.gsm8k", {"max_new_tokens": 4, "batch_size": 2, "native_gqa": True, "cudnn_attention": False}),
         r"evaluation\.gsm8k\.cudnn_attention: false with native_gqa .*use packed_gqa instead",
@@ -199,6 +209,17 @@ def _check(config: dict) -> None:
 
 def test_the_unmodified_config_passes():
     _check(copy.deepcopy(TINY))
+
+
+def test_flex_attention_passes_for_a_power_of_2_heads_per_kv_head_and_for_a_local_folder(tmp_path):
+    config = copy.deepcopy(TINY)  # 4 query heads over 2 KV heads
+    config["evaluation"]["gsm8k"] = {"max_new_tokens": 4, "batch_size": 2, "cache": "static", "flex_attention": True}
+    _check(config)
+    # a local folder's config.json names its heads: SmolLM2-135M's 9 over 3 is refused before any job
+    (tmp_path / "config.json").write_text(json.dumps({"num_attention_heads": 9, "num_key_value_heads": 3}))
+    config["model"] = {"source": "local", "path": str(tmp_path)}
+    with pytest.raises(grid.ConfigError, match=r"9 query heads over 3 KV heads, 3 each"):
+        _check(config)
 
 
 @pytest.mark.parametrize("case,mutate,message", CONFIG_CASES, ids=[c[0] for c in CONFIG_CASES])

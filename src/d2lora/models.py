@@ -17,6 +17,7 @@ Sources (config key `model.source`):
 from __future__ import annotations
 
 import importlib.util
+import json
 import os
 import sys
 from pathlib import Path
@@ -121,6 +122,24 @@ def random_init_device(model_cfg: dict) -> str:
 
 # LlamaConfig's defaults, for keys an architecture leaves out.
 _LLAMA_DEFAULTS = {"hidden_size": 4096, "intermediate_size": 11008, "num_hidden_layers": 32, "num_attention_heads": 32}
+
+
+def known_attention_heads(model_cfg: dict) -> tuple[int, int] | None:
+    """(query heads, KV heads) of the configured model where the config alone tells them: a
+    random_init architecture, or a local folder's config.json; None for hub and GGUF sources, which
+    are read only when a job loads them."""
+    if model_cfg.get("source") == "random_init":
+        arch = {**_LLAMA_DEFAULTS, **dict(model_cfg.get("architecture") or {})}
+        heads = int(arch["num_attention_heads"])
+        return heads, int(arch.get("num_key_value_heads") or heads)
+    if model_cfg.get("source") == "local" and model_cfg.get("path"):
+        config_file = Path(model_cfg["path"]) / "config.json"
+        if config_file.is_file():
+            config = json.loads(config_file.read_text())
+            if "num_attention_heads" in config:
+                heads = int(config["num_attention_heads"])
+                return heads, int(config.get("num_key_value_heads") or heads)
+    return None
 
 
 def architecture_parameters(arch: dict) -> int:
