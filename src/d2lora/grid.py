@@ -16,7 +16,7 @@ from d2lora.benchmarks import BENCHMARKS, METRICS, eval_roles
 from d2lora.data.formats import FORMATS
 from d2lora.data.prepare import ROLE_FORMS
 from d2lora.data.sources import available_rows, source_origin
-from d2lora.models import known_attention_heads
+from d2lora.models import check_flex_attention_heads, known_attention_heads
 from d2lora.settings import Decoding, StatisticsSettings, defaults, with_defaults
 from d2lora.training.variants import BUILTIN_VARIANTS as TYPED_BUILTINS
 from d2lora.training.variants import Variant, VariantError
@@ -310,12 +310,11 @@ def check(config: dict) -> None:
             f"{str(gsm8k.filled_cache_only).lower()})"
         )
     heads = known_attention_heads(config["model"]) if gsm8k.flex_attention else None
-    if heads and (heads[0] // heads[1]) & (heads[0] // heads[1] - 1):
-        raise ConfigError(
-            f"evaluation.gsm8k.flex_attention: the model has {heads[0]} query heads over {heads[1]} KV heads, "
-            f"{heads[0] // heads[1]} each; torch's FlexAttention decoding kernel needs a power of 2: set "
-            "flex_attention: false (packed_gqa: true attends over grouped heads without copying them)"
-        )
+    if heads:
+        try:
+            check_flex_attention_heads(*heads)
+        except ValueError as err:
+            raise ConfigError(str(err)) from None
     if gsm8k.native_gqa and not gsm8k.cudnn_attention:
         raise ConfigError(
             "evaluation.gsm8k.cudnn_attention: false with native_gqa leaves SDPA only its math kernel for grouped "

@@ -21,7 +21,7 @@ import json
 import os
 import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, Mapping
 
 from d2lora import base_weights
 from d2lora.io import sha256_file, staged_dir, write_json
@@ -124,22 +124,39 @@ def random_init_device(model_cfg: dict) -> str:
 _LLAMA_DEFAULTS = {"hidden_size": 4096, "intermediate_size": 11008, "num_hidden_layers": 32, "num_attention_heads": 32}
 
 
+def attention_heads(config: Mapping) -> tuple[int, int]:
+    """(query heads, KV heads) of a Llama-style config (a model's, or an architecture with
+    _LLAMA_DEFAULTS filled in); no num_key_value_heads means one KV head per query head."""
+    heads = int(config["num_attention_heads"])
+    return heads, int(config.get("num_key_value_heads") or heads)
+
+
 def known_attention_heads(model_cfg: dict) -> tuple[int, int] | None:
     """(query heads, KV heads) of the configured model where the config alone tells them: a
     random_init architecture, or a local folder's config.json; None for hub and GGUF sources, which
     are read only when a job loads them."""
     if model_cfg.get("source") == "random_init":
-        arch = {**_LLAMA_DEFAULTS, **dict(model_cfg.get("architecture") or {})}
-        heads = int(arch["num_attention_heads"])
-        return heads, int(arch.get("num_key_value_heads") or heads)
+        return attention_heads({**_LLAMA_DEFAULTS, **dict(model_cfg.get("architecture") or {})})
     if model_cfg.get("source") == "local" and model_cfg.get("path"):
         config_file = Path(model_cfg["path"]) / "config.json"
         if config_file.is_file():
             config = json.loads(config_file.read_text())
             if "num_attention_heads" in config:
-                heads = int(config["num_attention_heads"])
-                return heads, int(config.get("num_key_value_heads") or heads)
+                return attention_heads(config)
     return None
+
+
+def check_flex_attention_heads(heads: int, kv_heads: int) -> None:
+    """Inductor's FlexAttention decoding kernel packs each KV head's query heads into one tile and needs
+    their number to be a power of 2; with 3 (SmolLM2-135M: 9 over 3) the compiled step read out of
+    bounds on an H100 (CUDA illegal memory access, benchmarks/RESULTS.md Round 18; pytorch/pytorch#151359)."""
+    groups = heads // kv_heads
+    if groups & (groups - 1):
+        raise ValueError(
+            f"evaluation.gsm8k.flex_attention: the model has {heads} query heads over {kv_heads} KV heads, "
+            f"{groups} each; torch's FlexAttention decoding kernel needs a power of 2: set flex_attention: "
+            "false (packed_gqa: true attends over grouped heads without copying them)"
+        )
 
 
 def architecture_parameters(arch: dict) -> int:
@@ -148,8 +165,7 @@ def architecture_parameters(arch: dict) -> int:
     sets it: otherwise it is the tokenizer's, unknown until the tokenizer is loaded."""
     a = {**_LLAMA_DEFAULTS, **arch}
     hidden, layers = int(a["hidden_size"]), int(a["num_hidden_layers"])
-    heads = int(a["num_attention_heads"])
-    kv_heads = int(a.get("num_key_value_heads") or heads)
+    heads, kv_heads = attention_heads(a)
     head_dim = int(a.get("head_dim") or hidden // heads)
     attention = hidden * head_dim * (2 * heads + 2 * kv_heads)
     mlp = 3 * hidden * int(a["intermediate_size"])

@@ -49,6 +49,8 @@ from transformers.utils import is_torchdynamo_compiling
 from transformers.integrations.sdpa_attention import pack_gqa, sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
+from d2lora.models import attention_heads, check_flex_attention_heads
+
 
 def _grouped_decoding_step(groups: int, query, attention_mask, kwargs: dict) -> bool:
     """Whether a call is one decoding step over grouped KV heads with a mask shared by the heads and
@@ -171,23 +173,6 @@ def _filled(key, value, attention_mask):
     return key, value
 
 
-def check_flex_groups(config) -> None:
-    """Inductor's FlexAttention decoding kernel packs each KV head's query heads into one tile and needs
-    their number to be a power of 2; with 3 (SmolLM2-135M: 9 over 3) the compiled step read out of
-    bounds on an H100 (CUDA illegal memory access, Round 18; pytorch/pytorch#151359)."""
-    heads, kv_heads = (
-        config.num_attention_heads,
-        getattr(config, "num_key_value_heads", None) or config.num_attention_heads,
-    )
-    groups = heads // kv_heads
-    if groups & (groups - 1):
-        raise ValueError(
-            f"evaluation.gsm8k.flex_attention needs a power of 2 query heads per KV head (torch's FlexAttention "
-            f"decoding kernel); this model has {heads} query heads over {kv_heads} KV heads, {groups} each: "
-            "set flex_attention: false (packed_gqa: true attends over grouped heads without copying them)"
-        )
-
-
 GQA_KINDS = ("transformers", "packed", "native", "flex")
 # Every SDPA kernel but cuDNN's; on a CPU, which has no cuDNN kernel, SDPA's choice is unchanged.
 WITHOUT_CUDNN = [SDPBackend.EFFICIENT_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBackend.MATH]
@@ -268,7 +253,7 @@ def decoding_attention(model, gqa: str = "packed", filled_cache_only: bool = Fal
         )
         raise ValueError(f"evaluation.gsm8k.{setting} needs the model's attention to be 'sdpa', it is '{previous}'")
     if gqa == "flex":
-        check_flex_groups(model.config)
+        check_flex_attention_heads(*attention_heads(model.config.to_dict()))
     model.set_attn_implementation(register(gqa, filled_cache_only, cudnn_attention))
     try:
         yield model
