@@ -327,7 +327,7 @@ def test_tiny_run_gsm8k_counts_every_generated_token(tiny_run):
     g = summary["gsm8k"]
     assert g["items"] == 3 and g["max_new_tokens"] == 4 and g["adapter"].endswith("sft")
     # config/paper.yaml's decoding, as the workflow's evaluate job runs it.
-    assert (g["merge_adapter"], g["cache"], g["packed_gqa"], g["cudnn_attention"]) == (True, "static", True, False)
+    assert (g["merge_adapter"], g["cache"], g["flex_attention"], g["packed_gqa"]) == (True, "static", True, False)
     # The static cache gives the last batch (1 prompt) the first's 2 rows: every row computed is counted.
     assert sum(c["rows"] for c in g["generate_calls"]) == 4
     assert g["generated_tokens"] == sum(c["rows"] * c["new_tokens"] for c in g["generate_calls"])
@@ -432,11 +432,12 @@ def test_levers_run_each_setting_against_the_plain_path_in_one_process(tmp_path,
     assert summary["lever_ratios"]["dpo_pair_over_sft_example"] > 0
     # Every 8B GSM8K lever starts from HF generate's plain path, not from the preset's decoding.
     plain_decoding = gsm8k["plain"]
-    assert (plain_decoding["merge_adapter"], plain_decoding["cache"], plain_decoding["packed_gqa"]) == (
-        False,
-        "dynamic",
-        False,
-    )
+    assert (
+        plain_decoding["merge_adapter"],
+        plain_decoding["cache"],
+        plain_decoding["packed_gqa"],
+        plain_decoding["flex_attention"],
+    ) == (False, "dynamic", False, False)
     assert gsm8k["merged"]["merge_adapter"] is True and gsm8k["merged"]["outputs_equal_to_plain"] is not None
     assert gsm8k["merged"]["cache"] == "dynamic"
     assert gsm8k["merged"]["adapter"].endswith("levers_sft_plain")
