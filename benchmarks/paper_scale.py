@@ -54,6 +54,7 @@ import contextlib
 import copy
 import datetime
 import gc
+import hashlib
 import json
 import os
 import sys
@@ -1024,6 +1025,7 @@ def gsm8k_stage(
         "peak_reserved_gib": reserved,
         "fits_80gb": None if reserved is None else reserved <= FITS_GIB,
         "accuracy": record["metrics"]["accuracy"],
+        "outputs_sha256": _outputs_digest(predictions),
         "random_weights": model_dir is None,
         "generate_calls": calls,
     }
@@ -1080,6 +1082,15 @@ def benchmark_stage(run: Run, benchmark: str) -> dict:
         f"{benchmark}: {result['items']} items in {record['eval_seconds']:.1f} s (loading {record['load_seconds']:.1f} s)"
     )
     return result
+
+
+def _outputs_digest(predictions: Path) -> str:
+    """SHA-256 of the generated texts in item order: equal in two summaries exactly when every answer
+    is, so runs in other processes or on other nodes compare without their predictions files."""
+    from d2lora.io import read_jsonl
+
+    outputs = sorted((r["id"], r["output"]) for r in read_jsonl(predictions))
+    return hashlib.sha256(json.dumps(outputs, ensure_ascii=False).encode()).hexdigest()
 
 
 def _same_outputs(a: Path, b: Path) -> float | None:

@@ -322,8 +322,8 @@ def test_tiny_run_training_numbers_are_consistent(tiny_run, method):
 
 
 @NEEDS_DATA
-def test_tiny_run_gsm8k_counts_every_generated_token(tiny_run):
-    _, summary, _ = tiny_run
+def test_tiny_run_gsm8k_counts_every_generated_token(tiny_run, tmp_path):
+    out, summary, _ = tiny_run
     g = summary["gsm8k"]
     assert g["items"] == 3 and g["max_new_tokens"] == 4 and g["adapter"].endswith("sft")
     # config/paper.yaml's decoding, as the workflow's evaluate job runs it.
@@ -333,6 +333,14 @@ def test_tiny_run_gsm8k_counts_every_generated_token(tiny_run):
     assert g["generated_tokens"] == sum(c["rows"] * c["new_tokens"] for c in g["generate_calls"])
     assert 0 < g["generated_tokens_to_stop"] <= g["generated_tokens"] <= 4 * 4
     assert _close(g["generated_tokens_per_second"] * g["generate_seconds"], g["generated_tokens"], 0.01)
+    # The answers' digest: the same for the same texts whatever the file's row order, another for another text.
+    predictions = out / "work" / "eval" / "gsm8k" / "predictions.jsonl"
+    rows = read_jsonl(predictions)
+    assert g["outputs_sha256"] == paper_scale._outputs_digest(predictions)
+    write_jsonl(tmp_path / "reversed.jsonl", reversed(rows))
+    write_jsonl(tmp_path / "changed.jsonl", [{**rows[0], "output": rows[0]["output"] + " 7"}, *rows[1:]])
+    assert paper_scale._outputs_digest(tmp_path / "reversed.jsonl") == g["outputs_sha256"]
+    assert paper_scale._outputs_digest(tmp_path / "changed.jsonl") != g["outputs_sha256"]
     assert 0 < g["generate_seconds"] <= g["eval_seconds"] and _positive(g["load_seconds"])
 
 
