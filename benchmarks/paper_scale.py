@@ -1093,26 +1093,27 @@ def _outputs_digest(predictions: Path) -> str:
     return hashlib.sha256(json.dumps(outputs, ensure_ascii=False).encode()).hexdigest()
 
 
-def _same_outputs(a: Path, b: Path) -> float | None:
-    """Fraction of items whose generated text is identical in two predictions files."""
+def _predictions_by_id(path: Path) -> dict | None:
+    """A predictions file's rows by item id; None where the file is missing (its lever failed)."""
     from d2lora.io import read_jsonl
 
-    if not (a.is_file() and b.is_file()):
+    return {r["id"]: r for r in read_jsonl(path)} if path.is_file() else None
+
+
+def _same_outputs(left: dict | None, right: dict | None) -> float | None:
+    """Fraction of items whose generated text is identical in two predictions (_predictions_by_id)."""
+    if not (left and right is not None):
         return None
-    left, right = {r["id"]: r["output"] for r in read_jsonl(a)}, {r["id"]: r["output"] for r in read_jsonl(b)}
-    return round(sum(left[i] == right.get(i) for i in left) / len(left), 4) if left else None
+    return round(sum(left[i]["output"] == right.get(i, {}).get("output") for i in left) / len(left), 4)
 
 
-def _accuracy_against(a: Path, b: Path) -> dict | None:
-    """Accuracy of predictions `b` minus `a` over the same items, with the paired bootstrap's 95 %
-    interval (d2lora.results.statistics): whether a decoding lever changes the score beyond noise."""
-    from d2lora.io import read_jsonl
+def _accuracy_against(left: dict | None, right: dict | None) -> dict | None:
+    """Accuracy of predictions `right` minus `left` (_predictions_by_id) over the same items, with the
+    paired bootstrap's 95 % interval (d2lora.results.statistics): whether a decoding lever changes the
+    score beyond noise."""
     from d2lora.results.statistics import paired_bootstrap
 
-    if not (a.is_file() and b.is_file()):
-        return None
-    left, right = {r["id"]: r for r in read_jsonl(a)}, {r["id"]: r for r in read_jsonl(b)}
-    if not left or set(left) != set(right) or any("correct" not in r for r in left.values()):
+    if not left or right is None or set(left) != set(right) or any("correct" not in r for r in left.values()):
         return None
     items = sorted(left)
     result = paired_bootstrap([float(left[i]["correct"]) for i in items], [float(right[i]["correct"]) for i in items])
@@ -1191,21 +1192,23 @@ def _compare_to_plain(run: Run, method: str, results: dict) -> None:
     if not plain or "error" in plain:
         return
 
-    def predictions(lever: str) -> Path:
-        return run.work / "eval" / f"levers_{method}_{lever}" / "predictions.jsonl"
+    def predictions(lever: str) -> dict | None:
+        return _predictions_by_id(run.work / "eval" / f"levers_{method}_{lever}" / "predictions.jsonl")
 
+    plain_predictions = predictions("plain") if method in GSM8K_LEVERS else None
     for lever, result in results.items():
         if "error" in result:
             continue
         if method in GSM8K_LEVERS:
             result["speedup_generate"] = round(plain["generate_seconds"] / result["generate_seconds"], 3)
             result["speedup_eval"] = round(plain["eval_seconds"] / result["eval_seconds"], 3)
-            result["outputs_equal_to_plain"] = _same_outputs(predictions("plain"), predictions(lever))
-            result["accuracy_minus_plain"] = _accuracy_against(predictions("plain"), predictions(lever))
+            lever_predictions = predictions(lever)
+            result["outputs_equal_to_plain"] = _same_outputs(plain_predictions, lever_predictions)
+            result["accuracy_minus_plain"] = _accuracy_against(plain_predictions, lever_predictions)
             first_cell = lever.removesuffix("_next_cell")
             if first_cell != lever and first_cell in results:
                 # the same settings twice in one process: whether the answers repeat bit for bit
-                result["outputs_equal_to_first_cell"] = _same_outputs(predictions(first_cell), predictions(lever))
+                result["outputs_equal_to_first_cell"] = _same_outputs(predictions(first_cell), lever_predictions)
         else:
             # Training time plus the trainer's setup (tokenizing; a precomputed reference's pass).
             def cost(r):

@@ -525,7 +525,7 @@ def test_accuracy_against_plain_is_a_paired_difference_with_its_interval(tmp_pat
     def predictions(name, correct):
         path = tmp_path / name
         write_jsonl(path, [{"id": f"q{i}", "output": str(c), "correct": c} for i, c in enumerate(correct)])
-        return path
+        return paper_scale._predictions_by_id(path)
 
     plain = predictions("plain.jsonl", [True] * 10 + [False] * 90)
     slightly_better = predictions("b.jsonl", [True] * 11 + [False] * 89)
@@ -535,7 +535,7 @@ def test_accuracy_against_plain_is_a_paired_difference_with_its_interval(tmp_pat
     assert close["ci95"][0] <= 0.0 <= close["ci95"][1]
     far = paper_scale._accuracy_against(plain, much_better)
     assert far["difference"] == pytest.approx(0.5) and not far["within_noise"] and far["ci95"][0] > 0.3
-    assert paper_scale._accuracy_against(plain, tmp_path / "missing.jsonl") is None
+    assert paper_scale._accuracy_against(plain, paper_scale._predictions_by_id(tmp_path / "missing.jsonl")) is None
 
 
 def test_kv_heads_repeated_is_the_same_function_with_one_kv_head_per_query_head(tmp_path):
