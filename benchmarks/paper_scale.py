@@ -125,6 +125,11 @@ LEVERS = {
         # ~20 operator calls fewer (benchmarks/lora_branch_ops.py), where eager steps are launch-bound.
         "no_checkpointing_uncast_inputs_fused_add": {**UNCAST, "fuse_adapter_add": True},
         "bf16_base_uncast_inputs_fused_add": {**BF16_UNCAST, "fuse_adapter_add": True},
+        # Padding-free batches through FlexAttention: a micro-batch of 8 real-length rows is ~30 %
+        # padding, and flex's block mask keeps packed rows apart without SDPA's explicit mask.
+        "no_checkpointing_uncast_inputs_flex": {**UNCAST, "flex_attention": True},
+        "no_checkpointing_uncast_inputs_padding_free_flex": {**UNCAST, "padding_free": True, "flex_attention": True},
+        "bf16_base_uncast_inputs_padding_free_flex": {**BF16_UNCAST, "padding_free": True, "flex_attention": True},
         "no_checkpointing_compiled_layers": {**NO_CHECKPOINTING, "compile_layers": True},
         "no_checkpointing_uncast_inputs_compiled_layers": {**UNCAST, "compile_layers": True},
         # Rows padded to a multiple of 8: inductor's alignment guard sees one case, half the graphs.

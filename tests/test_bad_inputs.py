@@ -132,6 +132,11 @@ CONFIG_CASES = [
         r"training\.adapt\.dpo\.padding_free: SFT only",
     ),
     (
+        "FlexAttention training on the CPU, which has no backward for it",
+        lambda c: (_set("device", "cpu")(c), _set("training.adapt.sft.flex_attention", True)(c)),
+        r"training\.adapt\.sft\.flex_attention: torch's FlexAttention has no backward on the CPU",
+    ),
+    (
         "padding to a multiple for ORPO, whose TRL config has no such field",
         _set("training.adapt.orpo.pad_to_multiple_of", 8),
         r"training\.adapt\.orpo\.pad_to_multiple_of: SFT, DPO only \(training\.adapt\.orpo trains ORPO\)",

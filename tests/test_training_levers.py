@@ -85,6 +85,48 @@ def test_padding_free_sft_trains_what_padded_batches_train(tiny_model_dir, train
     assert records["padding_free"]["train_tokens"] == records["padded"]["train_tokens"]
 
 
+def test_flex_attention_on_padding_free_batches_gives_padded_sdpa_batches_loss(tiny_model_dir, tokenizer, tmp_path):
+    """The lever for padding-free batches without flash-attn: FlexAttention's block mask keeps each
+    packed row's attention within the row, as SDPA's padded batches do. Forward only (float32, CPU):
+    FlexAttention has no backward on the CPU."""
+    losses = {}
+    for name, extra in (("padded_sdpa", {}), ("padding_free_flex", {"padding_free": True})):
+        model = _tiny_peft(tiny_model_dir, "float32")
+        trainer = build_trainer(
+            "sft",
+            model,
+            tokenizer,
+            trl_dataset(_rows(6), "sft"),
+            hp=TrainingHparams.of(dict(HP, **extra), "training.adapt.sft"),
+            output_dir=str(tmp_path / name),
+            seed=0,
+            use_cpu=True,
+        )
+        if name == "padding_free_flex":
+            model.get_base_model().set_attn_implementation("flex_attention")
+        batch = trainer.data_collator([trainer.train_dataset[i] for i in range(4)])
+        inputs = {k: batch[k] for k in ("input_ids", "attention_mask", "position_ids", "labels") if k in batch}
+        with torch.no_grad():
+            losses[name] = model(**inputs).loss.item()
+            if name == "padding_free_flex":
+                assert inputs["input_ids"].shape[0] == 1 and "attention_mask" not in inputs  # one packed row
+                # The control: the same packed row read as one sequence attends across rows.
+                across = torch.arange(inputs["input_ids"].shape[1]).unsqueeze(0)
+                losses["one_sequence"] = model(**dict(inputs, position_ids=across)).loss.item()
+    assert losses["padding_free_flex"] == pytest.approx(losses["padded_sdpa"], rel=1e-6)
+    # On a tiny random model attending across rows moves the loss little, but over 100x the rounding.
+    assert abs(losses["one_sequence"] - losses["padded_sdpa"]) > 1e-4 * losses["padded_sdpa"]
+
+
+def test_flex_attention_training_is_refused_on_the_cpu(tiny_model_dir):
+    from d2lora.training import fast_paths
+
+    model = _tiny_peft(tiny_model_dir, "float32")
+    hp = TrainingHparams.of(dict(HP, flex_attention=True), "training.adapt.sft")
+    with pytest.raises(ValueError, match="flex_attention: torch's FlexAttention has no backward on the CPU"):
+        fast_paths.apply(model, hp)
+
+
 @pytest.mark.parametrize("method", ["sft", "dpo"])
 def test_padding_to_a_multiple_of_8_pads_every_batch_and_trains_the_same(method, tiny_model_dir, tokenizer, tmp_path):
     """The lever that halves compile_layers' graphs (benchmarks/RESULTS.md, Round 9): every batch's

@@ -201,6 +201,21 @@ def _check_method_options(training: dict) -> None:
                 raise ConfigError(f"{key}.{option}: {names} only ({key} trains {method.upper()})")
 
 
+FLEX_TRAINING_ON_CPU = "torch's FlexAttention has no backward on the CPU: train on a CUDA device or set it false"
+
+
+def _check_training_attention(config: dict) -> None:
+    """flex_attention trains on CUDA only: torch's FlexAttention has no backward on the CPU."""
+    if config.get("device") != "cpu":
+        return  # auto: known only on the machine; the training job refuses it there (fast_paths)
+    training = config["training"]
+    sections = {"training.warmup": training.get("warmup") or {}}
+    sections.update({f"training.adapt.{m}": hp for m, hp in (training.get("adapt") or {}).items()})
+    for key, hp in sections.items():
+        if hp.get("flex_attention"):
+            raise ConfigError(f"{key}.flex_attention: {FLEX_TRAINING_ON_CPU}")
+
+
 def check(config: dict) -> None:
     """Cross-field rules the JSON schema cannot express. Raises ConfigError naming the key."""
     adapt = config["training"]["adapt"]
@@ -243,6 +258,7 @@ def check(config: dict) -> None:
             if method in PREFERENCE_METHODS and experiment["task"] == "titles":
                 raise ConfigError(f"{key}.methods: '{method}' needs rejected answers, and the titles task has none")
     _check_method_options(config["training"])
+    _check_training_attention(config)
     _check_formats(config["datasets"])
     for task in TASKS:
         if task not in config["datasets"] or "train" not in config["datasets"][task]:

@@ -136,6 +136,7 @@ class TrainingHparams(Settings):
     cast_adapter_inputs: bool
     fuse_adapter_add: bool
     compile_layers: bool
+    flex_attention: bool
     precompute_reference: bool
 
     def optimizer_steps(self, rows: int) -> int:

@@ -20,6 +20,13 @@
   start, so row lengths need no graph of their own: two graphs on the CPU (the first layer's input
   needs no grad), four on CUDA (inductor also splits lengths that are a multiple of 8 from the rest),
   where a static first compile recompiles for lengths too and reaches dynamo's recompile limit.
+- `flex_attention: true`: the base model's attention through FlexAttention instead of SDPA. What it
+  is for is `padding_free`: a micro-batch of 8 real-length rows is ~30 % padding (rows of ~215
+  tokens, the longest ~300), and padding-free batches drop it, but transformers gives SDPA their
+  packed-sequence mask as an explicit tensor, which rules out its flash kernel (0.73x at the 8B
+  shape, benchmarks/RESULTS.md). FlexAttention takes the same mask as a block mask and skips the
+  blocks between rows. transformers compiles flex_attention once per process; the model's other
+  code stays eager.
 """
 
 from __future__ import annotations
@@ -29,6 +36,7 @@ from peft.tuners.lora.layer import Linear as LoraLinear
 from peft.tuners.lora.layer import LoraVariant
 from peft.tuners.tuners_utils import BaseTunerLayer
 
+from d2lora.grid import FLEX_TRAINING_ON_CPU
 from d2lora.settings import TrainingHparams
 
 
@@ -118,6 +126,15 @@ def compile_decoder_layers(model, backend: str = "inductor") -> int:
     return len(layers)
 
 
+def use_flex_attention(model) -> str:
+    """The model's attention set to transformers' flex_attention; the implementation now in use."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    if base.device.type == "cpu":
+        raise ValueError(f"flex_attention: {FLEX_TRAINING_ON_CPU}")
+    base.set_attn_implementation("flex_attention")
+    return base.config._attn_implementation
+
+
 def apply(model, hp: TrainingHparams) -> dict:
     """The settings as `hp` has them (bf16 already resolved for the device); what took effect, and why."""
     record = {}
@@ -131,6 +148,9 @@ def apply(model, hp: TrainingHparams) -> dict:
         "setting": hp.fuse_adapter_add,
         "layers": fuse_adapter_add(model) if hp.fuse_adapter_add else 0,
     }
+    record["flex_attention"] = {"setting": hp.flex_attention}
+    if hp.flex_attention:
+        record["flex_attention"]["attention"] = use_flex_attention(model)
     record["compile_layers"] = {
         "setting": hp.compile_layers,
         "layers": compile_decoder_layers(model) if hp.compile_layers else 0,
