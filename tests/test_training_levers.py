@@ -401,7 +401,7 @@ def test_compiled_decoder_layers_compute_what_the_eager_ones_compute(tiny_model_
         fast_paths.compile_decoder_layers(torch.nn.Linear(2, 2))
 
 
-def test_compiled_layers_train_rows_of_every_length_without_recompiling(tiny_model_dir, monkeypatch):
+def test_compiled_layers_train_rows_of_every_length_without_recompiling(tiny_model_dir):
     """Dynamic shapes from the first compile: one graph for every row length, plus one for the first
     layer, whose input needs no grad. A static first compile needs a third for the lengths, and on the
     H200 the compiled levers hit dynamo's recompile limit (benchmarks/RESULTS.md, Round 8)."""
@@ -410,25 +410,27 @@ def test_compiled_layers_train_rows_of_every_length_without_recompiling(tiny_mod
     from d2lora.training import fast_paths
 
     torch._dynamo.reset()
-    monkeypatch.setattr(torch._dynamo.config, "recompile_limit", 2)
-    monkeypatch.setattr(torch._dynamo.config, "fail_on_recompile_limit_hit", True)
+    # dynamo's own patch: monkeypatch's undo deleted the option from dynamo's config module, and a
+    # later test's torch.compile then failed on it.
+    limits = torch._dynamo.config.patch(recompile_limit=2, fail_on_recompile_limit_hit=True)
     model = _tiny_peft(tiny_model_dir, "float32", dropout=0.05)
     fast_paths.compile_decoder_layers(model, backend="eager")
     model.train()
-    try:
-        for length in (5, 9, 13, 7):
-            ids = torch.randint(3, 100, (2, length))
-            model(input_ids=ids, labels=ids, use_cache=False).loss.backward()
-        # The check can fail: a static first compile needs a third graph, refused at this limit.
-        torch._dynamo.reset()
-        for layer in fast_paths.decoder_layers(model):
-            layer.compile(backend="eager")
-        with pytest.raises(Exception, match="recompile_limit|cache_size_limit"):
-            for length in (5, 9):
+    with limits:
+        try:
+            for length in (5, 9, 13, 7):
                 ids = torch.randint(3, 100, (2, length))
                 model(input_ids=ids, labels=ids, use_cache=False).loss.backward()
-    finally:
-        torch._dynamo.reset()
+            # The check can fail: a static first compile needs a third graph, refused at this limit.
+            torch._dynamo.reset()
+            for layer in fast_paths.decoder_layers(model):
+                layer.compile(backend="eager")
+            with pytest.raises(Exception, match="recompile_limit|cache_size_limit"):
+                for length in (5, 9):
+                    ids = torch.randint(3, 100, (2, length))
+                    model(input_ids=ids, labels=ids, use_cache=False).loss.backward()
+        finally:
+            torch._dynamo.reset()
 
 
 def _nonzero_b(model) -> None:
