@@ -21,12 +21,13 @@
   needs no grad), four on CUDA (inductor also splits lengths that are a multiple of 8 from the rest),
   where a static first compile recompiles for lengths too and reaches dynamo's recompile limit.
 - `flex_attention: true`: the base model's attention through FlexAttention instead of SDPA. What it
-  is for is `padding_free`: a micro-batch of 8 real-length rows is ~30 % padding (rows of ~215
-  tokens, the longest ~300), and padding-free batches drop it, but transformers gives SDPA their
-  packed-sequence mask as an explicit tensor, which rules out its flash kernel (0.73x at the 8B
-  shape, benchmarks/RESULTS.md). FlexAttention takes the same mask as a block mask and skips the
-  blocks between rows. transformers compiles flex_attention once per process; the model's other
-  code stays eager.
+  is for is `padding_free`: a micro-batch of 8 real-length rows, each padded to the batch's longest,
+  is ~30 % padding (benchmarks/batch_padding.py), and padding-free batches drop it, but transformers
+  gives SDPA their packed-sequence mask as an explicit tensor, which rules out its flash kernel
+  (0.73x at the 8B shape). FlexAttention takes the same mask as a block mask and skips the blocks
+  between rows. transformers compiles flex_attention once per process; the model's other code stays
+  eager. At the 8B shape padding-free batches through it took 34 % less memory and no less time: the
+  eager step follows its operator calls, not its tokens (benchmarks/RESULTS.md, Round 20).
 """
 
 from __future__ import annotations
