@@ -191,10 +191,15 @@ METHOD_ONLY_OPTIONS = {
 }
 
 
-def _check_method_options(training: dict) -> None:
+def _training_sections(training: dict) -> dict[str, tuple[str, dict]]:
+    """Each training section's config key -> (the method it trains, its hyperparameters)."""
     sections = {"training.warmup": ("sft", training.get("warmup") or {})}
     sections.update({f"training.adapt.{m}": (m, hp) for m, hp in (training.get("adapt") or {}).items()})
-    for key, (method, hp) in sections.items():
+    return sections
+
+
+def _check_method_options(training: dict) -> None:
+    for key, (method, hp) in _training_sections(training).items():
         for option, only in METHOD_ONLY_OPTIONS.items():
             if hp.get(option) and method not in only:
                 names = ", ".join(m.upper() for m in only)
@@ -208,10 +213,7 @@ def _check_training_attention(config: dict) -> None:
     """flex_attention trains on CUDA only: torch's FlexAttention has no backward on the CPU."""
     if config.get("device") != "cpu":
         return  # auto: known only on the machine; the training job refuses it there (fast_paths)
-    training = config["training"]
-    sections = {"training.warmup": training.get("warmup") or {}}
-    sections.update({f"training.adapt.{m}": hp for m, hp in (training.get("adapt") or {}).items()})
-    for key, hp in sections.items():
+    for key, (_method, hp) in _training_sections(config["training"]).items():
         if hp.get("flex_attention"):
             raise ConfigError(f"{key}.flex_attention: {FLEX_TRAINING_ON_CPU}")
 
