@@ -139,6 +139,16 @@ LEVERS = {
             "batch_size": 16,
             "grad_accum": 1,
         },
+        # The same with each decoder layer compiled: inductor fuses the LoRA branch's element-wise calls, which
+        # eager packed rows left in the step; compiled with dynamic shapes, as packed lengths differ every step.
+        "no_checkpointing_uncast_inputs_padding_free_flex_batch16x1_compiled_layers": {
+            **UNCAST,
+            "padding_free": True,
+            "flex_attention": True,
+            "batch_size": 16,
+            "grad_accum": 1,
+            "compile_layers": True,
+        },
         "no_checkpointing_compiled_layers": {**NO_CHECKPOINTING, "compile_layers": True},
         "no_checkpointing_uncast_inputs_compiled_layers": {**UNCAST, "compile_layers": True},
         # Rows padded to a multiple of 8: inductor's alignment guard sees one case, half the graphs.
