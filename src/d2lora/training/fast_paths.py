@@ -20,6 +20,8 @@
   start, so row lengths need no graph of their own: two graphs on the CPU (the first layer's input
   needs no grad), four on CUDA (inductor also splits lengths that are a multiple of 8 from the rest),
   where a static first compile recompiles for lengths too and reaches dynamo's recompile limit.
+  On CUDA its loss leaves eager's from the second step on, cause not found (benchmarks/RESULTS.md,
+  Round 21): it stays a measured lever, not a setting that trains what eager trains.
 - `flex_attention: true`: the base model's attention through FlexAttention instead of SDPA. What it
   is for is `padding_free`: a micro-batch of 8 real-length rows, each padded to the batch's longest,
   is ~30 % padding (benchmarks/batch_padding.py), and padding-free batches drop it, but transformers
@@ -27,7 +29,9 @@
   (0.73x at the 8B shape). FlexAttention takes the same mask as a block mask and skips the blocks
   between rows. transformers compiles flex_attention once per process; the model's other code stays
   eager. At the 8B shape padding-free batches through it took 34 % less memory and no less time: the
-  eager step follows its operator calls, not its tokens (benchmarks/RESULTS.md, Round 20).
+  eager step follows its operator calls, not its tokens (benchmarks/RESULTS.md, Round 20). The memory
+  it frees holds 16 packed rows in one micro-batch instead of two of 8, half the calls per token:
+  1.47x the padded step, 35 % MFU (Round 21).
 """
 
 from __future__ import annotations
