@@ -22,7 +22,10 @@ setting of LEVERS[method] against the plain path (the code path before the lever
 under summary["levers"][method][lever] the same figures plus the ratio to plain
 (`speedup_tokens_per_second`; `speedup_with_setup` also counts the trainer's setup, where a precomputed
 DPO reference does its pass; for GSM8K `speedup_generate` and the fraction of answers identical to
-plain). `lever_ratios` holds DPO's seconds per pair over SFT's per example (fastest of each).
+plain). `lever_ratios` holds DPO's seconds per pair over SFT's per example (fastest of each). A lever
+that compiles the decoder layers also records `compiled_against_eager`: its trained model's logits and
+loss through the compiled layers against the same layers run eagerly, and whether either path lets a
+position see later tokens.
     python benchmarks/paper_scale.py --stages levers_sft,levers_dpo,levers_orpo,levers_gsm8k
 
 <out>/summary.json is rewritten after every stage, so a run cut off mid-way keeps what finished.
@@ -537,6 +540,87 @@ class StepClock:
         return (self.times[-1] - self.times[STEADY_AFTER - 1]) / (len(self.times) - STEADY_AFTER)
 
 
+PROBE_LENGTHS = (1000, 1237)  # two row lengths no stage trains on; the second not a multiple of 8
+
+
+def compiled_against_eager(model, vocab_size: int, bf16: bool, lengths=PROBE_LENGTHS, seed: int = 0) -> dict:
+    """A trained model's logits through its compiled layers against the same layers run eagerly
+    (torch.compiler's force_eager stance), in training mode with gradients on, as training ran them:
+    per row length, two rows (the second right-padded by 37), the largest absolute logit difference
+    and each path's loss on the rows. `causal_leak` is how far a position's logits move when only the
+    tokens after it change (zero for a causal model): whether a compiled graph lost the causal mask."""
+    import torch
+    import torch.nn.functional as F
+
+    device = next(model.parameters()).device
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()
+    generator = torch.Generator().manual_seed(seed)
+    was_training = model.training
+    model.train()
+
+    def logits(ids, mask, eager: bool):
+        stance = torch.compiler.set_stance("force_eager") if eager else contextlib.nullcontext()
+        with stance, autocast:
+            return model(input_ids=ids, attention_mask=mask, use_cache=False).logits.detach().float()
+
+    def loss(out, ids, mask):
+        labels = ids.masked_fill(mask == 0, -100)[:, 1:]
+        return F.cross_entropy(out[:, :-1].reshape(-1, out.shape[-1]), labels.reshape(-1)).item()
+
+    result = {}
+    try:
+        for length in lengths:
+            ids = torch.randint(0, vocab_size, (2, length), generator=generator)
+            mask = torch.ones_like(ids)
+            mask[1, length - 37 :] = 0
+            changed = ids.clone()
+            half = length // 2
+            changed[:, half:] = torch.randint(0, vocab_size, (2, length - half), generator=generator)
+            ids, mask, changed = ids.to(device), mask.to(device), changed.to(device)
+            record = {}
+            for path, eager in (("compiled", False), ("eager", True)):
+                out = logits(ids, mask, eager)
+                record[f"{path}_loss"] = round(loss(out, ids, mask), 6)
+                leak = (logits(changed, mask, eager)[:, :half] - out[:, :half]).abs().max().item()
+                record[f"{path}_causal_leak"] = leak
+                record[f"{path}_logits"] = out
+            real = mask.bool()
+            compiled, eager = record.pop("compiled_logits"), record.pop("eager_logits")
+            record["max_abs_logit_difference"] = (compiled - eager)[real].abs().max().item()
+            result[str(length)] = record
+            del compiled, eager
+    finally:
+        model.train(was_training)
+    return result
+
+
+class CompiledAgainstEager:
+    """Observer: keeps the trained model (its compiled layers) at the end of training, so that `run`
+    probes it once the stage's time and memory are taken, not inside trainer.train()'s."""
+
+    def __init__(self):
+        self.model, self.bf16 = None, False
+
+    def on_step_begin(self, *args, **kwargs):
+        pass
+
+    def on_step_end(self, *args, **kwargs):
+        pass
+
+    def on_train_end(self, args, state, control, model=None, **kwargs):
+        self.model, self.bf16 = model, bool(args.bf16)
+
+    def run(self) -> dict:
+        """compiled_against_eager on the kept model, which it then lets go."""
+        model, self.model = self.model, None
+        if model is None:
+            return {"error": "training kept no model"}
+        try:
+            return compiled_against_eager(model, model.config.vocab_size, self.bf16)
+        except Exception as err:  # noqa: BLE001 -- a diagnostic; the lever's numbers stand without it
+            return {"error": f"{type(err).__name__}: {err}"[:500]}
+
+
 @contextlib.contextmanager
 def observed_trainer(training_module, observers: list):
     """Hand every observer (on_step_begin/on_step_end/on_train_end, observing only) to the trainer
@@ -857,6 +941,10 @@ def train_stage(
     clock = StepClock(run.device)
     start = time.perf_counter()
     observers = [clock] + ([profile] if profile is not None else [])
+    # Round 21: compiled layers' loss left eager's from the second step on the GPU; this says whether
+    # the trained model's compiled forward still computes the eager one, and whether it stays causal.
+    probe = CompiledAgainstEager() if overrides.get("compile_layers") else None
+    observers += [probe] if probe is not None else []
     with timed(training, "load_model", run.device, loads), observed_trainer(training, observers):
         if stage == "warmup":
             record = training.run_warmup(
@@ -888,6 +976,8 @@ def train_stage(
     result = method_summary(
         record, time.perf_counter() - start, sum(loads), run.summary["device"]["peak_flops"], reserved_gib(run.device)
     )
+    if probe is not None:
+        result["compiled_against_eager"] = probe.run()
     if profile is not None:
         result["profile"] = profile.result
     else:  # a profiled step runs several times slower

@@ -394,7 +394,12 @@ def test_levers_run_each_setting_against_the_plain_path_in_one_process(tmp_path,
     levers = {
         "sft": {
             k: paper_scale.LEVERS["sft"][k]
-            for k in ("plain", "no_checkpointing_padding_free", "no_checkpointing_uncast_inputs_dropout0")
+            for k in (
+                "plain",
+                "no_checkpointing_padding_free",
+                "no_checkpointing_uncast_inputs_dropout0",
+                "no_checkpointing_uncast_inputs_dropout0_compiled_layers",
+            )
         },
         "dpo": {k: paper_scale.LEVERS["dpo"][k] for k in ("plain", "no_checkpointing_precompute_reference")},
         "gsm8k": {
@@ -433,6 +438,13 @@ def test_levers_run_each_setting_against_the_plain_path_in_one_process(tmp_path,
     assert taken["setting"] is False and (taken["layers"] > 0) == uncast["bf16"]
     assert plain["fast_paths"]["cast_adapter_inputs"] == {"setting": True, "layers": 0}
     assert all("steady_seconds_per_step" in run for run in sft.values())
+    # A compiled lever's trained model, compiled against eager on rows of new lengths (Round 21's probe).
+    probe = sft["no_checkpointing_uncast_inputs_dropout0_compiled_layers"]["compiled_against_eager"]
+    assert set(probe) == {str(n) for n in paper_scale.PROBE_LENGTHS}
+    for record in probe.values():
+        assert record["compiled_loss"] == pytest.approx(record["eager_loss"], rel=1e-2)
+        assert record["compiled_causal_leak"] < 0.1 and record["eager_causal_leak"] < 0.1
+    assert "compiled_against_eager" not in uncast
     assert (
         plain["epochs"] == paper_scale.LEVER_EPOCHS["sft"] and dpo["plain"]["epochs"] == paper_scale.LEVER_EPOCHS["dpo"]
     )
@@ -554,3 +566,69 @@ def test_kv_heads_repeated_is_the_same_function_with_one_kv_head_per_query_head(
     with torch.no_grad():
         torch.testing.assert_close(repeated(tokens).logits, grouped(tokens).logits)
     assert paper_scale.kv_heads_repeated(tmp_path / "grouped", folder) == folder, "made once"
+
+
+def test_compiled_against_eager_finds_no_difference_in_a_causal_model_compiled_by_layers(tiny_model_dir):
+    """The probe on what compile_layers makes (dynamo's graphs run eagerly: inductor's CUDA kernels are
+    what it is for on the GPU): the same logits and loss either way, and a causal model."""
+    import torch
+    import torch._dynamo
+    from peft import get_peft_model
+
+    from d2lora.models import load_model
+    from d2lora.training import fast_paths
+    from d2lora.training.adapters import lora_config
+
+    torch.manual_seed(0)
+    model = get_peft_model(
+        load_model(tiny_model_dir, dtype="float32", device="cpu"),
+        lora_config({"rank": 4, "alpha": 8, "dropout": 0.0, "target_modules": "all-linear"}),
+    )
+    torch._dynamo.reset()
+    try:
+        fast_paths.compile_decoder_layers(model, backend="eager")
+        result = paper_scale.compiled_against_eager(model, model.config.vocab_size, bf16=False, lengths=(40, 53))
+    finally:
+        torch._dynamo.reset()
+    assert set(result) == {"40", "53"}
+    for record in result.values():
+        assert record["max_abs_logit_difference"] < 1e-4
+        assert record["compiled_loss"] == pytest.approx(record["eager_loss"], abs=1e-5)
+        assert record["compiled_loss"] > 0
+        assert record["compiled_causal_leak"] < 1e-4 and record["eager_causal_leak"] < 1e-4
+
+
+def test_compiled_against_eager_flags_a_compiled_forward_that_differs_and_one_that_sees_ahead():
+    """The probe can fail: a body that adds 1 only when traced, and mixes every position into every other."""
+    import torch
+
+    class Body(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.embedding = torch.nn.Embedding(50, 50)
+
+        def forward(self, input_ids):
+            hidden = self.embedding(input_ids)
+            hidden = hidden + hidden.mean(dim=1, keepdim=True)  # every position sees the whole row
+            return hidden + 1.0 if torch.compiler.is_compiling() else hidden
+
+    class Output:
+        def __init__(self, logits):
+            self.logits = logits
+
+    class Model(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.body = Body()
+
+        def forward(self, input_ids, attention_mask=None, use_cache=False):
+            return Output(self.body(input_ids))
+
+    torch.manual_seed(0)
+    model = Model()
+    model.body.compile(backend="eager")
+    model.eval()
+    record = paper_scale.compiled_against_eager(model, 50, bf16=False, lengths=(40,))["40"]
+    assert not model.training  # the probe runs in training mode and leaves the mode it found
+    assert record["max_abs_logit_difference"] == pytest.approx(1.0, abs=1e-5)
+    assert record["compiled_causal_leak"] > 1e-3 and record["eager_causal_leak"] > 1e-3
