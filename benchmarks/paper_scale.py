@@ -152,6 +152,24 @@ LEVERS = {
             "grad_accum": 1,
             "compile_layers": True,
         },
+        # The same on rows lengthened to 384 and 512 tokens (`row_tokens`: each answer repeated), 6,144 and
+        # 8,192 tokens a micro-batch: whether the paper's longer rows (not on our machines) would fit.
+        "no_checkpointing_uncast_inputs_padding_free_flex_batch16x1_rows384": {
+            **UNCAST,
+            "padding_free": True,
+            "flex_attention": True,
+            "batch_size": 16,
+            "grad_accum": 1,
+            "row_tokens": 384,
+        },
+        "no_checkpointing_uncast_inputs_padding_free_flex_batch16x1_rows512": {
+            **UNCAST,
+            "padding_free": True,
+            "flex_attention": True,
+            "batch_size": 16,
+            "grad_accum": 1,
+            "row_tokens": 512,
+        },
         # Round 21: every compiled lever's loss leaves eager's from the second step (0.3-0.5 % lower, the same
         # entropy) on the GPU, not on the CPU; with B still ~0 at lr 1e-6 dropout masks cannot do that.
         # Without dropout, whether the compiled layers still compute another loss.
@@ -842,6 +860,33 @@ def ensure_base_model(run: Run) -> dict:
     return result
 
 
+def lengthened_rows(rows: list[dict], tokenizer, tokens: int) -> list[dict]:
+    """Training rows whose answer is repeated until prompt and answer hold at least `tokens` tokens
+    (the chat template's few aside): rows as long as a longer dataset's, made from the rows at hand."""
+
+    def count(text: str) -> int:
+        return len(tokenizer(text, add_special_tokens=False)["input_ids"])
+
+    out = []
+    for row in rows:
+        prompt, answer = count(row["prompt"]), max(count(row["chosen"]), 1)
+        copies = max(1, -(-(tokens - prompt) // answer))
+        out.append({**row, "chosen": "\n\n".join([row["chosen"]] * copies)})
+    return out
+
+
+def lengthened_train_file(run: Run, tokens: int) -> Path:
+    """The math training rows lengthened to `tokens` (lengthened_rows), written once under work/data."""
+    from d2lora.io import read_jsonl, write_jsonl
+    from d2lora.models import load_tokenizer
+
+    path = run.data_dir / f"math_rows{tokens}" / "train.jsonl"
+    if not path.is_file():
+        rows = lengthened_rows(read_jsonl(run.data_dir / "math" / "train.jsonl"), load_tokenizer(run.model_dir), tokens)
+        write_jsonl(path, rows)
+    return path
+
+
 def cell_n(config: dict, method: str) -> int:
     sizes = [c.n for c in grid.training_cells(config) if c.method == method and c.task == "math"]
     if not sizes:
@@ -927,6 +972,8 @@ def train_stage(
     name = name or stage
     overrides = dict(overrides or {})
     lora = {**cfg["training"]["lora"], **overrides.pop("lora", {})}
+    row_tokens = overrides.pop("row_tokens", None)
+    train_file = lengthened_train_file(run, int(row_tokens)) if row_tokens else run.data_dir / "math" / "train.jsonl"
     hparams = dict(cfg["training"]["warmup"] if stage == "warmup" else cfg["training"]["adapt"][stage], **overrides)
     checkpoints = int(cfg["training"]["checkpoint_steps"])  # validated: the schema filled it
     loads: list[float] = []
@@ -961,7 +1008,7 @@ def train_stage(
             warm = run.trained("warmup")
             record = training.run_adaptation(
                 run.model_dir,
-                run.data_dir / "math" / "train.jsonl",
+                train_file,
                 method=stage,
                 init="d2lora" if warm else "lora",
                 n=n or cell_n(cfg, stage),

@@ -400,7 +400,8 @@ def test_levers_run_each_setting_against_the_plain_path_in_one_process(tmp_path,
                 "no_checkpointing_uncast_inputs_dropout0",
                 "no_checkpointing_uncast_inputs_dropout0_compiled_layers",
             )
-        },
+        }
+        | {"rows300": {"base_dtype": "bfloat16", "row_tokens": 300, "max_length": 512}},
         "dpo": {k: paper_scale.LEVERS["dpo"][k] for k in ("plain", "no_checkpointing_precompute_reference")},
         "gsm8k": {
             "plain": {},
@@ -445,6 +446,9 @@ def test_levers_run_each_setting_against_the_plain_path_in_one_process(tmp_path,
         assert record["compiled_loss"] == pytest.approx(record["eager_loss"], rel=1e-2)
         assert record["compiled_causal_leak"] < 0.1 and record["eager_causal_leak"] < 0.1
     assert "compiled_against_eager" not in uncast
+    # Lengthened rows (row_tokens): the same rows, each at least 300 tokens, as the record counts them.
+    assert sft["rows300"]["tokens_per_row"] >= 300 > plain["tokens_per_row"]
+    assert sft["rows300"]["rows"] == plain["rows"]
     assert (
         plain["epochs"] == paper_scale.LEVER_EPOCHS["sft"] and dpo["plain"]["epochs"] == paper_scale.LEVER_EPOCHS["dpo"]
     )
@@ -632,3 +636,27 @@ def test_compiled_against_eager_flags_a_compiled_forward_that_differs_and_one_th
     assert not model.training  # the probe runs in training mode and leaves the mode it found
     assert record["max_abs_logit_difference"] == pytest.approx(1.0, abs=1e-5)
     assert record["compiled_causal_leak"] > 1e-3 and record["eager_causal_leak"] > 1e-3
+
+
+def test_lengthened_rows_repeat_each_answer_to_the_length_asked(tiny_model_dir):
+    from d2lora.models import load_tokenizer
+
+    tokenizer = load_tokenizer(tiny_model_dir)
+    rows = [
+        {"id": "a", "prompt": "What is 2 + 3?", "chosen": "2 + 3 = 5. \\boxed{5}", "rejected": "6"},
+        {"id": "b", "prompt": "Add " + " plus ".join(map(str, range(40))), "chosen": "780", "rejected": "7"},
+    ]
+    longer = paper_scale.lengthened_rows(rows, tokenizer, 64)
+
+    def tokens(text):
+        return len(tokenizer(text, add_special_tokens=False)["input_ids"])
+
+    short, long = longer
+    assert (short["id"], short["prompt"], short["rejected"]) == ("a", rows[0]["prompt"], rows[0]["rejected"])
+    assert short["chosen"].startswith(rows[0]["chosen"] + "\n\n")
+    total = tokens(short["prompt"]) + tokens(short["chosen"])
+    # at least the length asked; one answer copy (and its separators) over it at most
+    assert 64 <= total <= 64 + tokens(rows[0]["chosen"]) + 2 * short["chosen"].count("\n\n")
+    # a row whose prompt alone is longer keeps its one answer
+    assert tokens(rows[1]["prompt"]) > 64 and long == rows[1]
+    assert paper_scale.lengthened_rows(rows, tokenizer, 5) == rows
