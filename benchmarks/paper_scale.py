@@ -94,7 +94,9 @@ OTHER_BENCHMARKS = ("arc_easy", "titles")
 # float32 base (base_dtype auto now picks bf16 under bf16 autocast, so plain pins float32).
 # Each training lever stage starts with a 2-step throwaway run (summary["lever_warmups"]): the first
 # training of a process pays CUDA/cuBLAS start-up, which once made plain look 2x slower than the same
-# settings run second (2026-12-02, benchmarks/RESULTS.md).
+# settings run second (2026-12-02, benchmarks/RESULTS.md). Besides the training hyperparameters, an
+# override may name "lora" (training.lora's keys) and "row_tokens" (the math rows lengthened to that
+# many tokens, lengthened_rows).
 FLOAT32_BASE = {"base_dtype": "float32"}
 NO_CHECKPOINTING = {"base_dtype": "bfloat16", "gradient_checkpointing": False}
 # The LoRA branch on the base's bf16 activations (d2lora.training.fast_paths); "lora" overrides training.lora.
