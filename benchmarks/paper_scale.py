@@ -617,6 +617,100 @@ class CompiledAgainstEager:
             return {"error": f"{type(err).__name__}: {err}"[:500]}
 
 
+FIXED_ROWS = 16  # one optimizer step's rows at Table 2's 8 x 2
+
+
+class AdapterMovement:
+    """Observer: how far training moved the adapter, and what that did to the loss, so that two levers
+    that log different losses on the same rows can be told apart: by their weights (Round 22: compiled
+    layers' logged loss fell 0.05 below eager's while their gradient norms agreed to 1e-3).
+
+    At the first step it keeps a copy of every trainable tensor; at the end of training
+    `moved` is the Frobenius norm of (trained - initial) over the LoRA A and over the LoRA B matrices.
+    `run` then takes the first FIXED_ROWS training rows, collated as training collated them, and
+    gives their loss with the adapter off (the base model) and on, both eagerly (torch.compiler's
+    force_eager stance) and, for a model with compiled layers, also through them, in eval mode without
+    gradients: a lever that trains what eager trains moves the loss by what its steps can move it."""
+
+    def __init__(self):
+        self.initial, self.moved = None, {}
+        self.model, self.rows, self.collate, self.micro_batch, self.bf16 = None, None, None, 1, False
+
+    def on_step_begin(self, args, state, control, model=None, **kwargs):
+        if self.initial is None and model is not None:
+            # On the host: the card's peak memory is what the lever is measured by.
+            self.initial = {n: p.detach().to("cpu", copy=True) for n, p in model.named_parameters() if p.requires_grad}
+
+    def on_step_end(self, *args, **kwargs):
+        pass
+
+    def on_train_end(self, args, state, control, model=None, train_dataloader=None, **kwargs):
+        import torch
+
+        if model is None or self.initial is None:
+            return
+        squares = {"lora_A": 0.0, "lora_B": 0.0, "other": 0.0}
+        with torch.no_grad():
+            for name, param in model.named_parameters():
+                if name in self.initial:
+                    kind = next((k for k in ("lora_A", "lora_B") if k in name), "other")
+                    moved = param.detach().to("cpu", torch.float32) - self.initial[name].float()
+                    squares[kind] += moved.pow(2).sum().item()
+        self.initial = None
+        self.moved = {kind: round(total**0.5, 8) for kind, total in squares.items() if kind != "other" or total}
+        self.model, self.bf16, self.micro_batch = model, bool(args.bf16), int(args.per_device_train_batch_size)
+        if train_dataloader is not None:
+            dataset = train_dataloader.dataset
+            self.rows = [dataset[i] for i in range(min(FIXED_ROWS, len(dataset)))]
+            self.collate = train_dataloader.collate_fn
+
+    def run(self) -> dict:
+        """`moved` and, on the fixed rows, the base, trained (eager) and trained (compiled) losses; the
+        kept model is then let go."""
+        model, rows, self.model, self.rows = self.model, self.rows, None, None
+        result = {"moved": self.moved}
+        if model is None or not rows:
+            return result | {"error": "training kept no model or rows"}
+        try:
+            return result | {"fixed_rows": len(rows)} | self.fixed_rows_loss(model, rows)
+        except Exception as err:  # noqa: BLE001 -- a diagnostic; the lever's numbers stand without it
+            return result | {"error": f"{type(err).__name__}: {err}"[:500]}
+
+    def fixed_rows_loss(self, model, rows: list) -> dict:
+        import torch
+
+        from d2lora.training.fast_paths import decoder_layers
+
+        device = next(model.parameters()).device
+        autocast = torch.autocast(device.type, dtype=torch.bfloat16) if self.bf16 else contextlib.nullcontext()
+        batches = [self.collate(rows[i : i + self.micro_batch]) for i in range(0, len(rows), self.micro_batch)]
+
+        def loss(eager: bool) -> float:
+            stance = torch.compiler.set_stance("force_eager") if eager else contextlib.nullcontext()
+            total, labels = 0.0, 0
+            with stance, autocast, torch.no_grad():
+                for batch in batches:
+                    batch = {k: v.to(device) for k, v in batch.items() if isinstance(v, torch.Tensor)}
+                    count = int((batch["labels"][:, 1:] != -100).sum())
+                    total += model(**batch, use_cache=False).loss.float().item() * count
+                    labels += count
+            return round(total / labels, 6)
+
+        was_training = model.training
+        model.eval()
+        try:
+            with model.disable_adapter():
+                losses = {"base_loss": loss(eager=True)}
+            losses["trained_eager_loss"] = loss(eager=True)
+            if any(
+                hasattr(layer, "_compiled_call_impl") and layer._compiled_call_impl for layer in decoder_layers(model)
+            ):
+                losses["trained_compiled_loss"] = loss(eager=False)
+        finally:
+            model.train(was_training)
+        return losses
+
+
 @contextlib.contextmanager
 def observed_trainer(training_module, observers: list):
     """Hand every observer (on_step_begin/on_step_end/on_train_end, observing only) to the trainer
@@ -970,6 +1064,10 @@ def train_stage(
     # the trained model's compiled forward still computes the eager one, and whether it stays causal.
     probe = CompiledAgainstEager() if overrides.get("compile_layers") else None
     observers += [probe] if probe is not None else []
+    # Round 22: compiled layers' logged loss fell below eager's with equal gradient norms; every lever
+    # records how far its adapter moved and its loss on fixed rows, so levers compare by their weights.
+    movement = AdapterMovement() if name.startswith("levers_") and not name.endswith("process_warmup") else None
+    observers += [movement] if movement is not None else []
     with timed(training, "load_model", run.device, loads), observed_trainer(training, observers):
         if stage == "warmup":
             record = training.run_warmup(
@@ -1003,6 +1101,9 @@ def train_stage(
     )
     if probe is not None:
         result["compiled_against_eager"] = probe.run()
+    if movement is not None:
+        result["adapter_movement"] = movement.run()
+        log(f"{name}: adapter_movement {result['adapter_movement']}")
     if profile is not None:
         result["profile"] = profile.result
     else:  # a profiled step runs several times slower

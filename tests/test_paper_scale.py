@@ -446,6 +446,19 @@ def test_levers_run_each_setting_against_the_plain_path_in_one_process(tmp_path,
         assert record["compiled_loss"] == pytest.approx(record["eager_loss"], rel=1e-2)
         assert record["compiled_causal_leak"] < 0.1 and record["eager_causal_leak"] < 0.1
     assert "compiled_against_eager" not in uncast
+    # Every lever: how far its adapter moved, and its loss on the same fixed rows with the adapter off
+    # and on (Round 22). At the tiny preset's learning rate the adapter moves; off, the base loss is
+    # the same model's whatever the lever, and a compiled model's own forward agrees with eager.
+    compiled = sft["no_checkpointing_uncast_inputs_dropout0_compiled_layers"]["adapter_movement"]
+    for lever in ("plain", "no_checkpointing_uncast_inputs_dropout0"):
+        movement = sft[lever]["adapter_movement"]
+        assert "error" not in movement, movement
+        assert movement["moved"]["lora_A"] > 0 and movement["moved"]["lora_B"] > 0
+        assert movement["fixed_rows"] == min(paper_scale.FIXED_ROWS, plain["rows"])
+        assert movement["trained_eager_loss"] != movement["base_loss"]
+        assert movement["base_loss"] == pytest.approx(compiled["base_loss"], rel=2e-2)
+        assert "trained_compiled_loss" not in movement
+    assert compiled["trained_compiled_loss"] == pytest.approx(compiled["trained_eager_loss"], rel=1e-2)
     # Lengthened rows (row_tokens): the same rows, each at least 300 tokens, as the record counts them.
     assert sft["rows300"]["tokens_per_row"] >= 300 > plain["tokens_per_row"]
     assert sft["rows300"]["rows"] == plain["rows"]
