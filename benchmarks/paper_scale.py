@@ -706,9 +706,58 @@ class AdapterMovement:
                 hasattr(layer, "_compiled_call_impl") and layer._compiled_call_impl for layer in decoder_layers(model)
             ):
                 losses["trained_compiled_loss"] = loss(eager=False)
+                losses["lora_branch"] = self.lora_branch(model, batches[0], device, autocast)
         finally:
             model.train(was_training)
         return losses
+
+    @staticmethod
+    def lora_branch(model, batch: dict, device, autocast) -> dict:
+        """What the LoRA branch adds to the logits of one fixed micro-batch (at its labelled positions),
+        eagerly and through the compiled layers: the trained model's logits less the same model's with
+        every B zeroed in place (a parameter's values, so no graph recompiles). `norm_ratio` is the
+        compiled branch's norm over the eager one's (1 when both compute the same branch), `cosine`
+        their alignment; `base_max_abs_difference` compares the two paths with B zeroed, the base
+        model alone; each of the four passes' loss on the micro-batch where the model gives one."""
+        import torch
+
+        batch = {k: v.to(device) for k, v in batch.items() if isinstance(v, torch.Tensor)}
+        labelled = batch["labels"] != -100
+
+        losses = {}
+
+        def logits(eager: bool, weights: str):
+            stance = torch.compiler.set_stance("force_eager") if eager else contextlib.nullcontext()
+            with stance, autocast, torch.no_grad():
+                out = model(**batch, use_cache=False)
+            if getattr(out, "loss", None) is not None:
+                losses[f"{weights}_{'eager' if eager else 'compiled'}_loss"] = round(out.loss.float().item(), 6)
+            return out.logits[labelled].float()
+
+        trained = {path: logits(path == "eager", "trained") for path in ("eager", "compiled")}
+        factors = [p for n, p in model.named_parameters() if "lora_B" in n]
+        kept = [p.detach().clone() for p in factors]
+        try:
+            with torch.no_grad():
+                for p in factors:
+                    p.zero_()
+            base = {path: logits(path == "eager", "base") for path in ("eager", "compiled")}
+        finally:
+            with torch.no_grad():
+                for p, value in zip(factors, kept):
+                    p.copy_(value)
+        branch = {path: trained[path] - base[path] for path in trained}
+        eager_norm, compiled_norm = branch["eager"].norm().item(), branch["compiled"].norm().item()
+        cosine = torch.nn.functional.cosine_similarity(branch["eager"].flatten(), branch["compiled"].flatten(), dim=0)
+        return {
+            "positions": int(labelled.sum()),
+            "eager_norm": round(eager_norm, 6),
+            "compiled_norm": round(compiled_norm, 6),
+            "norm_ratio": round(compiled_norm / eager_norm, 6) if eager_norm else None,
+            "cosine": round(cosine.item(), 6),
+            "base_max_abs_difference": (base["compiled"] - base["eager"]).abs().max().item(),
+            "trained_max_abs_difference": (trained["compiled"] - trained["eager"]).abs().max().item(),
+        } | losses
 
 
 @contextlib.contextmanager

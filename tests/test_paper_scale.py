@@ -6,6 +6,7 @@ The script runs here at the tiny shape on the CPU: the same stages, the same pip
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import math
@@ -459,6 +460,10 @@ def test_levers_run_each_setting_against_the_plain_path_in_one_process(tmp_path,
         assert movement["base_loss"] == pytest.approx(compiled["base_loss"], rel=2e-2)
         assert "trained_compiled_loss" not in movement
     assert compiled["trained_compiled_loss"] == pytest.approx(compiled["trained_eager_loss"], rel=1e-2)
+    # What the LoRA branch adds, eager and compiled (a tiny B under bf16 rounding here: the figures
+    # are compared in test_lora_branch_*, on a branch larger than the rounding).
+    branch = compiled["lora_branch"]
+    assert branch["positions"] > 0 and branch["eager_norm"] > 0 and branch["compiled_norm"] > 0
     # Lengthened rows (row_tokens): the same rows, each at least 300 tokens, as the record counts them.
     assert sft["rows300"]["tokens_per_row"] >= 300 > plain["tokens_per_row"]
     assert sft["rows300"]["rows"] == plain["rows"]
@@ -649,6 +654,87 @@ def test_compiled_against_eager_flags_a_compiled_forward_that_differs_and_one_th
     assert not model.training  # the probe runs in training mode and leaves the mode it found
     assert record["max_abs_logit_difference"] == pytest.approx(1.0, abs=1e-5)
     assert record["compiled_causal_leak"] > 1e-3 and record["eager_causal_leak"] > 1e-3
+
+
+def test_lora_branch_is_the_same_through_layers_compiled_by_dynamo(tiny_model_dir):
+    """float32, B drawn large enough to dominate rounding: the compiled layers add what eager adds."""
+    import torch
+    import torch._dynamo
+    from peft import get_peft_model
+
+    from d2lora.models import load_model
+    from d2lora.training import fast_paths
+    from d2lora.training.adapters import lora_config
+
+    torch.manual_seed(0)
+    model = get_peft_model(
+        load_model(tiny_model_dir, dtype="float32", device="cpu"),
+        lora_config({"rank": 4, "alpha": 8, "dropout": 0.0, "target_modules": "all-linear"}),
+    )
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "lora_B" in name:
+                param.normal_(std=0.05)
+    ids = torch.randint(0, model.config.vocab_size, (2, 30))
+    mask = torch.ones_like(ids)
+    mask[1, 24:] = 0
+    batch = {"input_ids": ids, "attention_mask": mask, "labels": ids.masked_fill(mask == 0, -100)}
+    torch._dynamo.reset()
+    try:
+        fast_paths.compile_decoder_layers(model, backend="eager")
+        model.eval()
+        branch = paper_scale.AdapterMovement.lora_branch(model, batch, "cpu", contextlib.nullcontext())
+    finally:
+        torch._dynamo.reset()
+    assert branch["positions"] == 54
+    assert branch["eager_norm"] > 1.0
+    assert branch["norm_ratio"] == pytest.approx(1.0, abs=1e-4) and branch["cosine"] > 0.9999
+    assert branch["base_max_abs_difference"] < 1e-4 and branch["trained_max_abs_difference"] < 1e-4
+    assert branch["trained_compiled_loss"] == pytest.approx(branch["trained_eager_loss"], abs=1e-5)
+    assert branch["base_compiled_loss"] == pytest.approx(branch["base_eager_loss"], abs=1e-5)
+    assert branch["base_eager_loss"] != branch["trained_eager_loss"]
+    lora_b = next(p for n, p in model.named_parameters() if "lora_B" in n)
+    assert lora_b.abs().sum() > 0, "B is put back after the zeroed pass"
+
+
+def test_lora_branch_flags_a_compiled_branch_that_is_scaled():
+    """The measure can fail: a body whose B branch counts twice only when traced."""
+    import torch
+
+    class Body(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.embedding = torch.nn.Embedding(50, 8)
+            self.lora_B = torch.nn.Linear(8, 8, bias=False)
+            self.head = torch.nn.Linear(8, 50, bias=False)
+
+        def forward(self, input_ids):
+            hidden = self.embedding(input_ids)
+            branch = self.lora_B(hidden)
+            return self.head(hidden + (2.0 * branch if torch.compiler.is_compiling() else branch))
+
+    class Output:
+        def __init__(self, logits):
+            self.logits = logits
+
+    class Model(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.body = Body()
+
+        def forward(self, input_ids, labels=None, use_cache=False):
+            return Output(self.body(input_ids))
+
+    torch.manual_seed(0)
+    model = Model()
+    model.body.compile(backend="eager")
+    ids = torch.randint(0, 50, (2, 12))
+    branch = paper_scale.AdapterMovement.lora_branch(
+        model, {"input_ids": ids, "labels": ids}, "cpu", contextlib.nullcontext()
+    )
+    assert branch["positions"] == 24
+    assert branch["norm_ratio"] == pytest.approx(2.0, abs=1e-4) and branch["cosine"] > 0.9999
+    assert branch["base_max_abs_difference"] < 1e-5 and branch["trained_max_abs_difference"] > 1e-3
 
 
 def test_lengthened_rows_repeat_each_answer_to_the_length_asked(tiny_model_dir):
