@@ -61,6 +61,20 @@ def test_parts_hold_every_file_once_and_none_is_over_the_limit():
         build_parts.pack(sizes, 40 * MIB)
 
 
+def test_the_default_part_leaves_room_for_the_tracked_files_that_travel_with_it(tmp_path):
+    import subprocess
+
+    subprocess.run(["git", "init", "-q", str(tmp_path)], check=True)
+    (tmp_path / "big.bin").write_bytes(b"x" * (5 * MIB + MIB // 2))
+    (tmp_path / "untracked.bin").write_bytes(b"x" * (20 * MIB))
+    subprocess.run(["git", "add", "big.bin"], cwd=tmp_path, check=True)
+    assert build_parts.tracked_files_mib(tmp_path) == pytest.approx(5.5)
+    assert build_parts.default_part_mib(tmp_path) == build_parts.TRANSFER_MIB - 8  # 5.5 + 2 spare, whole MiB down
+    (tmp_path / "big.bin").write_bytes(b"x" * (50 * MIB))
+    with pytest.raises(SystemExit, match="leave only 12.0 MiB"):
+        build_parts.default_part_mib(tmp_path)
+
+
 def test_a_kept_wheel_is_found_by_name_and_version(tmp_path):
     (tmp_path / "huggingface_hub-2.4.0-py3-none-any.whl").write_bytes(b"")
     (tmp_path / "peft-0.20.0-py3-none-any.whl").write_bytes(b"")

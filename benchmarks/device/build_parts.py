@@ -59,6 +59,8 @@ MANYLINUX = (
     "manylinux1_x86_64",
 )
 MIB = 2**20
+TRANSFER_MIB = 64  # the most one transfer to the node carries: a part and the repository's files
+MARGIN_MIB = 2  # what the repository may grow by between building the parts and carrying them
 
 
 def canonical(name: str) -> str:
@@ -224,17 +226,36 @@ def build(args: argparse.Namespace) -> dict[str, list[str]]:
     return plan
 
 
+def tracked_files_mib(root: Path = ROOT) -> float:
+    """What the repository's tracked files weigh in the working tree (they travel with every part)."""
+    names = subprocess.run(["git", "ls-files", "-z"], cwd=root, capture_output=True, check=True).stdout.split(b"\0")
+    return sum((root / n.decode()).stat().st_size for n in names if n and (root / n.decode()).is_file()) / MIB
+
+
+def default_part_mib(root: Path = ROOT) -> float:
+    part = TRANSFER_MIB - tracked_files_mib(root) - MARGIN_MIB
+    if part < 16:
+        raise SystemExit(f"the repository's tracked files leave only {part:.1f} MiB of a {TRANSFER_MIB} MiB transfer")
+    return float(int(part))
+
+
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--node-packages", type=Path, help="what the node's image has: `pip list --format=freeze`")
     parser.add_argument("--python", default="3.12", help="the node's Python version (default 3.12)")
     parser.add_argument(
-        "--part-mb", type=float, default=54, help="largest part in MiB: a transfer's limit less the repository's files"
+        "--part-mb",
+        type=float,
+        default=None,
+        help=f"largest part in MiB (default: a {TRANSFER_MIB} MiB transfer less the repository's tracked files and "
+        f"{MARGIN_MIB} MiB, as the repository travels with each part)",
     )
     parser.add_argument("--out", type=Path, default=ROOT / ".whl")
     parser.add_argument("--shared", type=Path, default=ROOT.parent / "shared", help="the folder holding data/")
     parser.add_argument("--commit", default="HEAD", help="the commit the node runs (git archive)")
     args = parser.parse_args(argv)
+    if args.part_mb is None:
+        args.part_mb = default_part_mib()
     if args.node_packages and not args.node_packages.is_file():
         parser.error(f"--node-packages: no file {args.node_packages}")
     missing = [f for f in DATA_FOLDERS if not (args.shared / f).is_dir()]
