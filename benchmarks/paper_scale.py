@@ -618,6 +618,9 @@ class CompiledAgainstEager:
 
 
 FIXED_ROWS = 16  # one optimizer step's rows at Table 2's 8 x 2
+# B after Table 2's 17 steps at 1e-6 has a norm of ~0.02 (Round 23): scaled by 1,000 its branch moves
+# the logits well past bf16 rounding, so the eager and compiled branches can be compared as vectors.
+LORA_BRANCH_SCALE = 1000.0
 
 
 class AdapterMovement:
@@ -707,23 +710,29 @@ class AdapterMovement:
             ):
                 losses["trained_compiled_loss"] = loss(eager=False)
                 losses["lora_branch"] = self.lora_branch(model, batches[0], device, autocast)
+                # Round 23: the trained branch drowned in rounding (cosine ~0); scaled, it does not.
+                losses["lora_branch_scaled"] = self.lora_branch(
+                    model, batches[0], device, autocast, scale=LORA_BRANCH_SCALE
+                )
         finally:
             model.train(was_training)
         return losses
 
     @staticmethod
-    def lora_branch(model, batch: dict, device, autocast) -> dict:
+    def lora_branch(model, batch: dict, device, autocast, scale: float = 1.0) -> dict:
         """What the LoRA branch adds to the logits of one fixed micro-batch (at its labelled positions),
-        eagerly and through the compiled layers: the trained model's logits less the same model's with
-        every B zeroed in place (a parameter's values, so no graph recompiles). `norm_ratio` is the
-        compiled branch's norm over the eager one's (1 when both compute the same branch), `cosine`
-        their alignment; `base_max_abs_difference` compares the two paths with B zeroed, the base
-        model alone; each of the four passes' loss on the micro-batch where the model gives one."""
+        eagerly and through the compiled layers: the model's logits with every B multiplied by `scale`
+        less its logits with every B zeroed, both in place (a parameter's values, so no graph
+        recompiles; the trained B is put back). `norm_ratio` is the compiled branch's norm over the
+        eager one's (1 when both compute the same branch), `cosine` their alignment; a trained B too
+        small to outlast bf16 rounding gives two branches of rounding noise (cosine ~0), which a
+        large `scale` lifts above it. `base_max_abs_difference` compares the two paths with B zeroed,
+        the base model alone; each of the four passes' loss on the micro-batch where the model gives
+        one."""
         import torch
 
         batch = {k: v.to(device) for k, v in batch.items() if isinstance(v, torch.Tensor)}
         labelled = batch["labels"] != -100
-
         losses = {}
 
         def logits(eager: bool, weights: str):
@@ -734,10 +743,13 @@ class AdapterMovement:
                 losses[f"{weights}_{'eager' if eager else 'compiled'}_loss"] = round(out.loss.float().item(), 6)
             return out.logits[labelled].float()
 
-        trained = {path: logits(path == "eager", "trained") for path in ("eager", "compiled")}
         factors = [p for n, p in model.named_parameters() if "lora_B" in n]
         kept = [p.detach().clone() for p in factors]
         try:
+            with torch.no_grad():
+                for p in factors:
+                    p.mul_(scale)
+            trained = {path: logits(path == "eager", "trained") for path in ("eager", "compiled")}
             with torch.no_grad():
                 for p in factors:
                     p.zero_()
@@ -750,6 +762,7 @@ class AdapterMovement:
         eager_norm, compiled_norm = branch["eager"].norm().item(), branch["compiled"].norm().item()
         cosine = torch.nn.functional.cosine_similarity(branch["eager"].flatten(), branch["compiled"].flatten(), dim=0)
         return {
+            "scale": scale,
             "positions": int(labelled.sum()),
             "eager_norm": round(eager_norm, 6),
             "compiled_norm": round(compiled_norm, 6),

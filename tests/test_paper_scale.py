@@ -464,6 +464,9 @@ def test_levers_run_each_setting_against_the_plain_path_in_one_process(tmp_path,
     # are compared in test_lora_branch_*, on a branch larger than the rounding).
     branch = compiled["lora_branch"]
     assert branch["positions"] > 0 and branch["eager_norm"] > 0 and branch["compiled_norm"] > 0
+    scaled = compiled["lora_branch_scaled"]
+    assert (branch["scale"], scaled["scale"]) == (1.0, paper_scale.LORA_BRANCH_SCALE)
+    assert scaled["positions"] == branch["positions"] and scaled["eager_norm"] > branch["eager_norm"]
     # Lengthened rows (row_tokens): the same rows, each at least 300 tokens, as the record counts them.
     assert sft["rows300"]["tokens_per_row"] >= 300 > plain["tokens_per_row"]
     assert sft["rows300"]["rows"] == plain["rows"]
@@ -694,7 +697,15 @@ def test_lora_branch_is_the_same_through_layers_compiled_by_dynamo(tiny_model_di
     assert branch["base_compiled_loss"] == pytest.approx(branch["base_eager_loss"], abs=1e-5)
     assert branch["base_eager_loss"] != branch["trained_eager_loss"]
     lora_b = next(p for n, p in model.named_parameters() if "lora_B" in n)
-    assert lora_b.abs().sum() > 0, "B is put back after the zeroed pass"
+    kept = lora_b.detach().clone()
+    torch._dynamo.reset()
+    try:
+        fast_paths.compile_decoder_layers(model, backend="eager")
+        scaled = paper_scale.AdapterMovement.lora_branch(model, batch, "cpu", contextlib.nullcontext(), scale=3.0)
+    finally:
+        torch._dynamo.reset()
+    assert scaled["norm_ratio"] == pytest.approx(1.0, abs=1e-4) and scaled["eager_norm"] > branch["eager_norm"]
+    assert torch.equal(lora_b, kept), "B is put back as it was after the scaled and zeroed passes"
 
 
 def test_lora_branch_flags_a_compiled_branch_that_is_scaled():

@@ -20,9 +20,10 @@
   start, so row lengths need no graph of their own: two graphs on the CPU (the first layer's input
   needs no grad), four on CUDA (inductor also splits lengths that are a multiple of 8 from the rest),
   where a static first compile recompiles for lengths too and reaches dynamo's recompile limit.
-  On CUDA its loss leaves eager's from the second step on, with dropout 0 too, while the trained
-  model's compiled forward is its eager one; cause not found (benchmarks/RESULTS.md, Rounds 21-22):
-  it stays a measured lever, not a setting that trains what eager trains.
+  On CUDA its loss leaves eager's from the second step on, with dropout 0 too: the adapter moves as
+  eager's does, but the compiled forward of the same weights gives a lower loss once B is not zero,
+  more than such a B can give; cause not found (benchmarks/RESULTS.md, Rounds 21-23): it stays a
+  measured lever, not a setting that computes what eager computes.
 - `flex_attention: true`: the base model's attention through FlexAttention instead of SDPA. What it
   is for is `padding_free`: a micro-batch of 8 real-length rows, each padded to the batch's longest,
   is ~30 % padding (benchmarks/batch_padding.py), and padding-free batches drop it, but transformers
