@@ -25,7 +25,8 @@ DPO reference does its pass; for GSM8K `speedup_generate` and the fraction of an
 plain). `lever_ratios` holds DPO's seconds per pair over SFT's per example (fastest of each). A lever
 that compiles the decoder layers also records `compiled_against_eager`: its trained model's logits and
 loss through the compiled layers against the same layers run eagerly, and whether either path lets a
-position see later tokens.
+position see later tokens. Every lever records `adapter_movement`: how far its LoRA A and B moved and
+its trained model's loss on fixed training rows, adapter off and on (AdapterMovement).
     python benchmarks/paper_scale.py --stages levers_sft,levers_dpo,levers_orpo,levers_gsm8k
 
 <out>/summary.json is rewritten after every stage, so a run cut off mid-way keeps what finished.
@@ -633,7 +634,10 @@ class AdapterMovement:
     `run` then takes the first FIXED_ROWS training rows, collated as training collated them, and
     gives their loss with the adapter off (the base model) and on, both eagerly (torch.compiler's
     force_eager stance) and, for a model with compiled layers, also through them, in eval mode without
-    gradients: a lever that trains what eager trains moves the loss by what its steps can move it."""
+    gradients: a lever that trains what eager trains moves the loss by what its steps can move it.
+    For a compiled model also, on the first micro-batch, `lora_branch` (what the branch adds to the
+    logits, eager against compiled, as trained and with B scaled by LORA_BRANCH_SCALE) and
+    `leaks_scaled` (whether a logit moves when later tokens or another row change)."""
 
     def __init__(self):
         self.initial, self.moved = None, {}
@@ -714,9 +718,59 @@ class AdapterMovement:
                 losses["lora_branch_scaled"] = self.lora_branch(
                     model, batches[0], device, autocast, scale=LORA_BRANCH_SCALE
                 )
+                losses["leaks_scaled"] = self.leaks(model, batches[0], device, autocast, scale=LORA_BRANCH_SCALE)
         finally:
             model.train(was_training)
         return losses
+
+    @staticmethod
+    def leaks(model, batch: dict, device, autocast, scale: float = 1.0, seed: int = 0) -> dict:
+        """Per path (eager, compiled), with every B multiplied by `scale` (put back after), on a real
+        micro-batch: `causal`, the largest change of any logit before the middle of the rows when the
+        tokens from the middle on are redrawn (zero for a causal model), and `cross_row`, the largest
+        change of any logit of the other rows when the first row's tokens are redrawn (zero when rows
+        do not see each other)."""
+        import torch
+
+        batch = {k: v.to(device) for k, v in batch.items() if isinstance(v, torch.Tensor)}
+        ids, real = batch["input_ids"], batch.get("attention_mask", torch.ones_like(batch["input_ids"])).bool()
+        generator = torch.Generator().manual_seed(seed)
+        middle = ids.shape[1] // 2
+        later = ids.clone()
+        later[:, middle:] = torch.randint(0, model.config.vocab_size, later[:, middle:].shape, generator=generator).to(
+            ids.device
+        )
+        first_row = ids.clone()
+        first_row[0] = torch.randint(0, model.config.vocab_size, ids[0].shape, generator=generator).to(ids.device)
+        inputs = {k: v for k, v in batch.items() if k not in ("input_ids", "labels")}
+
+        def logits(tokens, eager: bool):
+            stance = torch.compiler.set_stance("force_eager") if eager else contextlib.nullcontext()
+            with stance, autocast, torch.no_grad():
+                return model(input_ids=tokens, **inputs, use_cache=False).logits
+
+        factors = [p for n, p in model.named_parameters() if "lora_B" in n]
+        kept = [p.detach().clone() for p in factors]
+        result = {"scale": scale, "rows": int(ids.shape[0]), "middle": middle}
+        try:
+            with torch.no_grad():
+                for p in factors:
+                    p.mul_(scale)
+            for path in ("eager", "compiled"):
+                reference = logits(ids, path == "eager")
+                early = real[:, :middle]
+                causal = (logits(later, path == "eager")[:, :middle] - reference[:, :middle])[early]
+                others = (logits(first_row, path == "eager")[1:] - reference[1:])[real[1:]]
+                result[path] = {
+                    "causal": causal.abs().max().item() if causal.numel() else None,
+                    "cross_row": others.abs().max().item() if others.numel() else None,
+                }
+                del reference, causal, others
+        finally:
+            with torch.no_grad():
+                for p, value in zip(factors, kept):
+                    p.copy_(value)
+        return result
 
     @staticmethod
     def lora_branch(model, batch: dict, device, autocast, scale: float = 1.0) -> dict:

@@ -467,6 +467,8 @@ def test_levers_run_each_setting_against_the_plain_path_in_one_process(tmp_path,
     scaled = compiled["lora_branch_scaled"]
     assert (branch["scale"], scaled["scale"]) == (1.0, paper_scale.LORA_BRANCH_SCALE)
     assert scaled["positions"] == branch["positions"] and scaled["eager_norm"] > branch["eager_norm"]
+    assert set(compiled["leaks_scaled"]) == {"scale", "rows", "middle", "eager", "compiled"}
+    assert compiled["leaks_scaled"]["eager"]["causal"] < 1e-3
     # Lengthened rows (row_tokens): the same rows, each at least 300 tokens, as the record counts them.
     assert sft["rows300"]["tokens_per_row"] >= 300 > plain["tokens_per_row"]
     assert sft["rows300"]["rows"] == plain["rows"]
@@ -706,6 +708,16 @@ def test_lora_branch_is_the_same_through_layers_compiled_by_dynamo(tiny_model_di
         torch._dynamo.reset()
     assert scaled["norm_ratio"] == pytest.approx(1.0, abs=1e-4) and scaled["eager_norm"] > branch["eager_norm"]
     assert torch.equal(lora_b, kept), "B is put back as it was after the scaled and zeroed passes"
+    torch._dynamo.reset()
+    try:
+        fast_paths.compile_decoder_layers(model, backend="eager")
+        leaks = paper_scale.AdapterMovement.leaks(model, batch, "cpu", contextlib.nullcontext(), scale=3.0)
+    finally:
+        torch._dynamo.reset()
+    assert (leaks["rows"], leaks["middle"]) == (2, 15)
+    for path in ("eager", "compiled"):
+        assert leaks[path]["causal"] < 1e-5 and leaks[path]["cross_row"] < 1e-5
+    assert torch.equal(lora_b, kept)
 
 
 def test_lora_branch_flags_a_compiled_branch_that_is_scaled():
@@ -746,6 +758,52 @@ def test_lora_branch_flags_a_compiled_branch_that_is_scaled():
     assert branch["positions"] == 24
     assert branch["norm_ratio"] == pytest.approx(2.0, abs=1e-4) and branch["cosine"] > 0.9999
     assert branch["base_max_abs_difference"] < 1e-5 and branch["trained_max_abs_difference"] > 1e-3
+
+
+def test_leaks_flag_a_compiled_branch_that_sees_later_tokens_and_other_rows():
+    """The check can fail: a B branch that, only when traced, adds the next position's and the next
+    row's input; eagerly the same body stays causal and row-wise."""
+    import torch
+
+    class Body(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.embedding = torch.nn.Embedding(50, 8)
+            self.lora_B = torch.nn.Linear(8, 8, bias=False)
+            self.head = torch.nn.Linear(8, 50, bias=False)
+
+        def forward(self, input_ids):
+            hidden = self.embedding(input_ids)
+            seen = hidden
+            if torch.compiler.is_compiling():
+                seen = hidden + hidden.roll(-1, dims=1) + hidden.roll(-1, dims=0)
+            return self.head(hidden + self.lora_B(seen))
+
+    class Output:
+        def __init__(self, logits):
+            self.logits = logits
+
+    class Model(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.config = type("Config", (), {"vocab_size": 50})()
+            self.body = Body()
+
+        def forward(self, input_ids, attention_mask=None, use_cache=False):
+            return Output(self.body(input_ids))
+
+    torch.manual_seed(0)
+    model = Model()
+    model.body.compile(backend="eager")
+    ids = torch.randint(0, 50, (3, 12))
+    leaks = paper_scale.AdapterMovement.leaks(
+        model,
+        {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids},
+        "cpu",
+        contextlib.nullcontext(),
+    )
+    assert leaks["eager"] == {"causal": 0.0, "cross_row": 0.0}
+    assert leaks["compiled"]["causal"] > 1e-3 and leaks["compiled"]["cross_row"] > 1e-3
 
 
 def test_lengthened_rows_repeat_each_answer_to_the_length_asked(tiny_model_dir):
