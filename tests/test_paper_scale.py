@@ -806,6 +806,29 @@ def test_leaks_flag_a_compiled_branch_that_sees_later_tokens_and_other_rows():
     assert leaks["compiled"]["causal"] > 1e-3 and leaks["compiled"]["cross_row"] > 1e-3
 
 
+def test_a_lever_trains_under_its_inductor_settings_and_records_them(monkeypatch):
+    import torch._inductor.config
+
+    before = torch._inductor.config.emulate_precision_casts
+    seen = {}
+
+    def train_once(run, stage, overrides, name=None, n=None):
+        seen["casts"], seen["overrides"] = torch._inductor.config.emulate_precision_casts, overrides
+        return {"steps": 1}
+
+    monkeypatch.setattr(paper_scale, "train_once", train_once)
+    lever = paper_scale.LEVERS["sft"]["no_checkpointing_uncast_inputs_dropout0_compiled_layers_emulated_casts"]
+    result = paper_scale.train_stage(None, "sft", lever, name="levers_sft_x")
+    assert before is False, "torch's default: inductor keeps fused intermediates unrounded"
+    assert seen["casts"] is True and "inductor" not in seen["overrides"]
+    assert seen["overrides"]["compile_layers"] is True
+    assert result == {"steps": 1, "inductor": {"emulate_precision_casts": True}}
+    assert torch._inductor.config.emulate_precision_casts is before
+    assert paper_scale.train_stage(None, "sft", {"batch_size": 4}) == {"steps": 1}
+    with pytest.raises(ValueError, match=r"unknown torch._inductor.config settings \['no_such_setting'\]"):
+        paper_scale.train_stage(None, "sft", {"inductor": {"no_such_setting": 1}})
+
+
 def test_lengthened_rows_repeat_each_answer_to_the_length_asked(tiny_model_dir):
     from d2lora.models import load_tokenizer
 
