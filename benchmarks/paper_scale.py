@@ -551,6 +551,33 @@ class StepClock:
 PROBE_LENGTHS = (1000, 1237)  # two row lengths no stage trains on; the second not a multiple of 8
 
 
+def path_stance(eager: bool):
+    """The eager path of a model with compiled layers (torch.compiler's force_eager stance), or its
+    compiled graphs as they are."""
+    import torch
+
+    return torch.compiler.set_stance("force_eager") if eager else contextlib.nullcontext()
+
+
+@contextlib.contextmanager
+def lora_b_scaled(model, scale: float):
+    """Every LoRA B multiplied by `scale` in place for the block (0 zeroes the branch), then put back
+    exactly: a parameter's values, so no compiled graph recompiles."""
+    import torch
+
+    factors = [p for n, p in model.named_parameters() if "lora_B" in n]
+    kept = [p.detach().clone() for p in factors]
+    try:
+        with torch.no_grad():
+            for p in factors:
+                p.mul_(scale)
+        yield
+    finally:
+        with torch.no_grad():
+            for p, value in zip(factors, kept):
+                p.copy_(value)
+
+
 def compiled_against_eager(model, vocab_size: int, bf16: bool, lengths=PROBE_LENGTHS, seed: int = 0) -> dict:
     """A trained model's logits through its compiled layers against the same layers run eagerly
     (torch.compiler's force_eager stance), in training mode with gradients on, as training ran them:
@@ -567,8 +594,7 @@ def compiled_against_eager(model, vocab_size: int, bf16: bool, lengths=PROBE_LEN
     model.train()
 
     def logits(ids, mask, eager: bool):
-        stance = torch.compiler.set_stance("force_eager") if eager else contextlib.nullcontext()
-        with stance, autocast:
+        with path_stance(eager), autocast:
             return model(input_ids=ids, attention_mask=mask, use_cache=False).logits.detach().float()
 
     def loss(out, ids, mask):
@@ -702,9 +728,8 @@ class AdapterMovement:
         batches = [self.collate(rows[i : i + self.micro_batch]) for i in range(0, len(rows), self.micro_batch)]
 
         def loss(eager: bool) -> float:
-            stance = torch.compiler.set_stance("force_eager") if eager else contextlib.nullcontext()
             total, labels = 0.0, 0
-            with stance, autocast, torch.no_grad():
+            with path_stance(eager), autocast, torch.no_grad():
                 for batch in batches:
                     batch = {k: v.to(device) for k, v in batch.items() if isinstance(v, torch.Tensor)}
                     count = int((batch["labels"][:, 1:] != -100).sum())
@@ -754,17 +779,11 @@ class AdapterMovement:
         inputs = {k: v for k, v in batch.items() if k not in ("input_ids", "labels")}
 
         def logits(tokens, eager: bool):
-            stance = torch.compiler.set_stance("force_eager") if eager else contextlib.nullcontext()
-            with stance, autocast, torch.no_grad():
+            with path_stance(eager), autocast, torch.no_grad():
                 return model(input_ids=tokens, **inputs, use_cache=False).logits
 
-        factors = [p for n, p in model.named_parameters() if "lora_B" in n]
-        kept = [p.detach().clone() for p in factors]
         result = {"scale": scale, "rows": int(ids.shape[0]), "middle": middle}
-        try:
-            with torch.no_grad():
-                for p in factors:
-                    p.mul_(scale)
+        with lora_b_scaled(model, scale):
             for path in ("eager", "compiled"):
                 reference = logits(ids, path == "eager")
                 early = real[:, :middle]
@@ -775,10 +794,6 @@ class AdapterMovement:
                     "cross_row": others.abs().max().item() if others.numel() else None,
                 }
                 del reference, causal, others
-        finally:
-            with torch.no_grad():
-                for p, value in zip(factors, kept):
-                    p.copy_(value)
         return result
 
     @staticmethod
@@ -799,28 +814,16 @@ class AdapterMovement:
         losses = {}
 
         def logits(eager: bool, weights: str):
-            stance = torch.compiler.set_stance("force_eager") if eager else contextlib.nullcontext()
-            with stance, autocast, torch.no_grad():
+            with path_stance(eager), autocast, torch.no_grad():
                 out = model(**batch, use_cache=False)
             if getattr(out, "loss", None) is not None:
                 losses[f"{weights}_{'eager' if eager else 'compiled'}_loss"] = round(out.loss.float().item(), 6)
             return out.logits[labelled].float()
 
-        factors = [p for n, p in model.named_parameters() if "lora_B" in n]
-        kept = [p.detach().clone() for p in factors]
-        try:
-            with torch.no_grad():
-                for p in factors:
-                    p.mul_(scale)
+        with lora_b_scaled(model, scale):
             trained = {path: logits(path == "eager", "trained") for path in ("eager", "compiled")}
-            with torch.no_grad():
-                for p in factors:
-                    p.zero_()
+        with lora_b_scaled(model, 0.0):
             base = {path: logits(path == "eager", "base") for path in ("eager", "compiled")}
-        finally:
-            with torch.no_grad():
-                for p, value in zip(factors, kept):
-                    p.copy_(value)
         branch = {path: trained[path] - base[path] for path in trained}
         eager_norm, compiled_norm = branch["eager"].norm().item(), branch["compiled"].norm().item()
         cosine = torch.nn.functional.cosine_similarity(branch["eager"].flatten(), branch["compiled"].flatten(), dim=0)

@@ -625,6 +625,28 @@ def test_compiled_against_eager_finds_no_difference_in_a_causal_model_compiled_b
         assert record["compiled_causal_leak"] < 1e-4 and record["eager_causal_leak"] < 1e-4
 
 
+def body_as_causal_lm(body, vocab_size: int):
+    """A stand-in for a transformers causal LM around `body` (token ids -> logits), the body compiled
+    by dynamo alone: what the compiled-against-eager probes call, and nothing else."""
+    import torch
+
+    class Output:
+        def __init__(self, logits):
+            self.logits = logits
+
+    class Model(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.config = type("Config", (), {"vocab_size": vocab_size})()
+            self.body = body
+
+        def forward(self, input_ids, attention_mask=None, labels=None, use_cache=False):
+            return Output(self.body(input_ids))
+
+    body.compile(backend="eager")
+    return Model()
+
+
 def test_compiled_against_eager_flags_a_compiled_forward_that_differs_and_one_that_sees_ahead():
     """The probe can fail: a body that adds 1 only when traced, and mixes every position into every other."""
     import torch
@@ -639,21 +661,8 @@ def test_compiled_against_eager_flags_a_compiled_forward_that_differs_and_one_th
             hidden = hidden + hidden.mean(dim=1, keepdim=True)  # every position sees the whole row
             return hidden + 1.0 if torch.compiler.is_compiling() else hidden
 
-    class Output:
-        def __init__(self, logits):
-            self.logits = logits
-
-    class Model(torch.nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.body = Body()
-
-        def forward(self, input_ids, attention_mask=None, use_cache=False):
-            return Output(self.body(input_ids))
-
     torch.manual_seed(0)
-    model = Model()
-    model.body.compile(backend="eager")
+    model = body_as_causal_lm(Body(), vocab_size=50)
     model.eval()
     record = paper_scale.compiled_against_eager(model, 50, bf16=False, lengths=(40,))["40"]
     assert not model.training  # the probe runs in training mode and leaves the mode it found
@@ -684,11 +693,16 @@ def test_lora_branch_is_the_same_through_layers_compiled_by_dynamo(tiny_model_di
     mask = torch.ones_like(ids)
     mask[1, 24:] = 0
     batch = {"input_ids": ids, "attention_mask": mask, "labels": ids.masked_fill(mask == 0, -100)}
+    lora_b = next(p for n, p in model.named_parameters() if "lora_B" in n)
+    kept = lora_b.detach().clone()
+    measure = paper_scale.AdapterMovement
     torch._dynamo.reset()
     try:
         fast_paths.compile_decoder_layers(model, backend="eager")
         model.eval()
-        branch = paper_scale.AdapterMovement.lora_branch(model, batch, "cpu", contextlib.nullcontext())
+        branch = measure.lora_branch(model, batch, "cpu", contextlib.nullcontext())
+        scaled = measure.lora_branch(model, batch, "cpu", contextlib.nullcontext(), scale=3.0)
+        leaks = measure.leaks(model, batch, "cpu", contextlib.nullcontext(), scale=3.0)
     finally:
         torch._dynamo.reset()
     assert branch["positions"] == 54
@@ -698,26 +712,11 @@ def test_lora_branch_is_the_same_through_layers_compiled_by_dynamo(tiny_model_di
     assert branch["trained_compiled_loss"] == pytest.approx(branch["trained_eager_loss"], abs=1e-5)
     assert branch["base_compiled_loss"] == pytest.approx(branch["base_eager_loss"], abs=1e-5)
     assert branch["base_eager_loss"] != branch["trained_eager_loss"]
-    lora_b = next(p for n, p in model.named_parameters() if "lora_B" in n)
-    kept = lora_b.detach().clone()
-    torch._dynamo.reset()
-    try:
-        fast_paths.compile_decoder_layers(model, backend="eager")
-        scaled = paper_scale.AdapterMovement.lora_branch(model, batch, "cpu", contextlib.nullcontext(), scale=3.0)
-    finally:
-        torch._dynamo.reset()
     assert scaled["norm_ratio"] == pytest.approx(1.0, abs=1e-4) and scaled["eager_norm"] > branch["eager_norm"]
-    assert torch.equal(lora_b, kept), "B is put back as it was after the scaled and zeroed passes"
-    torch._dynamo.reset()
-    try:
-        fast_paths.compile_decoder_layers(model, backend="eager")
-        leaks = paper_scale.AdapterMovement.leaks(model, batch, "cpu", contextlib.nullcontext(), scale=3.0)
-    finally:
-        torch._dynamo.reset()
     assert (leaks["rows"], leaks["middle"]) == (2, 15)
     for path in ("eager", "compiled"):
         assert leaks[path]["causal"] < 1e-5 and leaks[path]["cross_row"] < 1e-5
-    assert torch.equal(lora_b, kept)
+    assert torch.equal(lora_b, kept), "B is put back as it was after the scaled and zeroed passes"
 
 
 def test_lora_branch_flags_a_compiled_branch_that_is_scaled():
@@ -736,21 +735,8 @@ def test_lora_branch_flags_a_compiled_branch_that_is_scaled():
             branch = self.lora_B(hidden)
             return self.head(hidden + (2.0 * branch if torch.compiler.is_compiling() else branch))
 
-    class Output:
-        def __init__(self, logits):
-            self.logits = logits
-
-    class Model(torch.nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.body = Body()
-
-        def forward(self, input_ids, labels=None, use_cache=False):
-            return Output(self.body(input_ids))
-
     torch.manual_seed(0)
-    model = Model()
-    model.body.compile(backend="eager")
+    model = body_as_causal_lm(Body(), vocab_size=50)
     ids = torch.randint(0, 50, (2, 12))
     branch = paper_scale.AdapterMovement.lora_branch(
         model, {"input_ids": ids, "labels": ids}, "cpu", contextlib.nullcontext()
@@ -779,22 +765,8 @@ def test_leaks_flag_a_compiled_branch_that_sees_later_tokens_and_other_rows():
                 seen = hidden + hidden.roll(-1, dims=1) + hidden.roll(-1, dims=0)
             return self.head(hidden + self.lora_B(seen))
 
-    class Output:
-        def __init__(self, logits):
-            self.logits = logits
-
-    class Model(torch.nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.config = type("Config", (), {"vocab_size": 50})()
-            self.body = Body()
-
-        def forward(self, input_ids, attention_mask=None, use_cache=False):
-            return Output(self.body(input_ids))
-
     torch.manual_seed(0)
-    model = Model()
-    model.body.compile(backend="eager")
+    model = body_as_causal_lm(Body(), vocab_size=50)
     ids = torch.randint(0, 50, (3, 12))
     leaks = paper_scale.AdapterMovement.leaks(
         model,
