@@ -64,6 +64,7 @@ import os
 import sys
 import time
 from pathlib import Path
+from unittest import mock
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT / "src"), str(Path(__file__).resolve().parent)]
@@ -97,7 +98,7 @@ OTHER_BENCHMARKS = ("arc_easy", "titles")
 # training of a process pays CUDA/cuBLAS start-up, which once made plain look 2x slower than the same
 # settings run second (2026-12-02, benchmarks/RESULTS.md). Besides the training hyperparameters, an
 # override may name "lora" (training.lora's keys), "row_tokens" (the math rows lengthened to that
-# many tokens, lengthened_rows) and "inductor" (torch._inductor.config settings for the lever).
+# many tokens, lengthened_rows) and "inductor" (inductor settings for compile_layers' layers).
 FLOAT32_BASE = {"base_dtype": "float32"}
 NO_CHECKPOINTING = {"base_dtype": "bfloat16", "gradient_checkpointing": False}
 # The LoRA branch on the base's bf16 activations (d2lora.training.fast_paths); "lora" overrides training.lora.
@@ -159,14 +160,12 @@ LEVERS = {
             "lora": {"dropout": 0.0},
             "compile_layers": True,
         },
-        # Round 23: the compiled forward's loss falls below eager's once B is not zero. Inductor keeps
-        # fused intermediates in float32 where eager rounds each op's bf16 output (pytorch issue
-        # 159239); emulate_precision_casts rounds as eager does: whether the offset is that rounding.
-        "no_checkpointing_uncast_inputs_dropout0_compiled_layers_emulated_casts": {
-            **UNCAST,
-            "lora": {"dropout": 0.0},
+        # Round 24: compiled layers now round each fused op's bf16 output as eager does (fast_paths.COMPILE_OPTIONS),
+        # which took Round 23's loss offset away; the packed compiled lever without that rounding, for its cost.
+        "no_checkpointing_uncast_inputs_padding_free_flex_batch16x1_compiled_layers_unrounded": {
+            **PACKED_16,
             "compile_layers": True,
-            "inductor": {"emulate_precision_casts": True},
+            "inductor": {"emulate_precision_casts": False},
         },
         "no_checkpointing_compiled_layers": {**NO_CHECKPOINTING, "compile_layers": True},
         "no_checkpointing_uncast_inputs_compiled_layers": {**UNCAST, "compile_layers": True},
@@ -1162,17 +1161,20 @@ def steady_rates(result: dict, seconds_per_step: float | None, peak_flops: float
 
 @contextlib.contextmanager
 def inductor_config(settings: dict | None):
-    """torch._inductor.config patched with `settings` for the block (nothing when None); an unknown
-    name is refused before anything runs."""
+    """Compiled decoder layers made with inductor's `settings` over the pipeline's own
+    (fast_paths.COMPILE_OPTIONS) for the block (nothing when None); an unknown name is refused before
+    anything runs."""
     if not settings:
         yield
         return
     import torch._inductor.config
 
+    from d2lora.training import fast_paths
+
     unknown = sorted(k for k in settings if not hasattr(torch._inductor.config, k))
     if unknown:
         raise ValueError(f"inductor: unknown torch._inductor.config settings {unknown}")
-    with torch._inductor.config.patch(settings):
+    with mock.patch.dict(fast_paths.COMPILE_OPTIONS, settings):
         yield
 
 
@@ -1181,8 +1183,8 @@ def train_stage(
 ) -> dict:
     """One training stage: the warm-up or one cell of `stage`'s method (n rows: the config's cell by
     default), its hyperparameters updated with `overrides`, the adapter written as `name` (default: the
-    stage). An override "inductor" patches torch._inductor.config for the stage, its probes included,
-    and is recorded as such."""
+    stage). An override "inductor" sets inductor's options for the stage's compiled layers, and is
+    recorded as such."""
     overrides = dict(overrides or {})
     inductor = overrides.pop("inductor", None)
     with inductor_config(inductor):

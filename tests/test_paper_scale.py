@@ -779,24 +779,27 @@ def test_leaks_flag_a_compiled_branch_that_sees_later_tokens_and_other_rows():
 
 
 def test_a_lever_trains_under_its_inductor_settings_and_records_them(monkeypatch):
-    import torch._inductor.config
+    from d2lora.training import fast_paths
 
-    before = torch._inductor.config.emulate_precision_casts
+    before = dict(fast_paths.COMPILE_OPTIONS)
     seen = {}
 
     def train_once(run, stage, overrides, name=None, n=None):
-        seen["casts"], seen["overrides"] = torch._inductor.config.emulate_precision_casts, overrides
+        seen["options"], seen["overrides"] = dict(fast_paths.COMPILE_OPTIONS), overrides
         return {"steps": 1}
 
     monkeypatch.setattr(paper_scale, "train_once", train_once)
-    lever = paper_scale.LEVERS["sft"]["no_checkpointing_uncast_inputs_dropout0_compiled_layers_emulated_casts"]
+    lever = paper_scale.LEVERS["sft"][
+        "no_checkpointing_uncast_inputs_padding_free_flex_batch16x1_compiled_layers_unrounded"
+    ]
     result = paper_scale.train_stage(None, "sft", lever, name="levers_sft_x")
-    assert before is False, "torch's default: inductor keeps fused intermediates unrounded"
-    assert seen["casts"] is True and "inductor" not in seen["overrides"]
+    assert before == {"emulate_precision_casts": True}, "the pipeline's compiled layers round as eager does"
+    assert seen["options"] == {"emulate_precision_casts": False} and "inductor" not in seen["overrides"]
     assert seen["overrides"]["compile_layers"] is True
-    assert result == {"steps": 1, "inductor": {"emulate_precision_casts": True}}
-    assert torch._inductor.config.emulate_precision_casts is before
+    assert result == {"steps": 1, "inductor": {"emulate_precision_casts": False}}
+    assert fast_paths.COMPILE_OPTIONS == before
     assert paper_scale.train_stage(None, "sft", {"batch_size": 4}) == {"steps": 1}
+    assert seen["options"] == before
     with pytest.raises(ValueError, match=r"unknown torch._inductor.config settings \['no_such_setting'\]"):
         paper_scale.train_stage(None, "sft", {"inductor": {"no_such_setting": 1}})
 
