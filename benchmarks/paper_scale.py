@@ -582,7 +582,8 @@ def compiled_against_eager(model, vocab_size: int, bf16: bool, lengths=PROBE_LEN
     (torch.compiler's force_eager stance), in training mode with gradients on, as training ran them:
     per row length, two rows (the second right-padded by 37), the largest absolute logit difference
     and each path's loss on the rows. `causal_leak` is how far a position's logits move when only the
-    tokens after it change (zero for a causal model): whether a compiled graph lost the causal mask."""
+    tokens after it change (zero for a causal model): whether a compiled graph lost the causal mask.
+    Each forward starts from torch's seed `seed`, so dropout draws the same masks on both inputs."""
     import torch
     import torch.nn.functional as F
 
@@ -593,6 +594,9 @@ def compiled_against_eager(model, vocab_size: int, bf16: bool, lengths=PROBE_LEN
     model.train()
 
     def logits(ids, mask, eager: bool):
+        # The same dropout masks for every forward (Round 24: with dropout 0.05 fresh masks moved a
+        # random model's early logits by ~0.3 and read as a causal leak).
+        torch.manual_seed(seed)
         with path_stance(eager), autocast:
             return model(input_ids=ids, attention_mask=mask, use_cache=False).logits.detach().float()
 

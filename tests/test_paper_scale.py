@@ -597,7 +597,8 @@ def test_kv_heads_repeated_is_the_same_function_with_one_kv_head_per_query_head(
 
 def test_compiled_against_eager_finds_no_difference_in_a_causal_model_compiled_by_layers(tiny_model_dir):
     """The probe on what compile_layers makes (dynamo's graphs run eagerly: inductor's CUDA kernels are
-    what it is for on the GPU): the same logits and loss either way, and a causal model."""
+    what it is for on the GPU): the same logits and loss either way, and a causal model, with dropout
+    on and B not zero, so that fresh dropout masks would move every logit."""
     import torch
     import torch._dynamo
     from peft import get_peft_model
@@ -609,8 +610,12 @@ def test_compiled_against_eager_finds_no_difference_in_a_causal_model_compiled_b
     torch.manual_seed(0)
     model = get_peft_model(
         load_model(tiny_model_dir, dtype="float32", device="cpu"),
-        lora_config({"rank": 4, "alpha": 8, "dropout": 0.0, "target_modules": "all-linear"}),
+        lora_config({"rank": 4, "alpha": 8, "dropout": 0.5, "target_modules": "all-linear"}),
     )
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "lora_B" in name:
+                param.normal_(std=0.5)
     torch._dynamo.reset()
     try:
         fast_paths.compile_decoder_layers(model, backend="eager")
