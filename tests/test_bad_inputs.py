@@ -137,6 +137,11 @@ CONFIG_CASES = [
         r"training\.adapt\.sft\.flex_attention: torch's FlexAttention has no backward on the CPU",
     ),
     (
+        "a micro-batch token limit for a preference method, whose pairs it does not count",
+        _set("training.adapt.dpo.max_micro_batch_tokens", 8000),
+        r"training\.adapt\.dpo\.max_micro_batch_tokens: SFT only",
+    ),
+    (
         "padding to a multiple for ORPO, whose TRL config has no such field",
         _set("training.adapt.orpo.pad_to_multiple_of", 8),
         r"training\.adapt\.orpo\.pad_to_multiple_of: SFT, DPO only \(training\.adapt\.orpo trains ORPO\)",

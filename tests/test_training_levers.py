@@ -179,6 +179,46 @@ def test_padding_free_refuses_rows_that_padded_batches_would_truncate(tiny_model
     assert not (tmp_path / "a").exists()
 
 
+def test_micro_batch_tokens_counts_the_worst_micro_batch_padded_and_packed():
+    from d2lora.training.trainers import micro_batch_tokens
+
+    hp = TrainingHparams.of(dict(HP, batch_size=3, max_length=100), "training.adapt.sft")
+    lengths = [10, 50, 30, 120, 5]
+    assert micro_batch_tokens(lengths, hp) == (300, "3 rows padded to 100 tokens")  # cut at max_length
+    assert micro_batch_tokens(lengths, hp.replace(pad_to_multiple_of=64)) == (384, "3 rows padded to 128 tokens")
+    assert micro_batch_tokens(lengths, hp.replace(padding_free=True)) == (200, "the 3 longest rows packed")
+    assert micro_batch_tokens([7, 9], hp.replace(padding_free=True)) == (16, "the 2 longest rows packed")
+
+
+@pytest.mark.parametrize("padding_free", [False, True])
+def test_a_cell_whose_micro_batch_could_pass_max_micro_batch_tokens_is_refused_before_training(
+    padding_free, tiny_model_dir, train_file, tokenizer, tmp_path
+):
+    """The guard for settings that fit memory only up to so many tokens a micro-batch (16 packed rows
+    without checkpointing: ~7,800 on an 80 GB card at the 8B shape, benchmarks/RESULTS.md, Round 22)."""
+    from d2lora.training.trainers import micro_batch_tokens
+
+    hp = dict(HP, padding_free=padding_free)
+    build = dict(
+        tokenizer=tokenizer,
+        train_dataset=trl_dataset(_rows(6), "sft"),
+        output_dir=str(tmp_path / "out"),
+        seed=0,
+        use_cpu=True,
+    )
+    model = _tiny_peft(tiny_model_dir, "float32")
+    trainer = build_trainer("sft", model, hp=hp, **build)
+    lengths = [len(ids) for ids in trainer.train_dataset["input_ids"]]
+    worst, _ = micro_batch_tokens(lengths, TrainingHparams.of(hp, "training.adapt.sft"))
+    assert worst > sum(sorted(lengths)[:3]), "the worst micro-batch, not any one"
+    build_trainer("sft", model, hp=dict(hp, max_micro_batch_tokens=worst), **build)  # at the limit: fits
+    with pytest.raises(ValueError) as refused:
+        build_trainer("sft", model, hp=dict(hp, max_micro_batch_tokens=worst - 1), **build)
+    assert str(refused.value).startswith(
+        f"training.adapt.sft.max_micro_batch_tokens={worst - 1}: a micro-batch of these 6 rows can hold {worst} tokens"
+    )
+
+
 def test_precomputed_dpo_reference_equals_the_per_step_reference(tiny_model_dir, warmup_adapter, tmp_path):
     from datasets import Dataset
 

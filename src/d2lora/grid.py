@@ -186,6 +186,7 @@ def _check_formats(datasets: dict) -> None:
 METHOD_ONLY_OPTIONS = {
     "group_by_length": ("sft",),
     "padding_free": ("sft",),
+    "max_micro_batch_tokens": ("sft",),
     "pad_to_multiple_of": ("sft", "dpo"),
     "precompute_reference": ("dpo",),
 }

@@ -133,6 +133,7 @@ class TrainingHparams(Settings):
     base_dtype: str
     padding_free: bool
     pad_to_multiple_of: int | None
+    max_micro_batch_tokens: int | None
     cast_adapter_inputs: bool
     fuse_adapter_add: bool
     compile_layers: bool

@@ -120,6 +120,8 @@ def build_trainer(
         )
         if hp.padding_free:
             check_padding_free_lengths(trainer, hp.max_length)
+        if hp.max_micro_batch_tokens:
+            check_micro_batch_tokens(trainer, hp, f"training.adapt.{method}.max_micro_batch_tokens")
         return trainer
     if method == "dpo":
         if hp.precompute_reference:
@@ -193,6 +195,32 @@ def check_padding_free_lengths(trainer, max_length: int) -> None:
             f"padding_free: {sum(n > max_length for n in lengths)} of {len(lengths)} rows are longer than "
             f"max_length={max_length} tokens (longest {longest}); padded batches would truncate them. "
             "Raise max_length or turn padding_free off"
+        )
+
+
+def micro_batch_tokens(lengths: list[int], hp: TrainingHparams) -> tuple[int, str]:
+    """The most tokens one micro-batch of `hp.batch_size` of these rows can hold, and how it is made:
+    padded, that many rows padded to the longest (cut at max_length, rounded up to pad_to_multiple_of);
+    padding-free, the longest rows' sum."""
+    rows = sorted(lengths, reverse=True)[: hp.batch_size]
+    if hp.padding_free:
+        return sum(rows), f"the {len(rows)} longest rows packed"
+    longest = min(rows[0], hp.max_length) if rows else 0
+    multiple = hp.pad_to_multiple_of or 1
+    width = -(-longest // multiple) * multiple
+    return hp.batch_size * width, f"{hp.batch_size} rows padded to {width} tokens"
+
+
+def check_micro_batch_tokens(trainer, hp: TrainingHparams, key: str) -> None:
+    """Refuse a cell whose rows could make a micro-batch above max_micro_batch_tokens: before the first
+    step, not out of memory partway through an epoch."""
+    lengths = [len(ids) for ids in trainer.train_dataset["input_ids"]]
+    tokens, made = micro_batch_tokens(lengths, hp)
+    if tokens > hp.max_micro_batch_tokens:
+        raise ValueError(
+            f"{key}={hp.max_micro_batch_tokens}: a micro-batch of these {len(lengths)} rows can hold {tokens} "
+            f"tokens ({made}). Lower batch_size and raise grad_accum (the same rows a step), or turn "
+            "gradient_checkpointing on and raise the limit"
         )
 
 
