@@ -192,7 +192,7 @@ def test_micro_batch_tokens_counts_the_worst_micro_batch_padded_and_packed():
 
 @pytest.mark.parametrize("padding_free", [False, True])
 def test_a_cell_whose_micro_batch_could_pass_max_micro_batch_tokens_is_refused_before_training(
-    padding_free, tiny_model_dir, train_file, tokenizer, tmp_path
+    padding_free, tiny_model_dir, tokenizer, tmp_path
 ):
     """The guard for settings that fit memory only up to so many tokens a micro-batch (16 packed rows
     without checkpointing: ~7,800 on an 80 GB card at the 8B shape, benchmarks/RESULTS.md, Round 22)."""
@@ -441,10 +441,12 @@ def test_compiled_decoder_layers_compute_what_the_eager_ones_compute(tiny_model_
         fast_paths.compile_decoder_layers(torch.nn.Linear(2, 2))
 
 
-def test_inductor_compiled_layers_give_eager_bf16_losses_and_gradients_bit_for_bit(tiny_model_dir):
+def test_inductor_compiled_layers_give_eager_bf16_losses_and_gradients(tiny_model_dir):
     """compile_layers asks inductor to round each fused op's bf16 output as eager does: unrounded
     intermediates made the compiled loss of a trained adapter 0.03 lower than eager's at the 8B shape
-    (benchmarks/RESULTS.md, Rounds 23-24). The control compiles without it and differs."""
+    (benchmarks/RESULTS.md, Rounds 23-24). The control compiles without it. On a Xeon with AMX the
+    rounded loss and gradients are eager's bit for bit (the unrounded: 1e-5 and 1e-4 off); other CPUs
+    may order a reduction differently, so the check is that rounding takes 90 % of the difference."""
     import torch._dynamo
 
     from d2lora.training import fast_paths
@@ -458,10 +460,11 @@ def test_inductor_compiled_layers_give_eager_bf16_losses_and_gradients_bit_for_b
         loss.backward()
         return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
 
-    def same(one, other) -> bool:
-        return torch.equal(one[0], other[0]) and all(torch.equal(one[1][k], other[1][k]) for k in one[1])
+    def differences(one, other) -> tuple[float, float]:
+        grads = max((one[1][k] - other[1][k]).abs().max().item() for k in one[1])
+        return (one[0] - other[0]).abs().item(), grads
 
-    results = {}
+    found = {}
     for name in ("rounded", "unrounded"):
         torch._dynamo.reset()
         model = _tiny_peft(tiny_model_dir, "bfloat16")
@@ -475,10 +478,12 @@ def test_inductor_compiled_layers_give_eager_bf16_losses_and_gradients_bit_for_b
             for layer in fast_paths.decoder_layers(model):
                 layer.compile(backend="inductor", dynamic=True)
         try:
-            results[name] = same(loss_and_grads(model), eager)
+            found[name] = differences(loss_and_grads(model), eager)
         finally:
             torch._dynamo.reset()
-    assert results == {"rounded": True, "unrounded": False}
+    (loss_rounded, grads_rounded), (loss_unrounded, grads_unrounded) = found["rounded"], found["unrounded"]
+    assert loss_unrounded > 0 and grads_unrounded > 0, "the control: inductor's default is not eager's rounding"
+    assert loss_rounded <= loss_unrounded / 10 and grads_rounded <= grads_unrounded / 10, found
 
 
 def test_compiled_layers_train_rows_of_every_length_without_recompiling(tiny_model_dir):

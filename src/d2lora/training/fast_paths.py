@@ -24,7 +24,7 @@
   (`emulate_precision_casts`): by default it keeps a fused kernel's intermediates in float32, and on
   CUDA that made the compiled forward of a trained adapter 0.03 lower in loss than its eager forward
   at the 8B shape, once B was not zero (a near-zero branch survives unrounded sums and is rounded
-  away in eager's). Rounded, the two agree to 0.001 on the GPU and bit for bit on the CPU (tests),
+  away in eager's). Rounded, the two agree to 0.001 on the GPU and bit for bit on a Xeon CPU (tests),
   and a compiled step of 16 packed rows at the 8B shape took 0.296 s against 0.280 s unrounded and
   0.393 s eager (benchmarks/RESULTS.md, Rounds 21-24).
 - `flex_attention: true`: the base model's attention through FlexAttention instead of SDPA. What it
