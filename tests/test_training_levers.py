@@ -486,6 +486,32 @@ def test_inductor_compiled_layers_give_eager_bf16_losses_and_gradients(tiny_mode
     assert loss_rounded <= loss_unrounded / 10 and grads_rounded <= grads_unrounded / 10, found
 
 
+def test_compile_layers_min_steps_leaves_short_cells_eager_and_says_why(tiny_model_dir):
+    """Compiling costs a job a fixed time and saves a little each step: worth it on long cells only."""
+    import torch._dynamo
+
+    from d2lora.training import fast_paths
+
+    hp = TrainingHparams.of(dict(HP, compile_layers=True, compile_layers_min_steps=500), "training.adapt.sft")
+    short = _tiny_peft(tiny_model_dir, "float32")
+    record = fast_paths.apply(short, hp, steps=499)["compile_layers"]
+    assert record == {
+        "setting": True,
+        "layers": 0,
+        "reason": "not compiled: 499 optimizer steps, under compile_layers_min_steps=500",
+    }
+    assert all(layer._compiled_call_impl is None for layer in fast_paths.decoder_layers(short))
+    try:
+        for steps in (500, None):  # None: a caller that does not know the cell's steps
+            model = _tiny_peft(tiny_model_dir, "float32")
+            record = fast_paths.apply(model, hp, steps=steps)["compile_layers"]
+            assert record["layers"] == model.config.num_hidden_layers and "reason" not in record
+            assert record["inductor"] == {"emulate_precision_casts": True}
+            assert all(layer._compiled_call_impl is not None for layer in fast_paths.decoder_layers(model))
+    finally:
+        torch._dynamo.reset()
+
+
 def test_compiled_layers_train_rows_of_every_length_without_recompiling(tiny_model_dir):
     """Dynamic shapes from the first compile: one graph for every row length, plus one for the first
     layer, whose input needs no grad. A static first compile needs a third for the lengths, and on the

@@ -137,6 +137,7 @@ class TrainingHparams(Settings):
     cast_adapter_inputs: bool
     fuse_adapter_add: bool
     compile_layers: bool
+    compile_layers_min_steps: int
     flex_attention: bool
     precompute_reference: bool
 

@@ -152,8 +152,9 @@ def use_flex_attention(model) -> str:
     return base.config._attn_implementation
 
 
-def apply(model, hp: TrainingHparams) -> dict:
-    """The settings as `hp` has them (bf16 already resolved for the device); what took effect, and why."""
+def apply(model, hp: TrainingHparams, steps: int | None = None) -> dict:
+    """The settings as `hp` has them (bf16 already resolved for the device) for a cell of `steps`
+    optimizer steps (None: unknown, no step threshold applies); what took effect, and why."""
     record = {}
     if hp.cast_adapter_inputs:
         record["cast_adapter_inputs"] = {"setting": True, "layers": 0}
@@ -168,10 +169,12 @@ def apply(model, hp: TrainingHparams) -> dict:
     record["flex_attention"] = {"setting": hp.flex_attention}
     if hp.flex_attention:
         record["flex_attention"]["attention"] = use_flex_attention(model)
-    record["compile_layers"] = {
-        "setting": hp.compile_layers,
-        "layers": compile_decoder_layers(model) if hp.compile_layers else 0,
-    }
-    if hp.compile_layers:
-        record["compile_layers"]["inductor"] = dict(COMPILE_OPTIONS)
+    record["compile_layers"] = {"setting": hp.compile_layers, "layers": 0}
+    too_short = steps is not None and steps < hp.compile_layers_min_steps
+    if hp.compile_layers and too_short:
+        record["compile_layers"]["reason"] = (
+            f"not compiled: {steps} optimizer steps, under compile_layers_min_steps={hp.compile_layers_min_steps}"
+        )
+    elif hp.compile_layers:
+        record["compile_layers"].update(layers=compile_decoder_layers(model), inductor=dict(COMPILE_OPTIONS))
     return record

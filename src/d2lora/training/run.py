@@ -150,7 +150,7 @@ def _fit(
                 with staged_dir(initial_dir) as staging:
                     inits.save_initial_adapter(model, staging)
         record["base_weights_dtype"] = _frozen_dtype(model)
-        record["fast_paths"] = fast_paths.apply(model, hp)
+        record["fast_paths"] = fast_paths.apply(model, hp, steps=hp.optimizer_steps(len(rows)))
         # The adaptive adapters' callbacks first: they write their state into a checkpoint before
         # the marker says the checkpoint is complete.
         callbacks = list(extra_callbacks or []) + ([mark_complete_callback()] if checkpoint_steps > 0 else [])
