@@ -26,7 +26,8 @@
   at the 8B shape, once B was not zero (a near-zero branch survives unrounded sums and is rounded
   away in eager's). Rounded, the two agree to 0.001 on the GPU and bit for bit on a Xeon CPU (tests),
   and a compiled step of 16 packed rows at the 8B shape took 0.296 s against 0.280 s unrounded and
-  0.393 s eager (benchmarks/RESULTS.md, Rounds 21-24).
+  0.393 s eager (benchmarks/RESULTS.md, Rounds 21-24). Compiling costs a job a fixed ~70-100 s
+  there, so `compile_layers_min_steps` leaves cells shorter than that many optimizer steps eager.
 - `flex_attention: true`: the base model's attention through FlexAttention instead of SDPA. What it
   is for is `padding_free`: a micro-batch of 8 real-length rows, each padded to the batch's longest,
   is ~30 % padding (benchmarks/batch_padding.py), and padding-free batches drop it, but transformers
