@@ -468,6 +468,9 @@ def test_levers_run_each_setting_against_the_plain_path_in_one_process(tmp_path,
     assert (branch["scale"], scaled["scale"]) == (1.0, paper_scale.LORA_BRANCH_SCALE)
     assert scaled["positions"] == branch["positions"] and scaled["eager_norm"] > branch["eager_norm"]
     assert set(compiled["leaks_scaled"]) == {"scale", "rows", "middle", "eager", "compiled"}
+    for lever in dpo.values():  # a preference lever: how far its adapter moved, no fixed-row loss
+        movement = lever["adapter_movement"]
+        assert movement["moved"]["lora_B"] > 0 and movement["fixed_rows"] == 0 and "error" not in movement
     assert compiled["leaks_scaled"]["eager"]["causal"] < 1e-3
     # Lengthened rows (row_tokens): the same rows, each at least 300 tokens, as the record counts them.
     assert sft["rows300"]["tokens_per_row"] >= 300 > plain["tokens_per_row"]
