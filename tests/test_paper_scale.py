@@ -598,27 +598,36 @@ def test_kv_heads_repeated_is_the_same_function_with_one_kv_head_per_query_head(
     assert paper_scale.kv_heads_repeated(tmp_path / "grouped", folder) == folder, "made once"
 
 
-def test_compiled_against_eager_finds_no_difference_in_a_causal_model_compiled_by_layers(tiny_model_dir):
-    """The probe on what compile_layers makes (dynamo's graphs run eagerly: inductor's CUDA kernels are
-    what it is for on the GPU): the same logits and loss either way, and a causal model, with dropout
-    on and B not zero, so that fresh dropout masks would move every logit."""
+def tiny_lora_with_drawn_b(tiny_model_dir, dropout: float, b_std: float):
+    """The tiny Llama in float32 with LoRA on every linear layer, B drawn (seed 0) instead of zero, so
+    that the branch, and dropout on it, move the logits."""
     import torch
-    import torch._dynamo
     from peft import get_peft_model
 
     from d2lora.models import load_model
-    from d2lora.training import fast_paths
     from d2lora.training.adapters import lora_config
 
     torch.manual_seed(0)
     model = get_peft_model(
         load_model(tiny_model_dir, dtype="float32", device="cpu"),
-        lora_config({"rank": 4, "alpha": 8, "dropout": 0.5, "target_modules": "all-linear"}),
+        lora_config({"rank": 4, "alpha": 8, "dropout": dropout, "target_modules": "all-linear"}),
     )
     with torch.no_grad():
         for name, param in model.named_parameters():
             if "lora_B" in name:
-                param.normal_(std=0.5)
+                param.normal_(std=b_std)
+    return model
+
+
+def test_compiled_against_eager_finds_no_difference_in_a_causal_model_compiled_by_layers(tiny_model_dir):
+    """The probe on what compile_layers makes (dynamo's graphs run eagerly: inductor's CUDA kernels are
+    what it is for on the GPU): the same logits and loss either way, and a causal model, with dropout
+    on and B not zero, so that fresh dropout masks would move every logit."""
+    import torch._dynamo
+
+    from d2lora.training import fast_paths
+
+    model = tiny_lora_with_drawn_b(tiny_model_dir, dropout=0.5, b_std=0.5)
     torch._dynamo.reset()
     try:
         fast_paths.compile_decoder_layers(model, backend="eager")
@@ -682,21 +691,10 @@ def test_lora_branch_is_the_same_through_layers_compiled_by_dynamo(tiny_model_di
     """float32, B drawn large enough to dominate rounding: the compiled layers add what eager adds."""
     import torch
     import torch._dynamo
-    from peft import get_peft_model
 
-    from d2lora.models import load_model
     from d2lora.training import fast_paths
-    from d2lora.training.adapters import lora_config
 
-    torch.manual_seed(0)
-    model = get_peft_model(
-        load_model(tiny_model_dir, dtype="float32", device="cpu"),
-        lora_config({"rank": 4, "alpha": 8, "dropout": 0.0, "target_modules": "all-linear"}),
-    )
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            if "lora_B" in name:
-                param.normal_(std=0.05)
+    model = tiny_lora_with_drawn_b(tiny_model_dir, dropout=0.0, b_std=0.05)
     ids = torch.randint(0, model.config.vocab_size, (2, 30))
     mask = torch.ones_like(ids)
     mask[1, 24:] = 0

@@ -118,10 +118,12 @@ def build_trainer(
             processing_class=tokenizer,
             callbacks=callbacks,
         )
-        if hp.padding_free:
-            check_padding_free_lengths(trainer, hp.max_length)
-        if hp.max_micro_batch_tokens:
-            check_micro_batch_tokens(trainer, hp, f"training.adapt.{method}.max_micro_batch_tokens")
+        if hp.padding_free or hp.max_micro_batch_tokens:
+            lengths = [len(ids) for ids in trainer.train_dataset["input_ids"]]
+            if hp.padding_free:
+                check_padding_free_lengths(lengths, hp.max_length)
+            if hp.max_micro_batch_tokens:
+                check_micro_batch_tokens(lengths, hp, f"training.adapt.{method}.max_micro_batch_tokens")
         return trainer
     if method == "dpo":
         if hp.precompute_reference:
@@ -185,10 +187,10 @@ def _fast_reference_fingerprint(active: bool):
         dpo_module.hash_module = original
 
 
-def check_padding_free_lengths(trainer, max_length: int) -> None:
-    """Padding-free SFT trains untruncated rows: refuse any longer than max_length, which a padded
-    batch would have cut, so that the lever never changes what a cell trains on."""
-    lengths = [len(ids) for ids in trainer.train_dataset["input_ids"]]
+def check_padding_free_lengths(lengths: list[int], max_length: int) -> None:
+    """Padding-free SFT trains untruncated rows (`lengths`: their tokens): refuse any longer than
+    max_length, which a padded batch would have cut, so that the lever never changes what a cell
+    trains on."""
     longest = max(lengths, default=0)
     if longest > max_length:
         raise ValueError(
@@ -211,10 +213,9 @@ def micro_batch_tokens(lengths: list[int], hp: TrainingHparams) -> tuple[int, st
     return hp.batch_size * width, f"{hp.batch_size} rows padded to {width} tokens"
 
 
-def check_micro_batch_tokens(trainer, hp: TrainingHparams, key: str) -> None:
-    """Refuse a cell whose rows could make a micro-batch above max_micro_batch_tokens: before the first
-    step, not out of memory partway through an epoch."""
-    lengths = [len(ids) for ids in trainer.train_dataset["input_ids"]]
+def check_micro_batch_tokens(lengths: list[int], hp: TrainingHparams, key: str) -> None:
+    """Refuse a cell whose rows (`lengths`: their tokens) could make a micro-batch above
+    max_micro_batch_tokens: before the first step, not out of memory partway through an epoch."""
     tokens, made = micro_batch_tokens(lengths, hp)
     if tokens > hp.max_micro_batch_tokens:
         raise ValueError(
