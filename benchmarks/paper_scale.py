@@ -43,6 +43,9 @@ Definitions (per training method):
 - steady_seconds_per_step, steady_tokens_per_second, steady_mfu: the same past the first STEADY_AFTER
   optimizer steps (step-end clock), at the run's mean tokens per step: what compiling the layers or
   the first steps' one-time costs leave out (unprofiled runs only).
+- compiling_steps: the optimizer steps in which dynamo made a graph (a new shape's recompile can land in
+  any step); compile_free_seconds_per_step, compile_free_tokens_per_second, compile_free_mfu: the steady
+  rates over the steps past STEADY_AFTER that made none.
 - peak_allocated_gib: training.json's / scores.json's peak (PyTorch allocated); peak_reserved_gib:
   PyTorch's reserved peak over the same span, what a card must hold. fits_80gb: reserved <= 79 GiB
   (an 80 GB card has 79.6 GiB, less the CUDA context).
@@ -221,6 +224,20 @@ LEVERS = {
         "no_checkpointing_precompute_reference_uncast_inputs_compiled_layers": {
             **UNCAST,
             "precompute_reference": True,
+            "compile_layers": True,
+        },
+        # Round 25: dynamo recompiled for a row length not a multiple of 8 inside both compiled levers'
+        # steady windows; padded to 8, inductor sees one alignment case (SFT's pad8 levers, Round 10).
+        "bf16_base_precompute_reference_uncast_inputs_pad8_compiled_layers": {
+            **BF16_UNCAST,
+            "precompute_reference": True,
+            "pad_to_multiple_of": 8,
+            "compile_layers": True,
+        },
+        "no_checkpointing_precompute_reference_uncast_inputs_pad8_compiled_layers": {
+            **UNCAST,
+            "precompute_reference": True,
+            "pad_to_multiple_of": 8,
             "compile_layers": True,
         },
     },
@@ -546,19 +563,22 @@ class ProfileSteps:
 class StepClock:
     """The wall time at the end of every optimizer step, after the device finishes it, so the steady
     rate past the first STEADY_AFTER steps (compilation, allocator growth, kernel choice) can be told
-    from the whole run's."""
+    from the whole run's; and how many graphs dynamo had made by then, so the steps that compiled (a
+    recompile for a new shape can land anywhere in a short lever) can be left out as well."""
 
     def __init__(self, device: str):
-        self.device, self.times = device, []
+        self.device, self.times, self.graphs, self.graphs_before = device, [], [], None
 
     def on_step_begin(self, *args, **kwargs):
-        pass
+        if self.graphs_before is None:
+            self.graphs_before = dynamo_graphs()
 
     def on_step_end(self, *args, **kwargs):
         from d2lora.cost import synchronize
 
         synchronize(self.device)
         self.times.append(time.perf_counter())
+        self.graphs.append(dynamo_graphs())
 
     def on_train_end(self, *args, **kwargs):
         pass
@@ -567,6 +587,27 @@ class StepClock:
         if len(self.times) < STEADY_AFTER + 2:
             return None
         return (self.times[-1] - self.times[STEADY_AFTER - 1]) / (len(self.times) - STEADY_AFTER)
+
+    def compiling_steps(self) -> list[int]:
+        """The optimizer steps (1-based) in which dynamo made a graph."""
+        before = [self.graphs_before or 0] + self.graphs[:-1]
+        return [i + 1 for i, (was, now) in enumerate(zip(before, self.graphs)) if now != was]
+
+    def compile_free_seconds_per_step(self) -> float | None:
+        """The mean step past the first STEADY_AFTER, leaving out every step that compiled."""
+        compiled = set(self.compiling_steps())
+        seconds = [
+            self.times[i] - self.times[i - 1] for i in range(STEADY_AFTER, len(self.times)) if i + 1 not in compiled
+        ]
+        return sum(seconds) / len(seconds) if len(seconds) >= 2 else None
+
+
+def dynamo_graphs() -> int:
+    """How many graphs dynamo has made in this process (its own counter, 0 before any compile)."""
+    # why: importing torch._dynamo at module level would slow every CPU-only use of this script
+    from torch._dynamo.utils import counters
+
+    return counters["stats"]["unique_graphs"]
 
 
 PROBE_LENGTHS = (1000, 1237)  # two row lengths no stage trains on; the second not a multiple of 8
@@ -1187,6 +1228,15 @@ def steady_rates(result: dict, seconds_per_step: float | None, peak_flops: float
     }
 
 
+def compile_free_rates(result: dict, clock: StepClock, peak_flops: float | None) -> dict:
+    """steady_rates over the steps past STEADY_AFTER that made no graph, and which steps did."""
+    rates = steady_rates(result, clock.compile_free_seconds_per_step(), peak_flops)
+    return {
+        "compiling_steps": clock.compiling_steps(),
+        **{key.replace("steady_", "compile_free_"): value for key, value in rates.items()},
+    }
+
+
 @contextlib.contextmanager
 def inductor_config(settings: dict | None):
     """Compiled decoder layers made with inductor's `settings` over the pipeline's own
@@ -1294,6 +1344,7 @@ def train_once(run: Run, stage: str, overrides: dict, name: str | None = None, n
         result["profile"] = profile.result
     else:  # a profiled step runs several times slower
         result.update(steady_rates(result, clock.steady_seconds_per_step(), run.summary["device"]["peak_flops"]))
+        result.update(compile_free_rates(result, clock, run.summary["device"]["peak_flops"]))
     log(
         f"{name}: {result['steps']} steps, {result['tokens_per_second']:.0f} tokens/s, {result['seconds_per_step']:.2f} s/step, "
         f"peak {result['peak_allocated_gib']} GiB allocated / {result['peak_reserved_gib']} reserved"

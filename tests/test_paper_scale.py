@@ -440,6 +440,9 @@ def test_levers_run_each_setting_against_the_plain_path_in_one_process(tmp_path,
     assert taken["setting"] is False and (taken["layers"] > 0) == uncast["bf16"]
     assert plain["fast_paths"]["cast_adapter_inputs"] == {"setting": True, "layers": 0}
     assert all("steady_seconds_per_step" in run for run in sft.values())
+    # Only the compiled lever makes graphs, in its first step at least.
+    assert sft["no_checkpointing_uncast_inputs_dropout0_compiled_layers"]["compiling_steps"][:1] == [1]
+    assert uncast["compiling_steps"] == []
     # A compiled lever's trained model, compiled against eager on rows of new lengths (Round 21's probe).
     probe = sft["no_checkpointing_uncast_inputs_dropout0_compiled_layers"]["compiled_against_eager"]
     assert set(probe) == {str(n) for n in paper_scale.PROBE_LENGTHS}
@@ -542,6 +545,22 @@ def test_steady_rates_leave_out_the_first_steps():
     assert rates["steady_tokens_per_second"] == 200 and rates["steady_mfu"] == pytest.approx(4 * 10 * 200 / 1e4)
     clock.times = clock.times[:4]
     assert clock.steady_seconds_per_step() is None
+
+
+def test_compile_free_rates_leave_out_the_steps_that_compiled():
+    clock = paper_scale.StepClock("cpu")
+    clock.graphs_before = 0
+    # steps 1-2 compile, step 5 recompiles for a new shape (4 s), the rest take 0.5 s
+    clock.times = [10.0, 13.0, 13.5, 14.0, 18.0, 18.5, 19.0]
+    clock.graphs = [2, 4, 4, 4, 6, 6, 6]
+    assert clock.compiling_steps() == [1, 2, 5]
+    assert clock.steady_seconds_per_step() == pytest.approx(5.5 / 4)
+    assert clock.compile_free_seconds_per_step() == pytest.approx(0.5)
+    rates = paper_scale.compile_free_rates({"train_tokens": 700, "steps": 7, "model_parameters": 10}, clock, 1e4)
+    assert rates["compiling_steps"] == [1, 2, 5]
+    assert rates["compile_free_seconds_per_step"] == 0.5 and rates["compile_free_tokens_per_second"] == 200
+    clock.graphs = [2, 4, 4, 6, 8, 8, 10]  # one compile-free step past the first three is no rate
+    assert clock.compile_free_seconds_per_step() is None
     assert paper_scale.steady_rates({}, None, 1e4) == {"steady_seconds_per_step": None}
 
 
