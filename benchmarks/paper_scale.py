@@ -228,6 +228,21 @@ LEVERS = {
         },
         # Round 25: dynamo recompiled for a row length not a multiple of 8 inside both compiled levers'
         # steady windows; padded to 8, inductor sees one alignment case (SFT's pad8 levers, Round 10).
+        # Memory a micro-batch token at the 8B shape, for no_checkpointing_up_to_tokens: pairs whose answers are
+        # each lengthened to >= 384 tokens with the prompt, >= 6,144 tokens in 16 sequences a micro-batch
+        # (the summary's checkpointing.micro_batch_tokens has the largest).
+        "no_checkpointing_precompute_reference_uncast_inputs_rows384": {
+            **UNCAST,
+            "precompute_reference": True,
+            "row_tokens": 384,
+        },
+        "no_checkpointing_precompute_reference_uncast_inputs_pad8_compiled_layers_rows384": {
+            **UNCAST,
+            "precompute_reference": True,
+            "pad_to_multiple_of": 8,
+            "compile_layers": True,
+            "row_tokens": 384,
+        },
         "bf16_base_precompute_reference_uncast_inputs_pad8_compiled_layers": {
             **BF16_UNCAST,
             "precompute_reference": True,
@@ -253,6 +268,9 @@ LEVERS = {
         # As DPO's: at the preset's setting, and without checkpointing (eager: 81.5 GiB, Round 5).
         "bf16_base_uncast_inputs_compiled_layers": {**BF16_UNCAST, "compile_layers": True},
         "no_checkpointing_uncast_inputs_compiled_layers": {**UNCAST, "compile_layers": True},
+        # As DPO's: memory a micro-batch token on pairs lengthened to >= 384 tokens a sequence.
+        "no_checkpointing_uncast_inputs_rows384": {**UNCAST, "row_tokens": 384},
+        "no_checkpointing_uncast_inputs_compiled_layers_rows384": {**UNCAST, "compile_layers": True, "row_tokens": 384},
     },
     # GSM8K: 1,319 prompts x 256 new tokens (a random model never stops: every row runs to the limit).
     # The static cache gives every batch one decoding shape, so the compiled step is built once per process.
@@ -1129,17 +1147,24 @@ def ensure_base_model(run: Run) -> dict:
 
 
 def lengthened_rows(rows: list[dict], tokenizer, tokens: int) -> list[dict]:
-    """Training rows whose answer is repeated until prompt and answer hold at least `tokens` tokens
-    (the chat template's few aside): rows as long as a longer dataset's, made from the rows at hand."""
+    """Training rows whose answers (chosen, and rejected where a row has one) are each repeated until
+    prompt and answer hold at least `tokens` tokens (the chat template's few aside): rows and pairs
+    as long as a longer dataset's, made from the rows at hand."""
 
     def count(text: str) -> int:
         return len(tokenizer(text, add_special_tokens=False)["input_ids"])
 
+    def repeated(prompt: int, answer: str) -> str:
+        copies = max(1, -(-(tokens - prompt) // max(count(answer), 1)))
+        return "\n\n".join([answer] * copies)
+
     out = []
     for row in rows:
-        prompt, answer = count(row["prompt"]), max(count(row["chosen"]), 1)
-        copies = max(1, -(-(tokens - prompt) // answer))
-        out.append({**row, "chosen": "\n\n".join([row["chosen"]] * copies)})
+        prompt = count(row["prompt"])
+        longer = {"chosen": repeated(prompt, row["chosen"])}
+        if row.get("rejected") is not None:
+            longer["rejected"] = repeated(prompt, row["rejected"])
+        out.append({**row, **longer})
     return out
 
 
@@ -1187,7 +1212,11 @@ def method_summary(
         "grad_accum": int(hp.get("grad_accum", 1)),
         "rows_per_step": int(hp["batch_size"]) * int(hp.get("grad_accum", 1)),
         "max_length": int(hp.get("max_length", 1024)),
-        "gradient_checkpointing": bool(hp.get("gradient_checkpointing", False)),
+        # What the cell trained with: no_checkpointing_up_to_tokens may have turned the setting off.
+        "gradient_checkpointing": bool(
+            record.get("checkpointing", {}).get("on", hp.get("gradient_checkpointing", False))
+        ),
+        "checkpointing": record.get("checkpointing"),
         "bf16": bool(hp["bf16"]),
         "base_dtype": record.get("base_weights_dtype"),
         "padding_free": bool(hp.get("padding_free", False)),

@@ -137,9 +137,13 @@ CONFIG_CASES = [
         r"training\.adapt\.sft\.flex_attention: torch's FlexAttention has no backward on the CPU",
     ),
     (
-        "a micro-batch token limit for a preference method, whose pairs it does not count",
-        _set("training.adapt.dpo.max_micro_batch_tokens", 8000),
-        r"training\.adapt\.dpo\.max_micro_batch_tokens: SFT only",
+        "a token budget for turning checkpointing off where it is off already",
+        lambda c: (
+            _set("training.adapt.dpo.gradient_checkpointing", False)(c),
+            _set("training.adapt.dpo.no_checkpointing_up_to_tokens", 6000)(c),
+        ),
+        r"training\.adapt\.dpo\.no_checkpointing_up_to_tokens: turns checkpointing off for small cells, and "
+        r"training\.adapt\.dpo\.gradient_checkpointing is false",
     ),
     (
         "padding to a multiple for ORPO, whose TRL config has no such field",

@@ -843,11 +843,14 @@ def test_lengthened_rows_repeat_each_answer_to_the_length_asked(tiny_model_dir):
         return len(tokenizer(text, add_special_tokens=False)["input_ids"])
 
     short, long = longer
-    assert (short["id"], short["prompt"], short["rejected"]) == ("a", rows[0]["prompt"], rows[0]["rejected"])
-    assert short["chosen"].startswith(rows[0]["chosen"] + "\n\n")
-    total = tokens(short["prompt"]) + tokens(short["chosen"])
-    # at least the length asked; one answer copy (and its separators) over it at most
-    assert 64 <= total <= 64 + tokens(rows[0]["chosen"]) + 2 * short["chosen"].count("\n\n")
+    assert (short["id"], short["prompt"]) == ("a", rows[0]["prompt"])
+    for answer in ("chosen", "rejected"):  # a preference pair's two sequences both lengthened
+        assert short[answer].startswith(rows[0][answer] + "\n\n")
+        total = tokens(short["prompt"]) + tokens(short[answer])
+        # at least the length asked; one answer copy (and its separators) over it at most
+        assert 64 <= total <= 64 + tokens(rows[0][answer]) + 2 * short[answer].count("\n\n")
     # a row whose prompt alone is longer keeps its one answer
     assert tokens(rows[1]["prompt"]) > 64 and long == rows[1]
     assert paper_scale.lengthened_rows(rows, tokenizer, 5) == rows
+    sft_row = {key: value for key, value in rows[0].items() if key != "rejected"}
+    assert "rejected" not in paper_scale.lengthened_rows([sft_row], tokenizer, 64)[0]

@@ -188,6 +188,127 @@ def test_micro_batch_tokens_counts_the_worst_micro_batch_padded_and_packed():
     assert micro_batch_tokens(lengths, hp.replace(pad_to_multiple_of=64)) == (384, "3 rows padded to 128 tokens")
     assert micro_batch_tokens(lengths, hp.replace(padding_free=True)) == (200, "the 3 longest rows packed")
     assert micro_batch_tokens([7, 9], hp.replace(padding_free=True)) == (16, "the 2 longest rows packed")
+    # A preference pair is two sequences, chosen and rejected, each padded to the micro-batch's longest.
+    assert micro_batch_tokens(lengths, hp, "dpo") == (600, "3 pairs, 6 sequences padded to 100 tokens")
+
+
+@pytest.mark.parametrize("method", ["sft", "dpo", "orpo"])
+def test_sequence_lengths_count_the_micro_batch_trl_collates(method, tiny_model_dir, tokenizer, tmp_path):
+    """What max_micro_batch_tokens and no_checkpointing_up_to_tokens count is what TRL builds: all 6
+    rows in one micro-batch, the count equals the tokens of the batch that reaches the model."""
+    from d2lora.training.trainers import micro_batch_tokens, sequence_lengths
+
+    hp = TrainingHparams.of(dict(HP, batch_size=6, beta=0.1), f"training.adapt.{method}")
+    trainer = build_trainer(
+        method,
+        _tiny_peft(tiny_model_dir, "float32"),
+        tokenizer,
+        trl_dataset(_rows(6), method),
+        hp=hp,
+        output_dir=str(tmp_path / "t"),
+        seed=0,
+        use_cpu=True,
+    )
+    lengths = sequence_lengths(trainer.train_dataset, method)
+    assert len(set(lengths)) > 1, "rows of different lengths, so the count is of the longest"
+    batch = trainer.data_collator([trainer.train_dataset[i] for i in range(6)])
+    if method == "orpo":  # chosen and rejected padded apart, then to the longer one (concatenated_inputs)
+        width = max(batch["chosen_input_ids"].shape[1], batch["rejected_input_ids"].shape[1])
+        shape = (2 * batch["chosen_input_ids"].shape[0], width)
+    else:
+        shape = tuple(batch["input_ids"].shape)
+    assert shape == (6 * (1 if method == "sft" else 2), max(lengths))
+    assert micro_batch_tokens(lengths, hp, method)[0] == shape[0] * shape[1]
+
+
+@pytest.mark.parametrize("method", ["dpo", "orpo"])
+def test_a_preference_cell_over_max_micro_batch_tokens_is_refused_before_training(
+    method, tiny_model_dir, tokenizer, tmp_path
+):
+    from d2lora.training.trainers import micro_batch_tokens, sequence_lengths
+
+    hp = dict(HP, beta=0.1)
+    build = dict(
+        tokenizer=tokenizer,
+        train_dataset=trl_dataset(_rows(6), method),
+        output_dir=str(tmp_path / "out"),
+        seed=0,
+        use_cpu=True,
+    )
+
+    def model():  # a DPO trainer adds its reference adapter to the model: one model a trainer
+        return _tiny_peft(tiny_model_dir, "float32")
+
+    trainer = build_trainer(method, model(), hp=hp, **build)
+    worst, made = micro_batch_tokens(
+        sequence_lengths(trainer.train_dataset, method), TrainingHparams.of(hp, "training.adapt.dpo"), method
+    )
+    build_trainer(method, model(), hp=dict(hp, max_micro_batch_tokens=worst), **build)  # at the limit: fits
+    with pytest.raises(ValueError) as refused:
+        build_trainer(method, model(), hp=dict(hp, max_micro_batch_tokens=worst - 1), **build)
+    assert str(refused.value).startswith(
+        f"training.adapt.{method}.max_micro_batch_tokens={worst - 1}: a micro-batch of these 6 rows can hold "
+        f"{worst} tokens (3 pairs, 6 sequences padded to "
+    )
+
+
+@pytest.mark.parametrize("method", ["sft", "orpo"])
+def test_no_checkpointing_up_to_tokens_turns_checkpointing_off_only_for_cells_that_fit(
+    method, tiny_model_dir, tokenizer, tmp_path
+):
+    """gradient_checkpointing as Table 2 sets it, off for a cell whose largest micro-batch is within
+    the budget: the trainer then trains without it, and trains what a run without it trains."""
+    from transformers import TrainerCallback
+
+    from d2lora.training.trainers import choose_checkpointing, micro_batch_tokens, sequence_lengths
+
+    seen: dict[str, list] = {}
+
+    class Checkpointing(TrainerCallback):
+        def __init__(self, name):
+            self.name = name
+
+        def on_step_begin(self, args, state, control, model=None, **kwargs):
+            seen.setdefault(self.name, []).append(model.get_base_model().is_gradient_checkpointing)
+
+    def train(name, **extra):
+        hp = TrainingHparams.of(dict(HP, beta=0.1, **extra), f"training.adapt.{method}")
+        model = _tiny_peft(tiny_model_dir, "float32")
+        trainer = build_trainer(
+            method,
+            model,
+            tokenizer,
+            trl_dataset(_rows(6), method),
+            hp=hp,
+            output_dir=str(tmp_path / name),
+            seed=0,
+            use_cpu=True,
+            callbacks=[Checkpointing(name)],
+        )
+        chosen = choose_checkpointing(trainer, method, hp)
+        trainer.train()
+        hooks = getattr(model.get_base_model(), "_require_grads_hooks", None)
+        return chosen, _losses({"log_history": trainer.state.log_history}), bool(hooks), trainer
+
+    _, without, _, trainer = train("without", gradient_checkpointing=False)
+    hp = TrainingHparams.of(dict(HP, beta=0.1), f"training.adapt.{method}")
+    worst, made = micro_batch_tokens(sequence_lengths(trainer.train_dataset, method), hp, method)
+    off, off_losses, off_hook = train("off", gradient_checkpointing=True, no_checkpointing_up_to_tokens=worst)[:3]
+    kept, kept_losses, kept_hook = train("kept", gradient_checkpointing=True, no_checkpointing_up_to_tokens=worst - 1)[
+        :3
+    ]
+    assert off == {
+        "setting": True,
+        "on": False,
+        "micro_batch_tokens": worst,
+        "reason": f"off: a micro-batch holds at most {worst} tokens ({made}), within no_checkpointing_up_to_tokens={worst}",
+    }
+    assert kept["on"] is True and kept["reason"].startswith(f"kept: a micro-batch can hold {worst} tokens")
+    assert set(seen["without"]) == set(seen["off"]) == {False} and set(seen["kept"]) == {True}
+    assert not off_hook and kept_hook  # TRL's input-gradient hook goes with the checkpointing
+    assert len(without) == 4 and off_losses == without  # the same run, bit for bit on the CPU
+    assert kept_losses == pytest.approx(without, rel=1e-5, abs=1e-6)  # recomputed forwards, the same math
+    assert without[0] != pytest.approx(without[-1], rel=1e-3), "the steps moved the adapter"
 
 
 @pytest.mark.parametrize("padding_free", [False, True])

@@ -186,7 +186,6 @@ def _check_formats(datasets: dict) -> None:
 METHOD_ONLY_OPTIONS = {
     "group_by_length": ("sft",),
     "padding_free": ("sft",),
-    "max_micro_batch_tokens": ("sft",),
     "pad_to_multiple_of": ("sft", "dpo"),
     "precompute_reference": ("dpo",),
 }
@@ -205,6 +204,11 @@ def _check_method_options(training: dict) -> None:
             if hp.get(option) and method not in only:
                 names = ", ".join(m.upper() for m in only)
                 raise ConfigError(f"{key}.{option}: {names} only ({key} trains {method.upper()})")
+        if hp.get("no_checkpointing_up_to_tokens") and not hp.get("gradient_checkpointing"):
+            raise ConfigError(
+                f"{key}.no_checkpointing_up_to_tokens: turns checkpointing off for small cells, and "
+                f"{key}.gradient_checkpointing is false (every cell trains without it already)"
+            )
 
 
 FLEX_TRAINING_ON_CPU = "torch's FlexAttention has no backward on the CPU: train on a CUDA device or set it false"

@@ -118,14 +118,7 @@ def build_trainer(
             processing_class=tokenizer,
             callbacks=callbacks,
         )
-        if hp.padding_free or hp.max_micro_batch_tokens:
-            lengths = [len(ids) for ids in trainer.train_dataset["input_ids"]]
-            if hp.padding_free:
-                check_padding_free_lengths(lengths, hp.max_length)
-            if hp.max_micro_batch_tokens:
-                check_micro_batch_tokens(lengths, hp, f"training.adapt.{method}.max_micro_batch_tokens")
-        return trainer
-    if method == "dpo":
+    elif method == "dpo":
         if hp.precompute_reference:
             # Same batch size as training, so the precompute pass needs no more memory than a step.
             args.update(precompute_ref_log_probs=True, precompute_ref_batch_size=hp.batch_size)
@@ -140,16 +133,23 @@ def build_trainer(
         if hp.reference == "base":
             # Without a "ref" adapter TRL computes reference log-probs with adapters disabled: the bare base.
             drop_reference_adapter(trainer.model)
-        return trainer
-    if method == "orpo":
-        return ORPOTrainer(
+    elif method == "orpo":
+        trainer = ORPOTrainer(
             model=model,
             args=ORPOConfig(beta=float(hp.beta), **args),
             train_dataset=train_dataset,
             processing_class=tokenizer,
             callbacks=callbacks,
         )
-    raise ValueError(f"unknown method '{method}' (known: sft, dpo, orpo)")
+    else:
+        raise ValueError(f"unknown method '{method}' (known: sft, dpo, orpo)")
+    if hp.padding_free or hp.max_micro_batch_tokens:
+        lengths = sequence_lengths(trainer.train_dataset, method)
+        if hp.padding_free:
+            check_padding_free_lengths(lengths, hp.max_length)
+        if hp.max_micro_batch_tokens:
+            check_micro_batch_tokens(lengths, hp, method, f"training.adapt.{method}.max_micro_batch_tokens")
+    return trainer
 
 
 def module_fingerprint(module) -> str:
@@ -200,29 +200,89 @@ def check_padding_free_lengths(lengths: list[int], max_length: int) -> None:
         )
 
 
-def micro_batch_tokens(lengths: list[int], hp: TrainingHparams) -> tuple[int, str]:
-    """The most tokens one micro-batch of `hp.batch_size` of these rows can hold, and how it is made:
-    padded, that many rows padded to the longest (cut at max_length, rounded up to pad_to_multiple_of);
-    padding-free, the longest rows' sum."""
+# The sequences one row puts through the model: TRL runs a pair's chosen and rejected answers as two.
+SEQUENCES_PER_ROW = {"sft": 1, "dpo": 2, "orpo": 2}
+
+
+def sequence_lengths(dataset, method: str) -> list[int]:
+    """Per tokenized row of a trainer's dataset, its longest sequence in tokens (before max_length
+    cuts it): SFT the row; DPO the prompt and the longer answer (TRL 1.16's DataCollatorForPreference
+    joins them); ORPO the longer of its prompt-and-answer sequences."""
+    if method == "sft":
+        return [len(ids) for ids in dataset["input_ids"]]
+    if method == "dpo":
+        return [
+            len(prompt) + max(len(chosen), len(rejected))
+            for prompt, chosen, rejected in zip(dataset["prompt_ids"], dataset["chosen_ids"], dataset["rejected_ids"])
+        ]
+    if method == "orpo":
+        return [
+            max(len(chosen), len(rejected))
+            for chosen, rejected in zip(dataset["chosen_input_ids"], dataset["rejected_input_ids"])
+        ]
+    raise ValueError(f"unknown method '{method}' (known: sft, dpo, orpo)")
+
+
+def micro_batch_tokens(lengths: list[int], hp: TrainingHparams, method: str = "sft") -> tuple[int, str]:
+    """The most tokens one micro-batch of `hp.batch_size` of these rows (`lengths`: sequence_lengths)
+    can hold, and how it is made: padded, each row's sequences (two for a preference pair) padded to
+    the longest (cut at max_length, rounded up to pad_to_multiple_of); padding-free (SFT), the longest
+    rows' sum."""
     rows = sorted(lengths, reverse=True)[: hp.batch_size]
     if hp.padding_free:
         return sum(rows), f"the {len(rows)} longest rows packed"
     longest = min(rows[0], hp.max_length) if rows else 0
     multiple = hp.pad_to_multiple_of or 1
     width = -(-longest // multiple) * multiple
-    return hp.batch_size * width, f"{hp.batch_size} rows padded to {width} tokens"
+    sequences = SEQUENCES_PER_ROW[method]
+    if sequences == 1:
+        return hp.batch_size * width, f"{hp.batch_size} rows padded to {width} tokens"
+    return (
+        sequences * hp.batch_size * width,
+        f"{hp.batch_size} pairs, {sequences * hp.batch_size} sequences padded to {width} tokens",
+    )
 
 
-def check_micro_batch_tokens(lengths: list[int], hp: TrainingHparams, key: str) -> None:
-    """Refuse a cell whose rows (`lengths`: their tokens) could make a micro-batch above
+def check_micro_batch_tokens(lengths: list[int], hp: TrainingHparams, method: str, key: str) -> None:
+    """Refuse a cell whose rows (`lengths`: sequence_lengths) could make a micro-batch above
     max_micro_batch_tokens: before the first step, not out of memory partway through an epoch."""
-    tokens, made = micro_batch_tokens(lengths, hp)
+    tokens, made = micro_batch_tokens(lengths, hp, method)
     if tokens > hp.max_micro_batch_tokens:
         raise ValueError(
             f"{key}={hp.max_micro_batch_tokens}: a micro-batch of these {len(lengths)} rows can hold {tokens} "
             f"tokens ({made}). Lower batch_size and raise grad_accum (the same rows a step), or turn "
             "gradient_checkpointing on and raise the limit"
         )
+
+
+def choose_checkpointing(trainer, method: str, hp: TrainingHparams) -> dict:
+    """Activation checkpointing for this cell: gradient_checkpointing's setting, except that with
+    no_checkpointing_up_to_tokens set it goes off when the cell's largest possible micro-batch holds
+    at most that many tokens. Checkpointing recomputes the same forward, so either way the gradients
+    are the same; without it a step is faster and keeps every layer's activations. What was chosen,
+    why, and the largest micro-batch (the number a memory budget is set against)."""
+    tokens, made = micro_batch_tokens(sequence_lengths(trainer.train_dataset, method), hp, method)
+    chosen = {"setting": hp.gradient_checkpointing, "on": hp.gradient_checkpointing, "micro_batch_tokens": tokens}
+    if hp.no_checkpointing_up_to_tokens is None or not hp.gradient_checkpointing:
+        return chosen
+    budget = f"no_checkpointing_up_to_tokens={hp.no_checkpointing_up_to_tokens}"
+    if tokens > hp.no_checkpointing_up_to_tokens:
+        chosen["reason"] = f"kept: a micro-batch can hold {tokens} tokens ({made}), above {budget}"
+        return chosen
+    _checkpointing_off(trainer)
+    chosen.update(on=False, reason=f"off: a micro-batch holds at most {tokens} tokens ({made}), within {budget}")
+    return chosen
+
+
+def _checkpointing_off(trainer) -> None:
+    """Undo what gradient_checkpointing=True set up when the trainer was built: the argument the
+    Trainer reads when training starts (transformers 5 names it activation_checkpointing, keeping
+    gradient_checkpointing as an alias) and the input-gradient hook TRL adds for PEFT models."""
+    for name in ("activation_checkpointing", "gradient_checkpointing"):
+        if hasattr(trainer.args, name):
+            setattr(trainer.args, name, False)
+    if hasattr(trainer.model, "disable_input_require_grads"):  # a no-op where no hook was added
+        trainer.model.disable_input_require_grads()
 
 
 def drop_reference_adapter(model) -> None:
