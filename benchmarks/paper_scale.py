@@ -243,6 +243,16 @@ LEVERS = {
             "compile_layers": True,
             "row_tokens": 384,
         },
+        # Round 27: at 8 pairs a micro-batch no checkpointing fits only cells under ~6,000 tokens a micro-batch;
+        # 4 pairs and accumulation 4 train the same pairs a step in half the activations.
+        "no_checkpointing_batch4x4_precompute_reference_uncast_inputs_pad8_compiled_layers": {
+            **UNCAST,
+            "batch_size": 4,
+            "grad_accum": 4,
+            "precompute_reference": True,
+            "pad_to_multiple_of": 8,
+            "compile_layers": True,
+        },
         "bf16_base_precompute_reference_uncast_inputs_pad8_compiled_layers": {
             **BF16_UNCAST,
             "precompute_reference": True,
@@ -271,6 +281,22 @@ LEVERS = {
         # As DPO's: memory a micro-batch token on pairs lengthened to >= 384 tokens a sequence.
         "no_checkpointing_uncast_inputs_rows384": {**UNCAST, "row_tokens": 384},
         "no_checkpointing_uncast_inputs_compiled_layers_rows384": {**UNCAST, "compile_layers": True, "row_tokens": 384},
+        # As DPO's: 4 pairs a micro-batch, accumulation 4, on the stand-in pairs and on the lengthened ones
+        # that ran out of memory at 8 pairs (Round 27).
+        "no_checkpointing_batch4x4_uncast_inputs": {**UNCAST, "batch_size": 4, "grad_accum": 4},
+        "no_checkpointing_batch4x4_uncast_inputs_compiled_layers": {
+            **UNCAST,
+            "batch_size": 4,
+            "grad_accum": 4,
+            "compile_layers": True,
+        },
+        "no_checkpointing_batch4x4_uncast_inputs_compiled_layers_rows384": {
+            **UNCAST,
+            "batch_size": 4,
+            "grad_accum": 4,
+            "compile_layers": True,
+            "row_tokens": 384,
+        },
     },
     # GSM8K: 1,319 prompts x 256 new tokens (a random model never stops: every row runs to the limit).
     # The static cache gives every batch one decoding shape, so the compiled step is built once per process.

@@ -73,6 +73,13 @@ def test_padding_free_sft_trains_what_padded_batches_train(tiny_model_dir, train
             device="cpu",
         )
     plain, free = _losses(records["padded"]), _losses(records["padding_free"])
+    for record in records.values():  # the micro-batches met, within the worst case the cell could make
+        counted = record["checkpointing"]
+        assert 0 < counted["largest_micro_batch_tokens"] <= counted["micro_batch_tokens"]
+    assert (
+        records["padding_free"]["checkpointing"]["micro_batch_tokens"]
+        < records["padded"]["checkpointing"]["micro_batch_tokens"]
+    )
     assert len(plain) == len(free) == 4  # 6 rows / batch 3 x 2 epochs: the same steps
     assert plain == pytest.approx(free, rel=1e-4, abs=1e-5)
     # The steps moved the adapter (lr 5e-3): equal adapters are evidence, not an untrained pair.
@@ -196,7 +203,7 @@ def test_micro_batch_tokens_counts_the_worst_micro_batch_padded_and_packed():
 def test_sequence_lengths_count_the_micro_batch_trl_collates(method, tiny_model_dir, tokenizer, tmp_path):
     """What max_micro_batch_tokens and no_checkpointing_up_to_tokens count is what TRL builds: all 6
     rows in one micro-batch, the count equals the tokens of the batch that reaches the model."""
-    from d2lora.training.trainers import micro_batch_tokens, sequence_lengths
+    from d2lora.training.trainers import count_micro_batches, micro_batch_tokens, sequence_lengths
 
     hp = TrainingHparams.of(dict(HP, batch_size=6, beta=0.1), f"training.adapt.{method}")
     trainer = build_trainer(
@@ -219,6 +226,11 @@ def test_sequence_lengths_count_the_micro_batch_trl_collates(method, tiny_model_
         shape = tuple(batch["input_ids"].shape)
     assert shape == (6 * (1 if method == "sft" else 2), max(lengths))
     assert micro_batch_tokens(lengths, hp, method)[0] == shape[0] * shape[1]
+    # What training met: here every micro-batch is all 6 rows, so the worst case itself.
+    seen: dict = {}
+    count_micro_batches(trainer, method, into=seen)
+    trainer.train()
+    assert seen == {"largest_micro_batch_tokens": shape[0] * shape[1]}
 
 
 @pytest.mark.parametrize("method", ["dpo", "orpo"])

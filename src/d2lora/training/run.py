@@ -58,7 +58,7 @@ from d2lora.training.checkpoints import (
     run_fingerprint,
     trainer_dir,
 )
-from d2lora.training.trainers import build_trainer, choose_checkpointing, trl_dataset
+from d2lora.training.trainers import build_trainer, choose_checkpointing, count_micro_batches, trl_dataset
 from d2lora.training.variants import Variant, VariantError
 
 
@@ -171,6 +171,7 @@ def _fit(
         # Tokenizing the rows, and with precompute_reference the reference pass over every pair.
         record["trainer_setup_seconds"] = round(time.perf_counter() - started, 3)
         record["checkpointing"] = choose_checkpointing(trainer, method, hp)
+        count_micro_batches(trainer, method, into=record["checkpointing"])
         _check_rows_kept(trainer, rows, record, hp.max_length)
         return _train_and_save(
             trainer,

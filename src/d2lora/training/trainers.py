@@ -255,6 +255,29 @@ def check_micro_batch_tokens(lengths: list[int], hp: TrainingHparams, method: st
         )
 
 
+def batch_tokens(batch: dict, method: str) -> int:
+    """The tokens of one collated micro-batch as the model takes it, padding included (what memory
+    follows): ORPO's chosen and rejected halves padded to the longer one (concatenated_inputs)."""
+    if method == "orpo":
+        chosen, rejected = batch["chosen_input_ids"], batch["rejected_input_ids"]
+        return 2 * chosen.shape[0] * max(chosen.shape[1], rejected.shape[1])
+    return batch["input_ids"].numel()
+
+
+def count_micro_batches(trainer, method: str, into: dict) -> None:
+    """Keep in into["largest_micro_batch_tokens"] the most tokens of any micro-batch the trainer
+    collates from now on: the one memory met, beside micro_batch_tokens' worst case."""
+    collate = trainer.data_collator
+    into["largest_micro_batch_tokens"] = 0
+
+    def counted(examples):
+        batch = collate(examples)
+        into["largest_micro_batch_tokens"] = max(into["largest_micro_batch_tokens"], batch_tokens(batch, method))
+        return batch
+
+    trainer.data_collator = counted
+
+
 def choose_checkpointing(trainer, method: str, hp: TrainingHparams) -> dict:
     """Activation checkpointing for this cell: gradient_checkpointing's setting, except that with
     no_checkpointing_up_to_tokens set it goes off when the cell's largest possible micro-batch holds
