@@ -146,6 +146,11 @@ CONFIG_CASES = [
         r"training\.adapt\.dpo\.gradient_checkpointing is false",
     ),
     (
+        "keeping dropout in SFT, which TRL never turns off",
+        _set("training.adapt.sft.keep_dropout", True),
+        r"training\.adapt\.sft\.keep_dropout: DPO, ORPO only \(training\.adapt\.sft trains SFT\)",
+    ),
+    (
         "padding to a multiple for ORPO, whose TRL config has no such field",
         _set("training.adapt.orpo.pad_to_multiple_of", 8),
         r"training\.adapt\.orpo\.pad_to_multiple_of: SFT, DPO only \(training\.adapt\.orpo trains ORPO\)",

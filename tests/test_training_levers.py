@@ -794,3 +794,28 @@ def test_fused_adapter_add_leaves_dynamic_loras_sliced_factors_to_peft(tiny_mode
                 module.lora_B["default"] = DynamicB(module.lora_B["default"], 2, sliced=True)
         logits[fused] = model(input_ids=ids).logits.detach()
     torch.testing.assert_close(logits[True], logits[False], rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize(
+    "method,keep", [("sft", False), ("dpo", False), ("dpo", True), ("orpo", False), ("orpo", True)]
+)
+def test_the_record_says_what_dropout_trained(method, keep, tiny_model_dir, tokenizer, tmp_path):
+    """TRL zeroes every dropout for DPO and ORPO unless told not to: training.lora.dropout would
+    otherwise read as applied where it was not."""
+    from d2lora.training.trainers import dropout_while_training
+
+    extra = {"keep_dropout": True} if keep else {}
+    hp = TrainingHparams.of(dict(HP, beta=0.1, **extra), f"training.adapt.{method}")
+    model = _tiny_peft(tiny_model_dir, "float32", dropout=0.1)
+    build_trainer(
+        method, model, tokenizer, trl_dataset(_rows(2), method), hp=hp, output_dir=str(tmp_path), seed=0, use_cpu=True
+    )
+    record = dropout_while_training(model, method, hp)
+    if method == "sft" or keep:
+        assert record == {"lora": 0.1, "while_training": 0.1}
+    else:
+        assert record == {
+            "lora": 0.1,
+            "while_training": 0.0,
+            "reason": f"TRL sets every dropout to 0 for {method.upper()} (keep_dropout: false)",
+        }

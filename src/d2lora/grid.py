@@ -188,6 +188,7 @@ METHOD_ONLY_OPTIONS = {
     "padding_free": ("sft",),
     "pad_to_multiple_of": ("sft", "dpo"),
     "precompute_reference": ("dpo",),
+    "keep_dropout": ("dpo", "orpo"),
 }
 
 

@@ -141,6 +141,7 @@ class TrainingHparams(Settings):
     compile_layers_min_steps: int
     flex_attention: bool
     precompute_reference: bool
+    keep_dropout: bool
 
     def optimizer_steps(self, rows: int) -> int:
         """Optimizer steps over `rows` training rows (the last micro-batch and step may be short)."""

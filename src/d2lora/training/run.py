@@ -58,7 +58,13 @@ from d2lora.training.checkpoints import (
     run_fingerprint,
     trainer_dir,
 )
-from d2lora.training.trainers import build_trainer, choose_checkpointing, count_micro_batches, trl_dataset
+from d2lora.training.trainers import (
+    build_trainer,
+    choose_checkpointing,
+    count_micro_batches,
+    dropout_while_training,
+    trl_dataset,
+)
 from d2lora.training.variants import Variant, VariantError
 
 
@@ -172,6 +178,7 @@ def _fit(
         record["trainer_setup_seconds"] = round(time.perf_counter() - started, 3)
         record["checkpointing"] = choose_checkpointing(trainer, method, hp)
         count_micro_batches(trainer, method, into=record["checkpointing"])
+        record["dropout"] = dropout_while_training(model, method, hp)
         _check_rows_kept(trainer, rows, record, hp.max_length)
         return _train_and_save(
             trainer,

@@ -125,7 +125,7 @@ def build_trainer(
         with _fast_reference_fingerprint(hp.precompute_reference):
             trainer = DPOTrainer(
                 model=model,
-                args=DPOConfig(beta=float(hp.beta), **args),
+                args=DPOConfig(beta=float(hp.beta), disable_dropout=not hp.keep_dropout, **args),
                 train_dataset=train_dataset,
                 processing_class=tokenizer,
                 callbacks=callbacks,
@@ -136,7 +136,7 @@ def build_trainer(
     elif method == "orpo":
         trainer = ORPOTrainer(
             model=model,
-            args=ORPOConfig(beta=float(hp.beta), **args),
+            args=ORPOConfig(beta=float(hp.beta), disable_dropout=not hp.keep_dropout, **args),
             train_dataset=train_dataset,
             processing_class=tokenizer,
             callbacks=callbacks,
@@ -253,6 +253,18 @@ def check_micro_batch_tokens(lengths: list[int], hp: TrainingHparams, method: st
             f"tokens ({made}). Lower batch_size and raise grad_accum (the same rows a step), or turn "
             "gradient_checkpointing on and raise the limit"
         )
+
+
+def dropout_while_training(model, method: str, hp: TrainingHparams) -> dict:
+    """The adapter's dropout as configured and what the built trainer left in the model (the largest
+    of its dropout modules): TRL sets every one to 0 for DPO and ORPO unless keep_dropout."""
+    config = getattr(model, "peft_config", {}).get("default")
+    configured = float(config.lora_dropout) if hasattr(config, "lora_dropout") else None
+    applied = max((float(m.p) for m in model.modules() if isinstance(m, torch.nn.Dropout)), default=0.0)
+    record = {"lora": configured, "while_training": applied}
+    if method in PREFERENCE_METHODS and not hp.keep_dropout and configured:
+        record["reason"] = f"TRL sets every dropout to 0 for {method.upper()} (keep_dropout: false)"
+    return record
 
 
 def batch_tokens(batch: dict, method: str) -> int:
