@@ -1248,7 +1248,8 @@ def method_summary(
         "padding_free": bool(hp.get("padding_free", False)),
         "group_by_length": bool(hp.get("group_by_length", False)),
         "precompute_reference": bool(hp.get("precompute_reference", False)),
-        "lora_dropout": float(record["lora"].get("dropout", 0.0)),
+        # What trained: TRL turns every dropout off for DPO and ORPO unless keep_dropout.
+        "lora_dropout": float(record.get("dropout", {}).get("while_training", record["lora"].get("dropout", 0.0))),
         "fast_paths": record.get("fast_paths"),
         "trainer_setup_seconds": record.get("trainer_setup_seconds"),
         "precision": record["precision"],
