@@ -284,16 +284,19 @@ LEVERS = {
         # As DPO's: 4 pairs a micro-batch, accumulation 4, on the stand-in pairs and on the lengthened ones
         # that ran out of memory at 8 pairs (Round 27).
         "no_checkpointing_batch4x4_uncast_inputs": {**UNCAST, "batch_size": 4, "grad_accum": 4},
-        "no_checkpointing_batch4x4_uncast_inputs_compiled_layers": {
+        # Padded to 8 since ORPO can be (the pipeline pads its halves): Round 26's compiled ORPO recompiled in step 6.
+        "no_checkpointing_batch4x4_uncast_inputs_pad8_compiled_layers": {
             **UNCAST,
             "batch_size": 4,
             "grad_accum": 4,
+            "pad_to_multiple_of": 8,
             "compile_layers": True,
         },
-        "no_checkpointing_batch4x4_uncast_inputs_compiled_layers_rows384": {
+        "no_checkpointing_batch4x4_uncast_inputs_pad8_compiled_layers_rows384": {
             **UNCAST,
             "batch_size": 4,
             "grad_accum": 4,
+            "pad_to_multiple_of": 8,
             "compile_layers": True,
             "row_tokens": 384,
         },

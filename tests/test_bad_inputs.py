@@ -151,11 +151,6 @@ CONFIG_CASES = [
         r"training\.adapt\.sft\.keep_dropout: DPO, ORPO only \(training\.adapt\.sft trains SFT\)",
     ),
     (
-        "padding to a multiple for ORPO, whose TRL config has no such field",
-        _set("training.adapt.orpo.pad_to_multiple_of", 8),
-        r"training\.adapt\.orpo\.pad_to_multiple_of: SFT, DPO only \(training\.adapt\.orpo trains ORPO\)",
-    ),
-    (
         "rows leaving a compiled static cache",
         _set("evaluation.gsm8k", {"max_new_tokens": 4, "batch_size": 2, "cache": "static", "rows_leave_every": 2}),
         r"evaluation\.gsm8k\.rows_leave_every: .*set compile: false",

@@ -134,7 +134,7 @@ def test_flex_attention_training_is_refused_on_the_cpu(tiny_model_dir):
         fast_paths.apply(model, hp)
 
 
-@pytest.mark.parametrize("method", ["sft", "dpo"])
+@pytest.mark.parametrize("method", ["sft", "dpo", "orpo"])
 def test_padding_to_a_multiple_of_8_pads_every_batch_and_trains_the_same(method, tiny_model_dir, tokenizer, tmp_path):
     """The lever that halves compile_layers' graphs (benchmarks/RESULTS.md, Round 9): every batch's
     width a multiple of 8, and the same training, since padding is masked."""
@@ -155,7 +155,9 @@ def test_padding_to_a_multiple_of_8_pads_every_batch_and_trains_the_same(method,
 
         def collate_and_record(examples, collate=collate, name=name):
             batch = collate(examples)
-            widths.append((name, batch["input_ids"].shape[-1]))
+            # ORPO collates a pair's two answers apart: both halves must be padded.
+            keys = ["chosen_input_ids", "rejected_input_ids", "chosen_labels"] if method == "orpo" else ["input_ids"]
+            widths.extend((name, batch[key].shape[-1]) for key in keys)
             return batch
 
         trainer.data_collator = collate_and_record

@@ -186,7 +186,6 @@ def _check_formats(datasets: dict) -> None:
 METHOD_ONLY_OPTIONS = {
     "group_by_length": ("sft",),
     "padding_free": ("sft",),
-    "pad_to_multiple_of": ("sft", "dpo"),
     "precompute_reference": ("dpo",),
     "keep_dropout": ("dpo", "orpo"),
 }

@@ -104,7 +104,7 @@ def build_trainer(
     """A TRL trainer for `method` on a PeftModel whose trainable adapter is "default"."""
     hp = TrainingHparams.of(hp, f"training.adapt.{method}")
     args = _common_args(hp, output_dir=output_dir, seed=seed, use_cpu=use_cpu, checkpoint_steps=checkpoint_steps)
-    if hp.pad_to_multiple_of and method in ("sft", "dpo"):  # ORPO's config has no such field (grid.check)
+    if hp.pad_to_multiple_of and method in ("sft", "dpo"):  # ORPO's config has no such field: pad_pairs_to_multiple
         args.update(pad_to_multiple_of=hp.pad_to_multiple_of)
     if method == "sft":
         if hp.padding_free:
@@ -141,6 +141,8 @@ def build_trainer(
             processing_class=tokenizer,
             callbacks=callbacks,
         )
+        if hp.pad_to_multiple_of:
+            pad_pairs_to_multiple(trainer, hp.pad_to_multiple_of)
     else:
         raise ValueError(f"unknown method '{method}' (known: sft, dpo, orpo)")
     if hp.padding_free or hp.max_micro_batch_tokens:
@@ -253,6 +255,26 @@ def check_micro_batch_tokens(lengths: list[int], hp: TrainingHparams, method: st
             f"tokens ({made}). Lower batch_size and raise grad_accum (the same rows a step), or turn "
             "gradient_checkpointing on and raise the limit"
         )
+
+
+def pad_pairs_to_multiple(trainer, multiple: int) -> None:
+    """ORPO's TRL config has no pad_to_multiple_of: each collated micro-batch's chosen and rejected
+    halves are padded on the right here, as its collator pads them (the pad id, attention 0, labels
+    -100, which the loss leaves out), so that compiled layers see one alignment case."""
+    collate = trainer.data_collator
+    values = {"input_ids": trainer.padding_value, "attention_mask": 0, "labels": -100}
+
+    def padded(examples):
+        batch = collate(examples)
+        for side in ("chosen", "rejected"):
+            for key, value in values.items():
+                name = f"{side}_{key}"
+                extra = -batch[name].shape[1] % multiple
+                if extra:
+                    batch[name] = torch.nn.functional.pad(batch[name], (0, extra), value=value)
+        return batch
+
+    trainer.data_collator = padded
 
 
 def dropout_while_training(model, method: str, hp: TrainingHparams) -> dict:
