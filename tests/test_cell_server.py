@@ -241,3 +241,80 @@ def test_jobs_share_a_server_only_on_one_machine_slurm_job_gpu_set_and_code(monk
 def test_only_the_listed_functions_can_be_called():
     with pytest.raises(ValueError, match="unknown server function 'os.system'"):
         cell_server.call("os.system", {}, log_path=None, idle_seconds=1)
+
+
+def _train(name: str, *, server: dict, method: str, warmup_dir=None):
+    """One adapt job (warmup when method is None), as workflow/scripts/adapt.py and warmup.py run it;
+    its training record and log."""
+    from d2lora.training.dispatch import train_cell_job
+
+    fake = types.SimpleNamespace(threads=1, log=[f"logs/{name}.log"], config={})
+    common = dict(
+        model_dir="results/model/base",
+        train_path="results/data/train.jsonl",
+        lora={"rank": 4, "alpha": 8, "dropout": 0.0, "target_modules": "all-linear"},
+        out_dir=f"results/adapters/{name}",
+        seed=0,
+        variant=None,
+        device="cpu",
+        checkpoint_steps=0,
+    )
+    hp = {"learning_rate": 5e-3, "epochs": 1, "scheduler": "constant", "batch_size": 2, "max_length": 128}
+    with job(fake):
+        if method is None:
+            record = train_cell_job("run_warmup", server=server, log_path=fake.log[0], hp=hp, **common)
+        else:
+            record = train_cell_job(
+                "run_adaptation",
+                server=server,
+                log_path=fake.log[0],
+                method=method,
+                init="d2lora",
+                n=4,
+                hp=dict(hp, beta=0.1),
+                warmup_dir=warmup_dir,
+                **common,
+            )
+    return record, Path(fake.log[0]).read_text()
+
+
+def test_a_training_cell_in_the_server_trains_what_the_job_itself_trains(workdir):
+    """training.server: a warm-up and then a DPO cell in one server (the second reusing the process
+    the first left) train the adapters and records that their own processes train."""
+    rows = [
+        {"id": f"r{i}", "prompt": f"What is {i} + {i}?", "chosen": f"It is {2 * i}.", "rejected": f"It is {i}."}
+        for i in range(4)
+    ]
+    write_jsonl(workdir / "results" / "data" / "train.jsonl", rows)
+    warm_here, _ = _train("warm_here", server={"enabled": False}, method=None)
+    warm_served, log = _train("warm_served", server={"enabled": True, "idle_seconds": 60}, method=None)
+    dpo_here, _ = _train("dpo_here", server={"enabled": False}, method="dpo", warmup_dir="results/adapters/warm_here")
+    dpo_served, log_dpo = _train(
+        "dpo_served",
+        server={"enabled": True, "idle_seconds": 60},
+        method="dpo",
+        warmup_dir="results/adapters/warm_served",
+    )
+    pid, request = _server_of(log)
+    assert pid != os.getpid() and request == 1 and _server_of(log_dpo) == (pid, 2)
+    adapters = workdir / "results" / "adapters"
+    for here, served in (("warm_here", "warm_served"), ("dpo_here", "dpo_served")):
+        weights = "adapter_model.safetensors"
+        assert (adapters / here / weights).read_bytes() == (adapters / served / weights).read_bytes(), here
+    varying = {"train_seconds", "trainer_setup_seconds", "load_seconds", "log_history", "out_dir", "files"}
+    for here, served in ((warm_here, warm_served), (dpo_here, dpo_served)):
+        assert here["train_loss"] == served["train_loss"]
+        kept = {key for key in here if key not in varying and not key.endswith(("_seconds", "_mb"))}
+        assert {"global_steps", "train_tokens", "checkpointing", "dropout", "hparams"} <= kept
+        assert {k: served[k] for k in kept} == {k: here[k] for k in kept}
+    assert dpo_here["global_steps"] == 2 and len({e["loss"] for e in dpo_here["log_history"] if "loss" in e}) == 2
+    server_log = Path(re.search(r"its log: (\S+)\)", log).group(1)).read_text()
+    assert re.search(rf"request 2 \({workdir}/logs/dpo_served.log\) done in [\d.]+ s", server_log)
+    assert dpo_served["dropout"] == {"lora": 0.0, "while_training": 0.0}
+
+
+def test_an_unknown_training_function_is_refused():
+    from d2lora.training.dispatch import train_cell_job
+
+    with pytest.raises(ValueError, match="unknown training function 'evaluate_cell'"):
+        train_cell_job("evaluate_cell", server={"enabled": True}, log_path=None)

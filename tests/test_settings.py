@@ -19,6 +19,7 @@ from d2lora.settings import (
     SettingsError,
     StatisticsSettings,
     TrainingHparams,
+    TrainingServer,
     defaults,
     schema_object,
 )
@@ -38,6 +39,7 @@ CLASSES = {
     Decoding: "evaluation/gsm8k",
     EvaluationSettings: "evaluation",
     EvaluationServer: "evaluation/server",
+    TrainingServer: "training/server",
     StatisticsSettings: "statistics",
 }
 

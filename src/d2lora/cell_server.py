@@ -1,4 +1,5 @@
-"""One process serving several evaluation cells (`evaluation.server`).
+"""One process serving several evaluation cells (`evaluation.server`), and training cells
+(`training.server`, d2lora.training.dispatch) alike.
 
 Every workflow job is a new process, so each evaluation used to pay Python's imports (torch,
 transformers, peft), the CUDA context and, with a compiled decoding step, torch.compile's in-memory
@@ -47,7 +48,11 @@ from typing import Any
 from d2lora.runtime import output_to_log
 
 # name -> (module, function): what a client may ask the server to run
-FUNCTIONS = {"evaluate_cell": ("d2lora.evaluation.run", "evaluate_cell")}
+FUNCTIONS = {
+    "evaluate_cell": ("d2lora.evaluation.run", "evaluate_cell"),
+    "run_warmup": ("d2lora.training.run", "run_warmup"),
+    "run_adaptation": ("d2lora.training.run", "run_adaptation"),
+}
 SERVER_DIR_ENV = "D2LORA_SERVER_DIR"
 PACKAGE_DIR = Path(__file__).resolve().parent
 # How often the server checks that the job it serves is still there.

@@ -181,6 +181,16 @@ class EvaluationServer(Settings):
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
+class TrainingServer(Settings):
+    """Where warmup and adapt jobs run their cell: in their own process, or in the machine's cell server."""
+
+    SCHEMA_PATH: ClassVar[str] = "training/server"
+
+    enabled: bool
+    idle_seconds: int
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
 class EvaluationSettings(Settings):
     SCHEMA_PATH: ClassVar[str] = "evaluation"
     NESTED: ClassVar[dict[str, type]] = {

@@ -1,13 +1,16 @@
 from pathlib import Path
 
 from d2lora.runtime import job
-from d2lora.training.run import run_adaptation
+from d2lora.training.dispatch import train_cell_job
 
 with job(snakemake):
     wc = snakemake.wildcards
-    run_adaptation(
-        snakemake.input.model,
-        Path(snakemake.input.data) / "train.jsonl",
+    train_cell_job(
+        "run_adaptation",
+        server=snakemake.config["training"].get("server"),
+        log_path=snakemake.log[0],
+        model_dir=snakemake.input.model,
+        train_path=str(Path(snakemake.input.data) / "train.jsonl"),
         method=wc.method,
         init=wc.init,
         n=int(wc.n),

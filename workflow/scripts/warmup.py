@@ -1,12 +1,15 @@
 from pathlib import Path
 
 from d2lora.runtime import job
-from d2lora.training.run import run_warmup
+from d2lora.training.dispatch import train_cell_job
 
 with job(snakemake):
-    run_warmup(
-        snakemake.input.model,
-        Path(snakemake.input.data) / "train.jsonl",
+    train_cell_job(
+        "run_warmup",
+        server=snakemake.config["training"].get("server"),
+        log_path=snakemake.log[0],
+        model_dir=snakemake.input.model,
+        train_path=str(Path(snakemake.input.data) / "train.jsonl"),
         lora=snakemake.params.lora,
         hp=snakemake.params.hp,
         out_dir=snakemake.output.adapter,
