@@ -8,6 +8,12 @@ if [ -f /root/evaluate_startup.sh ]; then
     tar -czf $OUT/evaluate_startup.tar.gz $(ls benchmarks/out/evaluate_startup_*/summary.json benchmarks/out/evaluate_startup_*/*/job*/*.json benchmarks/out/evaluate_startup_*/*/job*/*.log 2>/dev/null) && ls -la $OUT
   exit 0
 fi
+if [ -f /root/training_startup.sh ]; then
+  cat /root/training_startup.log 2>/dev/null | tail -30
+  [ -n "$OUT" ] && cd /root/run && cp /root/training_startup.log $OUT/ && \
+    tar -czf $OUT/training_startup.tar.gz $(ls benchmarks/out/training_startup_*/summary.json benchmarks/out/training_startup_*/*/job*/adapter/training.json benchmarks/out/training_startup_*/*/job*/*.log benchmarks/out/training_startup_*/server_logs/*.log 2>/dev/null) && ls -la $OUT
+  exit 0
+fi
 cd /root/run 2>/dev/null || exit 0
 export PYTHONPATH=/tmp/site:/root/run/src
 cat /root/pipeline.log | tail -25

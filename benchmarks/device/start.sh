@@ -21,7 +21,7 @@ fi
 # MODE=decode_profile: where a GSM8K decoding step at the 8B shape goes (benchmarks/decode_profile.py,
 # the model drawn on the GPU, nothing written), in the foreground (about a minute); results into $OUT.
 if [ "${MODE:-grid}" = decode_profile ]; then
-  rm -f /root/paper_scale.sh /root/evaluate_startup.sh
+  rm -f /root/paper_scale.sh /root/evaluate_startup.sh /root/training_startup.sh
   cd /root/run
   python3 benchmarks/decode_profile.py --random-init config/paper_shape.yaml --data ../shared/data/gsm8k/test.jsonl \
     --rows "${ROWS:-440}" --gqa "${GQA:-packed}" --out benchmarks/out/decode_profile > /root/decode_profile.log 2>&1 && code=0 || code=$?  # set -e: keep the log's tail
@@ -32,12 +32,20 @@ fi
 # MODE=evaluate_startup: evaluate jobs with and without the cell server (benchmarks/evaluate_startup.py).
 if [ "${MODE:-grid}" = evaluate_startup ]; then
   cp benchmarks/device/evaluate_startup.sh /root/evaluate_startup.sh
-  rm -f /root/paper_scale.sh
+  rm -f /root/paper_scale.sh /root/training_startup.sh
   JOBS="${JOBS:-6}" setsid nohup bash /root/evaluate_startup.sh > /root/evaluate_startup.log 2>&1 < /dev/null &
   sleep 5; cat /root/evaluate_startup.log
   exit 0
 fi
+# MODE=training_startup: adapt jobs with and without the cell server (benchmarks/training_startup.py).
+if [ "${MODE:-grid}" = training_startup ]; then
+  cp benchmarks/device/training_startup.sh /root/training_startup.sh
+  rm -f /root/paper_scale.sh /root/evaluate_startup.sh
+  JOBS="${JOBS:-4}" setsid nohup bash /root/training_startup.sh > /root/training_startup.log 2>&1 < /dev/null &
+  sleep 5; cat /root/training_startup.log
+  exit 0
+fi
 cp benchmarks/device/pipeline.sh /root/pipeline.sh
-rm -f /root/paper_scale.sh /root/evaluate_startup.sh  # collect.sh reads which run this is from them
+rm -f /root/paper_scale.sh /root/evaluate_startup.sh /root/training_startup.sh  # collect.sh reads which run this is from them
 setsid nohup bash /root/pipeline.sh > /root/pipeline.log 2>&1 < /dev/null &
 sleep 5; cat /root/pipeline.log
