@@ -226,8 +226,6 @@ LEVERS = {
             "precompute_reference": True,
             "compile_layers": True,
         },
-        # Round 25: dynamo recompiled for a row length not a multiple of 8 inside both compiled levers'
-        # steady windows; padded to 8, inductor sees one alignment case (SFT's pad8 levers, Round 10).
         # Memory a micro-batch token at the 8B shape, for no_checkpointing_up_to_tokens: pairs whose answers are
         # each lengthened to >= 384 tokens with the prompt, >= 6,144 tokens in 16 sequences a micro-batch
         # (the summary's checkpointing.micro_batch_tokens has the largest).
@@ -253,6 +251,8 @@ LEVERS = {
             "pad_to_multiple_of": 8,
             "compile_layers": True,
         },
+        # Round 25: dynamo recompiled for a row length not a multiple of 8 while the compiled levers trained;
+        # padded to 8, inductor sees one alignment case (SFT's pad8 levers, Round 10).
         "bf16_base_precompute_reference_uncast_inputs_pad8_compiled_layers": {
             **BF16_UNCAST,
             "precompute_reference": True,
