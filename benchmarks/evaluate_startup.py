@@ -51,26 +51,34 @@ with job(fake):
 MODES = ("own", "server", "server_kept")
 
 
-def run_jobs(mode: str, count: int, arguments: dict, out: Path, server_dir: Path) -> list[float]:
+def run_fresh_jobs(script: str, mode: str, count: int, job_arguments, out: Path, server_dir: Path) -> list[float]:
+    """`count` jobs of `mode`, each `script` in a fresh Python process (argv[1]: job_arguments(folder)
+    as JSON, its "log" the job's log) with this run's own server folder; each job's wall seconds."""
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT / "src"), os.environ.get("PYTHONPATH", "")])}
     env["D2LORA_SERVER_DIR"] = str(server_dir)  # a server of this run's own
     seconds = []
     for index in range(count):
-        folder = out / mode / f"job{index}"
-        job_arguments = {
+        arguments = job_arguments(out / mode / f"job{index}")
+        start = time.perf_counter()
+        done = subprocess.run([sys.executable, "-c", script, json.dumps(arguments)], env=env)
+        seconds.append(round(time.perf_counter() - start, 3))
+        if done.returncode != 0:
+            sys.exit(f"{mode} job {index} failed; its log: {arguments['log']}")
+        print(f"{mode:>9} job {index}: {seconds[-1]:.2f} s", flush=True)
+    return seconds
+
+
+def run_jobs(mode: str, count: int, arguments: dict, out: Path, server_dir: Path) -> list[float]:
+    def job_arguments(folder: Path) -> dict:
+        return {
             **arguments,
             "server": {"enabled": mode != "own", "idle_seconds": 60, "keep_base_weights": mode == "server_kept"},
             "log": str(folder / "evaluate.log"),
             "scores_path": str(folder / "scores.json"),
             "predictions_path": str(folder / "predictions.jsonl"),
         }
-        start = time.perf_counter()
-        done = subprocess.run([sys.executable, "-c", JOB, json.dumps(job_arguments)], env=env)
-        seconds.append(round(time.perf_counter() - start, 3))
-        if done.returncode != 0:
-            sys.exit(f"{mode} job {index} failed; its log: {folder / 'evaluate.log'}")
-        print(f"{mode:>9} job {index}: {seconds[-1]:.2f} s", flush=True)
-    return seconds
+
+    return run_fresh_jobs(JOB, mode, count, job_arguments, out, server_dir)
 
 
 def main() -> None:

@@ -18,13 +18,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import shutil
 import statistics
-import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -32,6 +29,7 @@ sys.path.insert(0, str(ROOT / "src"))
 
 from d2lora.io import read_jsonl, write_jsonl  # noqa: E402
 from d2lora.precision import cpu_model  # noqa: E402
+from evaluate_startup import run_fresh_jobs  # noqa: E402  (this folder: the script's own)
 
 # One adapt job, as workflow/scripts/adapt.py runs it (argv[1]: its arguments as JSON).
 JOB = """
@@ -49,24 +47,15 @@ CELL_SECONDS = ("trainer_setup_seconds", "train_seconds")
 
 
 def run_jobs(mode: str, count: int, arguments: dict, out: Path, server_dir: Path) -> list[float]:
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT / "src"), os.environ.get("PYTHONPATH", "")])}
-    env["D2LORA_SERVER_DIR"] = str(server_dir)  # a server of this run's own
-    seconds = []
-    for index in range(count):
-        folder = out / mode / f"job{index}"
-        job_arguments = {
+    def job_arguments(folder: Path) -> dict:
+        return {
             **arguments,
             "server": {"enabled": mode == "server", "idle_seconds": 60},
             "log": str(folder / "adapt.log"),
             "out_dir": str(folder / "adapter"),
         }
-        start = time.perf_counter()
-        done = subprocess.run([sys.executable, "-c", JOB, json.dumps(job_arguments)], env=env)
-        seconds.append(round(time.perf_counter() - start, 3))
-        if done.returncode != 0:
-            sys.exit(f"{mode} job {index} failed; its log: {folder / 'adapt.log'}")
-        print(f"{mode:>6} job {index}: {seconds[-1]:.2f} s", flush=True)
-    return seconds
+
+    return run_fresh_jobs(JOB, mode, count, job_arguments, out, server_dir)
 
 
 def main() -> None:
