@@ -300,6 +300,18 @@ LEVERS = {
             "compile_layers": True,
             "row_tokens": 384,
         },
+        # Round 28: 4 pairs compiled held the >= 384-token pairs in 47 GiB; where their memory ends.
+        **{
+            f"no_checkpointing_batch4x4_uncast_inputs_pad8_compiled_layers_rows{tokens}": {
+                **UNCAST,
+                "batch_size": 4,
+                "grad_accum": 4,
+                "pad_to_multiple_of": 8,
+                "compile_layers": True,
+                "row_tokens": tokens,
+            }
+            for tokens in (640, 768)
+        },
     },
     # GSM8K: 1,319 prompts x 256 new tokens (a random model never stops: every row runs to the limit).
     # The static cache gives every batch one decoding shape, so the compiled step is built once per process.
