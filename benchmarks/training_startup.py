@@ -10,8 +10,10 @@ init, seed 0) into its own folder through d2lora.training.dispatch, as workflow/
 so the difference between the two modes is what the server saves: imports, the CUDA context and,
 with `"compile_layers": true` in `--hp`, the layers' compile after the server's first cell. Writes
 summary.json: wall seconds per job and mode, the mean of jobs 2..N (the amortized cost; job 1 with
-the server on also starts it), each job's seconds in its cell (trainer set-up, training), and whether
-every job's adapter equals the first own-process job's byte for byte.
+the server on also starts it), each job's seconds in its cell (trainer set-up, training) and train
+loss, whether every job's adapter equals the first own-process job's byte for byte, and whether the
+own-process jobs' adapters equal each other: the device's own run-to-run spread, which a server
+cannot be blamed for (a GPU's bf16 kernels need not give the same sums twice).
 """
 
 from __future__ import annotations
@@ -94,12 +96,13 @@ def main() -> None:
         for log in Path(server_dir).glob("*.log"):
             (args.out / "server_logs").mkdir(exist_ok=True)
             shutil.copy(log, args.out / "server_logs" / log.name)
-    first = (args.out / "own" / "job0" / "adapter" / ADAPTER).read_bytes()
-    identical = all(
-        (args.out / mode / f"job{i}" / "adapter" / ADAPTER).read_bytes() == first
+    adapters = {
+        mode: [(args.out / mode / f"job{i}" / "adapter" / ADAPTER).read_bytes() for i in range(args.jobs)]
         for mode in MODES
-        for i in range(args.jobs)
-    )
+    }
+    first = adapters["own"][0]
+    identical = all(adapter == first for values in adapters.values() for adapter in values)
+    own_identical = all(adapter == first for adapter in adapters["own"])
     records = {
         mode: [
             json.loads((args.out / mode / f"job{i}" / "adapter" / "training.json").read_text())
@@ -124,10 +127,24 @@ def main() -> None:
         "mean_jobs_2_to_n": amortized,
         "speedup_jobs_2_to_n": round(amortized["own"] / amortized["server"], 2) if len(amortized) == 2 else None,
         "adapters_identical": identical,
+        "own_jobs_adapters_identical": own_identical,
+        "train_loss": {mode: [record.get("train_loss") for record in values] for mode, values in records.items()},
         "hp": arguments["hp"],
     }
     (args.out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
-    print(json.dumps({k: summary[k] for k in ("mean_jobs_2_to_n", "speedup_jobs_2_to_n", "adapters_identical")}))
+    print(
+        json.dumps(
+            {
+                k: summary[k]
+                for k in (
+                    "mean_jobs_2_to_n",
+                    "speedup_jobs_2_to_n",
+                    "adapters_identical",
+                    "own_jobs_adapters_identical",
+                )
+            }
+        )
+    )
 
 
 if __name__ == "__main__":

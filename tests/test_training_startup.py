@@ -49,6 +49,9 @@ def test_adapt_jobs_report_their_wall_time_and_train_the_same_adapter(tiny_model
     assert done.returncode == 0, done.stderr[-3000:]
     summary = json.loads((out / "summary.json").read_text())
     assert summary["adapters_identical"] and summary["rows"] == 4 and summary["device"] == "cpu"
+    assert summary["own_jobs_adapters_identical"]
+    losses = summary["train_loss"]["own"] + summary["train_loss"]["server"]
+    assert len(losses) == 2 * summary["jobs"] and len(set(losses)) == 1 and losses[0] > 0
     for mode in ("own", "server"):
         walls, cells = summary["seconds"][mode], summary["in_cell_seconds"][mode]
         assert len(walls) == len(cells) == 2
