@@ -103,6 +103,16 @@ OTHER_BENCHMARKS = ("arc_easy", "titles")
 # override may name "lora" (training.lora's keys), "row_tokens" (the math rows lengthened to that
 # many tokens, lengthened_rows) and "inductor" (inductor settings for compile_layers' layers).
 FLOAT32_BASE = {"base_dtype": "float32"}
+# Every training lever starts from the code path before the levers: the speed settings a preset may
+# switch on (config/paper.yaml's DPO and ORPO do) at the schema's defaults, so that "plain" stays plain
+# and each lever names all it changes.
+LEVER_SPEED_SETTINGS = (
+    "cast_adapter_inputs",
+    "compile_layers",
+    "compile_layers_min_steps",
+    "no_checkpointing_up_to_tokens",
+    "pad_to_multiple_of",
+)
 NO_CHECKPOINTING = {"base_dtype": "bfloat16", "gradient_checkpointing": False}
 # The LoRA branch on the base's bf16 activations (d2lora.training.fast_paths); "lora" overrides training.lora.
 UNCAST = {**NO_CHECKPOINTING, "cast_adapter_inputs": False}
@@ -1359,8 +1369,8 @@ def train_once(run: Run, stage: str, overrides: dict, name: str | None = None, n
     profile = None
     if run.profile_steps > 0 and not name.endswith("process_warmup"):
         profile = ProfileSteps(PROFILE_FIRST_STEP, run.profile_steps, run.out / f"profile_{name}.txt", run.device)
-    if "compile_layers" in overrides:
-        # A pipeline job compiles in a fresh process: no graphs (or recompile count) from an earlier lever.
+    if hparams.get("compile_layers"):
+        # A pipeline job compiles in a fresh process: no graphs (or recompile count) from an earlier stage.
         import torch._dynamo
 
         torch._dynamo.reset()
@@ -1369,7 +1379,7 @@ def train_once(run: Run, stage: str, overrides: dict, name: str | None = None, n
     observers = [clock] + ([profile] if profile is not None else [])
     # Round 21: compiled layers' loss left eager's from the second step on the GPU; this says whether
     # the trained model's compiled forward still computes the eager one, and whether it stays causal.
-    probe = CompiledAgainstEager() if overrides.get("compile_layers") else None
+    probe = CompiledAgainstEager() if hparams.get("compile_layers") else None
     observers += [probe] if probe is not None else []
     # Round 22: compiled layers' logged loss fell below eager's with equal gradient norms; every lever
     # records how far its adapter moved and its loss on fixed rows, so levers compare by their weights.
@@ -1710,7 +1720,7 @@ def lever_stage(run: Run, method: str) -> dict:
                     folder = kv_heads_repeated(folder, run.work / "model" / f"small{KV_HEADS_REPEATED}")
                 result = gsm8k_stage(run, overrides, name=name, adapter_stage=None, model_dir=folder, settings=small[1])
             else:
-                result = train_stage(run, method, {"epochs": LEVER_EPOCHS[method], **overrides}, name=name)
+                result = train_stage(run, method, lever_overrides(method, overrides), name=name)
         except Exception as err:  # noqa: BLE001 -- the next lever still runs
             import traceback
 
@@ -1726,6 +1736,15 @@ def lever_stage(run: Run, method: str) -> dict:
     return results
 
 
+def lever_overrides(method: str, overrides: dict) -> dict:
+    """A training lever's overrides of the preset's settings: LEVER_EPOCHS, LEVER_SPEED_SETTINGS at the
+    schema's defaults, then the lever's own."""
+    from d2lora.settings import defaults
+
+    speed = {key: value for key, value in defaults("$defs/hparams").items() if key in LEVER_SPEED_SETTINGS}
+    return {"epochs": LEVER_EPOCHS[method], **speed, **overrides}
+
+
 def process_warmup(run: Run, method: str) -> None:
     """Two optimizer steps of plain `method`, thrown away, so that no measured lever pays the process's
     first-training costs (CUDA context, cuBLAS handles and heuristics, the caching allocator's growth)."""
@@ -1733,9 +1752,8 @@ def process_warmup(run: Run, method: str) -> None:
     rows = int(hp["batch_size"]) * int(hp.get("grad_accum", 1)) * 2
     start = time.perf_counter()
     try:
-        train_stage(
-            run, method, {"epochs": 1, **LEVERS[method]["plain"]}, name=f"levers_{method}_process_warmup", n=rows
-        )
+        plain = {**lever_overrides(method, LEVERS[method]["plain"]), "epochs": 1}
+        train_stage(run, method, plain, name=f"levers_{method}_process_warmup", n=rows)
         outcome = {"rows": rows, "seconds": round(time.perf_counter() - start, 2)}
     except Exception as err:  # noqa: BLE001 -- a failed warm-up only means the levers run cold
         outcome = {"rows": rows, "error": f"{type(err).__name__}: {err}"[:500]}

@@ -306,13 +306,21 @@ def test_tiny_run_training_numbers_are_consistent(tiny_run, method):
     assert summary["device"]["host_op_microseconds"] > 0
     assert "logical CPUs" in summary["device"]["host_cpu"]  # launch-bound steps go as fast as the host issues
     assert m["steps"] == math.ceil(m["rows"] / (m["batch_size"] * m["grad_accum"])) * m["epochs"]
-    assert (m["batch_size"], m["grad_accum"], m["max_length"], m["gradient_checkpointing"]) == (
-        hp["batch_size"],
-        hp["grad_accum"],
-        hp["max_length"],
-        hp["gradient_checkpointing"],
-    )
-    assert m["gradient_checkpointing"] is True  # the paper's setting, kept at the tiny shape
+    assert (m["batch_size"], m["grad_accum"], m["max_length"]) == (hp["batch_size"], hp["grad_accum"], hp["max_length"])
+    # The paper's setting, kept at the tiny shape; DPO and ORPO turn it off under their token budget.
+    assert m["checkpointing"]["setting"] is hp["gradient_checkpointing"] is True
+    assert m["gradient_checkpointing"] is m["checkpointing"]["on"]
+    budget = hp.get("no_checkpointing_up_to_tokens")
+    assert (budget is not None) is (method in ("dpo", "orpo"))
+    if budget is not None:
+        assert m["checkpointing"]["micro_batch_tokens"] <= budget and m["checkpointing"]["on"] is False
+        assert "within no_checkpointing_up_to_tokens" in m["checkpointing"]["reason"]
+    else:
+        assert m["checkpointing"]["on"] is True
+    # The preset's DPO and ORPO compile their layers, at the tiny shape too (CPU, float32).
+    compiled = m["fast_paths"]["compile_layers"]
+    assert compiled["setting"] is bool(hp.get("compile_layers"))
+    assert compiled["layers"] == (paper_scale.TINY_ARCH["num_hidden_layers"] if hp.get("compile_layers") else 0)
     assert m["rows"] == (2 if method != "warmup" else summary["data"]["warmup"]["counts"]["train"])
     assert 0 <= m["load_seconds"] <= m["overhead_seconds"] + 0.01
     assert _close(m["stage_seconds"] - m["train_seconds"], m["overhead_seconds"], 0.05)
@@ -374,6 +382,24 @@ def test_tiny_run_estimates_the_whole_paper_grid(tiny_run):
     assert _positive(est["total_gpu_hours"])
     for benchmark in ("gsm8k", "arc_easy", "titles"):
         assert est["evaluations"][benchmark]["seconds_per_job"] == summary[benchmark]["eval_seconds"]
+
+
+def test_training_levers_start_from_the_code_path_before_the_levers():
+    """config/paper_shape.yaml switches speed settings on for DPO and ORPO; a lever names all it changes."""
+    preset = yaml.safe_load(SHAPE.read_text())["training"]["adapt"]
+    compiled_levers = {
+        "dpo": "no_checkpointing_batch4x4_precompute_reference_uncast_inputs_pad8_compiled_layers",
+        "orpo": "no_checkpointing_batch4x4_uncast_inputs_pad8_compiled_layers",
+    }
+    for method, compiled_lever in compiled_levers.items():
+        assert preset[method]["compile_layers"] and preset[method]["no_checkpointing_up_to_tokens"]
+        plain = {**preset[method], **paper_scale.lever_overrides(method, paper_scale.LEVERS[method]["plain"])}
+        assert plain["compile_layers"] is False and plain["no_checkpointing_up_to_tokens"] is None
+        assert plain["cast_adapter_inputs"] is True and plain["pad_to_multiple_of"] is None
+        assert plain["gradient_checkpointing"] is True and plain["epochs"] == paper_scale.LEVER_EPOCHS[method]
+        hp = {**preset[method], **paper_scale.lever_overrides(method, paper_scale.LEVERS[method][compiled_lever])}
+        assert hp["compile_layers"] and hp["pad_to_multiple_of"] == 8 and hp["cast_adapter_inputs"] is False
+        assert hp["no_checkpointing_up_to_tokens"] is None and hp["gradient_checkpointing"] is False
 
 
 def test_tiny_shape_refuses_a_config_of_another_layout(tmp_path):
