@@ -1814,6 +1814,21 @@ def lever_ratios(levers: dict) -> dict:
     return out
 
 
+def training_rates(methods: dict) -> tuple[dict[str, float], dict[str, float]]:
+    """Per training stage, the tokens/s a grid cell trains at, and for a stage whose layers compiled the
+    seconds beyond its compile-free rate: the compile (and the first steps), which a job pays once. A
+    50-step stage's mean rate would charge that compile to every token of a 2,500-step cell."""
+    rates, compile_seconds = {}, {}
+    for stage, m in methods.items():
+        free = m.get("compile_free_tokens_per_second")
+        if m.get("compiling_steps") and free:
+            rates[stage] = free
+            compile_seconds[stage] = max(0.0, m["train_seconds"] - m["train_tokens"] / free)
+        else:
+            rates[stage] = m["tokens_per_second"]
+    return rates, compile_seconds
+
+
 def grid_estimate(run: Run) -> dict:
     import yaml
     from paper_scale_estimate import estimate
@@ -1821,12 +1836,14 @@ def grid_estimate(run: Run) -> dict:
     methods = run.summary["methods"]
     overheads = [m["overhead_seconds"] for m in methods.values()]
     paper = yaml.safe_load((ROOT / "config" / "paper.yaml").read_text())
+    rates, compile_seconds = training_rates(methods)
     return estimate(
         paper,
-        {k: m["tokens_per_second"] for k, m in methods.items()},
+        rates,
         {k: v for k, v in run.summary["tokens_per_row"].items() if isinstance(v, (int, float))},
         sum(overheads) / len(overheads) if overheads else None,
         {b: run.summary[b]["eval_seconds"] for b in ("gsm8k", *OTHER_BENCHMARKS) if b in run.summary},
+        compile_seconds,
     )
 
 

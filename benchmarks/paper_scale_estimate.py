@@ -2,7 +2,8 @@
 
 Every training cell of config/paper.yaml's grid is n rows x epochs x tokens per row, at the tokens/s
 its method ran at; every job also pays the measured per-job overhead (loading the base model,
-building the trainer, saving the adapter); every evaluation costs what the measured one of its
+building the trainer, saving the adapter) and, where its method's layers are compiled, the measured
+compile, once per job rather than per token; every evaluation costs what the measured one of its
 benchmark did.
 Tokens per row come from the local stand-ins (the paper's hub sets are not on our machines), so
 these are estimates: GSM8K-based pairs for Math-Step-DPO-10K, Alpaca for orpo-dpo-mix-40k (whose
@@ -51,10 +52,13 @@ def estimate(
     tokens_per_row: dict[str, float],
     job_overhead_s: float | None,
     eval_seconds: dict[str, float],
+    compile_seconds: dict[str, float] | None = None,
 ) -> dict:
     """GPU-hours of `paper`'s grid. rates: tokens/s per method (warmup, sft, dpo, orpo);
     tokens_per_row: per tokens_key and "warmup"; eval_seconds: one evaluation job's seconds per
-    benchmark measured; what is missing is listed, not guessed."""
+    benchmark measured; compile_seconds: per method whose layers compile, a job's seconds beyond its
+    compile-free rate (rates then being compile-free); what is missing is listed, not guessed."""
+    compile_seconds = compile_seconds or {}
     missing: list[str] = []
     parts: list[dict] = []
 
@@ -68,7 +72,8 @@ def estimate(
             "tokens_per_row_from": key,
             "n": n,
         }
-        per_row, rate = tokens_per_row.get(key), rates.get(method if name != "warmup" else "warmup")
+        rate_key = method if name != "warmup" else "warmup"
+        per_row, rate = tokens_per_row.get(key), rates.get(rate_key)
         if per_row is None or not rate:
             missing.append(
                 f"{name} {task}/{method}: " + ("no tokens per row" if per_row is None else "no measured rate")
@@ -77,7 +82,11 @@ def estimate(
             entry["tokens_per_row"] = round(per_row, 1)
             entry["tokens"] = int(round(rows_x_epochs * per_row))
             entry["tokens_per_second"] = round(rate, 1)
-            entry["gpu_hours"] = _hours(entry["tokens"] / rate)
+            seconds = entry["tokens"] / rate
+            if rate_key in compile_seconds:
+                entry["compile_seconds_per_job"] = round(compile_seconds[rate_key], 1)
+                seconds += cells * compile_seconds[rate_key]
+            entry["gpu_hours"] = _hours(seconds)
         parts.append(entry)
 
     warm_jobs = len(grid.warm_inits(paper))

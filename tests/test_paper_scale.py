@@ -208,10 +208,34 @@ def test_grid_estimate_is_cells_times_tokens_over_rates():
         + sum(e["gpu_hours"] for e in evaluations.values())
     )
     assert _close(result["total_gpu_hours"], total, 1e-3)
+    # A method whose layers compile pays its compile once per job, on top of its compile-free rate.
+    compiled = estimate(PAPER, rates, per_row, 30.0, eval_seconds, compile_seconds={"dpo": 70.0})
+    compiled_parts = {(p["task"], p["method"]): p for p in compiled["training"]}
+    compiled_dpo = compiled_parts[("math", "dpo")]
+    assert compiled_dpo["compile_seconds_per_job"] == 70.0
+    assert _close(compiled_dpo["gpu_hours"], (dpo["tokens"] / 1000 + 8 * 70.0) / 3600, 1e-3)
+    assert compiled_parts[("math", "orpo")] == parts[("math", "orpo")]
+    assert abs(compiled["total_gpu_hours"] - result["total_gpu_hours"] - 8 * 70.0 / 3600) <= 0.011  # totals: 2 decimals
     partial = estimate(PAPER, {k: v for k, v in rates.items() if k != "dpo"}, per_row, None, {"gsm8k": 300.0})
     assert not partial["complete"]
     assert any("math/dpo" in m for m in partial["missing"]) and "titles evaluation: not measured" in partial["missing"]
     assert "gpu_hours" not in partial["evaluations"]["arc_easy"] and "gpu_hours" in partial["evaluations"]["gsm8k"]
+
+
+def test_training_rates_charge_a_compile_once_per_job_not_per_token():
+    eager = {"tokens_per_second": 1000.0, "train_seconds": 50.0, "train_tokens": 50_000, "compiling_steps": []}
+    # 52 steps: 70 s of compile in the first, then 1,400 tokens/s; the stage's mean rate is far lower.
+    compiled = {
+        "tokens_per_second": 560.0,
+        "train_seconds": 125.0,
+        "train_tokens": 77_000,
+        "compiling_steps": [1],
+        "compile_free_tokens_per_second": 1400.0,
+    }
+    too_short = {**compiled, "compile_free_tokens_per_second": None}  # too few steps for a compile-free rate
+    rates, compile_seconds = paper_scale.training_rates({"sft": eager, "dpo": compiled, "orpo": too_short})
+    assert rates == {"sft": 1000.0, "dpo": 1400.0, "orpo": 560.0}
+    assert set(compile_seconds) == {"dpo"} and _close(compile_seconds["dpo"], 125.0 - 77_000 / 1400.0)
 
 
 def test_a_failed_stage_is_recorded_and_the_summary_still_written(tmp_path):
