@@ -74,6 +74,7 @@ sys.path[:0] = [str(ROOT / "src"), str(Path(__file__).resolve().parent)]
 
 from d2lora import grid  # noqa: E402
 from d2lora.io import read_json, write_json  # noqa: E402
+from d2lora.settings import defaults  # noqa: E402
 
 STAGES = (
     "warmup",
@@ -1739,8 +1740,6 @@ def lever_stage(run: Run, method: str) -> dict:
 def lever_overrides(method: str, overrides: dict) -> dict:
     """A training lever's overrides of the preset's settings: LEVER_EPOCHS, LEVER_SPEED_SETTINGS at the
     schema's defaults, then the lever's own."""
-    from d2lora.settings import defaults
-
     speed = {key: value for key, value in defaults("$defs/hparams").items() if key in LEVER_SPEED_SETTINGS}
     return {"epochs": LEVER_EPOCHS[method], **speed, **overrides}
 
