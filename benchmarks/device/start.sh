@@ -37,11 +37,12 @@ if [ "${MODE:-grid}" = evaluate_startup ]; then
   sleep 5; cat /root/evaluate_startup.log
   exit 0
 fi
-# MODE=training_startup: adapt jobs with and without the cell server (benchmarks/training_startup.py).
+# MODE=training_startup: adapt jobs with and without the cell server (benchmarks/training_startup.py);
+# SHAPE=8b: a DPO cell at the Llama-3.1-8B shape with the paper preset's settings.
 if [ "${MODE:-grid}" = training_startup ]; then
   cp benchmarks/device/training_startup.sh /root/training_startup.sh
   rm -f /root/paper_scale.sh /root/evaluate_startup.sh
-  JOBS="${JOBS:-4}" setsid nohup bash /root/training_startup.sh > /root/training_startup.log 2>&1 < /dev/null &
+  JOBS="${JOBS:-}" SHAPE="${SHAPE:-}" setsid nohup bash /root/training_startup.sh > /root/training_startup.log 2>&1 < /dev/null &
   sleep 5; cat /root/training_startup.log
   exit 0
 fi
