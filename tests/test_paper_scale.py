@@ -331,16 +331,11 @@ def test_tiny_run_training_numbers_are_consistent(tiny_run, method):
     assert "logical CPUs" in summary["device"]["host_cpu"]  # launch-bound steps go as fast as the host issues
     assert m["steps"] == math.ceil(m["rows"] / (m["batch_size"] * m["grad_accum"])) * m["epochs"]
     assert (m["batch_size"], m["grad_accum"], m["max_length"]) == (hp["batch_size"], hp["grad_accum"], hp["max_length"])
-    # The paper's setting, kept at the tiny shape; DPO and ORPO turn it off under their token budget.
+    # The paper's setting, kept at the tiny shape, and turned off under each method's token budget.
     assert m["checkpointing"]["setting"] is hp["gradient_checkpointing"] is True
-    assert m["gradient_checkpointing"] is m["checkpointing"]["on"]
-    budget = hp.get("no_checkpointing_up_to_tokens")
-    assert (budget is not None) is (method in ("dpo", "orpo"))
-    if budget is not None:
-        assert m["checkpointing"]["micro_batch_tokens"] <= budget and m["checkpointing"]["on"] is False
-        assert "within no_checkpointing_up_to_tokens" in m["checkpointing"]["reason"]
-    else:
-        assert m["checkpointing"]["on"] is True
+    assert m["gradient_checkpointing"] is m["checkpointing"]["on"] is False
+    assert m["checkpointing"]["micro_batch_tokens"] <= hp["no_checkpointing_up_to_tokens"]
+    assert f"within no_checkpointing_up_to_tokens={hp['no_checkpointing_up_to_tokens']}" in m["checkpointing"]["reason"]
     # The preset's DPO and ORPO compile their layers, at the tiny shape too (CPU, float32).
     compiled = m["fast_paths"]["compile_layers"]
     assert compiled["setting"] is bool(hp.get("compile_layers"))

@@ -271,10 +271,16 @@ def test_no_checkpointing_up_to_tokens_turns_checkpointing_off_only_for_cells_th
     method, tiny_model_dir, tokenizer, tmp_path
 ):
     """gradient_checkpointing as Table 2 sets it, off for a cell whose largest micro-batch is within
-    the budget: the trainer then trains without it, and trains what a run without it trains."""
+    the budget: the trainer then trains without it, and trains what a run without it trains, dropout
+    included (SFT keeps the LoRA dropout; a checkpointed forward is recomputed with the same masks)."""
     from transformers import TrainerCallback
 
-    from d2lora.training.trainers import choose_checkpointing, micro_batch_tokens, sequence_lengths
+    from d2lora.training.trainers import (
+        choose_checkpointing,
+        dropout_while_training,
+        micro_batch_tokens,
+        sequence_lengths,
+    )
 
     seen: dict[str, list] = {}
 
@@ -287,7 +293,7 @@ def test_no_checkpointing_up_to_tokens_turns_checkpointing_off_only_for_cells_th
 
     def train(name, **extra):
         hp = TrainingHparams.of(dict(HP, beta=0.1, **extra), f"training.adapt.{method}")
-        model = _tiny_peft(tiny_model_dir, "float32")
+        model = _tiny_peft(tiny_model_dir, "float32", dropout=0.3)
         trainer = build_trainer(
             method,
             model,
@@ -299,6 +305,8 @@ def test_no_checkpointing_up_to_tokens_turns_checkpointing_off_only_for_cells_th
             use_cpu=True,
             callbacks=[Checkpointing(name)],
         )
+        # SFT trains with the LoRA dropout (TRL turns it off for ORPO): the masks must match too.
+        assert dropout_while_training(model, method, hp)["while_training"] == (0.3 if method == "sft" else 0.0)
         chosen = choose_checkpointing(trainer, method, hp)
         trainer.train()
         hooks = getattr(model.get_base_model(), "_require_grads_hooks", None)
