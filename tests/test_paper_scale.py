@@ -233,9 +233,14 @@ def test_training_rates_charge_a_compile_once_per_job_not_per_token():
         "compile_free_tokens_per_second": 1400.0,
     }
     too_short = {**compiled, "compile_free_tokens_per_second": None}  # too few steps for a compile-free rate
-    rates, compile_seconds = paper_scale.training_rates({"sft": eager, "dpo": compiled, "orpo": too_short})
-    assert rates == {"sft": 1000.0, "dpo": 1400.0, "orpo": 560.0}
-    assert set(compile_seconds) == {"dpo"} and _close(compile_seconds["dpo"], 125.0 - 77_000 / 1400.0)
+    # Compiled after dpo in the same process: 20 s, most graphs reused; a grid job compiles afresh.
+    compiled_later = {**compiled, "train_seconds": 75.0}
+    rates, compile_seconds = paper_scale.training_rates(
+        {"sft": eager, "dpo": compiled, "warmup": too_short, "orpo": compiled_later}
+    )
+    assert rates == {"sft": 1000.0, "dpo": 1400.0, "warmup": 560.0, "orpo": 1400.0}
+    assert set(compile_seconds) == {"dpo", "orpo"}
+    assert _close(compile_seconds["dpo"], 125.0 - 77_000 / 1400.0) and compile_seconds["orpo"] == compile_seconds["dpo"]
 
 
 def test_a_failed_stage_is_recorded_and_the_summary_still_written(tmp_path):
