@@ -424,6 +424,13 @@ def test_training_levers_start_from_the_code_path_before_the_levers():
         hp = {**preset[method], **paper_scale.lever_overrides(method, paper_scale.LEVERS[method][compiled_lever])}
         assert hp["compile_layers"] and hp["pad_to_multiple_of"] == 8 and hp["cast_adapter_inputs"] is False
         assert hp["no_checkpointing_up_to_tokens"] is None and hp["gradient_checkpointing"] is False
+    # SFT (and the warm-up) take the LoRA branch's inputs uncast since Round 29; SFT's levers start cast.
+    training = yaml.safe_load(SHAPE.read_text())["training"]
+    assert training["warmup"]["cast_adapter_inputs"] is False and preset["sft"]["cast_adapter_inputs"] is False
+    for lever in ("plain", "bf16_base_no_checkpointing"):
+        assert {**preset["sft"], **paper_scale.lever_overrides("sft", paper_scale.LEVERS["sft"][lever])}[
+            "cast_adapter_inputs"
+        ]
 
 
 def test_tiny_shape_refuses_a_config_of_another_layout(tmp_path):
