@@ -113,6 +113,7 @@ LEVER_SPEED_SETTINGS = (
     "compile_layers_min_steps",
     "no_checkpointing_up_to_tokens",
     "pad_to_multiple_of",
+    "split_micro_batches",
 )
 NO_CHECKPOINTING = {"base_dtype": "bfloat16", "gradient_checkpointing": False}
 # The LoRA branch on the base's bf16 activations (d2lora.training.fast_paths); "lora" overrides training.lora.

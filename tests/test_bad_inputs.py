@@ -146,6 +146,23 @@ CONFIG_CASES = [
         r"training\.adapt\.dpo\.gradient_checkpointing is false",
     ),
     (
+        "splitting micro-batches without the token budget they are split to",
+        _set("training.adapt.dpo.split_micro_batches", True),
+        r"training\.adapt\.dpo\.split_micro_batches: splits the micro-batches of cells over "
+        r"training\.adapt\.dpo\.no_checkpointing_up_to_tokens, which is not set",
+    ),
+    (
+        "splitting length-grouped micro-batches, which would change each step's rows",
+        lambda c: (
+            _set("training.adapt.sft.gradient_checkpointing", True)(c),
+            _set("training.adapt.sft.no_checkpointing_up_to_tokens", 6000)(c),
+            _set("training.adapt.sft.group_by_length", True)(c),
+            _set("training.adapt.sft.split_micro_batches", True)(c),
+        ),
+        r"training\.adapt\.sft\.split_micro_batches: with training\.adapt\.sft\.group_by_length a smaller "
+        r"micro-batch changes which rows share an optimizer step",
+    ),
+    (
         "keeping dropout in SFT, which TRL never turns off",
         _set("training.adapt.sft.keep_dropout", True),
         r"training\.adapt\.sft\.keep_dropout: DPO, ORPO only \(training\.adapt\.sft trains SFT\)",

@@ -420,6 +420,7 @@ def test_training_levers_start_from_the_code_path_before_the_levers():
         plain = {**preset[method], **paper_scale.lever_overrides(method, paper_scale.LEVERS[method]["plain"])}
         assert plain["compile_layers"] is False and plain["no_checkpointing_up_to_tokens"] is None
         assert plain["cast_adapter_inputs"] is True and plain["pad_to_multiple_of"] is None
+        assert preset[method]["split_micro_batches"] and plain["split_micro_batches"] is False
         assert plain["gradient_checkpointing"] is True and plain["epochs"] == paper_scale.LEVER_EPOCHS[method]
         hp = {**preset[method], **paper_scale.lever_overrides(method, paper_scale.LEVERS[method][compiled_lever])}
         assert hp["compile_layers"] and hp["pad_to_multiple_of"] == 8 and hp["cast_adapter_inputs"] is False

@@ -333,6 +333,62 @@ def test_no_checkpointing_up_to_tokens_turns_checkpointing_off_only_for_cells_th
     assert without[0] != pytest.approx(without[-1], rel=1e-3), "the steps moved the adapter"
 
 
+@pytest.mark.parametrize("method", ["sft", "dpo", "orpo"])
+def test_split_micro_batches_train_a_cell_over_the_budget_without_checkpointing(
+    method, tiny_model_dir, tokenizer, tmp_path
+):
+    """A cell whose 4-row micro-batch passes no_checkpointing_up_to_tokens trains as 2 x 2 without
+    checkpointing (the same rows a step) instead of 4 x 1 with it; with no divisor fitting it keeps
+    checkpointing."""
+    from d2lora.training.trainers import choose_checkpointing, count_micro_batches, micro_batch_tokens, sequence_lengths
+
+    base = dict(HP, beta=0.1, batch_size=4, grad_accum=1)
+
+    def train(name, **extra):
+        hp = TrainingHparams.of(dict(base, **extra), f"training.adapt.{method}")
+        trainer = build_trainer(
+            method,
+            _tiny_peft(tiny_model_dir, "float32"),
+            tokenizer,
+            trl_dataset(_rows(8), method),
+            hp=hp,
+            output_dir=str(tmp_path / name),
+            seed=0,
+            use_cpu=True,
+        )
+        chosen = choose_checkpointing(trainer, method, hp)
+        count_micro_batches(trainer, method, into=chosen)
+        trainer.train()
+        return chosen, _losses({"log_history": trainer.state.log_history}), trainer
+
+    _, whole_losses, trainer = train("whole", gradient_checkpointing=False)
+    lengths = sequence_lengths(trainer.train_dataset, method)
+    hp = TrainingHparams.of(base, f"training.adapt.{method}")
+    whole, _ = micro_batch_tokens(lengths, hp, method)
+    half, half_made = micro_batch_tokens(lengths, hp.replace(batch_size=2), method)
+    single, _ = micro_batch_tokens(lengths, hp.replace(batch_size=1), method)
+    assert single < half < whole
+    split, split_losses, split_trainer = train(
+        "split", gradient_checkpointing=True, no_checkpointing_up_to_tokens=half, split_micro_batches=True
+    )
+    assert split["on"] is False and split["micro_batch"] == {"batch_size": 2, "grad_accum": 2}
+    assert split["micro_batch_tokens"] == half and 0 < split["largest_micro_batch_tokens"] <= half
+    assert split["reason"].startswith(
+        f"off: micro-batches split to 2 x 2 (split_micro_batches), which hold at most {half} tokens ({half_made})"
+    )
+    assert split_trainer.state.global_step == trainer.state.global_step == 4  # 8 rows, 4 a step, 2 epochs
+    assert not split_trainer.model.get_base_model().is_gradient_checkpointing
+    # SFT's loss averages over a step's tokens (TRL counts them across its micro-batches) and DPO's over
+    # its pairs: the same steps. ORPO's NLL term averages over each micro-batch's tokens: close, not equal.
+    assert split_losses == pytest.approx(whole_losses, rel=1e-5 if method in ("sft", "dpo") else 1e-3)
+    assert whole_losses[0] != pytest.approx(whole_losses[-1], rel=1e-3), "the steps moved the adapter"
+    kept = train(
+        "kept", gradient_checkpointing=True, no_checkpointing_up_to_tokens=single - 1, split_micro_batches=True
+    )[0]
+    assert kept["on"] is True and "micro_batch" not in kept
+    assert kept["reason"].endswith("; so can one row alone (split_micro_batches)")
+
+
 @pytest.mark.parametrize("padding_free", [False, True])
 def test_a_cell_whose_micro_batch_could_pass_max_micro_batch_tokens_is_refused_before_training(
     padding_free, tiny_model_dir, tokenizer, tmp_path

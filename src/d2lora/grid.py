@@ -209,6 +209,17 @@ def _check_method_options(training: dict) -> None:
                 f"{key}.no_checkpointing_up_to_tokens: turns checkpointing off for small cells, and "
                 f"{key}.gradient_checkpointing is false (every cell trains without it already)"
             )
+        if hp.get("split_micro_batches") and not hp.get("no_checkpointing_up_to_tokens"):
+            raise ConfigError(
+                f"{key}.split_micro_batches: splits the micro-batches of cells over "
+                f"{key}.no_checkpointing_up_to_tokens, which is not set"
+            )
+        if hp.get("split_micro_batches") and hp.get("group_by_length"):
+            # The length-grouped sampler orders rows by micro-batch size: a split would change each step's rows.
+            raise ConfigError(
+                f"{key}.split_micro_batches: with {key}.group_by_length a smaller micro-batch changes which "
+                "rows share an optimizer step; set one of them false"
+            )
 
 
 FLEX_TRAINING_ON_CPU = "torch's FlexAttention has no backward on the CPU: train on a CUDA device or set it false"

@@ -135,6 +135,7 @@ class TrainingHparams(Settings):
     pad_to_multiple_of: int | None
     max_micro_batch_tokens: int | None
     no_checkpointing_up_to_tokens: int | None
+    split_micro_batches: bool
     cast_adapter_inputs: bool
     fuse_adapter_add: bool
     compile_layers: bool

@@ -315,20 +315,63 @@ def count_micro_batches(trainer, method: str, into: dict) -> None:
 def choose_checkpointing(trainer, method: str, hp: TrainingHparams) -> dict:
     """Activation checkpointing for this cell: gradient_checkpointing's setting, except that with
     no_checkpointing_up_to_tokens set it goes off when the cell's largest possible micro-batch holds
-    at most that many tokens. Checkpointing recomputes the same forward, so either way the gradients
-    are the same; without it a step is faster and keeps every layer's activations. What was chosen,
-    why, and the largest micro-batch (the number a memory budget is set against)."""
-    tokens, made = micro_batch_tokens(sequence_lengths(trainer.train_dataset, method), hp, method)
+    at most that many tokens, or, with split_micro_batches, when a smaller micro-batch (more
+    accumulation, the same rows a step) does. Checkpointing recomputes the same forward, so either way
+    the gradients are the same; without it a step is faster and keeps every layer's activations. What
+    was chosen, why, and the largest micro-batch (the number a memory budget is set against)."""
+    lengths = sequence_lengths(trainer.train_dataset, method)
+    tokens, made = micro_batch_tokens(lengths, hp, method)
     chosen = {"setting": hp.gradient_checkpointing, "on": hp.gradient_checkpointing, "micro_batch_tokens": tokens}
     if hp.no_checkpointing_up_to_tokens is None or not hp.gradient_checkpointing:
         return chosen
     budget = f"no_checkpointing_up_to_tokens={hp.no_checkpointing_up_to_tokens}"
     if tokens > hp.no_checkpointing_up_to_tokens:
-        chosen["reason"] = f"kept: a micro-batch can hold {tokens} tokens ({made}), above {budget}"
+        split = _split_micro_batch(lengths, hp, method) if hp.split_micro_batches else None
+        if split is None:
+            chosen["reason"] = f"kept: a micro-batch can hold {tokens} tokens ({made}), above {budget}"
+            if hp.split_micro_batches:
+                chosen["reason"] += "; so can one row alone (split_micro_batches)"
+            return chosen
+        smaller, split_tokens, split_made = split
+        _set_micro_batch(trainer, smaller.batch_size, smaller.grad_accum)
+        _checkpointing_off(trainer)
+        chosen.update(
+            on=False,
+            micro_batch_tokens=split_tokens,
+            micro_batch={"batch_size": smaller.batch_size, "grad_accum": smaller.grad_accum},
+            reason=(
+                f"off: micro-batches split to {smaller.batch_size} x {smaller.grad_accum} (split_micro_batches), "
+                f"which hold at most {split_tokens} tokens ({split_made}), within {budget}; "
+                f"{hp.batch_size} x {hp.grad_accum} could hold {tokens} ({made})"
+            ),
+        )
         return chosen
     _checkpointing_off(trainer)
     chosen.update(on=False, reason=f"off: a micro-batch holds at most {tokens} tokens ({made}), within {budget}")
     return chosen
+
+
+def _split_micro_batch(lengths: list[int], hp: TrainingHparams, method: str):
+    """The largest micro-batch below batch_size that divides it and fits no_checkpointing_up_to_tokens,
+    as (hparams with batch_size and grad_accum so set, its tokens, how it is made); None if none fits.
+    A divisor keeps batch_size x grad_accum, so every optimizer step takes the same rows."""
+    for rows in range(hp.batch_size - 1, 0, -1):
+        if hp.batch_size % rows:
+            continue
+        smaller = hp.replace(batch_size=rows, grad_accum=hp.grad_accum * (hp.batch_size // rows))
+        tokens, made = micro_batch_tokens(lengths, smaller, method)
+        if tokens <= hp.no_checkpointing_up_to_tokens:
+            return smaller, tokens, made
+    return None
+
+
+def _set_micro_batch(trainer, batch_size: int, grad_accum: int) -> None:
+    """A built trainer's micro-batch and accumulation, before it trains: the Trainer reads both when
+    training starts, except the batch size it copied at construction (_train_batch_size, which its
+    train dataloader uses). DPO's reference pass ran at construction, per pair, at the whole size."""
+    trainer.args.per_device_train_batch_size = batch_size
+    trainer.args.gradient_accumulation_steps = grad_accum
+    trainer._train_batch_size = trainer.args.train_batch_size
 
 
 def _checkpointing_off(trainer) -> None:
