@@ -418,6 +418,20 @@ def test_a_cell_whose_micro_batch_could_pass_max_micro_batch_tokens_is_refused_b
     )
 
 
+def test_a_warmup_over_max_micro_batch_tokens_is_refused_naming_the_warmup_key(tiny_model_dir, train_file, tmp_path):
+    with pytest.raises(ValueError, match=r"^training\.warmup\.max_micro_batch_tokens=1: a micro-batch of these"):
+        run_warmup(
+            tiny_model_dir,
+            train_file,
+            lora=LORA,
+            hp=dict(HP, epochs=1, max_micro_batch_tokens=1),
+            out_dir=tmp_path / "warmup",
+            seed=0,
+            device="cpu",
+        )
+    assert not (tmp_path / "warmup" / "training.json").exists()
+
+
 def test_precomputed_dpo_reference_equals_the_per_step_reference(tiny_model_dir, warmup_adapter, tmp_path):
     from datasets import Dataset
 

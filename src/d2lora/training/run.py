@@ -172,6 +172,7 @@ def _fit(
             use_cpu=device == "cpu",
             checkpoint_steps=checkpoint_steps,
             callbacks=callbacks or None,
+            config_key="training.warmup" if record["phase"] == "warmup" else None,
         )
         synchronize(device)
         # Tokenizing the rows, and with precompute_reference the reference pass over every pair.

@@ -100,9 +100,12 @@ def build_trainer(
     use_cpu: bool,
     checkpoint_steps: int = 0,
     callbacks: list | None = None,
+    config_key: str | None = None,
 ):
-    """A TRL trainer for `method` on a PeftModel whose trainable adapter is "default"."""
-    hp = TrainingHparams.of(hp, f"training.adapt.{method}")
+    """A TRL trainer for `method` on a PeftModel whose trainable adapter is "default"; config_key
+    (training.adapt.<method> unless given: the warm-up's is training.warmup) names the settings in errors."""
+    config_key = config_key or f"training.adapt.{method}"
+    hp = TrainingHparams.of(hp, config_key)
     args = _common_args(hp, output_dir=output_dir, seed=seed, use_cpu=use_cpu, checkpoint_steps=checkpoint_steps)
     if hp.pad_to_multiple_of and method in ("sft", "dpo"):  # ORPO's config has no such field: pad_pairs_to_multiple
         args.update(pad_to_multiple_of=hp.pad_to_multiple_of)
@@ -150,7 +153,7 @@ def build_trainer(
         if hp.padding_free:
             check_padding_free_lengths(lengths, hp.max_length)
         if hp.max_micro_batch_tokens:
-            check_micro_batch_tokens(lengths, hp, method, f"training.adapt.{method}.max_micro_batch_tokens")
+            check_micro_batch_tokens(lengths, hp, method, f"{config_key}.max_micro_batch_tokens")
     return trainer
 
 
