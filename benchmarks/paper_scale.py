@@ -125,6 +125,16 @@ PACKED_STATIC = {"merge_adapter": True, "cache": "static", "packed_gqa": True}
 # The 135M model's compiled decoding (mini.yaml lets finished rows leave, which a compiled step cannot follow).
 PACKED_STATIC_SMALL = {"cache": "static", "compile": True, "rows_leave_every": 0, "cudnn_attention": False}
 FLEX_STATIC = {"merge_adapter": True, "cache": "static", "flex_attention": True, "cudnn_attention": False}
+# config/paper.yaml's DPO and ORPO speed settings since Round 28 (checkpointing kept, then turned off by
+# the cell's token budget) with split_micro_batches as set by a lever: on pairs lengthened past the budget,
+# the pipeline's own choice between checkpointing and smaller micro-batches.
+PRESET_BUDGET = {
+    "base_dtype": "bfloat16",
+    "cast_adapter_inputs": False,
+    "pad_to_multiple_of": 8,
+    "compile_layers": True,
+    "no_checkpointing_up_to_tokens": 9000,
+}
 # SFT as 16 packed rows in one micro-batch (Table 2's 16 a step), their attention through FlexAttention.
 PACKED_16 = {**UNCAST, "padding_free": True, "flex_attention": True, "batch_size": 16, "grad_accum": 1}
 LEVERS = {
@@ -277,6 +287,15 @@ LEVERS = {
             "pad_to_multiple_of": 8,
             "compile_layers": True,
         },
+        # Pairs of >= 640 tokens a sequence pass the 9,000-token budget at 8 a micro-batch (~10,900, Round 28):
+        # the preset keeps checkpointing, or with split_micro_batches trains 4 x 4 without it.
+        "preset_budget_checkpointed_rows640": {**PRESET_BUDGET, "precompute_reference": True, "row_tokens": 640},
+        "preset_budget_split_rows640": {
+            **PRESET_BUDGET,
+            "precompute_reference": True,
+            "split_micro_batches": True,
+            "row_tokens": 640,
+        },
     },
     "orpo": {
         "plain": FLOAT32_BASE,
@@ -324,6 +343,9 @@ LEVERS = {
             }
             for tokens in (640, 768)
         },
+        # As DPO's: the preset's choice on pairs past its budget, checkpointing or 4 x 4.
+        "preset_budget_checkpointed_rows640": {**PRESET_BUDGET, "row_tokens": 640},
+        "preset_budget_split_rows640": {**PRESET_BUDGET, "split_micro_batches": True, "row_tokens": 640},
     },
     # GSM8K: 1,319 prompts x 256 new tokens (a random model never stops: every row runs to the limit).
     # The static cache gives every batch one decoding shape, so the compiled step is built once per process.

@@ -421,6 +421,11 @@ def test_training_levers_start_from_the_code_path_before_the_levers():
         assert plain["compile_layers"] is False and plain["no_checkpointing_up_to_tokens"] is None
         assert plain["cast_adapter_inputs"] is True and plain["pad_to_multiple_of"] is None
         assert preset[method]["split_micro_batches"] and plain["split_micro_batches"] is False
+        # The preset's choice past its budget, each way: checkpointing kept, or micro-batches split.
+        for lever, split in (("preset_budget_checkpointed_rows640", False), ("preset_budget_split_rows640", True)):
+            hp = {**preset[method], **paper_scale.lever_overrides(method, paper_scale.LEVERS[method][lever])}
+            assert hp["gradient_checkpointing"] and hp["no_checkpointing_up_to_tokens"] == 9000
+            assert hp["split_micro_batches"] is split and hp["compile_layers"] and hp["row_tokens"] == 640
         assert plain["gradient_checkpointing"] is True and plain["epochs"] == paper_scale.LEVER_EPOCHS[method]
         hp = {**preset[method], **paper_scale.lever_overrides(method, paper_scale.LEVERS[method][compiled_lever])}
         assert hp["compile_layers"] and hp["pad_to_multiple_of"] == 8 and hp["cast_adapter_inputs"] is False
