@@ -333,16 +333,16 @@ def test_no_checkpointing_up_to_tokens_turns_checkpointing_off_only_for_cells_th
     assert without[0] != pytest.approx(without[-1], rel=1e-3), "the steps moved the adapter"
 
 
-@pytest.mark.parametrize("method", ["sft", "dpo", "orpo"])
+@pytest.mark.parametrize("method,padding_free", [("sft", False), ("sft", True), ("dpo", False), ("orpo", False)])
 def test_split_micro_batches_train_a_cell_over_the_budget_without_checkpointing(
-    method, tiny_model_dir, tokenizer, tmp_path
+    method, padding_free, tiny_model_dir, tokenizer, tmp_path
 ):
     """A cell whose 4-row micro-batch passes no_checkpointing_up_to_tokens trains as 2 x 2 without
     checkpointing (the same rows a step) instead of 4 x 1 with it; with no divisor fitting it keeps
-    checkpointing."""
+    checkpointing. Packed SFT rows count as their sum."""
     from d2lora.training.trainers import choose_checkpointing, count_micro_batches, micro_batch_tokens, sequence_lengths
 
-    base = dict(HP, beta=0.1, batch_size=4, grad_accum=1)
+    base = dict(HP, beta=0.1, batch_size=4, grad_accum=1, padding_free=padding_free)
 
     def train(name, **extra):
         hp = TrainingHparams.of(dict(base, **extra), f"training.adapt.{method}")
