@@ -426,6 +426,8 @@ def test_training_levers_start_from_the_code_path_before_the_levers():
             hp = {**preset[method], **paper_scale.lever_overrides(method, paper_scale.LEVERS[method][lever])}
             assert hp["gradient_checkpointing"] and hp["no_checkpointing_up_to_tokens"] == 9000
             assert hp["split_micro_batches"] is split and hp["compile_layers"] and hp["row_tokens"] == 640
+        # PRESET_BUDGET restates the preset's speed settings: it must still be what the preset sets.
+        assert all(preset[method].get(key, value) == value for key, value in paper_scale.PRESET_BUDGET.items())
         assert plain["gradient_checkpointing"] is True and plain["epochs"] == paper_scale.LEVER_EPOCHS[method]
         hp = {**preset[method], **paper_scale.lever_overrides(method, paper_scale.LEVERS[method][compiled_lever])}
         assert hp["compile_layers"] and hp["pad_to_multiple_of"] == 8 and hp["cast_adapter_inputs"] is False

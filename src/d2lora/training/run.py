@@ -172,7 +172,7 @@ def _fit(
             use_cpu=device == "cpu",
             checkpoint_steps=checkpoint_steps,
             callbacks=callbacks or None,
-            config_key="training.warmup" if record["phase"] == "warmup" else None,
+            config_key=_config_key(record),
         )
         synchronize(device)
         # Tokenizing the rows, and with precompute_reference the reference pass over every pair.
@@ -199,6 +199,11 @@ def _frozen_dtype(model) -> str | None:
     return None if frozen is None else str(frozen.dtype).removeprefix("torch.")
 
 
+def _config_key(record: dict) -> str:
+    """The config section whose settings trained this record's phase, as errors name it."""
+    return "training.warmup" if record["phase"] == "warmup" else f"training.adapt.{record['method']}"
+
+
 def _check_rows_kept(trainer, rows: list[dict], record: dict, max_length: int) -> None:
     """TRL silently drops rows whose prompt alone fills max_length (SFT, DPO). An adaptation cell
     would then train on fewer than n rows: refused. The warm-up records how many it kept."""
@@ -206,7 +211,7 @@ def _check_rows_kept(trainer, rows: list[dict], record: dict, max_length: int) -
     record["rows_trained"] = kept
     if kept == len(rows):
         return
-    key = "training.warmup" if record["phase"] == "warmup" else f"training.adapt.{record['method']}"
+    key = _config_key(record)
     message = (
         f"{key}.max_length: {len(rows) - kept} of {len(rows)} training rows have a prompt of "
         f"max_length={max_length} tokens or more, and TRL drops them"
