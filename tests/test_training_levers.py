@@ -171,21 +171,31 @@ def test_padding_to_a_multiple_of_8_pads_every_batch_and_trains_the_same(method,
     assert losses["plain"] == pytest.approx(losses["multiple_of_8"], rel=1e-4, abs=1e-5)
 
 
-def test_padding_free_refuses_rows_that_padded_batches_would_truncate(tiny_model_dir, train_file, tmp_path):
-    with pytest.raises(ValueError, match=r"padding_free: \d+ of 6 rows are longer than max_length=40"):
-        run_adaptation(
-            tiny_model_dir,
-            train_file,
-            method="sft",
-            init="lora",
-            n=6,
-            lora=LORA,
-            hp=dict(HP, max_length=40, padding_free=True),
-            out_dir=tmp_path / "a",
-            seed=0,
-            device="cpu",
-        )
-    assert not (tmp_path / "a").exists()
+def test_padding_free_cuts_rows_at_max_length_as_padded_batches_do(tiny_model_dir, tokenizer, tmp_path):
+    """TRL does not cut padding-free rows (it leaves max_length to packing): the pipeline cuts them as
+    padded rows are cut, so the two train the same tokens and reach the same losses."""
+    # The rows are 51-82 tokens, their prompts 37-52: at 58 five are cut, at 40 five are prompt alone.
+    rows, losses, lengths = _rows(6), {}, {}
+    for max_length in (58, 40):
+        for name, extra in (("padded", {}), ("padding_free", {"padding_free": True})):
+            trainer = build_trainer(
+                "sft",
+                _tiny_peft(tiny_model_dir, "float32"),
+                tokenizer,
+                trl_dataset(rows, "sft"),
+                hp=TrainingHparams.of(dict(HP, max_length=max_length, **extra), "training.adapt.sft"),
+                output_dir=str(tmp_path / f"{name}_{max_length}"),
+                seed=0,
+                use_cpu=True,
+            )
+            lengths[name, max_length] = [len(ids) for ids in trainer.train_dataset["input_ids"]]
+            if max_length == 58:
+                trainer.train()
+                losses[name] = _losses({"log_history": trainer.state.log_history})
+    assert lengths["padded", 58] == lengths["padding_free", 58] == [51, 58, 58, 58, 58, 58], lengths
+    assert lengths["padded", 40] == lengths["padding_free", 40] == [40], lengths  # the rest had no answer left
+    assert len(losses["padded"]) == 4  # 6 rows / batch 3 x 2 epochs
+    assert losses["padding_free"] == pytest.approx(losses["padded"], rel=1e-5)
 
 
 def test_micro_batch_tokens_counts_the_worst_micro_batch_padded_and_packed():

@@ -111,8 +111,8 @@ def build_trainer(
         args.update(pad_to_multiple_of=hp.pad_to_multiple_of)
     if method == "sft":
         if hp.padding_free:
-            # TRL enforces no max_length without packing when padding-free (it would not truncate);
-            # check_padding_free_lengths refuses the rows that max_length would have cut instead.
+            # TRL enforces no max_length without packing when padding-free (it would not truncate):
+            # cut_at_max_length cuts the rows after it has tokenized them, as padded batches are cut.
             args.update(padding_free=True, max_length=None)
         trainer = SFTTrainer(
             model=model,
@@ -121,6 +121,8 @@ def build_trainer(
             processing_class=tokenizer,
             callbacks=callbacks,
         )
+        if hp.padding_free:
+            trainer.train_dataset = cut_at_max_length(trainer.train_dataset, hp.max_length)
     elif method == "dpo":
         if hp.precompute_reference:
             # Same batch size as training, so the precompute pass needs no more memory than a step.
@@ -148,12 +150,9 @@ def build_trainer(
             pad_pairs_to_multiple(trainer, hp.pad_to_multiple_of)
     else:
         raise ValueError(f"unknown method '{method}' (known: sft, dpo, orpo)")
-    if hp.padding_free or hp.max_micro_batch_tokens:
+    if hp.max_micro_batch_tokens:
         lengths = sequence_lengths(trainer.train_dataset, method)
-        if hp.padding_free:
-            check_padding_free_lengths(lengths, hp.max_length)
-        if hp.max_micro_batch_tokens:
-            check_micro_batch_tokens(lengths, hp, method, f"{config_key}.max_micro_batch_tokens")
+        check_micro_batch_tokens(lengths, hp, method, f"{config_key}.max_micro_batch_tokens")
     return trainer
 
 
@@ -192,17 +191,15 @@ def _fast_reference_fingerprint(active: bool):
         dpo_module.hash_module = original
 
 
-def check_padding_free_lengths(lengths: list[int], max_length: int) -> None:
-    """Padding-free SFT trains untruncated rows (`lengths`: their tokens): refuse any longer than
-    max_length, which a padded batch would have cut, so that the lever never changes what a cell
-    trains on."""
-    longest = max(lengths, default=0)
-    if longest > max_length:
-        raise ValueError(
-            f"padding_free: {sum(n > max_length for n in lengths)} of {len(lengths)} rows are longer than "
-            f"max_length={max_length} tokens (longest {longest}); padded batches would truncate them. "
-            "Raise max_length or turn padding_free off"
-        )
+def cut_at_max_length(dataset, max_length: int):
+    """A padding-free SFT dataset (TRL's tokenized rows: input_ids and labels) cut as TRL 1.16 cuts
+    padded rows (SFTTrainer._prepare_dataset, truncation_mode keep_start): each row's first
+    max_length tokens, and the rows left with no token to learn dropped, so that the lever never
+    changes what a cell trains on (tests/test_training_levers.py)."""
+    if max(map(len, dataset["input_ids"]), default=0) <= max_length:
+        return dataset
+    cut = dataset.map(lambda row: {"input_ids": row["input_ids"][:max_length], "labels": row["labels"][:max_length]})
+    return cut.filter(lambda row: any(label != -100 for label in row["labels"]))
 
 
 # The sequences one row puts through the model: TRL runs a pair's chosen and rejected answers as two.
