@@ -105,16 +105,20 @@ OTHER_BENCHMARKS = ("arc_easy", "titles")
 # many tokens, lengthened_rows) and "inductor" (inductor settings for compile_layers' layers).
 FLOAT32_BASE = {"base_dtype": "float32"}
 # Every training lever starts from the code path before the levers: the speed settings a preset may
-# switch on (config/paper.yaml's DPO and ORPO do) at the schema's defaults, so that "plain" stays plain
-# and each lever names all it changes.
+# switch on (config/paper.yaml does, for every method) at the schema's defaults, and Table 2's 8 x 2
+# micro-batches (the preset packs SFT's 16 rows into one), so that "plain" stays plain and each lever
+# names all it changes.
 LEVER_SPEED_SETTINGS = (
     "cast_adapter_inputs",
     "compile_layers",
     "compile_layers_min_steps",
+    "flex_attention",
     "no_checkpointing_up_to_tokens",
     "pad_to_multiple_of",
+    "padding_free",
     "split_micro_batches",
 )
+TABLE2_MICRO_BATCH = {"batch_size": 8, "grad_accum": 2}
 NO_CHECKPOINTING = {"base_dtype": "bfloat16", "gradient_checkpointing": False}
 # The LoRA branch on the base's bf16 activations (d2lora.training.fast_paths); "lora" overrides training.lora.
 UNCAST = {**NO_CHECKPOINTING, "cast_adapter_inputs": False}
@@ -526,6 +530,10 @@ def load_config(path: Path, shape: str, device: str | None) -> dict:
             hp.update(TINY_HPARAMS)
     if device:
         config["device"] = device
+    if config.get("device") == "cpu":
+        # FlexAttention has no backward on the CPU (grid.check refuses it): packed rows train on SDPA there.
+        for hp in [config["training"]["warmup"], *config["training"]["adapt"].values()]:
+            hp["flex_attention"] = False
     for role in config["datasets"].values():
         for split in ("train", "eval"):
             _absolute_data_files(role.get(split))
@@ -1168,6 +1176,8 @@ class Run:
         self.data_dir = self.work / "data"
         self.device = summary["device"]["device"]
         self.levers: dict[str, set] = {}  # lever stages: method -> the levers to run (none named: all)
+        # Training levers' micro-batches: Table 2's, or the tiny shape's own (TINY_HPARAMS).
+        self.lever_micro_batch = TABLE2_MICRO_BATCH
         self.profile_steps = 0  # training stages: optimizer steps to profile (0: none)
         self.write()
 
@@ -1744,7 +1754,7 @@ def lever_stage(run: Run, method: str) -> dict:
                     folder = kv_heads_repeated(folder, run.work / "model" / f"small{KV_HEADS_REPEATED}")
                 result = gsm8k_stage(run, overrides, name=name, adapter_stage=None, model_dir=folder, settings=small[1])
             else:
-                result = train_stage(run, method, lever_overrides(method, overrides), name=name)
+                result = train_stage(run, method, lever_overrides(method, overrides, run.lever_micro_batch), name=name)
         except Exception as err:  # noqa: BLE001 -- the next lever still runs
             import traceback
 
@@ -1760,11 +1770,11 @@ def lever_stage(run: Run, method: str) -> dict:
     return results
 
 
-def lever_overrides(method: str, overrides: dict) -> dict:
+def lever_overrides(method: str, overrides: dict, micro_batch: dict = TABLE2_MICRO_BATCH) -> dict:
     """A training lever's overrides of the preset's settings: LEVER_EPOCHS, LEVER_SPEED_SETTINGS at the
-    schema's defaults, then the lever's own."""
+    schema's defaults and `micro_batch` (Table 2's), then the lever's own."""
     speed = {key: value for key, value in defaults("$defs/hparams").items() if key in LEVER_SPEED_SETTINGS}
-    return {"epochs": LEVER_EPOCHS[method], **speed, **overrides}
+    return {"epochs": LEVER_EPOCHS[method], **speed, **micro_batch, **overrides}
 
 
 def process_warmup(run: Run, method: str) -> None:
@@ -1774,7 +1784,7 @@ def process_warmup(run: Run, method: str) -> None:
     rows = int(hp["batch_size"]) * int(hp.get("grad_accum", 1)) * 2
     start = time.perf_counter()
     try:
-        plain = {**lever_overrides(method, LEVERS[method]["plain"]), "epochs": 1}
+        plain = {**lever_overrides(method, LEVERS[method]["plain"], run.lever_micro_batch), "epochs": 1}
         train_stage(run, method, plain, name=f"levers_{method}_process_warmup", n=rows)
         outcome = {"rows": rows, "seconds": round(time.perf_counter() - start, 2)}
     except Exception as err:  # noqa: BLE001 -- a failed warm-up only means the levers run cold
@@ -2003,6 +2013,8 @@ def main(argv=None) -> dict:
         "config": config,
     }
     run = Run(config, args.out.resolve(), summary)
+    if args.shape == "tiny":
+        run.lever_micro_batch = {key: TINY_HPARAMS[key] for key in TABLE2_MICRO_BATCH}
     run.levers = args.levers
     run.profile_steps = max(0, args.profile_steps)
     log(f"device {summary['device']['name']}: peak {summary['device']['peak_flops'] / 1e12:.1f} TFLOP/s")

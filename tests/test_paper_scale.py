@@ -77,12 +77,11 @@ def test_paper_shape_preset_is_the_8b_shape_with_table2_settings(monkeypatch):
     assert config["training"]["warmup"] == PAPER["training"]["warmup"]
     assert config["training"]["adapt"] == PAPER["training"]["adapt"]
     for hp in [config["training"]["warmup"], *config["training"]["adapt"].values()]:
-        assert (hp["batch_size"], hp["grad_accum"], hp["max_length"], hp["gradient_checkpointing"]) == (
-            8,
-            2,
-            2048,
-            True,
-        )
+        # Table 2's 16 rows a step: SFT's packed into one micro-batch (the same loss, test_training_levers).
+        micro_batch = (16, 1) if hp.get("padding_free") else (8, 2)
+        assert (hp["batch_size"], hp["grad_accum"]) == micro_batch
+        assert (hp["max_length"], hp["gradient_checkpointing"]) == (2048, True)
+    assert config["training"]["warmup"]["padding_free"] and config["training"]["adapt"]["sft"]["padding_free"]
     assert config["evaluation"]["gsm8k"]["max_new_tokens"] == 512
     # The gsm8k stage measures the paper preset's evaluate job: the same decoding settings.
     assert config["evaluation"] == {"dtype": "auto", **PAPER["evaluation"]}
@@ -341,10 +340,16 @@ def test_tiny_run_training_numbers_are_consistent(tiny_run, method):
     assert m["gradient_checkpointing"] is m["checkpointing"]["on"] is False
     assert m["checkpointing"]["micro_batch_tokens"] <= hp["no_checkpointing_up_to_tokens"]
     assert f"within no_checkpointing_up_to_tokens={hp['no_checkpointing_up_to_tokens']}" in m["checkpointing"]["reason"]
-    # The preset's DPO and ORPO compile their layers, at the tiny shape too (CPU, float32).
+    # The preset's DPO and ORPO compile their layers, at the tiny shape too (CPU, float32); the warm-up's
+    # and SFT's only from compile_layers_min_steps, which no tiny cell reaches.
     compiled = m["fast_paths"]["compile_layers"]
     assert compiled["setting"] is bool(hp.get("compile_layers"))
-    assert compiled["layers"] == (paper_scale.TINY_ARCH["num_hidden_layers"] if hp.get("compile_layers") else 0)
+    compiles = hp.get("compile_layers") and m["steps"] >= hp.get("compile_layers_min_steps", 0)
+    assert compiled["layers"] == (paper_scale.TINY_ARCH["num_hidden_layers"] if compiles else 0)
+    if hp.get("compile_layers") and not compiles:
+        assert "under compile_layers_min_steps=900" in compiled["reason"], compiled
+    # The warm-up and SFT pack their rows (on the CPU through SDPA: FlexAttention has no CPU backward).
+    assert m["fast_paths"]["flex_attention"]["setting"] is False
     assert m["rows"] == (2 if method != "warmup" else summary["data"]["warmup"]["counts"]["train"])
     assert 0 <= m["load_seconds"] <= m["overhead_seconds"] + 0.01
     assert _close(m["stage_seconds"] - m["train_seconds"], m["overhead_seconds"], 0.05)
@@ -439,6 +444,28 @@ def test_training_levers_start_from_the_code_path_before_the_levers():
         assert {**preset["sft"], **paper_scale.lever_overrides("sft", paper_scale.LEVERS["sft"][lever])}[
             "cast_adapter_inputs"
         ]
+    # The preset packs SFT's 16 rows into one micro-batch through FlexAttention since Round 30; its levers
+    # start from Table 2's padded 8 x 2, and the packed lever names all it changes.
+    assert (preset["sft"]["batch_size"], preset["sft"]["padding_free"], preset["sft"]["flex_attention"]) == (
+        16,
+        True,
+        True,
+    )
+    plain = {**preset["sft"], **paper_scale.lever_overrides("sft", paper_scale.LEVERS["sft"]["plain"])}
+    assert (plain["batch_size"], plain["grad_accum"], plain["padding_free"], plain["flex_attention"]) == (
+        8,
+        2,
+        False,
+        False,
+    )
+    assert plain["compile_layers"] is False and plain["split_micro_batches"] is False
+    packed = {**preset["sft"], **paper_scale.lever_overrides("sft", paper_scale.PACKED_16)}
+    assert (packed["batch_size"], packed["grad_accum"], packed["padding_free"], packed["flex_attention"]) == (
+        16,
+        1,
+        True,
+        True,
+    )
 
 
 def test_tiny_shape_refuses_a_config_of_another_layout(tmp_path):
