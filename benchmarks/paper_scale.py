@@ -141,6 +141,19 @@ PRESET_BUDGET = {
 }
 # SFT as 16 packed rows in one micro-batch (Table 2's 16 a step), their attention through FlexAttention.
 PACKED_16 = {**UNCAST, "padding_free": True, "flex_attention": True, "batch_size": 16, "grad_accum": 1}
+# config/paper.yaml's warm-up and SFT speed settings since Round 30 (a test holds this to the preset).
+PRESET_SFT = {
+    "base_dtype": "bfloat16",
+    "cast_adapter_inputs": False,
+    "no_checkpointing_up_to_tokens": 6000,
+    "split_micro_batches": True,
+    "padding_free": True,
+    "flex_attention": True,
+    "batch_size": 16,
+    "grad_accum": 1,
+    "compile_layers": True,
+    "compile_layers_min_steps": 900,
+}
 LEVERS = {
     "sft": {
         "plain": FLOAT32_BASE,
@@ -202,6 +215,10 @@ LEVERS = {
             "compile_layers": True,
             "inductor": {"emulate_precision_casts": False},
         },
+        # The preset's SFT for as many optimizer steps as a cell of n = 4,896 (272 rows x 54 epochs / 16 = 918):
+        # past compile_layers_min_steps, so its layers compile as a large cell's would, and its packed lengths
+        # change every step for 918 steps; the whole job against the padded eager lever's rate in the same run.
+        "preset_918_steps": {**PRESET_SFT, "epochs": 54},
         "no_checkpointing_compiled_layers": {**NO_CHECKPOINTING, "compile_layers": True},
         "no_checkpointing_uncast_inputs_compiled_layers": {**UNCAST, "compile_layers": True},
         # Rows padded to a multiple of 8: inductor's alignment guard sees one case, half the graphs.

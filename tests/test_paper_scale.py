@@ -459,6 +459,13 @@ def test_training_levers_start_from_the_code_path_before_the_levers():
         False,
     )
     assert plain["compile_layers"] is False and plain["split_micro_batches"] is False
+    # PRESET_SFT restates the warm-up's and SFT's speed settings: it must still be what the preset sets.
+    for hp in (preset["sft"], training["warmup"]):
+        assert all(hp.get(key, value) == value for key, value in paper_scale.PRESET_SFT.items())
+    long = {**preset["sft"], **paper_scale.lever_overrides("sft", paper_scale.LEVERS["sft"]["preset_918_steps"])}
+    assert {key: long[key] for key in paper_scale.PRESET_SFT} == paper_scale.PRESET_SFT
+    rows = paper_scale.cell_n(yaml.safe_load(SHAPE.read_text()), "sft")  # what a lever trains on
+    assert TrainingHparams.of(long).optimizer_steps(rows) == 918 >= long["compile_layers_min_steps"]
     packed = {**preset["sft"], **paper_scale.lever_overrides("sft", paper_scale.PACKED_16)}
     assert (packed["batch_size"], packed["grad_accum"], packed["padding_free"], packed["flex_attention"]) == (
         16,
