@@ -141,6 +141,8 @@ PRESET_BUDGET = {
 }
 # SFT as 16 packed rows in one micro-batch (Table 2's 16 a step), their attention through FlexAttention.
 PACKED_16 = {**UNCAST, "padding_free": True, "flex_attention": True, "batch_size": 16, "grad_accum": 1}
+# The SFT lever that trains as many steps as the grid's large SFT cells (its rate stands for theirs in the estimate).
+LARGE_SFT_LEVER = "preset_918_steps"
 # config/paper.yaml's warm-up and SFT speed settings since Round 30 (a test holds this to the preset).
 PRESET_SFT = {
     "base_dtype": "bfloat16",
@@ -218,7 +220,7 @@ LEVERS = {
         # The preset's SFT for as many optimizer steps as a cell of n = 4,896 (272 rows x 54 epochs / 16 = 918):
         # past compile_layers_min_steps, so its layers compile as a large cell's would, and its packed lengths
         # change every step for 918 steps; the whole job against the padded eager lever's rate in the same run.
-        "preset_918_steps": {**PRESET_SFT, "epochs": 54},
+        LARGE_SFT_LEVER: {**PRESET_SFT, "epochs": 54},
         "no_checkpointing_compiled_layers": {**NO_CHECKPOINTING, "compile_layers": True},
         "no_checkpointing_uncast_inputs_compiled_layers": {**UNCAST, "compile_layers": True},
         # Rows padded to a multiple of 8: inductor's alignment guard sees one case, half the graphs.
@@ -1897,7 +1899,22 @@ def grid_estimate(run: Run) -> dict:
         sum(overheads) / len(overheads) if overheads else None,
         {b: run.summary[b]["eval_seconds"] for b in ("gsm8k", *OTHER_BENCHMARKS) if b in run.summary},
         compile_seconds,
+        large_sft_cells(run.summary, paper),
     )
+
+
+def large_sft_cells(summary: dict, paper: dict) -> dict:
+    """The preset compiles the layers of SFT cells of at least compile_layers_min_steps steps, which
+    the sft stage's few hundred rows never reach: where the lever preset_918_steps ran, its
+    compile-free rate and compile stand for those cells (estimate's large_cells); else none."""
+    lever = summary.get("levers", {}).get("sft", {}).get(LARGE_SFT_LEVER, {})
+    free = lever.get("compile_free_tokens_per_second")
+    hp = paper["training"]["adapt"]["sft"]
+    if not free or not lever.get("compiling_steps") or not hp.get("compile_layers"):
+        return {}
+    compile_seconds = max(0.0, lever["train_seconds"] - lever["train_tokens"] / free)
+    spec = {"tokens_per_second": free, "compile_seconds": compile_seconds}
+    return {"sft": {**spec, "min_steps": int(hp.get("compile_layers_min_steps", 0))}}
 
 
 def _stage(run: Run, stage: str, work) -> None:

@@ -13,6 +13,7 @@ replies are longer), arXiv abstracts for the economics titles.
 from __future__ import annotations
 
 from d2lora import grid
+from d2lora.settings import TrainingHparams
 
 # The warm-up set's size in the paper (SPEC, config/paper.yaml): the hub copy is not here to count.
 PAPER_WARMUP_ROWS = 40_218
@@ -35,11 +36,17 @@ def _hours(seconds: float) -> float:
     return round(seconds / 3600.0, 3)
 
 
-def _training_groups(paper: dict) -> dict[tuple[str, str], dict]:
-    groups: dict[tuple[str, str], dict] = {}
+def _training_groups(paper: dict, large_cells: dict[str, dict]) -> dict[tuple[str, str, bool], dict]:
+    """Cells by (task, method, large): large where large_cells gives the method a rate for cells of at
+    least its min_steps optimizer steps."""
+    groups: dict[tuple[str, str, bool], dict] = {}
     for cell in grid.training_cells(paper):
-        epochs = float(paper["training"]["adapt"][cell.method]["epochs"])
-        group = groups.setdefault((cell.task, cell.method), {"cells": 0, "rows_x_epochs": 0.0, "n": set()})
+        hp = paper["training"]["adapt"][cell.method]
+        epochs = float(hp["epochs"])
+        large = cell.method in large_cells and (
+            TrainingHparams.of(hp).optimizer_steps(cell.n) >= large_cells[cell.method]["min_steps"]
+        )
+        group = groups.setdefault((cell.task, cell.method, large), {"cells": 0, "rows_x_epochs": 0.0, "n": set()})
         group["cells"] += 1
         group["rows_x_epochs"] += cell.n * epochs
         group["n"].add(cell.n)
@@ -53,16 +60,23 @@ def estimate(
     job_overhead_s: float | None,
     eval_seconds: dict[str, float],
     compile_seconds: dict[str, float] | None = None,
+    large_cells: dict[str, dict] | None = None,
 ) -> dict:
     """GPU-hours of `paper`'s grid. rates: tokens/s per method (warmup, sft, dpo, orpo);
     tokens_per_row: per tokens_key and "warmup"; eval_seconds: one evaluation job's seconds per
     benchmark measured; compile_seconds: per method whose layers compile, a job's seconds beyond its
-    compile-free rate (rates then being compile-free); what is missing is listed, not guessed."""
+    compile-free rate (rates then being compile-free); large_cells: per adapt method, the rate
+    ("tokens_per_second", compile-free) and a job's "compile_seconds" of its cells of at least
+    "min_steps" optimizer steps, which the preset trains otherwise (compile_layers_min_steps); what
+    is missing is listed, not guessed."""
     compile_seconds = compile_seconds or {}
+    large_cells = large_cells or {}
     missing: list[str] = []
     parts: list[dict] = []
 
-    def part(name: str, task: str, method: str, cells: int, rows_x_epochs: float, key: str, n=None) -> None:
+    def part(
+        name: str, task: str, method: str, cells: int, rows_x_epochs: float, key: str, n=None, large=False
+    ) -> None:
         entry = {
             "part": name,
             "task": task,
@@ -74,6 +88,11 @@ def estimate(
         }
         rate_key = method if name != "warmup" else "warmup"
         per_row, rate = tokens_per_row.get(key), rates.get(rate_key)
+        job_compile = compile_seconds.get(rate_key)
+        if large:
+            spec = large_cells[method]
+            entry["large_cells"] = f"at least {spec['min_steps']} optimizer steps each"
+            rate, job_compile = spec["tokens_per_second"], spec["compile_seconds"]
         if per_row is None or not rate:
             missing.append(
                 f"{name} {task}/{method}: " + ("no tokens per row" if per_row is None else "no measured rate")
@@ -83,9 +102,9 @@ def estimate(
             entry["tokens"] = int(round(rows_x_epochs * per_row))
             entry["tokens_per_second"] = round(rate, 1)
             seconds = entry["tokens"] / rate
-            if rate_key in compile_seconds:
-                entry["compile_seconds_per_job"] = round(compile_seconds[rate_key], 1)
-                seconds += cells * compile_seconds[rate_key]
+            if job_compile is not None:
+                entry["compile_seconds_per_job"] = round(job_compile, 1)
+                seconds += cells * job_compile
             entry["gpu_hours"] = _hours(seconds)
         parts.append(entry)
 
@@ -93,10 +112,9 @@ def estimate(
     if warm_jobs:
         epochs = float(paper["training"]["warmup"]["epochs"])
         part("warmup", "warmup", "sft", warm_jobs, warm_jobs * PAPER_WARMUP_ROWS * epochs, "warmup")
-    for (task, method), group in sorted(_training_groups(paper).items()):
-        part(
-            "adapt", task, method, group["cells"], group["rows_x_epochs"], tokens_key(task, method), sorted(group["n"])
-        )
+    for (task, method, large), group in sorted(_training_groups(paper, large_cells).items()):
+        key = tokens_key(task, method)
+        part("adapt", task, method, group["cells"], group["rows_x_epochs"], key, sorted(group["n"]), large)
 
     training_jobs = warm_jobs + len(grid.training_cells(paper))
     eval_counts: dict[str, int] = {}

@@ -215,10 +215,42 @@ def test_grid_estimate_is_cells_times_tokens_over_rates():
     assert _close(compiled_dpo["gpu_hours"], (dpo["tokens"] / 1000 + 8 * 70.0) / 3600, 1e-3)
     assert compiled_parts[("math", "orpo")] == parts[("math", "orpo")]
     assert abs(compiled["total_gpu_hours"] - result["total_gpu_hours"] - 8 * 70.0 / 3600) <= 0.011  # totals: 2 decimals
+    # SFT cells of at least compile_layers_min_steps train compiled (config/paper.yaml): at their own rate.
+    large = {"sft": {"tokens_per_second": 4000.0, "compile_seconds": 90.0, "min_steps": 900}}
+    split = estimate(PAPER, rates, per_row, 30.0, eval_seconds, large_cells=large)
+    sft = {
+        (p["task"], "large_cells" in p): p for p in split["training"] if p["part"] == "adapt" and p["method"] == "sft"
+    }
+    assert (sft[("math", False)]["n"], sft[("math", True)]["n"]) == (
+        [1000, 2000],
+        [5000, 10000],
+    )  # 188, 375; 938, 1875 steps
+    assert (sft[("titles", False)]["n"], sft[("titles", True)]["n"]) == ([1000, 2000], [5000, 6970])
+    big = sft[("math", True)]
+    assert big["cells"] == 4 and big["tokens"] == 2 * 15_000 * 3 * 200 and big["compile_seconds_per_job"] == 90.0
+    assert _close(big["gpu_hours"], (big["tokens"] / 4000 + 4 * 90.0) / 3600, 1e-3)
+    small = sft[("math", False)]
+    assert small["tokens"] == 2 * 3000 * 3 * 200 and _close(small["gpu_hours"], small["tokens"] / 2000 / 3600, 1e-3)
+    assert "large_cells" not in parts[("math", "dpo")] and split["complete"]
     partial = estimate(PAPER, {k: v for k, v in rates.items() if k != "dpo"}, per_row, None, {"gsm8k": 300.0})
     assert not partial["complete"]
     assert any("math/dpo" in m for m in partial["missing"]) and "titles evaluation: not measured" in partial["missing"]
     assert "gpu_hours" not in partial["evaluations"]["arc_easy"] and "gpu_hours" in partial["evaluations"]["gsm8k"]
+
+
+def test_large_sft_cells_take_the_long_levers_compile_free_rate_and_compile():
+    paper = yaml.safe_load((REPO / "config" / "paper.yaml").read_text())
+    lever = {"compile_free_tokens_per_second": 12_000.0, "train_seconds": 350.0, "train_tokens": 3_096_000}
+    summary = {"levers": {"sft": {paper_scale.LARGE_SFT_LEVER: {**lever, "compiling_steps": [1, 2]}}}}
+    large = paper_scale.large_sft_cells(summary, paper)
+    assert large == {"sft": {"tokens_per_second": 12_000.0, "compile_seconds": 92.0, "min_steps": 900}}
+    # Not measured, failed, or never compiled (so no compile to charge): the estimate keeps one SFT rate.
+    assert paper_scale.large_sft_cells({"levers": {}}, paper) == {}
+    assert (
+        paper_scale.large_sft_cells({"levers": {"sft": {paper_scale.LARGE_SFT_LEVER: {"error": "OOM"}}}}, paper) == {}
+    )
+    eager = {"levers": {"sft": {paper_scale.LARGE_SFT_LEVER: {**lever, "compiling_steps": []}}}}
+    assert paper_scale.large_sft_cells(eager, paper) == {}
 
 
 def test_training_rates_charge_a_compile_once_per_job_not_per_token():
