@@ -47,6 +47,13 @@ def warmup_adapter(tiny_model_dir, train_file, tmp_path_factory):
     return out
 
 
+def _cpu_trainer(method: str, model, tokenizer, rows: list[dict], hp, out, **kwargs):
+    """build_trainer for `method` on the CPU, seed 0, over `rows` as TRL takes them, writing under `out`."""
+    return build_trainer(
+        method, model, tokenizer, trl_dataset(rows, method), hp=hp, output_dir=str(out), seed=0, use_cpu=True, **kwargs
+    )
+
+
 def _losses(record: dict) -> list[float]:
     return [e["loss"] for e in record["log_history"] if "loss" in e]
 
@@ -99,16 +106,7 @@ def test_flex_attention_on_padding_free_batches_gives_padded_sdpa_batches_loss(t
     losses = {}
     for name, extra in (("padded_sdpa", {}), ("padding_free_flex", {"padding_free": True})):
         model = _tiny_peft(tiny_model_dir, "float32")
-        trainer = build_trainer(
-            "sft",
-            model,
-            tokenizer,
-            trl_dataset(_rows(6), "sft"),
-            hp=TrainingHparams.of(dict(HP, **extra), "training.adapt.sft"),
-            output_dir=str(tmp_path / name),
-            seed=0,
-            use_cpu=True,
-        )
+        trainer = _cpu_trainer("sft", model, tokenizer, _rows(6), dict(HP, **extra), tmp_path / name)
         if name == "padding_free_flex":
             model.get_base_model().set_attn_implementation("flex_attention")
         batch = trainer.data_collator([trainer.train_dataset[i] for i in range(4)])
@@ -141,16 +139,7 @@ def test_padding_to_a_multiple_of_8_pads_every_batch_and_trains_the_same(method,
     widths, losses = [], {}
     for name, extra in (("plain", {}), ("multiple_of_8", {"pad_to_multiple_of": 8})):
         hp = TrainingHparams.of(dict(HP, batch_size=2, beta=0.1, **extra), f"training.adapt.{method}")
-        trainer = build_trainer(
-            method,
-            _tiny_peft(tiny_model_dir, "float32"),
-            tokenizer,
-            trl_dataset(_rows(6), method),
-            hp=hp,
-            output_dir=str(tmp_path / name),
-            seed=0,
-            use_cpu=True,
-        )
+        trainer = _cpu_trainer(method, _tiny_peft(tiny_model_dir, "float32"), tokenizer, _rows(6), hp, tmp_path / name)
         collate = trainer.data_collator
 
         def collate_and_record(examples, collate=collate, name=name):
@@ -178,16 +167,9 @@ def test_padding_free_cuts_rows_at_max_length_as_padded_batches_do(tiny_model_di
     rows, losses, lengths = _rows(6), {}, {}
     for max_length in (58, 40):
         for name, extra in (("padded", {}), ("padding_free", {"padding_free": True})):
-            trainer = build_trainer(
-                "sft",
-                _tiny_peft(tiny_model_dir, "float32"),
-                tokenizer,
-                trl_dataset(rows, "sft"),
-                hp=TrainingHparams.of(dict(HP, max_length=max_length, **extra), "training.adapt.sft"),
-                output_dir=str(tmp_path / f"{name}_{max_length}"),
-                seed=0,
-                use_cpu=True,
-            )
+            hp = dict(HP, max_length=max_length, **extra)
+            model = _tiny_peft(tiny_model_dir, "float32")
+            trainer = _cpu_trainer("sft", model, tokenizer, rows, hp, tmp_path / f"{name}_{max_length}")
             lengths[name, max_length] = [len(ids) for ids in trainer.train_dataset["input_ids"]]
             if max_length == 58:
                 trainer.train()
@@ -218,16 +200,7 @@ def test_sequence_lengths_count_the_micro_batch_trl_collates(method, tiny_model_
     from d2lora.training.trainers import count_micro_batches, micro_batch_tokens, sequence_lengths
 
     hp = TrainingHparams.of(dict(HP, batch_size=6, beta=0.1), f"training.adapt.{method}")
-    trainer = build_trainer(
-        method,
-        _tiny_peft(tiny_model_dir, "float32"),
-        tokenizer,
-        trl_dataset(_rows(6), method),
-        hp=hp,
-        output_dir=str(tmp_path / "t"),
-        seed=0,
-        use_cpu=True,
-    )
+    trainer = _cpu_trainer(method, _tiny_peft(tiny_model_dir, "float32"), tokenizer, _rows(6), hp, tmp_path / "t")
     lengths = sequence_lengths(trainer.train_dataset, method)
     assert len(set(lengths)) > 1, "rows of different lengths, so the count is of the longest"
     batch = trainer.data_collator([trainer.train_dataset[i] for i in range(6)])
@@ -304,17 +277,7 @@ def test_no_checkpointing_up_to_tokens_turns_checkpointing_off_only_for_cells_th
     def train(name, **extra):
         hp = TrainingHparams.of(dict(HP, beta=0.1, **extra), f"training.adapt.{method}")
         model = _tiny_peft(tiny_model_dir, "float32", dropout=0.3)
-        trainer = build_trainer(
-            method,
-            model,
-            tokenizer,
-            trl_dataset(_rows(6), method),
-            hp=hp,
-            output_dir=str(tmp_path / name),
-            seed=0,
-            use_cpu=True,
-            callbacks=[Checkpointing(name)],
-        )
+        trainer = _cpu_trainer(method, model, tokenizer, _rows(6), hp, tmp_path / name, callbacks=[Checkpointing(name)])
         # SFT trains with the LoRA dropout (TRL turns it off for ORPO): the masks must match too.
         assert dropout_while_training(model, method, hp)["while_training"] == (0.3 if method == "sft" else 0.0)
         chosen = choose_checkpointing(trainer, method, hp)
@@ -356,16 +319,7 @@ def test_split_micro_batches_train_a_cell_over_the_budget_without_checkpointing(
 
     def train(name, **extra):
         hp = TrainingHparams.of(dict(base, **extra), f"training.adapt.{method}")
-        trainer = build_trainer(
-            method,
-            _tiny_peft(tiny_model_dir, "float32"),
-            tokenizer,
-            trl_dataset(_rows(8), method),
-            hp=hp,
-            output_dir=str(tmp_path / name),
-            seed=0,
-            use_cpu=True,
-        )
+        trainer = _cpu_trainer(method, _tiny_peft(tiny_model_dir, "float32"), tokenizer, _rows(8), hp, tmp_path / name)
         chosen = choose_checkpointing(trainer, method, hp)
         count_micro_batches(trainer, method, into=chosen)
         trainer.train()
@@ -897,9 +851,7 @@ def test_the_record_says_what_dropout_trained(method, keep, tiny_model_dir, toke
     extra = {"keep_dropout": True} if keep else {}
     hp = TrainingHparams.of(dict(HP, beta=0.1, **extra), f"training.adapt.{method}")
     model = _tiny_peft(tiny_model_dir, "float32", dropout=0.1)
-    build_trainer(
-        method, model, tokenizer, trl_dataset(_rows(2), method), hp=hp, output_dir=str(tmp_path), seed=0, use_cpu=True
-    )
+    _cpu_trainer(method, model, tokenizer, _rows(2), hp, tmp_path)
     record = dropout_while_training(model, method, hp)
     if method == "sft" or keep:
         assert record == {"lora": 0.1, "while_training": 0.1}
