@@ -1874,14 +1874,22 @@ def training_rates(methods: dict) -> tuple[dict[str, float], dict[str, float]]:
     DPO paid 22.6 s against DPO's 70.1)."""
     rates, compile_seconds = {}, {}
     for stage, m in methods.items():
-        free = m.get("compile_free_tokens_per_second")
-        if m.get("compiling_steps") and free:
-            rates[stage] = free
-            compile_seconds[stage] = max(0.0, m["train_seconds"] - m["train_tokens"] / free)
+        compiled = compile_split(m)
+        if compiled:
+            rates[stage], compile_seconds[stage] = compiled
         else:
             rates[stage] = m["tokens_per_second"]
     fresh_process_compile = max(compile_seconds.values(), default=0.0)
     return rates, {stage: fresh_process_compile for stage in compile_seconds}
+
+
+def compile_split(m: dict) -> tuple[float, float] | None:
+    """A training run whose first steps compiled: its compile-free tokens/s and the seconds beyond that
+    rate (the compile, which a job pays once); None where nothing compiled."""
+    free = m.get("compile_free_tokens_per_second")
+    if not (m.get("compiling_steps") and free):
+        return None
+    return free, max(0.0, m["train_seconds"] - m["train_tokens"] / free)
 
 
 def grid_estimate(run: Run) -> dict:
@@ -1907,13 +1915,11 @@ def large_sft_cells(summary: dict, paper: dict) -> dict:
     """The preset compiles the layers of SFT cells of at least compile_layers_min_steps steps, which
     the sft stage's few hundred rows never reach: where the lever preset_918_steps ran, its
     compile-free rate and compile stand for those cells (estimate's large_cells); else none."""
-    lever = summary.get("levers", {}).get("sft", {}).get(LARGE_SFT_LEVER, {})
-    free = lever.get("compile_free_tokens_per_second")
+    compiled = compile_split(summary.get("levers", {}).get("sft", {}).get(LARGE_SFT_LEVER, {}))
     hp = paper["training"]["adapt"]["sft"]
-    if not free or not lever.get("compiling_steps") or not hp.get("compile_layers"):
+    if not compiled or not hp.get("compile_layers"):
         return {}
-    compile_seconds = max(0.0, lever["train_seconds"] - lever["train_tokens"] / free)
-    spec = {"tokens_per_second": free, "compile_seconds": compile_seconds}
+    spec = {"tokens_per_second": compiled[0], "compile_seconds": compiled[1]}
     return {"sft": {**spec, "min_steps": int(hp.get("compile_layers_min_steps", 0))}}
 
 
