@@ -72,9 +72,12 @@ def float32_margins(model, tokenizer, prompt_ids: list[list[int]], new_tokens: i
     """Greedy float32 decoding; per row, the margin of each step up to and including its first stop token."""
     import torch
 
-    from d2lora.evaluation.generation import left_pad, stop_token_ids
+    from d2lora.evaluation.generation import greedy_config, left_pad, stop_token_ids
 
-    stops = set(stop_token_ids(model, tokenizer))
+    stop_ids = stop_token_ids(model, tokenizer)
+    stops = set(stop_ids)
+    # the evaluator's own greedy settings (its sampling and stop tokens), with the logits kept
+    config = greedy_config(new_tokens, stop_ids, tokenizer.pad_token_id)
     margins_by_row = []
     for start in range(0, len(prompt_ids), batch_size):
         batch = prompt_ids[start : start + batch_size]
@@ -83,12 +86,9 @@ def float32_margins(model, tokenizer, prompt_ids: list[list[int]], new_tokens: i
             out = model.generate(
                 input_ids=input_ids,
                 attention_mask=attention_mask,
-                do_sample=False,
-                max_new_tokens=new_tokens,
-                eos_token_id=sorted(stops),
+                generation_config=config,
                 output_logits=True,
                 return_dict_in_generate=True,
-                pad_token_id=tokenizer.pad_token_id,
             )
         per_step = [top2_margins_in_ulps(step_logits) for step_logits in out.logits]
         generated = out.sequences[:, input_ids.shape[1] :].tolist()
