@@ -180,6 +180,26 @@ def test_padding_free_cuts_rows_at_max_length_as_padded_batches_do(tiny_model_di
     assert losses["padding_free"] == pytest.approx(losses["padded"], rel=1e-5)
 
 
+def test_trl_still_turns_padding_free_dpo_off_which_is_why_the_config_refuses_it(tiny_model_dir, tokenizer, tmp_path):
+    """training.adapt.dpo.padding_free is refused (d2lora.grid) because TRL's DPOTrainer drops it: when
+    a TRL upgrade keeps it on, this fails, and padding-free preference cells are worth measuring."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+    from trl import DPOConfig, DPOTrainer
+
+    model = get_peft_model(
+        AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32),
+        LoraConfig(r=4, lora_alpha=8, target_modules="all-linear"),
+    )
+    trainer = DPOTrainer(
+        model=model,
+        args=DPOConfig(output_dir=str(tmp_path), padding_free=True, use_cpu=True, report_to=[]),
+        train_dataset=trl_dataset(_rows(2), "dpo"),
+        processing_class=tokenizer,
+    )
+    assert trainer.args.padding_free and not trainer.padding_free
+
+
 def test_micro_batch_tokens_counts_the_worst_micro_batch_padded_and_packed():
     from d2lora.training.trainers import micro_batch_tokens
 

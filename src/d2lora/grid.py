@@ -181,13 +181,17 @@ def _check_formats(datasets: dict) -> None:
                 )
 
 
-# Training options that exist for one method only: anywhere else they would be silently ignored
-# (group_by_length: preference rows have no single length).
+# Training options that exist for some methods only: anywhere else they would be silently ignored.
+# Each with the methods it applies to and why no other method has it (said in the error).
 METHOD_ONLY_OPTIONS = {
-    "group_by_length": ("sft",),
-    "padding_free": ("sft",),
-    "precompute_reference": ("dpo",),
-    "keep_dropout": ("dpo", "orpo"),
+    "group_by_length": (("sft",), "a preference row has two sequences, no single length"),
+    "padding_free": (
+        ("sft",),
+        "TRL 1.16's DPOTrainer turns padding_free off itself (unavailable since a refactor, it warns) "
+        "and its ORPO trainer has no such option",
+    ),
+    "precompute_reference": (("dpo",), "only DPO has a reference model"),
+    "keep_dropout": (("dpo", "orpo"), "TRL disables dropout for DPO and ORPO only; SFT trains with it"),
 }
 
 
@@ -200,10 +204,10 @@ def _training_sections(training: dict) -> dict[str, tuple[str, dict]]:
 
 def _check_method_options(training: dict) -> None:
     for key, (method, hp) in _training_sections(training).items():
-        for option, only in METHOD_ONLY_OPTIONS.items():
+        for option, (only, why) in METHOD_ONLY_OPTIONS.items():
             if hp.get(option) and method not in only:
                 names = ", ".join(m.upper() for m in only)
-                raise ConfigError(f"{key}.{option}: {names} only ({key} trains {method.upper()})")
+                raise ConfigError(f"{key}.{option}: {names} only ({key} trains {method.upper()}: {why})")
         if hp.get("no_checkpointing_up_to_tokens") and not hp.get("gradient_checkpointing"):
             raise ConfigError(
                 f"{key}.no_checkpointing_up_to_tokens: turns checkpointing off for small cells, and "
