@@ -43,6 +43,9 @@ Definitions (per training method):
 - steady_seconds_per_step, steady_tokens_per_second, steady_mfu: the same past the first STEADY_AFTER
   optimizer steps (step-end clock), at the run's mean tokens per step: what compiling the layers or
   the first steps' one-time costs leave out (unprofiled runs only).
+- computed_tokens, real_tokens, padding_share: the positions the model's forward took during the
+  training steps, padding included, and those its attention mask marks real (equal to tokens): the
+  share of a padded cell's compute spent on padding, the most that packing its rows could save.
 - compiling_steps: the optimizer steps in which dynamo made a graph (a new shape's recompile can land in
   any step); compile_free_seconds_per_step, compile_free_tokens_per_second, compile_free_mfu: the steady
   rates over the steps past STEADY_AFTER that made none.
@@ -845,6 +848,46 @@ FIXED_ROWS = 16  # one optimizer step's rows at Table 2's 8 x 2
 LORA_BRANCH_SCALE = 1000.0
 
 
+class ComputedTokens:
+    """Observer: the token positions the model's forward computed during the training steps, padding
+    included, against the real (attention-masked) ones: how much of a padded cell's compute is padding,
+    the most that packing its rows could save. A packed batch has no attention mask: every position is
+    real. Counted at the top model's forward, so checkpointing's recomputed layers count once; from
+    the first optimizer step, so DPO's precomputed reference pass (before it) is not counted."""
+
+    def __init__(self):
+        self.computed, self.real, self.handle = 0, 0, None
+
+    def _count(self, module, args, kwargs):
+        input_ids = kwargs.get("input_ids", args[0] if args else None)
+        if input_ids is None:
+            return
+        mask = kwargs.get("attention_mask")
+        self.computed += int(input_ids.numel())
+        # Summed on the device and read once at the end: reading it here would wait for the GPU every forward.
+        self.real = self.real + (mask.sum() if mask is not None and mask.dim() == 2 else int(input_ids.numel()))
+
+    def on_step_begin(self, args, state, control, model=None, **kwargs):
+        if self.handle is None and model is not None:
+            self.handle = model.register_forward_pre_hook(self._count, with_kwargs=True)
+
+    def on_step_end(self, *args, **kwargs):
+        pass
+
+    def on_train_end(self, *args, **kwargs):
+        if self.handle is not None:
+            self.handle.remove()
+            self.handle = None
+
+    def result(self) -> dict:
+        real = int(self.real)
+        return {
+            "computed_tokens": self.computed,
+            "real_tokens": real,
+            "padding_share": round(1 - real / self.computed, 4) if self.computed else None,
+        }
+
+
 class AdapterMovement:
     """Observer: how far training moved the adapter, and what that did to the loss, so that two levers
     that log different losses on the same rows can be told apart: by their weights (Round 22: compiled
@@ -1438,6 +1481,8 @@ def train_once(run: Run, stage: str, overrides: dict, name: str | None = None, n
     # records how far its adapter moved and its loss on fixed rows, so levers compare by their weights.
     movement = AdapterMovement() if name.startswith("levers_") and not name.endswith("process_warmup") else None
     observers += [movement] if movement is not None else []
+    computed = ComputedTokens()
+    observers.append(computed)
     with timed(training, "load_model", run.device, loads), observed_trainer(training, observers):
         if stage == "warmup":
             record = training.run_warmup(
@@ -1469,6 +1514,7 @@ def train_once(run: Run, stage: str, overrides: dict, name: str | None = None, n
     result = method_summary(
         record, time.perf_counter() - start, sum(loads), run.summary["device"]["peak_flops"], reserved_gib(run.device)
     )
+    result.update(computed.result())
     if probe is not None:
         result["compiled_against_eager"] = probe.run()
     if movement is not None:
@@ -1481,6 +1527,7 @@ def train_once(run: Run, stage: str, overrides: dict, name: str | None = None, n
         result.update(compile_free_rates(result, clock, run.summary["device"]["peak_flops"]))
     log(
         f"{name}: {result['steps']} steps, {result['tokens_per_second']:.0f} tokens/s, {result['seconds_per_step']:.2f} s/step, "
+        f"padding {result['padding_share']} of the computed tokens, "
         f"peak {result['peak_allocated_gib']} GiB allocated / {result['peak_reserved_gib']} reserved"
     )
     return result

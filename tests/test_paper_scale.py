@@ -389,6 +389,13 @@ def test_tiny_run_training_numbers_are_consistent(tiny_run, method):
     if method in ("dpo", "orpo"):
         assert m["tokens_per_row"] > 1.5 * summary["methods"]["sft"]["tokens_per_row"], "both answers are counted"
         assert m["init"] == "d2lora"
+    # The tokens the rates count are the real positions the training forwards saw (DPO's reference
+    # pass not among them); padded pairs compute more, packed rows nothing more.
+    assert m["real_tokens"] == m["train_tokens"]
+    if method in ("dpo", "orpo"):
+        assert m["computed_tokens"] > m["real_tokens"] and m["padding_share"] > 0
+    else:
+        assert m["computed_tokens"] == m["real_tokens"] and m["padding_share"] == 0
 
 
 @NEEDS_DATA
