@@ -251,6 +251,10 @@ def test_large_sft_cells_take_the_long_levers_compile_free_rate_and_compile():
     )
     eager = {"levers": {"sft": {paper_scale.LARGE_SFT_LEVER: {**lever, "compiling_steps": []}}}}
     assert paper_scale.large_sft_cells(eager, paper) == {}
+    # Run after stages that compiled, the lever reused their kernels: a grid job pays at least the
+    # run's largest compile; a larger compile of its own stands.
+    assert paper_scale.large_sft_cells(summary, paper, 120.0)["sft"]["compile_seconds"] == 120.0
+    assert paper_scale.large_sft_cells(summary, paper, 50.0)["sft"]["compile_seconds"] == 92.0
 
 
 def test_training_rates_charge_a_compile_once_per_job_not_per_token():
