@@ -122,11 +122,6 @@ CONFIG_CASES = [
         r"datasets\.titles\.eval\.format: unknown format 'econ'; known formats: .*alpaca.*arxiv_titles",
     ),
     (
-        "length-grouped batches for a preference method",
-        _set("training.adapt.orpo.group_by_length", True),
-        r"training\.adapt\.orpo\.group_by_length: SFT only \(.*: a preference row has two sequences",
-    ),
-    (
         "padding-free batches for a preference method",
         _set("training.adapt.dpo.padding_free", True),
         r"training\.adapt\.dpo\.padding_free: SFT only \(training\.adapt\.dpo trains DPO: TRL 1\.16's DPOTrainer turns",
@@ -150,17 +145,6 @@ CONFIG_CASES = [
         _set("training.adapt.dpo.split_micro_batches", True),
         r"training\.adapt\.dpo\.split_micro_batches: splits the micro-batches of cells over "
         r"training\.adapt\.dpo\.no_checkpointing_up_to_tokens, which is not set",
-    ),
-    (
-        "splitting length-grouped micro-batches, which would change each step's rows",
-        lambda c: (
-            _set("training.adapt.sft.gradient_checkpointing", True)(c),
-            _set("training.adapt.sft.no_checkpointing_up_to_tokens", 6000)(c),
-            _set("training.adapt.sft.group_by_length", True)(c),
-            _set("training.adapt.sft.split_micro_batches", True)(c),
-        ),
-        r"training\.adapt\.sft\.split_micro_batches: with training\.adapt\.sft\.group_by_length a smaller "
-        r"micro-batch changes which rows share an optimizer step",
     ),
     (
         "keeping dropout in SFT, which TRL never turns off",

@@ -75,10 +75,12 @@ def train_file(tmp_path_factory) -> Path:
     return path
 
 
-def test_training_killed_mid_epoch_resumes_to_the_same_adapter(tiny_model_dir, train_file, tmp_path):
+@pytest.mark.parametrize("sampling", ["random", "length_grouped"])
+def test_training_killed_mid_epoch_resumes_to_the_same_adapter(sampling, tiny_model_dir, train_file, tmp_path):
     """DPO, the hardest case: TRL keeps a frozen copy of the starting adapter ('ref') beside the
     trained one, and the checkpoint holds both. (DPO and ORPO from the warm-up adapter and SFT were
-    checked the same way by hand: docs/reliability.md.)
+    checked the same way by hand: docs/reliability.md.) Length-grouped batches come from the
+    pipeline's own sampler, which a resumed job must rebuild in the killed job's order.
 
     A checkpoint folder of another run sits where the job will checkpoint: it must be discarded.
     """
@@ -92,7 +94,7 @@ def test_training_killed_mid_epoch_resumes_to_the_same_adapter(tiny_model_dir, t
             init="lora",
             n=8,
             lora=LORA,
-            hp=HP,
+            hp=dict(HP, group_by_length=sampling == "length_grouped"),
             out_dir=str(out),
             seed=0,
             device="cpu",

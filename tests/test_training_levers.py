@@ -373,6 +373,91 @@ def test_split_micro_batches_train_a_cell_over_the_budget_without_checkpointing(
     assert kept["reason"].endswith("; so can one row alone (split_micro_batches)")
 
 
+_ROW_KEY = {"sft": "input_ids", "dpo": "prompt_ids", "orpo": "prompt_input_ids"}
+
+
+@pytest.mark.parametrize("method", ["sft", "dpo", "orpo"])
+def test_length_grouped_batches_pad_less_and_a_split_keeps_each_steps_rows(method, tiny_model_dir, tokenizer, tmp_path):
+    """group_by_length for every method (a pair as long as its longer answer): each epoch every row
+    once, fewer padded positions than random batches, and 2 rows a step split 1 x 2 (what
+    split_micro_batches does) take the same rows each step and reach the same losses."""
+    from d2lora.training.trainers import batch_tokens, choose_checkpointing, sequence_lengths
+
+    rows = _rows(16)  # 2 rows a step: transformers sorts mega-batches of 16 // (2 x 4) = 2 steps' rows
+
+    def trainer_for(name, **extra):
+        hp = TrainingHparams.of(
+            dict(HP, beta=0.1, batch_size=2, grad_accum=1, epochs=1, **extra), f"training.adapt.{method}"
+        )
+        trainer = _cpu_trainer(method, _tiny_peft(tiny_model_dir, "float32"), tokenizer, rows, hp, tmp_path / name)
+        choose_checkpointing(trainer, method, hp)
+        index = {tuple(r[_ROW_KEY[method]]): i for i, r in enumerate(trainer.train_dataset)}
+        assert len(index) == len(rows), "every row tells itself apart by its prompt"
+        seen, collate = {"batches": [], "computed": 0}, trainer.data_collator
+
+        def recorded(examples):
+            seen["batches"].append([index[tuple(e[_ROW_KEY[method]])] for e in examples])
+            batch = collate(examples)
+            seen["computed"] += batch_tokens(batch, method)
+            return batch
+
+        trainer.data_collator = recorded
+        seen["lengths"] = sequence_lengths(trainer.train_dataset, method)
+        return trainer, seen
+
+    def train(name, **extra):
+        trainer, seen = trainer_for(name, **extra)
+        trainer.train()
+        seen["losses"] = _losses({"log_history": trainer.state.log_history})
+        return seen
+
+    trainer, random_order = trainer_for("random")
+    for _ in trainer.get_train_dataloader():  # random batches' padding: collated, not trained
+        pass
+    grouped = train("grouped", group_by_length=True)
+    # Split: checkpointing on, and a budget that only one row fits.
+    per_row = {"sft": 1, "dpo": 2, "orpo": 2}[method]
+    one_row = per_row * max(grouped["lengths"])
+    split = train(
+        "grouped_split",
+        group_by_length=True,
+        gradient_checkpointing=True,
+        no_checkpointing_up_to_tokens=one_row,
+        split_micro_batches=True,
+    )
+    assert [len(b) for b in grouped["batches"]] == [2] * 8 and [len(b) for b in split["batches"]] == [1] * 16
+    for seen in (random_order, grouped, split):
+        assert sorted(i for b in seen["batches"] for i in b) == list(range(16)), "each row once an epoch"
+    assert grouped["computed"] < random_order["computed"], (grouped["computed"], random_order["computed"])
+    steps = [sorted(split["batches"][2 * k] + split["batches"][2 * k + 1]) for k in range(8)]
+    assert steps == [sorted(b) for b in grouped["batches"]], "a split step takes the whole micro-batch's rows"
+    # SFT's and DPO's losses average over a step's tokens and pairs; ORPO's NLL over each micro-batch's.
+    assert split["losses"] == pytest.approx(grouped["losses"], rel=1e-5 if method in ("sft", "dpo") else 1e-3)
+
+
+def test_the_length_grouped_order_is_the_seeds_and_the_epochs():
+    """A resumed job rebuilds the sampler: the same seed and epoch must give the same order, which
+    transformers' own sampler (the global RNG) does not promise; each epoch is shuffled anew."""
+    from d2lora.training.trainers import SeededLengthGroupedSampler
+
+    lengths = [(7 * i) % 23 + 1 for i in range(64)]
+
+    def order(seed, epoch):
+        sampler = SeededLengthGroupedSampler(4, lengths, seed)
+        torch.manual_seed(epoch + 100)  # the global RNG must not matter
+        sampler.set_epoch(epoch)
+        return list(sampler)
+
+    assert order(0, 0) == order(0, 0) and order(0, 1) == order(0, 1)
+    assert order(0, 0) != order(0, 1) and order(0, 0) != order(1, 0)
+    assert sorted(order(0, 1)) == list(range(64))
+    # Within each mega-batch (64 // 16 = 4 steps' rows, 16 rows) the rows run longest first.
+    first = order(0, 0)
+    for start in range(0, 64, 16):
+        mega = [lengths[i] for i in first[start : start + 16]]
+        assert mega[1:] == sorted(mega[1:], reverse=True)  # transformers swaps the longest row of all to the front
+
+
 @pytest.mark.parametrize("padding_free", [False, True])
 def test_a_cell_whose_micro_batch_could_pass_max_micro_batch_tokens_is_refused_before_training(
     padding_free, tiny_model_dir, tokenizer, tmp_path

@@ -184,7 +184,6 @@ def _check_formats(datasets: dict) -> None:
 # Training options that exist for some methods only: anywhere else they would be silently ignored.
 # Each with the methods it applies to and why no other method has it (said in the error).
 METHOD_ONLY_OPTIONS = {
-    "group_by_length": (("sft",), "a preference row has two sequences, no single length"),
     "padding_free": (
         ("sft",),
         "TRL 1.16's DPOTrainer turns padding_free off itself (unavailable since a refactor, it warns) "
@@ -217,12 +216,6 @@ def _check_method_options(training: dict) -> None:
             raise ConfigError(
                 f"{key}.split_micro_batches: splits the micro-batches of cells over "
                 f"{key}.no_checkpointing_up_to_tokens, which is not set"
-            )
-        if hp.get("split_micro_batches") and hp.get("group_by_length"):
-            # The length-grouped sampler orders rows by micro-batch size: a split would change each step's rows.
-            raise ConfigError(
-                f"{key}.split_micro_batches: with {key}.group_by_length a smaller micro-batch changes which "
-                "rows share an optimizer step; set one of them false"
             )
 
 

@@ -14,6 +14,7 @@ from typing import Any
 import torch
 import trl.trainer.dpo_trainer as dpo_module
 from datasets import Dataset
+from transformers.trainer_pt_utils import LengthGroupedSampler
 from trl import DPOConfig, DPOTrainer, SFTConfig, SFTTrainer
 
 from d2lora.data.schema import prompt_messages
@@ -70,7 +71,8 @@ def _common_args(
         # TRL turns checkpointing on by default; it trades ~30% speed for memory only large models need.
         gradient_checkpointing=hp.gradient_checkpointing,
         # Batches of similar length pad less; the batches differ from random ones, so it is off
-        # unless a config asks (benchmarks/speed.py measures both).
+        # unless a config asks (benchmarks/speed.py measures both); group_by_length's sampler
+        # replaces the Trainer's (group_rows_by_length).
         # (transformers 5 spells it train_sampling_strategy; 4.x had group_by_length=True.)
         train_sampling_strategy="group_by_length" if hp.group_by_length else "random",
         seed=seed,
@@ -150,6 +152,8 @@ def build_trainer(
             pad_pairs_to_multiple(trainer, hp.pad_to_multiple_of)
     else:
         raise ValueError(f"unknown method '{method}' (known: sft, dpo, orpo)")
+    if hp.group_by_length:
+        group_rows_by_length(trainer, method, seed)
     if hp.max_micro_batch_tokens:
         lengths = sequence_lengths(trainer.train_dataset, method)
         check_micro_batch_tokens(lengths, hp, method, f"{config_key}.max_micro_batch_tokens")
@@ -223,6 +227,45 @@ def sequence_lengths(dataset, method: str) -> list[int]:
             for chosen, rejected in zip(dataset["chosen_input_ids"], dataset["rejected_input_ids"])
         ]
     raise ValueError(f"unknown method '{method}' (known: sft, dpo, orpo)")
+
+
+class SeededLengthGroupedSampler(LengthGroupedSampler):
+    """transformers' length-grouped order (shuffled, then sorted by length within mega-batches of
+    50 optimizer steps' rows at most) over rows whose lengths are given, drawn from its own generator
+    seeded by seed + epoch: the Trainer calls set_epoch before each epoch, so every epoch is
+    shuffled anew and a job resumed mid-epoch takes the order it was killed in (the Trainer's own
+    sampler draws from the global RNG, which it restores only after a resumed epoch's first batch)."""
+
+    def __init__(self, rows_per_step: int, lengths: list[int], seed: int):
+        super().__init__(rows_per_step, lengths=lengths, generator=torch.Generator())
+        self.seed = seed
+        self.set_epoch(0)
+
+    def set_epoch(self, epoch: int) -> None:
+        self.generator.manual_seed(self.seed + int(epoch))
+
+
+def group_rows_by_length(trainer, method: str, seed: int) -> None:
+    """Length-grouped batches, each row as long as its longest sequence (sequence_lengths: what the
+    collator pads a micro-batch to; a DPO or ORPO pair's longer answer). The Trainer's own
+    group_by_length measures input_ids, which preference rows do not have (and DPO drops every
+    column outside its signature before sampling), and is not resumable (SeededLengthGroupedSampler),
+    so the trainer gets this sampler instead. Grouped by optimizer step (batch_size x grad_accum,
+    read when training starts), as transformers groups: a split of the micro-batches
+    (split_micro_batches) keeps each step's rows."""
+    lengths = sequence_lengths(trainer.train_dataset, method)
+
+    def sampler(train_dataset=None):
+        rows = len(train_dataset if train_dataset is not None else trainer.train_dataset)
+        if rows != len(lengths):
+            raise RuntimeError(
+                f"group_by_length: the training set has {rows} rows, its lengths were taken of {len(lengths)}"
+            )
+        return SeededLengthGroupedSampler(
+            trainer.args.train_batch_size * trainer.args.gradient_accumulation_steps, lengths, seed
+        )
+
+    trainer._get_train_sampler = sampler
 
 
 def micro_batch_tokens(lengths: list[int], hp: TrainingHparams, method: str = "sft") -> tuple[int, str]:
