@@ -20,7 +20,7 @@ Lever stages (issue 15, item 2): levers_sft, levers_dpo, levers_orpo, levers_gsm
 on the mini preset's real 135M model) run each speed
 setting of LEVERS[method] against the plain path (the code path before the levers) in this one process, and record
 under summary["levers"][method][lever] the same figures plus the ratio to plain
-(`speedup_tokens_per_second`; `speedup_with_setup` also counts the trainer's setup, where a precomputed
+(`speedup_tokens_per_second`; `speedup_with_setup`, per row and epoch, also counts the trainer's setup, where a precomputed
 DPO reference does its pass; for GSM8K `speedup_generate` and the fraction of answers identical to
 plain). `lever_ratios` holds DPO's seconds per pair over SFT's per example (fastest of each). A lever
 that compiles the decoder layers also records `compiled_against_eager`: its trained model's logits and
@@ -1248,6 +1248,7 @@ class Run:
         self.levers: dict[str, set] = {}  # lever stages: method -> the levers to run (none named: all)
         # Training levers' micro-batches: Table 2's, or the tiny shape's own (TINY_HPARAMS).
         self.lever_micro_batch = TABLE2_MICRO_BATCH
+        self.without_plain = False  # lever stages: skip plain and the process warm-up (--without-plain)
         self.profile_steps = 0  # training stages: optimizer steps to profile (0: none)
         self.write()
 
@@ -1803,7 +1804,7 @@ def lever_stage(run: Run, method: str) -> dict:
     results by lever name, each with its speed-up over plain. One lever failing (say, out of memory)
     is recorded and the next one runs."""
     results = run.summary.setdefault("levers", {}).setdefault(method, {})
-    if method not in GSM8K_LEVERS:
+    if method not in GSM8K_LEVERS and not run.without_plain:
         process_warmup(run, method)
     small = small_model(run) if method == "gsm8k_small" else None
     chosen = run.levers.get(method)
@@ -1890,13 +1891,14 @@ def _compare_to_plain(run: Run, method: str, results: dict) -> None:
                 # the same settings twice in one process: whether the answers repeat bit for bit
                 result["outputs_equal_to_first_cell"] = _same_outputs(predictions(first_cell), lever_predictions)
         else:
-            # Training time plus the trainer's setup (tokenizing; a precomputed reference's pass).
+            # Training time plus the trainer's setup (tokenizing; a precomputed reference's pass), per row
+            # and epoch: levers may train other epochs than plain (preset_918_steps: 54 against 1).
             def cost(r):
-                return r["train_seconds"] + (r.get("trainer_setup_seconds") or 0.0)
+                return (r["train_seconds"] + (r.get("trainer_setup_seconds") or 0.0)) / (r["rows"] * r["epochs"])
 
             result["speedup_tokens_per_second"] = round(result["tokens_per_second"] / plain["tokens_per_second"], 3)
             result["speedup_with_setup"] = round(cost(plain) / cost(result), 3)
-            result["seconds_per_row_epoch"] = round(cost(result) / (result["rows"] * result["epochs"]), 4)
+            result["seconds_per_row_epoch"] = round(cost(result), 4)
 
 
 def lever_ratios(levers: dict) -> dict:
@@ -2030,7 +2032,14 @@ def parse_args(argv=None) -> argparse.Namespace:
         "--levers",
         default="",
         help="lever stages run only these levers, e.g. sft:plain,sft:no_checkpointing_batch16x1 "
-        "(plain is always run too, so every ratio has its plain run beside it)",
+        "(plain is always run too, so every ratio has its plain run beside it, unless --without-plain)",
+    )
+    parser.add_argument(
+        "--without-plain",
+        action="store_true",
+        help="with --levers: run only the named training levers, without plain and the process's warm-up "
+        "run (no speed-up ratios; the levers compare with each other by their compile-free rates), "
+        "for a short run of two levers side by side",
     )
     parser.add_argument(
         "--profile-steps",
@@ -2071,7 +2080,10 @@ def parse_args(argv=None) -> argparse.Namespace:
             parser.error(
                 f"--levers: unknown '{item}'; known: " + ", ".join(f"{m}:{name}" for m in LEVERS for name in LEVERS[m])
             )
-        levers.setdefault(method, {"plain"}).add(lever)
+        levers.setdefault(method, set() if args.without_plain else {"plain"}).add(lever)
+    if args.without_plain and (not levers or set(levers) & set(GSM8K_LEVERS)):
+        # GSM8K levers read the plain SFT lever's adapter; a training lever's ratios need no plain run.
+        parser.error("--without-plain: name training levers (sft, dpo, orpo) with --levers")
     args.levers = levers
     if args.stages == ["prepare"]:
         args.stages = []
@@ -2114,6 +2126,7 @@ def main(argv=None) -> dict:
     if args.shape == "tiny":
         run.lever_micro_batch = {key: TINY_HPARAMS[key] for key in TABLE2_MICRO_BATCH}
     run.levers = args.levers
+    run.without_plain = args.without_plain
     run.profile_steps = max(0, args.profile_steps)
     log(f"device {summary['device']['name']}: peak {summary['device']['peak_flops'] / 1e12:.1f} TFLOP/s")
     summary["base_model"] = ensure_base_model(run)

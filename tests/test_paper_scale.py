@@ -257,6 +257,24 @@ def test_large_sft_cells_take_the_long_levers_compile_free_rate_and_compile():
     assert paper_scale.large_sft_cells(summary, paper, 50.0)["sft"]["compile_seconds"] == 92.0
 
 
+def test_a_levers_speedup_with_setup_is_per_row_and_epoch(tmp_path):
+    """preset_918_steps trains 54 epochs beside plain's 1: its ratio with setup compares seconds a row
+    and epoch (Round 33's summary said 0.09 for a lever 4.6x faster a step)."""
+    plain = {"train_seconds": 27.0, "trainer_setup_seconds": 1.0, "rows": 272, "epochs": 1, "tokens_per_second": 2000.0}
+    long = {
+        "train_seconds": 270.0,
+        "trainer_setup_seconds": 2.0,
+        "rows": 272,
+        "epochs": 54,
+        "tokens_per_second": 9000.0,
+    }
+    results = {"plain": plain, "long": long}
+    paper_scale._compare_to_plain(paper_scale.Run({}, tmp_path, {"device": {"device": "cpu"}}), "sft", results)
+    assert long["speedup_with_setup"] == pytest.approx((28.0 / 272) / (272.0 / (272 * 54)), abs=1e-3)
+    assert long["seconds_per_row_epoch"] == pytest.approx(272.0 / (272 * 54), abs=1e-4)
+    assert plain["speedup_with_setup"] == 1.0 and long["speedup_tokens_per_second"] == 4.5
+
+
 def test_training_rates_charge_a_compile_once_per_job_not_per_token():
     eager = {"tokens_per_second": 1000.0, "train_seconds": 50.0, "train_tokens": 50_000, "compiling_steps": []}
     # 52 steps: 70 s of compile in the first, then 1,400 tokens/s; the stage's mean rate is far lower.
@@ -541,6 +559,26 @@ def test_tiny_shape_refuses_a_config_of_another_layout(tmp_path):
 
 
 # ----------------------------------------------------------------------------- the speed levers
+
+
+@NEEDS_DATA
+def test_without_plain_runs_only_the_named_levers(tmp_path):
+    """--without-plain: two preference levers side by side and nothing else (no plain, no warm-up run),
+    the grouped one recorded as grouped; refused without training levers to run."""
+    summary = paper_scale.main(
+        [
+            *("--shape", "tiny", "--device", "cpu", "--out", str(tmp_path), "--stages", "levers_orpo"),
+            *("--levers", "orpo:preset,orpo:preset_grouped", "--without-plain"),
+        ]
+    )
+    orpo = summary["levers"]["orpo"]
+    assert set(orpo) == {"preset", "preset_grouped"} and "lever_warmups" not in summary
+    assert orpo["preset_grouped"]["group_by_length"] is True and orpo["preset"]["group_by_length"] is False
+    assert orpo["preset"]["real_tokens"] == orpo["preset_grouped"]["real_tokens"] > 0
+    assert all("speedup_tokens_per_second" not in lever and "error" not in lever for lever in orpo.values())
+    for bad in (["--without-plain"], ["--levers", "gsm8k:merged", "--without-plain"]):
+        with pytest.raises(SystemExit):
+            paper_scale.parse_args(["--shape", "tiny", *bad])
 
 
 @NEEDS_DATA

@@ -12,12 +12,13 @@ cd /root/run
 export D2LORA_GIT_COMMIT=$(python3 -c "import tarfile; print(tarfile.open('/root/stash/carry/repo.tar.gz').pax_headers.get('comment', ''))" 2>/dev/null)
 echo "== $(date +%T) paper scale, commit ${D2LORA_GIT_COMMIT:-unknown}, stages ${STAGES:-all}"
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
+# WITHOUT_PLAIN=1: only the levers LEVERS names, without plain (a short run of two levers side by side).
 # PROCESSES=2 runs the same stages again in a fresh process, as the next job on the node would find it:
 # inductor's on-disk cache warm (compiled levers), the base model in the page cache. Each process's
 # summary is kept as summary_process<i>.json.
 for process in $(seq 1 "${PROCESSES:-1}"); do
   echo "== $(date +%T) process $process of ${PROCESSES:-1}"
-  python3 benchmarks/paper_scale.py --config config/paper_shape.yaml --out benchmarks/results_paper_scale ${STAGES:+--stages "$STAGES"} ${LEVERS:+--levers "$LEVERS"} ${PROFILE_STEPS:+--profile-steps "$PROFILE_STEPS"}
+  python3 benchmarks/paper_scale.py --config config/paper_shape.yaml --out benchmarks/results_paper_scale ${STAGES:+--stages "$STAGES"} ${LEVERS:+--levers "$LEVERS"} ${WITHOUT_PLAIN:+--without-plain} ${PROFILE_STEPS:+--profile-steps "$PROFILE_STEPS"}
   code=$?
   cp benchmarks/results_paper_scale/summary.json "benchmarks/results_paper_scale/summary_process$process.json"
 done
