@@ -1919,6 +1919,27 @@ def lever_ratios(levers: dict) -> dict:
         gen = best(method, "generate_seconds")
         if gen:
             out[f"{method}_best_generate_seconds"] = gen["generate_seconds"]
+    out.update(grouping_ratios(levers))
+    return out
+
+
+def grouping_ratios(levers: dict) -> dict:
+    """Where a preference method's preset and preset_grouped levers both ran (with or without plain):
+    the grouped lever's compile-free step against the preset's (same pairs a step, so a step ratio is
+    the speed-up) and the positions each computed, whose ratio bounds what the step could gain."""
+    out = {}
+    for method in ("dpo", "orpo"):
+        runs = levers.get(method, {})
+        preset, grouped = runs.get("preset"), runs.get("preset_grouped")
+        if not (preset and grouped) or "error" in preset or "error" in grouped:
+            continue
+        ratio = {}
+        if preset.get("compile_free_seconds_per_step") and grouped.get("compile_free_seconds_per_step"):
+            ratio["step"] = round(preset["compile_free_seconds_per_step"] / grouped["compile_free_seconds_per_step"], 3)
+        if preset.get("computed_tokens") and grouped.get("computed_tokens"):
+            ratio["computed_positions"] = round(preset["computed_tokens"] / grouped["computed_tokens"], 3)
+        if ratio:
+            out[f"{method}_preset_over_grouped"] = ratio
     return out
 
 

@@ -275,6 +275,19 @@ def test_a_levers_speedup_with_setup_is_per_row_and_epoch(tmp_path):
     assert plain["speedup_with_setup"] == 1.0 and long["speedup_tokens_per_second"] == 4.5
 
 
+def test_grouping_ratios_compare_the_grouped_lever_with_the_preset():
+    preset = {"compile_free_seconds_per_step": 0.8, "computed_tokens": 1000}
+    grouped = {"compile_free_seconds_per_step": 0.64, "computed_tokens": 800}
+    levers = {"dpo": {"preset": preset, "preset_grouped": grouped}, "orpo": {"preset": preset}}
+    assert paper_scale.lever_ratios(levers) == {"dpo_preset_over_grouped": {"step": 1.25, "computed_positions": 1.25}}
+    # A failed lever, or a run too short for a compile-free step, gives what it can.
+    assert paper_scale.grouping_ratios({"dpo": {"preset": preset, "preset_grouped": {"error": "OOM"}}}) == {}
+    short = {"computed_tokens": 900}
+    assert paper_scale.grouping_ratios({"orpo": {"preset": preset, "preset_grouped": short}}) == {
+        "orpo_preset_over_grouped": {"computed_positions": 1.111}
+    }
+
+
 def test_training_rates_charge_a_compile_once_per_job_not_per_token():
     eager = {"tokens_per_second": 1000.0, "train_seconds": 50.0, "train_tokens": 50_000, "compiling_steps": []}
     # 52 steps: 70 s of compile in the first, then 1,400 tokens/s; the stage's mean rate is far lower.
@@ -576,6 +589,8 @@ def test_without_plain_runs_only_the_named_levers(tmp_path):
     assert orpo["preset_grouped"]["group_by_length"] is True and orpo["preset"]["group_by_length"] is False
     assert orpo["preset"]["real_tokens"] == orpo["preset_grouped"]["real_tokens"] > 0
     assert all("speedup_tokens_per_second" not in lever and "error" not in lever for lever in orpo.values())
+    positions = orpo["preset"]["computed_tokens"] / orpo["preset_grouped"]["computed_tokens"]
+    assert summary["lever_ratios"]["orpo_preset_over_grouped"]["computed_positions"] == round(positions, 3)
     for bad in (["--without-plain"], ["--levers", "gsm8k:merged", "--without-plain"]):
         with pytest.raises(SystemExit):
             paper_scale.parse_args(["--shape", "tiny", *bad])
