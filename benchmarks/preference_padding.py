@@ -49,10 +49,12 @@ def stand_in_model(vocab_size: int, lora: dict):
 
 
 def cell_rows(pairs: list[dict], n: int, seed: int) -> tuple[list[dict], bool]:
-    """The cell's n pairs: the first n (as d2lora.data.prepare.subset takes them) or, past the
-    prepared pairs, n drawn with replacement (seeded); and whether they were drawn."""
+    """The cell's n pairs: the pipeline's subset of n or, past the prepared pairs, n drawn with
+    replacement (seeded); and whether they were drawn."""
+    from d2lora.data.prepare import subset
+
     if n <= len(pairs):
-        return pairs[:n], False
+        return subset(pairs, n), False
     drawn = random.Random(f"preference-padding-{seed}").choices(pairs, k=n)
     return [dict(row, id=f"{row['id']}#{i}") for i, row in enumerate(drawn)], True
 

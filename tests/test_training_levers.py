@@ -381,7 +381,7 @@ def test_length_grouped_batches_pad_less_and_a_split_keeps_each_steps_rows(metho
     """group_by_length for every method (a pair as long as its longer answer): each epoch every row
     once, fewer padded positions than random batches, and 2 rows a step split 1 x 2 (what
     split_micro_batches does) take the same rows each step and reach the same losses."""
-    from d2lora.training.trainers import batch_tokens, choose_checkpointing, sequence_lengths
+    from d2lora.training.trainers import SEQUENCES_PER_ROW, batch_tokens, choose_checkpointing, sequence_lengths
 
     rows = _rows(16)  # 2 rows a step: transformers sorts mega-batches of 16 // (2 x 4) = 2 steps' rows
 
@@ -416,8 +416,7 @@ def test_length_grouped_batches_pad_less_and_a_split_keeps_each_steps_rows(metho
         pass
     grouped = train("grouped", group_by_length=True)
     # Split: checkpointing on, and a budget that only one row fits.
-    per_row = {"sft": 1, "dpo": 2, "orpo": 2}[method]
-    one_row = per_row * max(grouped["lengths"])
+    one_row = SEQUENCES_PER_ROW[method] * max(grouped["lengths"])
     split = train(
         "grouped_split",
         group_by_length=True,
