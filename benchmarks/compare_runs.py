@@ -31,13 +31,23 @@ sys.path.insert(0, str(ROOT / "src"))
 
 import yaml  # noqa: E402
 
+from d2lora import grid  # noqa: E402
 from d2lora.grid import DEFAULT_BOOTSTRAP_SAMPLES, DEFAULT_CONFIDENCE, DEFAULT_SEED  # noqa: E402
 from d2lora.io import DataFileError, atomic_path  # noqa: E402
 from d2lora.results.per_example import CellKey, CellExamples, load_examples  # noqa: E402
 from d2lora.results.significance import significance_table, write_significance  # noqa: E402
 
+CELL_FIELDS = ("task", "method", "init", "n", "seed")
+NAME, NUMBER = "[^/]+", r"\d+"
+# A cell's predictions relative to a results folder: grid.eval_file's path with every field a group.
 PREDICTIONS = re.compile(
-    r"eval/(?P<benchmark>[^/]+)/(?P<task>[^/]+)/(?P<method>[^/]+)/(?P<init>[^/]+)/n(?P<n>\d+)/s(?P<seed>\d+)/predictions\.jsonl$"
+    grid.eval_file(
+        f"(?P<benchmark>{NAME})",
+        {k: f"(?P<{k}>{NUMBER if k in ('n', 'seed') else NAME})" for k in CELL_FIELDS},
+        r"predictions\.jsonl",
+        "",
+    )
+    + "$"
 )
 # An init's name in one arm: the init and the run, so one significance table holds both runs.
 ARM_SEPARATOR = "@"
@@ -46,8 +56,8 @@ ARM_SEPARATOR = "@"
 def run_cells(results: Path) -> tuple[list[dict], list[Path]]:
     """Every evaluated cell under one run's results folder and its predictions file."""
     cells, paths = [], []
-    for path in sorted(results.glob("eval/*/*/*/*/n*/s*/predictions.jsonl")):
-        match = PREDICTIONS.search(path.relative_to(results).as_posix())
+    for path in sorted(results.glob("eval/**/predictions.jsonl")):
+        match = PREDICTIONS.match("/" + path.relative_to(results).as_posix())
         if match:
             cells.append({**match.groupdict(), "n": int(match["n"]), "seed": int(match["seed"])})
             paths.append(path)

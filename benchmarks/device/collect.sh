@@ -2,6 +2,23 @@
 # Progress so far, and everything worth keeping packed into the output folder $OUT (8 files at most).
 # A node started with MODE=paper_scale has its own, smaller collection.
 [ -f /root/paper_scale.sh ] && exec bash "$(dirname "$0")/collect_paper_scale.sh"
+if [ -f /root/lever_accuracy.sh ]; then
+  tail -12 /root/lever_accuracy.log 2>/dev/null
+  cd /root/run 2>/dev/null || exit 0
+  for log in benchmarks/out/lever_accuracy/snakemake_*.log; do
+    [ -f "$log" ] && echo "$log: $(grep -E '^[0-9]+ of [0-9]+ steps' "$log" | tail -1)"
+  done
+  grep -h -B2 -A8 "^Error in rule" benchmarks/out/lever_accuracy/snakemake_*.log 2>/dev/null | head -30
+  nvidia-smi --query-gpu=utilization.gpu,memory.used --format=csv,noheader 2>/dev/null
+  [ -n "$OUT" ] || exit 0
+  # The arms as kept so far, and what results/ holds now (an arm cut short leaves its finished cells there).
+  tar -czf $OUT/lever_accuracy.tar.gz benchmarks/out/lever_accuracy results/provenance \
+    $(find results/eval -name predictions.jsonl -o -name scores.json 2>/dev/null) \
+    $(ls results/adapters/*/*/*/*/*/training.json results/data/*/manifest.json 2>/dev/null) 2>/dev/null
+  tar -czf $OUT/logs.tar.gz logs /root/lever_accuracy.log 2>/dev/null
+  cp /root/lever_accuracy.log $OUT/ 2>/dev/null; ls -la $OUT
+  exit 0
+fi
 if [ -f /root/evaluate_startup.sh ]; then
   cat /root/evaluate_startup.log 2>/dev/null | tail -30
   [ -n "$OUT" ] && cd /root/run && cp /root/evaluate_startup.log $OUT/ && \

@@ -14,6 +14,7 @@ python3 -c "import importlib.util, torch, transformers, peft, trl, datasets, sna
 # instead of the mini grid; STAGES (e.g. warmup,sft, or levers_sft,levers_gsm8k) picks its stages.
 if [ "${MODE:-grid}" = paper_scale ]; then
   cp benchmarks/device/paper_scale.sh /root/paper_scale.sh
+  rm -f /root/lever_accuracy.sh
   STAGES="${STAGES:-}" setsid nohup bash /root/paper_scale.sh > /root/paper_scale.log 2>&1 < /dev/null &
   sleep 5; cat /root/paper_scale.log
   exit 0
@@ -32,7 +33,7 @@ fi
 # MODE=evaluate_startup: evaluate jobs with and without the cell server (benchmarks/evaluate_startup.py).
 if [ "${MODE:-grid}" = evaluate_startup ]; then
   cp benchmarks/device/evaluate_startup.sh /root/evaluate_startup.sh
-  rm -f /root/paper_scale.sh /root/training_startup.sh
+  rm -f /root/paper_scale.sh /root/training_startup.sh /root/lever_accuracy.sh
   JOBS="${JOBS:-6}" setsid nohup bash /root/evaluate_startup.sh > /root/evaluate_startup.log 2>&1 < /dev/null &
   sleep 5; cat /root/evaluate_startup.log
   exit 0
@@ -41,12 +42,25 @@ fi
 # SHAPE=8b: a DPO cell at the Llama-3.1-8B shape with the paper preset's settings.
 if [ "${MODE:-grid}" = training_startup ]; then
   cp benchmarks/device/training_startup.sh /root/training_startup.sh
-  rm -f /root/paper_scale.sh /root/evaluate_startup.sh
+  rm -f /root/paper_scale.sh /root/evaluate_startup.sh /root/lever_accuracy.sh
   JOBS="${JOBS:-}" SHAPE="${SHAPE:-}" setsid nohup bash /root/training_startup.sh > /root/training_startup.log 2>&1 < /dev/null &
   sleep 5; cat /root/training_startup.log
   exit 0
 fi
+# MODE=lever_accuracy: does a speed lever change what cells score (benchmarks/lever_accuracy.py)? The
+# cells of METHODS (default dpo,orpo) on BENCHMARKS (default gsm8k,arc_easy), optionally only INITS and
+# N, of CONFIG (default config/mini.yaml) trained and evaluated without LEVER (default
+# benchmarks/levers/group_by_length.yaml) and with it, GPU_JOBS (default 6) jobs at once, then compared.
+if [ "${MODE:-grid}" = lever_accuracy ]; then
+  cp benchmarks/device/lever_accuracy.sh /root/lever_accuracy.sh
+  rm -f /root/paper_scale.sh /root/evaluate_startup.sh /root/training_startup.sh
+  CONFIG="${CONFIG:-config/mini.yaml}" LEVER="${LEVER:-benchmarks/levers/group_by_length.yaml}" METHODS="${METHODS:-dpo,orpo}" \
+    BENCHMARKS="${BENCHMARKS:-gsm8k,arc_easy}" INITS="${INITS:-}" N="${N:-}" GPU_JOBS="${GPU_JOBS:-6}" \
+    setsid nohup bash /root/lever_accuracy.sh > /root/lever_accuracy.log 2>&1 < /dev/null &
+  sleep 5; cat /root/lever_accuracy.log
+  exit 0
+fi
 cp benchmarks/device/pipeline.sh /root/pipeline.sh
-rm -f /root/paper_scale.sh /root/evaluate_startup.sh /root/training_startup.sh  # collect.sh reads which run this is from them
+rm -f /root/paper_scale.sh /root/evaluate_startup.sh /root/training_startup.sh /root/lever_accuracy.sh  # collect.sh reads which run this is from them
 setsid nohup bash /root/pipeline.sh > /root/pipeline.log 2>&1 < /dev/null &
 sleep 5; cat /root/pipeline.log

@@ -82,6 +82,17 @@ class Cell:
         return {"task": self.task, "method": self.method, "init": self.init, "n": self.n, "seed": self.seed}
 
 
+# Where a cell's files live under a run's results folder: the rules' wildcards (workflow/rules/
+# common.smk) and the tools that read a finished run (benchmarks/compare_runs.py) share it.
+CELL_PATH = "{task}/{method}/{init}/n{n}/s{seed}"
+
+
+def eval_file(benchmark: str, cell: Mapping, name: str, results: str = "results") -> str:
+    """One file (scores.json, predictions.jsonl, manifest.json) of a cell's evaluation on a benchmark;
+    `cell` is a rule's wildcards or a Cell's wildcards dict."""
+    return f"{results}/eval/{benchmark}/{CELL_PATH.format(**cell)}/{name}"
+
+
 def _cells_of(name: str, experiment: dict, seeds: list[int]) -> list[Cell]:
     cells = []
     for n in experiment["n"]:

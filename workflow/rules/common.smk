@@ -14,7 +14,7 @@ grid.check(config)
 
 RESULTS = "results"
 LOGS = "logs"
-CELL = "{task}/{method}/{init}/n{n}/s{seed}"
+CELL = grid.CELL_PATH
 
 
 def cell_path(cell):
@@ -28,7 +28,7 @@ def adapter_dir(cell):
 
 def eval_file(benchmark, cell, name):
     """One file (scores.json, predictions.jsonl, manifest.json) of a cell's evaluation on a benchmark."""
-    return f"{RESULTS}/eval/{benchmark}/{cell_path(cell)}/{name}"
+    return grid.eval_file(benchmark, cell, name, RESULTS)
 
 
 FIGURES = ["figure1", "figure2", "figure3", "figure4"]
