@@ -575,9 +575,13 @@ def test_tiny_shape_refuses_a_config_of_another_layout(tmp_path):
 
 
 @NEEDS_DATA
-def test_without_plain_runs_only_the_named_levers(tmp_path):
+def test_without_plain_runs_only_the_named_levers(tmp_path, monkeypatch):
     """--without-plain: two preference levers side by side and nothing else (no plain, no warm-up run),
     the grouped one recorded as grouped; refused without training levers to run."""
+    # Eager: which levers run and what grouping computes are tested here, compiled layers elsewhere
+    # (their compile on 2 CPU cores was most of this test's time).
+    eager = {name: {**settings, "compile_layers": False} for name, settings in paper_scale.LEVERS["orpo"].items()}
+    monkeypatch.setitem(paper_scale.LEVERS, "orpo", eager)
     summary = paper_scale.main(
         [
             *("--shape", "tiny", "--device", "cpu", "--out", str(tmp_path), "--stages", "levers_orpo"),
