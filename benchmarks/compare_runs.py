@@ -35,7 +35,8 @@ from d2lora import grid  # noqa: E402
 from d2lora.grid import DEFAULT_BOOTSTRAP_SAMPLES, DEFAULT_CONFIDENCE, DEFAULT_SEED  # noqa: E402
 from d2lora.io import DataFileError, atomic_path  # noqa: E402
 from d2lora.results.per_example import CellKey, CellExamples, load_examples  # noqa: E402
-from d2lora.results.significance import significance_table, write_significance  # noqa: E402
+from d2lora.results.significance import SIGNIFICANCE_FORMATS, significance_table  # noqa: E402
+from d2lora.results.tables import markdown, write_csv  # noqa: E402
 
 CELL_FIELDS = ("task", "method", "init", "n", "seed")
 NAME, NUMBER = "[^/]+", r"\d+"
@@ -49,7 +50,6 @@ PREDICTIONS = re.compile(
     )
     + "$"
 )
-# An init's name in one arm: the init and the run, so one significance table holds both runs.
 ARM_SEPARATOR = "@"
 
 
@@ -66,12 +66,14 @@ def run_cells(results: Path) -> tuple[list[dict], list[Path]]:
     return cells, paths
 
 
-def arm_examples(results: Path, name: str) -> dict[CellKey, CellExamples]:
-    """One run's cells, each init renamed `<init>@<name>`."""
-    cells, paths = run_cells(results)
-    return {
-        key._replace(init=f"{key.init}{ARM_SEPARATOR}{name}"): cell for key, cell in load_examples(cells, paths).items()
-    }
+def run_examples(results: Path) -> dict[CellKey, CellExamples]:
+    """One run's per-example values, by cell and metric."""
+    return load_examples(*run_cells(results))
+
+
+def arm_init(init: str, name: str) -> str:
+    """An init's name in one run's arm, so that one significance table holds both runs."""
+    return f"{init}{ARM_SEPARATOR}{name}"
 
 
 def flatten(config, prefix: str = "") -> dict[str, object]:
@@ -107,24 +109,21 @@ def compare(
 ) -> dict:
     """B against A for every cell evaluated in both runs: the table, the cells of one run only and
     the verdict."""
-    arms = {name: arm_examples(run, name) for name, run in zip(names, (run_a, run_b))}
-    base_keys = {
-        name: {key._replace(init=key.init.rsplit(ARM_SEPARATOR, 1)[0]) for key in arm} for name, arm in arms.items()
-    }
-    shared = base_keys[names[0]] & base_keys[names[1]]
+    runs = {name: run_examples(run) for name, run in zip(names, (run_a, run_b))}
+    shared = runs[names[0]].keys() & runs[names[1]].keys()
     if not shared:
         raise DataFileError(f"{run_a} and {run_b} share no evaluated cell")
     examples = {
-        key: cell
-        for arm in arms.values()
-        for key, cell in arm.items()
-        if key._replace(init=key.init.rsplit(ARM_SEPARATOR, 1)[0]) in shared
+        key._replace(init=arm_init(key.init, name)): cell
+        for name, run in runs.items()
+        for key, cell in run.items()
+        if key in shared
     }
     inits = sorted({key.init for key in shared})
     table = significance_table(
         examples,
         sorted({(key.task, key.metric) for key in shared}),
-        [(f"{init}{ARM_SEPARATOR}{names[0]}", f"{init}{ARM_SEPARATOR}{names[1]}") for init in inits],
+        [(arm_init(init, names[0]), arm_init(init, names[1])) for init in inits],
         samples,
         confidence,
         seed,
@@ -133,7 +132,7 @@ def compare(
     return {
         "runs": {names[0]: str(run_a), names[1]: str(run_b)},
         "cells_compared": len(table),
-        "only_in": {name: sorted(key.describe() for key in base_keys[name] - shared) for name in names},
+        "only_in": {name: sorted(key.describe() for key in runs[name].keys() - shared) for name in names},
         "significant": len(significant),
         "verdict": "same within noise" if significant.empty else "different",
         "largest_difference": _largest(table),
@@ -157,7 +156,7 @@ def _largest(table) -> dict | None:
 def write(result: dict, out: Path) -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
     table = result["table"]
-    write_significance(table, out.with_suffix(".csv"), out.with_suffix(".table.md"))
+    write_csv(table, out.with_suffix(".csv"), SIGNIFICANCE_FORMATS)
     summary = {key: value for key, value in result.items() if key != "table"}
     with atomic_path(out.with_suffix(".json")) as tmp:
         Path(tmp).write_text(json.dumps(summary, indent=2, default=str) + "\n")
@@ -184,10 +183,9 @@ def write(result: dict, out: Path) -> None:
     else:
         lines.append(f"- config difference ({len(difference)} setting(s)):")
         lines += [f"  - `{key}`: {a!r} -> {b!r}" for key, (a, b) in difference.items()]
-    lines += ["", out.with_suffix(".table.md").read_text()]
+    lines += ["", markdown(table, SIGNIFICANCE_FORMATS)]
     with atomic_path(out.with_suffix(".md")) as tmp:
         Path(tmp).write_text("\n".join(lines))
-    out.with_suffix(".table.md").unlink()
 
 
 def main(argv: list[str] | None = None) -> dict:

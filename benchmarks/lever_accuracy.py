@@ -118,7 +118,7 @@ def keep_arm(name: str, chosen: list[tuple[str, dict]], config: dict, out: Path,
         shutil.rmtree(staging)
     for benchmark, cell in chosen:
         for file in EVAL_FILES:
-            target = staging / grid.eval_file(benchmark, cell, file, "")[1:]
+            target = Path(grid.eval_file(benchmark, cell, file, str(staging)))
             target.parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(ROOT / grid.eval_file(benchmark, cell, file, RESULTS), target)
     (staging / "provenance").mkdir(parents=True)

@@ -51,7 +51,7 @@ def test_the_same_answers_are_the_same_within_noise_and_the_config_difference_is
     assert written["verdict"] == "same within noise" and written["largest_difference"]["diff"] == 0.0
     report = (tmp_path / "out" / "cmp.md").read_text()
     assert "grouped against plain: same within noise" in report and "group_by_length" in report
-    assert not (tmp_path / "out" / "cmp.table.md").exists() and (tmp_path / "out" / "cmp.csv").is_file()
+    assert (tmp_path / "out" / "cmp.csv").is_file() and "| d2lora@plain | d2lora@grouped |" in report
 
 
 def test_a_lever_that_changes_answers_is_found_different(tmp_path):

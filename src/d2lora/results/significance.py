@@ -227,9 +227,13 @@ def _p_format(value) -> str:
     return f"{float(value):.3g}"
 
 
+# Means and differences at the tables' 2 decimals, p-values at 3 significant digits.
+SIGNIFICANCE_FORMATS = {c: _p_format for c in ("p_mcnemar", "p_bootstrap", "p_holm")}
+
+
 def write_significance(table: "pd.DataFrame", csv_path: str | os.PathLike, md_path: str | os.PathLike) -> None:
-    """CSV and Markdown: means and differences at 2 decimals, p-values at 3 significant digits."""
-    write_table(table, csv_path, md_path, formats={c: _p_format for c in ("p_mcnemar", "p_bootstrap", "p_holm")})
+    """CSV and Markdown of the significance table (SIGNIFICANCE_FORMATS)."""
+    write_table(table, csv_path, md_path, formats=SIGNIFICANCE_FORMATS)
 
 
 def spec_intervals(intervals: "pd.DataFrame", spec: Mapping) -> "pd.DataFrame":

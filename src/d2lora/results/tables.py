@@ -221,12 +221,17 @@ def markdown(df: pd.DataFrame, formats: Formats | None = None) -> str:
     return "\n".join([header, rule, *(line(row) for row in text.itertuples(index=False))]) + "\n"
 
 
+def write_csv(df: pd.DataFrame, csv_path: str | os.PathLike, formats: Formats | None = None) -> None:
+    """The table as CSV, every cell as `formatted` writes it."""
+    with atomic_path(csv_path) as tmp:
+        formatted(df, formats).to_csv(tmp, index=False, lineterminator="\n")
+
+
 def write_table(
     df: pd.DataFrame, csv_path: str | os.PathLike, md_path: str | os.PathLike, formats: Formats | None = None
 ) -> None:
     """CSV and Markdown with floats at 2 decimals (or `formats[column]`); empty cells where
     nothing was measured."""
-    with atomic_path(csv_path) as tmp:
-        formatted(df, formats).to_csv(tmp, index=False, lineterminator="\n")
+    write_csv(df, csv_path, formats)
     with atomic_path(md_path) as tmp:
         tmp.write_text(markdown(df, formats), encoding="utf-8")
