@@ -6,12 +6,16 @@ twice through the workflow, without the lever and with it, then compared cell by
         --lever benchmarks/levers/group_by_length.yaml --methods dpo,orpo --benchmarks gsm8k \
         --out benchmarks/out/lever_accuracy -- --cores 16 --resources gpu=6 --scheduler greedy
 
+`--seeds 1,2` trains both arms with these seeds instead of the preset's (a GPU does not repeat its
+training bit for bit, so seeds are what separates a small effect from run-to-run noise).
+
 A lever is a config file that Snakemake merges over --config (its second `--configfile`), holding
 only the settings it changes. Both arms run in this checkout's `results/`: first the preset as it
 is, then with the lever, so Snakemake reruns only the jobs whose settings the lever changed (and
 reuses the base model, the prepared data and whatever else the lever leaves alone). The chosen
-cells' evaluation files are copied after each arm into <out>/<arm>/ (with the config the arm ran,
-as provenance/config_used.yaml), and <out>/comparison.{md,csv,json} says whether they differ. A
+cells' evaluation files and their adapters' training records (training.json, manifest.json) are
+copied after each arm into <out>/<arm>/ (with the config the arm ran, as
+provenance/config_used.yaml), and <out>/comparison.{md,csv,json} says whether they differ. A
 cell the lever did not make Snakemake recompute is an error, not a match: the comparison would be
 of a run with itself. `results/` is left as the lever made it; the next plain run recomputes those
 cells. Snakemake's own output goes to <out>/snakemake_<arm>.log.
@@ -40,6 +44,8 @@ from d2lora import grid  # noqa: E402
 
 RESULTS = "results"
 EVAL_FILES = ("predictions.jsonl", "scores.json", "manifest.json")
+# Each trained cell's record of how it trained (settings, seconds, memory), which the next arm overwrites in results/.
+ADAPTER_RECORDS = ("training.json", "manifest.json")
 
 
 def read_yaml(path: Path, what: str) -> dict:
@@ -97,8 +103,8 @@ def run_arm(name: str, configfiles: list[Path], targets: list[str], snakemake_ar
 
 
 def keep_arm(name: str, chosen: list[tuple[str, dict]], config: dict, out: Path, started: float | None) -> Path:
-    """Copy the arm's evaluation files into <out>/<name>/; with `started`, every predictions file must
-    be newer (recomputed by this arm), else nothing is copied."""
+    """Copy the arm's evaluation files and training records into <out>/<name>/; with `started`, every
+    predictions file must be newer (recomputed by this arm), else nothing is copied."""
     if started is not None:
         stale = [
             path
@@ -121,6 +127,13 @@ def keep_arm(name: str, chosen: list[tuple[str, dict]], config: dict, out: Path,
             target = Path(grid.eval_file(benchmark, cell, file, str(staging)))
             target.parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(ROOT / grid.eval_file(benchmark, cell, file, RESULTS), target)
+    for cell_path in sorted({grid.CELL_PATH.format(**cell) for _, cell in chosen}):
+        adapter = ROOT / RESULTS / "adapters" / cell_path
+        for file in ADAPTER_RECORDS:
+            if (adapter / file).is_file():  # an n = 0 cell evaluates the base model: nothing trained
+                target = staging / "adapters" / cell_path / file
+                target.parent.mkdir(parents=True, exist_ok=True)
+                shutil.copy2(adapter / file, target)
     (staging / "provenance").mkdir(parents=True)
     (staging / "provenance" / "config_used.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
     staging.rename(arm)
@@ -135,6 +148,10 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--benchmarks", default="gsm8k", help="comma-separated benchmarks (default gsm8k)")
     parser.add_argument("--inits", help="comma-separated inits (default: every init of the chosen cells)")
     parser.add_argument("--n", help="comma-separated training set sizes (default: every n of the chosen cells)")
+    parser.add_argument(
+        "--seeds",
+        help="comma-separated training seeds, in place of the preset's `seeds` for both arms (default: the preset's)",
+    )
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("snakemake_args", nargs="*", help="after --: Snakemake's options (default --cores <all>)")
     args = parser.parse_args(argv)
@@ -147,8 +164,16 @@ def main(argv: list[str] | None = None) -> dict:
         sizes = {int(n) for n in args.n.split(",") if n.strip()} if args.n else None
     except ValueError:
         parser.error(f"--n: comma-separated whole numbers, got {args.n!r}")
+    try:
+        seeds = [int(seed) for seed in args.seeds.split(",") if seed.strip()] if args.seeds is not None else None
+    except ValueError:
+        parser.error(f"--seeds: comma-separated whole numbers, got {args.seeds!r}")
+    if seeds is not None and (not seeds or len(set(seeds)) != len(seeds)):
+        parser.error(f"--seeds: one or more distinct seeds, got {args.seeds!r}")
     config_path, lever_path = (path.resolve() for path in (args.config, args.lever))
     config = read_yaml(config_path, "--config")
+    if seeds is not None:
+        config = {**config, "seeds": seeds}
     lever = read_yaml(lever_path, "--lever")
     with_lever = merged(config, lever)
     if with_lever == config:
@@ -160,10 +185,16 @@ def main(argv: list[str] | None = None) -> dict:
     snakemake_args = args.snakemake_args or ["--cores", str(os.cpu_count() or 1)]
     out = args.out.resolve()
     out.mkdir(parents=True, exist_ok=True)
+    configfiles = [config_path]
+    if seeds is not None:
+        # Both arms train these seeds: a config file of them after the preset, before the lever.
+        seeds_file = out / "seeds.yaml"
+        seeds_file.write_text(yaml.safe_dump({"seeds": seeds}))
+        configfiles.append(seeds_file)
     plain_name, lever_name = "plain", lever_path.stem
-    run_arm(plain_name, [config_path], targets, snakemake_args, out)
+    run_arm(plain_name, configfiles, targets, snakemake_args, out)
     plain = keep_arm(plain_name, chosen, config, out, None)
-    started = run_arm(lever_name, [config_path, lever_path], targets, snakemake_args, out)
+    started = run_arm(lever_name, [*configfiles, lever_path], targets, snakemake_args, out)
     with_it = keep_arm(lever_name, chosen, with_lever, out, started)
     result = compare(plain, with_it, (plain_name, lever_name))
     write(result, out / "comparison")

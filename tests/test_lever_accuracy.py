@@ -57,19 +57,23 @@ def test_bad_levers_are_refused_before_any_job(work):
     assert result.returncode != 0 and "changes which cells" in result.stderr
     result = _lever_run(work, "benchmarks/levers/group_by_length.yaml", "--methods", "none")
     assert result.returncode != 0 and "training methods only" in result.stderr
+    for seeds in ("1,x", "1,1", ","):
+        result = _lever_run(work, "benchmarks/levers/group_by_length.yaml", "--seeds", seeds)
+        assert result.returncode != 0 and "--seeds:" in result.stderr
     assert not (work / "out" / "snakemake_no_change.log").exists()
 
 
 def test_a_lever_that_leaves_the_cells_alone_is_refused(work):
     (work / "config" / "titles_only.yaml").write_text("evaluation:\n  titles: {max_new_tokens: 5}\n")
-    result = _lever_run(work, "config/titles_only.yaml")
+    result = _lever_run(work, "config/titles_only.yaml", "--seeds", "1")
     assert result.returncode != 0
     assert "did not make Snakemake recompute 2 of 2 evaluation(s)" in result.stderr
     assert not (work / "out" / "titles_only").exists()
 
 
 def test_the_lever_retrains_only_its_cells_and_the_two_arms_are_compared(work):
-    result = _lever_run(work, "benchmarks/levers/group_by_length.yaml")
+    # Seed 1 instead of the preset's 0, in both arms.
+    result = _lever_run(work, "benchmarks/levers/group_by_length.yaml", "--seeds", "1")
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     comparison = json.loads((work / "out" / "comparison.json").read_text())
     assert comparison["cells_compared"] == 2 and comparison["verdict"] in ("same within noise", "different")
@@ -79,12 +83,15 @@ def test_the_lever_retrains_only_its_cells_and_the_two_arms_are_compared(work):
     }
     for arm in ("plain", "group_by_length"):
         for n in (2, 4):
-            cell = work / "out" / arm / "eval" / "gsm8k" / "math" / "dpo" / "lora" / f"n{n}" / "s0"
+            cell = work / "out" / arm / "eval" / "gsm8k" / "math" / "dpo" / "lora" / f"n{n}" / "s1"
             assert {p.name for p in cell.iterdir()} == {"predictions.jsonl", "scores.json", "manifest.json"}
-    # The lever's arm trained its adapters grouped (the workflow's own record), the plain arm did not.
-    adapters = work / "results" / "adapters" / "math" / "dpo" / "lora"
-    for n in (2, 4):
-        assert (
-            json.loads((adapters / f"n{n}" / "s0" / "training.json").read_text())["hparams"]["group_by_length"] is True
-        )
+            assert not cell.with_name("s0").exists()
+        assert yaml.safe_load((work / "out" / arm / "provenance" / "config_used.yaml").read_text())["seeds"] == [1]
+    # The lever's arm trained its adapters grouped, the plain arm did not: each arm keeps the workflow's own
+    # training records, which the next arm overwrites in results/.
+    for arm, grouped in (("plain", False), ("group_by_length", True)):
+        for n in (2, 4):
+            kept = work / "out" / arm / "adapters" / "math" / "dpo" / "lora" / f"n{n}" / "s1"
+            assert {p.name for p in kept.iterdir()} == {"training.json", "manifest.json"}
+            assert json.loads((kept / "training.json").read_text())["hparams"]["group_by_length"] is grouped
     assert "group_by_length against plain" in (work / "out" / "comparison.md").read_text()

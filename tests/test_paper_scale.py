@@ -507,19 +507,20 @@ def test_training_levers_start_from_the_code_path_before_the_levers():
             assert hp["split_micro_batches"] is split and hp["compile_layers"] and hp["row_tokens"] == 640
         # PRESET_BUDGET restates the preset's speed settings: it must still be what the preset sets.
         assert all(preset[method].get(key, value) == value for key, value in paper_scale.PRESET_BUDGET.items())
-        # The lever "preset" trains the preset's settings whole; "preset_grouped" changes only the sampling.
-        whole = {**preset[method], **paper_scale.lever_overrides(method, paper_scale.LEVERS[method]["preset"])}
+        # The lever "preset_grouped" trains the preset's settings whole (pairs grouped by length since
+        # Round 35); "preset" changes only the sampling back to random batches.
+        whole = {
+            **preset[method],
+            **paper_scale.lever_overrides(method, paper_scale.LEVERS[method]["preset_grouped"]),
+        }
         # (Its epochs are a lever's; its bfloat16 base is what the preset's base_dtype auto takes under bf16.)
         schema, own = paper_scale.defaults("$defs/hparams"), {"epochs", "base_dtype"}
         assert whole["base_dtype"] == "bfloat16" and preset[method].get("base_dtype", schema["base_dtype"]) == "auto"
         assert {key: whole[key] for key in whole if key not in own} == {
             key: preset[method].get(key, schema.get(key)) for key in whole if key not in own
         }
-        grouped = {
-            **preset[method],
-            **paper_scale.lever_overrides(method, paper_scale.LEVERS[method]["preset_grouped"]),
-        }
-        assert grouped == {**whole, "group_by_length": True} and not preset[method].get("group_by_length")
+        random_batches = {**preset[method], **paper_scale.lever_overrides(method, paper_scale.LEVERS[method]["preset"])}
+        assert random_batches == {**whole, "group_by_length": False} and preset[method]["group_by_length"] is True
         assert plain["gradient_checkpointing"] is True and plain["epochs"] == paper_scale.LEVER_EPOCHS[method]
         hp = {**preset[method], **paper_scale.lever_overrides(method, paper_scale.LEVERS[method][compiled_lever])}
         assert hp["compile_layers"] and hp["pad_to_multiple_of"] == 8 and hp["cast_adapter_inputs"] is False

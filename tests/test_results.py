@@ -11,7 +11,7 @@ import pytest
 import yaml
 
 from d2lora.io import DataFileError
-from d2lora.provenance import git_commit, package_versions, run_manifest, write_provenance_bundle
+from d2lora.provenance import GIT_COMMIT_ENV, git_commit, package_versions, run_manifest, write_provenance_bundle
 from d2lora.results.figures import fit_limits, line_label, panel_layout, paper_mode, plot_curves
 from d2lora.results.labels import init_label, init_labels
 from d2lora.results.metrics import (
@@ -517,8 +517,12 @@ def test_provenance_bundle(tmp_path):
     assert lines[0] == "package\tversion" and f"pandas\t{pd.__version__}" in lines
 
 
-def test_git_commit_and_run_manifest(tmp_path):
+def test_git_commit_and_run_manifest(tmp_path, monkeypatch):
+    monkeypatch.delenv(GIT_COMMIT_ENV, raising=False)
     assert git_commit(tmp_path) is None
+    # A tree unpacked from `git archive` has no .git: the commit its unpacker names, which a real .git overrides.
+    monkeypatch.setenv(GIT_COMMIT_ENV, "a" * 40)
+    assert git_commit(tmp_path) == "a" * 40 and run_manifest(tmp_path, device="cpu (test)")["git_commit"] == "a" * 40
     git = tmp_path / "repo" / ".git"
     (git / "refs" / "heads").mkdir(parents=True)
     (git / "HEAD").write_text("ref: refs/heads/main\n")

@@ -6,9 +6,10 @@ export PYTHONPATH=/tmp/site:/root/run/src PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 HF
 export PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True
 cd /root/run
 export D2LORA_GIT_COMMIT=$(python3 -c "import tarfile; print(tarfile.open('/root/stash/carry/repo.tar.gz').pax_headers.get('comment', ''))" 2>/dev/null)
-echo "== $(date +%T) lever accuracy, commit ${D2LORA_GIT_COMMIT:-unknown}: ${LEVER} on ${CONFIG}, methods ${METHODS}, benchmarks ${BENCHMARKS}, inits ${INITS:-all}, n ${N:-all}"
+echo "== $(date +%T) lever accuracy, commit ${D2LORA_GIT_COMMIT:-unknown}: ${LEVER} on ${CONFIG}, methods ${METHODS}, benchmarks ${BENCHMARKS}, inits ${INITS:-all}, n ${N:-all}, seeds ${SEEDS:-preset}"
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
 python3 benchmarks/lever_accuracy.py --config "$CONFIG" --lever "$LEVER" --methods "$METHODS" --benchmarks "$BENCHMARKS" \
-  ${INITS:+--inits "$INITS"} ${N:+--n "$N"} --out benchmarks/out/lever_accuracy \
-  -- --cores 16 --resources gpu="${GPU_JOBS:-6}" --scheduler greedy --keep-going
-echo "== $(date +%T) done, exit $?"
+  ${INITS:+--inits "$INITS"} ${N:+--n "$N"} ${SEEDS:+--seeds "$SEEDS"} --out benchmarks/out/lever_accuracy \
+  -- --cores 16 --resources gpu="${GPU_JOBS:-3}" --scheduler greedy --keep-going
+status=$?  # before the echo's own $(date) replaces it
+echo "== $(date +%T) done, exit $status"

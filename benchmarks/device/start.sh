@@ -49,13 +49,14 @@ if [ "${MODE:-grid}" = training_startup ]; then
 fi
 # MODE=lever_accuracy: does a speed lever change what cells score (benchmarks/lever_accuracy.py)? The
 # cells of METHODS (default dpo,orpo) on BENCHMARKS (default gsm8k,arc_easy), optionally only INITS and
-# N, of CONFIG (default config/mini.yaml) trained and evaluated without LEVER (default
-# benchmarks/levers/group_by_length.yaml) and with it, GPU_JOBS (default 6) jobs at once, then compared.
+# N and with SEEDS in place of the preset's, of CONFIG (default config/mini.yaml) trained and evaluated without LEVER (default
+# benchmarks/levers/group_by_length.yaml) and with it, GPU_JOBS (default 3) jobs at once, then compared:
+# the mini preset's ORPO job peaks near 24 GB and DPO's near 16, so 4 or more OOM on an 80 GB card.
 if [ "${MODE:-grid}" = lever_accuracy ]; then
   cp benchmarks/device/lever_accuracy.sh /root/lever_accuracy.sh
   rm -f /root/paper_scale.sh /root/evaluate_startup.sh /root/training_startup.sh
   CONFIG="${CONFIG:-config/mini.yaml}" LEVER="${LEVER:-benchmarks/levers/group_by_length.yaml}" METHODS="${METHODS:-dpo,orpo}" \
-    BENCHMARKS="${BENCHMARKS:-gsm8k,arc_easy}" INITS="${INITS:-}" N="${N:-}" GPU_JOBS="${GPU_JOBS:-6}" \
+    BENCHMARKS="${BENCHMARKS:-gsm8k,arc_easy}" INITS="${INITS:-}" N="${N:-}" SEEDS="${SEEDS:-}" GPU_JOBS="${GPU_JOBS:-3}" \
     setsid nohup bash /root/lever_accuracy.sh > /root/lever_accuracy.log 2>&1 < /dev/null &
   sleep 5; cat /root/lever_accuracy.log
   exit 0

@@ -81,11 +81,17 @@ def packed_ref(git_dir: Path, ref: str) -> str | None:
     return None
 
 
+# A tree unpacked from `git archive` (how code reaches an air-gapped node) has no .git; whoever unpacks
+# it can name its commit here (`git get-tar-commit-id < repo.tar`).
+GIT_COMMIT_ENV = "D2LORA_GIT_COMMIT"
+
+
 def git_commit(start: str | os.PathLike = ".") -> str | None:
-    """HEAD's commit, read from .git directly (compute nodes may lack git); None outside a repo."""
+    """HEAD's commit, read from .git directly (compute nodes may lack git); outside a repo, the commit
+    named by $D2LORA_GIT_COMMIT, else None."""
     git_dir = find_git_dir(start)
     if git_dir is None or not (git_dir / "HEAD").is_file():
-        return None
+        return os.environ.get(GIT_COMMIT_ENV) or None
     head = (git_dir / "HEAD").read_text().strip()
     if not head.startswith("ref: "):
         return head or None
