@@ -4,7 +4,7 @@ twice through the workflow, without the lever and with it, then compared cell by
 
     python benchmarks/lever_accuracy.py --config config/mini.yaml \
         --lever benchmarks/levers/group_by_length.yaml --methods dpo,orpo --benchmarks gsm8k \
-        --out benchmarks/out/lever_accuracy -- --cores 16 --resources gpu=6 --scheduler greedy
+        --out benchmarks/out/lever_accuracy -- --cores 16 --resources gpu=3 --scheduler greedy
 
 `--seeds 1,2` trains both arms with these seeds instead of the preset's (a GPU does not repeat its
 training bit for bit, so seeds are what separates a small effect from run-to-run noise).

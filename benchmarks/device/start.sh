@@ -49,9 +49,10 @@ if [ "${MODE:-grid}" = training_startup ]; then
 fi
 # MODE=lever_accuracy: does a speed lever change what cells score (benchmarks/lever_accuracy.py)? The
 # cells of METHODS (default dpo,orpo) on BENCHMARKS (default gsm8k,arc_easy), optionally only INITS and
-# N and with SEEDS in place of the preset's, of CONFIG (default config/mini.yaml) trained and evaluated without LEVER (default
-# benchmarks/levers/group_by_length.yaml) and with it, GPU_JOBS (default 3) jobs at once, then compared:
-# the mini preset's ORPO job peaks near 24 GB and DPO's near 16, so 4 or more OOM on an 80 GB card.
+# N and with SEEDS in place of the preset's, of CONFIG (default config/mini.yaml) trained and
+# evaluated without LEVER (default benchmarks/levers/group_by_length.yaml) and with it, GPU_JOBS
+# (default 3) jobs at once, then compared: the mini preset's ORPO job peaks near 24 GB and DPO's
+# near 16, so 4 or more ran out of memory on an 80 GB card.
 if [ "${MODE:-grid}" = lever_accuracy ]; then
   cp benchmarks/device/lever_accuracy.sh /root/lever_accuracy.sh
   rm -f /root/paper_scale.sh /root/evaluate_startup.sh /root/training_startup.sh
