@@ -5,7 +5,6 @@ export PYTHONPATH=/tmp/site:/root/run/src PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 HF
 # Several jobs share the GPU: expandable segments return freed memory instead of caching it per process.
 export PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True
 cd /root/run
-export D2LORA_GIT_COMMIT=$(python3 -c "import tarfile; print(tarfile.open('/root/stash/carry/repo.tar.gz').pax_headers.get('comment', ''))" 2>/dev/null)
 echo "== $(date +%T) lever accuracy, commit ${D2LORA_GIT_COMMIT:-unknown}: ${LEVER} on ${CONFIG}, methods ${METHODS}, benchmarks ${BENCHMARKS}, inits ${INITS:-all}, n ${N:-all}, seeds ${SEEDS:-preset}"
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
 python3 benchmarks/lever_accuracy.py --config "$CONFIG" --lever "$LEVER" --methods "$METHODS" --benchmarks "$BENCHMARKS" \

@@ -8,8 +8,6 @@ export PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True
 # Why torch.compile recompiled, if it does (compiled levers); silent otherwise.
 export TORCH_LOGS=recompiles
 cd /root/run
-# The code came as `git archive` output, which names its commit in the tar header; there is no .git here.
-export D2LORA_GIT_COMMIT=$(python3 -c "import tarfile; print(tarfile.open('/root/stash/carry/repo.tar.gz').pax_headers.get('comment', ''))" 2>/dev/null)
 echo "== $(date +%T) paper scale, commit ${D2LORA_GIT_COMMIT:-unknown}, stages ${STAGES:-all}"
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
 # WITHOUT_PLAIN=1: only the levers LEVERS names, without plain (a short run of two levers side by side).

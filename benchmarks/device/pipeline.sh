@@ -4,7 +4,6 @@ export PYTHONPATH=/tmp/site:/root/run/src PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TO
 # Several jobs share the GPU: expandable segments return freed memory instead of caching it per process.
 export PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True
 cd /root/run
-export D2LORA_GIT_COMMIT=$(python3 -c "import tarfile; print(tarfile.open('/root/stash/carry/repo.tar.gz').pax_headers.get('comment', ''))" 2>/dev/null)
 echo "== $(date +%T) base model"
 python3 -m snakemake --cores 4 --scheduler greedy results/model/base --configfile config/mini.yaml > /root/prepare.log 2>&1 || { tail -30 /root/prepare.log; exit 1; }
 if [ -z "$SKIP_SPEED" ]; then

