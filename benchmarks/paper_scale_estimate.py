@@ -36,6 +36,20 @@ def _hours(seconds: float) -> float:
     return round(seconds / 3600.0, 3)
 
 
+def _uncompiled_warmup_note(warmup_hp: dict) -> str | None:
+    """Where the preset compiles the warm-up's layers (long enough for compile_layers_min_steps) but
+    no measured rate had them compiled: say that its rate is the eager one. The warm-up stage trains
+    a few dozen steps, under the threshold, and its short rows are unlike SFT's large cells."""
+    hp = TrainingHparams.of(warmup_hp)
+    steps = hp.optimizer_steps(PAPER_WARMUP_ROWS)
+    if not hp.compile_layers or steps < hp.compile_layers_min_steps:
+        return None
+    return (
+        f"the preset compiles this job's layers ({steps:,} optimizer steps, compile_layers_min_steps="
+        f"{hp.compile_layers_min_steps}); priced at the warm-up stage's rate, measured without them"
+    )
+
+
 def _training_groups(paper: dict, large_cells: dict[str, dict]) -> dict[tuple[str, str, bool], dict]:
     """Cells by (task, method, large): large where large_cells gives the method a rate for cells of at
     least its min_steps optimizer steps."""
@@ -112,6 +126,9 @@ def estimate(
     if warm_jobs:
         epochs = float(paper["training"]["warmup"]["epochs"])
         part("warmup", "warmup", "sft", warm_jobs, warm_jobs * PAPER_WARMUP_ROWS * epochs, "warmup")
+        note = _uncompiled_warmup_note(paper["training"]["warmup"])
+        if note:
+            parts[-1]["note"] = note
     for (task, method, large), group in sorted(_training_groups(paper, large_cells).items()):
         key = tokens_key(task, method)
         part("adapt", task, method, group["cells"], group["rows_x_epochs"], key, sorted(group["n"]), large)

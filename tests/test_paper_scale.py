@@ -186,6 +186,13 @@ def test_grid_estimate_is_cells_times_tokens_over_rates():
     assert result["complete"] and not result["missing"]
     parts = {(p["task"], p["method"]): p for p in result["training"]}
     assert parts[("warmup", "sft")]["tokens"] == PAPER_WARMUP_ROWS * 100
+    # The preset compiles the warm-up's 2,514 steps, which no stage measures: the entry says so.
+    assert "2,514 optimizer steps" in parts[("warmup", "sft")]["note"]
+    eager_warmup = {
+        **PAPER,
+        "training": {**PAPER["training"], "warmup": {**PAPER["training"]["warmup"], "compile_layers": False}},
+    }
+    assert "note" not in estimate(eager_warmup, rates, per_row, 30.0, eval_seconds)["training"][0]
     dpo = parts[("math", "dpo")]
     # 2 inits x (1,000 + 2,000 + 5,000 + 10,000) rows x 4 epochs (Figure 4's low-data cells are ORPO only).
     assert dpo["cells"] == 8 and dpo["rows_x_epochs"] == 2 * 18_000 * 4
