@@ -42,7 +42,7 @@ def _uncompiled_warmup_note(warmup_hp: dict) -> str | None:
     a few dozen steps, under the threshold, and its short rows are unlike SFT's large cells."""
     hp = TrainingHparams.of(warmup_hp)
     steps = hp.optimizer_steps(PAPER_WARMUP_ROWS)
-    if not hp.compile_layers or steps < hp.compile_layers_min_steps:
+    if not hp.compiles_layers(steps):
         return None
     return (
         f"the preset compiles this job's layers ({steps:,} optimizer steps, compile_layers_min_steps="

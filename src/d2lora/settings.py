@@ -149,6 +149,11 @@ class TrainingHparams(Settings):
         per_epoch = max(1, math.ceil(math.ceil(rows / self.batch_size) / self.grad_accum))
         return max(1, math.ceil(per_epoch * self.epochs))
 
+    def compiles_layers(self, steps: int | None) -> bool:
+        """Whether a cell of `steps` optimizer steps compiles its decoder layers (None: unknown, no
+        step threshold applies)."""
+        return self.compile_layers and (steps is None or steps >= self.compile_layers_min_steps)
+
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class Decoding(Settings):

@@ -171,11 +171,10 @@ def apply(model, hp: TrainingHparams, steps: int | None = None) -> dict:
     if hp.flex_attention:
         record["flex_attention"]["attention"] = use_flex_attention(model)
     record["compile_layers"] = {"setting": hp.compile_layers, "layers": 0}
-    too_short = steps is not None and steps < hp.compile_layers_min_steps
-    if hp.compile_layers and too_short:
+    if hp.compiles_layers(steps):
+        record["compile_layers"].update(layers=compile_decoder_layers(model), inductor=dict(COMPILE_OPTIONS))
+    elif hp.compile_layers:
         record["compile_layers"]["reason"] = (
             f"not compiled: {steps} optimizer steps, under compile_layers_min_steps={hp.compile_layers_min_steps}"
         )
-    elif hp.compile_layers:
-        record["compile_layers"].update(layers=compile_decoder_layers(model), inductor=dict(COMPILE_OPTIONS))
     return record
