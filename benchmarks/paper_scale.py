@@ -447,6 +447,8 @@ LEVERS = {
     # adapter): real answers that stop at their end, so these times depend on what the model writes.
     "gsm8k_small": {
         "plain": {},
+        # Plain again in this process: a served job's time, without the process's first generation.
+        "plain_next_cell": {},
         "static_cache_eager": {"cache": "static", "compile": False},
         "static_cache": {"cache": "static"},
         "static_cache_eager_rows_leave": {"cache": "static", "compile": False, "rows_leave_every": 32},
@@ -460,6 +462,10 @@ LEVERS = {
         # needs a power of 2 query heads per KV head, here 1): flex's real answers scored against plain.
         "plain_kv_heads_repeated": {},
         "static_cache_compiled_flex_kv_heads_repeated": {**PACKED_STATIC_SMALL, "flex_attention": True},
+        # The compiled steps again on a freshly loaded model: a cell server's later GSM8K jobs, which reuse
+        # the first cell's compiled step instead of paying its compile (issue 15's <= 10 s for 135M).
+        "static_cache_compiled_packed_gqa_next_cell": {**PACKED_STATIC_SMALL, "packed_gqa": True},
+        "static_cache_compiled_flex_kv_heads_repeated_next_cell": {**PACKED_STATIC_SMALL, "flex_attention": True},
     },
 }
 SMALL_MODEL_CONFIG = ROOT / "config" / "mini.yaml"
@@ -1594,6 +1600,8 @@ def small_model(run: Run) -> tuple[Path, dict]:
 
 
 KV_HEADS_REPEATED = "_kv_heads_repeated"
+# A lever named <lever>_next_cell repeats <lever>'s settings later in the same process (a server's next cell).
+NEXT_CELL = "_next_cell"
 
 
 def kv_heads_repeated(source: Path, folder: Path) -> Path:
@@ -1703,6 +1711,7 @@ def gsm8k_stage(
         "accuracy": record["metrics"]["accuracy"],
         "outputs_sha256": _outputs_digest(predictions),
         "random_weights": model_dir is None,
+        "model": (model_dir or run.model_dir).name,
         "generate_calls": calls,
     }
     log(
@@ -1826,7 +1835,7 @@ def lever_stage(run: Run, method: str) -> dict:
                 )
             elif method == "gsm8k_small":
                 folder = small[0]
-                if lever.endswith(KV_HEADS_REPEATED):
+                if lever.removesuffix(NEXT_CELL).endswith(KV_HEADS_REPEATED):
                     folder = kv_heads_repeated(folder, run.work / "model" / f"small{KV_HEADS_REPEATED}")
                 result = gsm8k_stage(run, overrides, name=name, adapter_stage=None, model_dir=folder, settings=small[1])
             else:
@@ -1887,7 +1896,7 @@ def _compare_to_plain(run: Run, method: str, results: dict) -> None:
             lever_predictions = predictions(lever)
             result["outputs_equal_to_plain"] = _same_outputs(plain_predictions, lever_predictions)
             result["accuracy_minus_plain"] = _accuracy_against(plain_predictions, lever_predictions)
-            first_cell = lever.removesuffix("_next_cell")
+            first_cell = lever.removesuffix(NEXT_CELL)
             if first_cell != lever and first_cell in results:
                 # the same settings twice in one process: whether the answers repeat bit for bit
                 result["outputs_equal_to_first_cell"] = _same_outputs(predictions(first_cell), lever_predictions)
