@@ -630,7 +630,9 @@ def test_levers_run_each_setting_against_the_plain_path_in_one_process(tmp_path,
             "merged_next_cell": {"merge_adapter": True, "cudnn_attention": False},
             "broken": {"cache": "paged"},
         },
-        "gsm8k_small": {k: paper_scale.LEVERS["gsm8k_small"][k] for k in ("plain", "static_cache_eager")},
+        "gsm8k_small": {k: paper_scale.LEVERS["gsm8k_small"][k] for k in ("plain", "static_cache_eager")}
+        # a lever's next cell decodes the model its first cell decodes (here the repeated heads)
+        | {"plain_kv_heads_repeated_next_cell": {}},
     }
     monkeypatch.setattr(paper_scale, "LEVERS", levers)
     summary = paper_scale.main(
@@ -737,6 +739,10 @@ def test_levers_run_each_setting_against_the_plain_path_in_one_process(tmp_path,
         "within_noise": True,
     }
     assert summary["small_model"]["parameters"] > 100_000_000
+    repeated = small["plain_kv_heads_repeated_next_cell"]
+    assert repeated["model"] == f"small{paper_scale.KV_HEADS_REPEATED}" and small["plain"]["model"] == "small"
+    # the same function with every KV head repeated: the same greedy answers in float32
+    assert repeated["outputs_equal_to_plain"] == 1.0
     written = json.loads((tmp_path / "summary.json").read_text())
     assert set(written["levers"]["gsm8k"]) == {"plain", "merged", "merged_next_cell", "broken"}
 
